@@ -1,0 +1,43 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+/// Release builds of the numeric code skip bounds checks inside kernels (they take unsafe
+/// pointers already) and exclusivity checks on hot loops.
+let fastMath: [SwiftSetting] = [
+    .unsafeFlags(["-Ounchecked", "-enforce-exclusivity=unchecked"], .when(configuration: .release)),
+]
+
+let package = Package(
+    name: "Ember",
+    platforms: [.macOS(.v14)],
+    products: [
+        .executable(name: "ember-bench", targets: ["ember-bench"]),
+    ],
+    targets: [
+        // MARK: - System libraries (Debian -dev packages; scripts/setup installs them)
+        .systemLibrary(name: "COpenBLAS", pkgConfig: "openblas",
+                       providers: [.apt(["libopenblas-dev"])]),
+        .systemLibrary(name: "CLibUV", pkgConfig: "libuv", providers: [.apt(["libuv1-dev"])]),
+        .systemLibrary(name: "CCurl", pkgConfig: "libcurl",
+                       providers: [.apt(["libcurl4-openssl-dev"])]),
+        .systemLibrary(name: "CHTTPParser", providers: [.apt(["libhttp-parser-dev"])]),
+
+        // MARK: - Layers (each depends only on the ones above it)
+        .target(name: "Kernels", dependencies: ["COpenBLAS"], swiftSettings: fastMath),
+        .target(name: "Weights", dependencies: ["Kernels"], swiftSettings: fastMath),
+        .target(name: "Models", dependencies: ["Kernels", "Weights"], swiftSettings: fastMath),
+        .target(name: "Engine", dependencies: ["Kernels", "Weights", "Models"],
+                swiftSettings: fastMath),
+
+        // MARK: - Executables
+        .executableTarget(name: "ember-bench", dependencies: ["Engine", "Models", "Kernels"],
+                          path: "bench/Sources/ember-bench", swiftSettings: fastMath),
+
+        // MARK: - Tests
+        .target(name: "TestSupport", path: "Tests/TestSupport"),
+        .testTarget(name: "KernelsTests", dependencies: ["Kernels", "TestSupport"]),
+        .testTarget(name: "WeightsTests", dependencies: ["Weights", "TestSupport"]),
+        .testTarget(name: "ModelsTests", dependencies: ["Models", "Engine", "TestSupport"]),
+        .testTarget(name: "EngineTests", dependencies: ["Engine", "Models", "TestSupport"]),
+    ]
+)

@@ -1,0 +1,56 @@
+import Dispatch
+import COpenBLAS
+
+/// Process-wide compute settings: how many threads kernels and BLAS may use.
+public enum Compute {
+    nonisolated(unsafe) private static var threadCount = 1
+
+    /// Threads used by elementwise/attention kernels and by OpenBLAS.
+    public static var threads: Int { threadCount }
+
+    /// Sets the thread count for Ember's kernels and for OpenBLAS (at least 1).
+    public static func setThreads(_ n: Int) {
+        threadCount = max(1, n)
+        openblas_set_num_threads(Int32(threadCount))
+    }
+}
+
+/// Runs `body(i)` for i in 0..<count, spread over `Compute.threads` workers in contiguous
+/// blocks. Each index is processed exactly once; results must not depend on the split.
+@inline(__always)
+public func parallelFor(_ count: Int, minPerThread: Int = 1, _ body: (Int) -> Void) {
+    let workers = min(Compute.threads, max(1, count / max(1, minPerThread)))
+    if workers <= 1 || count <= 1 {
+        for i in 0..<count { body(i) }
+        return
+    }
+    withoutActuallyEscaping(body) { body in
+        let box = UncheckedBox(body)
+        DispatchQueue.concurrentPerform(iterations: workers) { w in
+            let lo = count * w / workers, hi = count * (w + 1) / workers
+            for i in lo..<hi { box.value(i) }
+        }
+    }
+}
+
+/// Runs `body(worker, lo, hi)` over contiguous ranges, one per worker; `worker` indexes
+/// per-thread scratch space.
+public func parallelRanges(_ count: Int, minPerThread: Int = 1, _ body: (Int, Int, Int) -> Void) {
+    let workers = min(Compute.threads, max(1, count / max(1, minPerThread)))
+    if workers <= 1 {
+        body(0, 0, count)
+        return
+    }
+    withoutActuallyEscaping(body) { body in
+        let box = UncheckedBox(body)
+        DispatchQueue.concurrentPerform(iterations: workers) { w in
+            box.value(w, count * w / workers, count * (w + 1) / workers)
+        }
+    }
+}
+
+/// Carries a non-Sendable value into concurrent workers; callers guarantee disjoint writes.
+public struct UncheckedBox<Value>: @unchecked Sendable {
+    public let value: Value
+    public init(_ value: Value) { self.value = value }
+}

@@ -1,0 +1,543 @@
+// The decoder-only transformer shared by every family: parameter layout, loading and saving
+// through the family's tensor table, forward over a packed batch or against a KV cache, and the
+// backward of every op. Families differ only through `Architecture` flags.
+import Foundation
+import Kernels
+import Weights
+
+/// How a forward pass finds each token's keys and values.
+public enum AttentionContext {
+    /// Training and scoring: tokens are concatenated sequences, `sequenceStarts` has B+1
+    /// entries (first 0, last T); each token attends to the earlier tokens of its sequence.
+    case packed(sequenceStarts: [Int])
+    /// Decoding: token t belongs to cache slot `slots[t]` at its position; its k/v are written
+    /// there and it attends to positions 0...position of that slot.
+    case cache(KVCache, slots: [Int32])
+}
+
+/// Errors in forward inputs (checked before any kernel runs).
+public enum InputError: Error, CustomStringConvertible, Equatable {
+    case tokenOutOfRange(index: Int, token: Int32, vocabSize: Int)
+    case positionOutOfRange(index: Int, position: Int32, limit: Int)
+    case badSequenceStarts(String)
+    case badCacheSlot(index: Int, slot: Int32, slots: Int)
+    case lengthMismatch(String)
+
+    public var description: String {
+        switch self {
+        case let .tokenOutOfRange(i, t, v): "token \(t) at index \(i) is outside the vocabulary (0..<\(v))"
+        case let .positionOutOfRange(i, p, l): "position \(p) at index \(i) is outside 0..<\(l)"
+        case let .badSequenceStarts(r): "sequence boundaries: \(r)"
+        case let .badCacheSlot(i, s, n): "cache slot \(s) at index \(i) is outside 0..<\(n)"
+        case let .lengthMismatch(r): r
+        }
+    }
+}
+
+/// Offsets of one layer's slots in the flat parameter buffer (-1 where a family has none).
+struct LayerOffsets {
+    var attnNormW = -1, attnNormB = -1, qkvW = -1, qkvB = -1, qNormW = -1, kNormW = -1
+    var oW = -1, oB = -1, mlpNormW = -1, mlpNormB = -1, mlpInW = -1, mlpInB = -1, mlpOutW = -1, mlpOutB = -1
+}
+
+/// What the backward pass needs from one layer's forward.
+final class LayerActivations {
+    let xIn, norm1Mean, norm1Rstd, qkvRaw, headRstd, qkv, attn, lse, xMid, norm2Mean, norm2Rstd, mlpIn: FloatBuffer
+    init(T: Int, a: Architecture) {
+        let C = a.hiddenSize
+        xIn = FloatBuffer(T * C)
+        norm1Mean = FloatBuffer(a.norm == .layer ? T : 0)
+        norm1Rstd = FloatBuffer(T)
+        qkvRaw = FloatBuffer(a.qkNorm ? T * a.qkvWidth : 0)
+        headRstd = FloatBuffer(a.qkNorm ? T * (a.heads + a.kvHeads) : 0)
+        qkv = FloatBuffer(T * a.qkvWidth)
+        attn = FloatBuffer(T * a.attentionWidth)
+        lse = FloatBuffer(T * a.heads)
+        xMid = FloatBuffer(T * C)
+        norm2Mean = FloatBuffer(a.norm == .layer ? T : 0)
+        norm2Rstd = FloatBuffer(T)
+        mlpIn = FloatBuffer(T * a.mlpInWidth)
+    }
+}
+
+/// Saved forward state of a packed batch, consumed by `backward`.
+public final class Activations {
+    let tokens: [Int32]
+    let positions: [Int32]
+    let sequenceStarts: [Int]
+    let layers: [LayerActivations]
+    let xFinal, finalMean, finalRstd, cos, sin: FloatBuffer
+    /// Final normalized hidden states [T, C], the input of the output head.
+    public let hidden: FloatBuffer
+    public var tokenCount: Int { tokens.count }
+
+    init(tokens: [Int32], positions: [Int32], sequenceStarts: [Int], layers: [LayerActivations],
+         xFinal: FloatBuffer, finalMean: FloatBuffer, finalRstd: FloatBuffer, cos: FloatBuffer,
+         sin: FloatBuffer, hidden: FloatBuffer) {
+        self.tokens = tokens; self.positions = positions; self.sequenceStarts = sequenceStarts
+        self.layers = layers; self.xFinal = xFinal; self.finalMean = finalMean; self.finalRstd = finalRstd
+        self.cos = cos; self.sin = sin; self.hidden = hidden
+    }
+
+    /// Bytes held by the saved activations.
+    public var byteCount: Int {
+        var n = xFinal.count + finalMean.count + finalRstd.count + cos.count + sin.count + hidden.count
+        for l in layers {
+            n += l.xIn.count + l.norm1Mean.count + l.norm1Rstd.count + l.qkvRaw.count + l.headRstd.count
+            n += l.qkv.count + l.attn.count + l.lse.count + l.xMid.count + l.norm2Mean.count
+            n += l.norm2Rstd.count + l.mlpIn.count
+        }
+        return n * 4
+    }
+}
+
+public final class TransformerModel: @unchecked Sendable {
+    public let architecture: Architecture
+    public let family: any ModelFamily.Type
+    public let parameters: ParameterStore
+    public let bindings: [TensorBinding]
+    /// config.json as loaded; written back unchanged by `save`.
+    public let configJSON: Data
+
+    let layerOffsets: [LayerOffsets]
+    let embedOffset: Int
+    let positionEmbedOffset: Int
+    let finalNormW: Int
+    let finalNormB: Int
+    /// Offset of the unembedding matrix [V, C]: the embedding itself when tied.
+    let headOffset: Int
+
+    // MARK: - Construction
+
+    /// A model with all-zero weights for `config` (config.json data).
+    public init(config: Data) throws {
+        let (family, arch) = try ModelRegistry.architecture(config: config)
+        self.family = family
+        architecture = arch
+        configJSON = config
+        bindings = family.bindings(arch)
+
+        let C = arch.hiddenSize
+        var layout = ParameterLayout()
+        embedOffset = layout.add(Slot.embed, [arch.vocabSize, C])
+        positionEmbedOffset = arch.position == .learned ? layout.add(Slot.positionEmbed, [arch.maxPositions, C]) : -1
+        var offsets: [LayerOffsets] = []
+        for i in 0..<arch.layers {
+            var o = LayerOffsets()
+            o.attnNormW = layout.add(Slot.layer(i, "attn_norm.weight"), [C])
+            if arch.norm == .layer { o.attnNormB = layout.add(Slot.layer(i, "attn_norm.bias"), [C]) }
+            o.qkvW = layout.add(Slot.layer(i, "qkv.weight"), [arch.qkvWidth, C])
+            if arch.qkvBias { o.qkvB = layout.add(Slot.layer(i, "qkv.bias"), [arch.qkvWidth]) }
+            if arch.qkNorm {
+                o.qNormW = layout.add(Slot.layer(i, "q_norm.weight"), [arch.headDim])
+                o.kNormW = layout.add(Slot.layer(i, "k_norm.weight"), [arch.headDim])
+            }
+            o.oW = layout.add(Slot.layer(i, "o.weight"), [C, arch.attentionWidth])
+            if arch.outputBias { o.oB = layout.add(Slot.layer(i, "o.bias"), [C]) }
+            o.mlpNormW = layout.add(Slot.layer(i, "mlp_norm.weight"), [C])
+            if arch.norm == .layer { o.mlpNormB = layout.add(Slot.layer(i, "mlp_norm.bias"), [C]) }
+            o.mlpInW = layout.add(Slot.layer(i, "mlp_in.weight"), [arch.mlpInWidth, C])
+            if arch.mlpBias { o.mlpInB = layout.add(Slot.layer(i, "mlp_in.bias"), [arch.mlpInWidth]) }
+            o.mlpOutW = layout.add(Slot.layer(i, "mlp_out.weight"), [C, arch.intermediateSize])
+            if arch.mlpBias { o.mlpOutB = layout.add(Slot.layer(i, "mlp_out.bias"), [C]) }
+            offsets.append(o)
+        }
+        finalNormW = layout.add(Slot.finalNormWeight, [C])
+        finalNormB = arch.norm == .layer ? layout.add(Slot.finalNormBias, [C]) : -1
+        headOffset = arch.tiedEmbeddings ? embedOffset : layout.add(Slot.lmHead, [arch.vocabSize, C])
+        layerOffsets = offsets
+        parameters = ParameterStore(layout: layout)
+    }
+
+    /// Loads a Hugging Face model folder (config.json + safetensors, single or sharded).
+    public static func load(directory: String) throws -> TransformerModel {
+        let configPath = directory + "/config.json"
+        guard let config = FileManager.default.contents(atPath: configPath) else {
+            throw ModelError.missingFile(path: configPath)
+        }
+        let model = try TransformerModel(config: config)
+        try model.loadWeights(from: CheckpointReader(directory: directory))
+        return model
+    }
+
+    /// Number of parameters.
+    public var parameterCount: Int { parameters.layout.parameterCount }
+
+    /// Fills weights from a checkpoint through the family's tensor table. Every expected tensor
+    /// must be present with its exact shape; tensors the engine would silently ignore are refused.
+    public func loadWeights(from reader: CheckpointReader) throws {
+        var used = Set<String>()
+        let prefix = family.optionalPrefix
+        for b in bindings {
+            var name = b.checkpointName
+            if !reader.contains(name), name.hasPrefix(prefix), reader.contains(String(name.dropFirst(prefix.count))) {
+                name = String(name.dropFirst(prefix.count))
+            }
+            guard let slot = parameters.layout.slot(b.slot) else { continue }
+            let dest = parameters.values + slot.offset + b.elementOffset
+            if b.transposed {
+                let tmp = FloatBuffer(b.shape.reduce(1, *))
+                try reader.read(name, shape: b.shape, into: tmp.pointer)
+                let rows = b.shape[0], cols = b.shape[1]
+                for r in 0..<rows { for c in 0..<cols { dest[c * rows + r] = tmp.pointer[r * cols + c] } }
+            } else {
+                try reader.read(name, shape: b.shape, into: dest)
+            }
+            used.insert(name)
+        }
+        let ignorable = [".rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias"]
+        let unexpected = reader.tensorNames.filter { n in
+            !used.contains(n) && !ignorable.contains(where: { n.hasSuffix($0) })
+                && !(architecture.tiedEmbeddings && n == "lm_head.weight")
+        }
+        if !unexpected.isEmpty {
+            throw ModelError.unsupported(feature: "tensors \(unexpected.prefix(5).joined(separator: ", "))\(unexpected.count > 5 ? " (+\(unexpected.count - 5) more)" : "")",
+                reason: "the checkpoint has weights that config.json does not describe for model_type '\(architecture.modelType)'")
+        }
+    }
+
+    /// The tensor of `binding` in checkpoint layout (transposed back for GPT-2 Conv1D), read from
+    /// `source`: the parameter buffer, or the gradient or moment buffer of the same layout.
+    public func checkpointTensor(_ binding: TensorBinding, from source: UnsafePointer<Float>) -> [Float] {
+        guard let slot = parameters.layout.slot(binding.slot) else { return [] }
+        let src = source + slot.offset + binding.elementOffset
+        let n = binding.shape.reduce(1, *)
+        guard binding.transposed else { return Array(UnsafeBufferPointer(start: src, count: n)) }
+        let rows = binding.shape[0], cols = binding.shape[1]
+        var out = [Float](repeating: 0, count: n)
+        for r in 0..<rows { for c in 0..<cols { out[r * cols + c] = src[c * rows + r] } }
+        return out
+    }
+
+    /// Writes config.json and the weights (F32 or BF16) under their Hugging Face names into an
+    /// existing directory; shards above `maxShardBytes`.
+    public func save(to directory: String, dtype: DType = .f32, maxShardBytes: Int = 4 << 30) throws {
+        let arrays = bindings.map { checkpointTensor($0, from: parameters.values) }
+        var tensors: [TensorToWrite] = []
+        for (b, a) in zip(bindings, arrays) {
+            a.withUnsafeBufferPointer { tensors.append(TensorToWrite(name: b.checkpointName, shape: b.shape, data: $0)) }
+        }
+        try withExtendedLifetime(arrays) {
+            try CheckpointWriter.write(tensors, dtype: dtype, to: directory, maxShardBytes: maxShardBytes)
+        }
+        guard FileManager.default.createFile(atPath: directory + "/config.json", contents: configJSON) else {
+            throw WeightsError.writeFailed(path: directory + "/config.json", reason: "create failed")
+        }
+    }
+
+    /// Next-token logits [rows.count, V] for the given token rows (a convenience over `forward`
+    /// and `withLogitChunks` for scoring and tests).
+    public func logits(tokens: [Int32], positions: [Int32], context: AttentionContext, rows: [Int]) throws -> [Float] {
+        let acts = try forward(tokens: tokens, positions: positions, context: context)
+        let V = architecture.vocabSize
+        var out = [Float](repeating: 0, count: rows.count * V)
+        out.withUnsafeMutableBufferPointer { o in
+            withLogitChunks(hidden: acts.hidden.pointer, rows: rows, chunkRows: defaultChunkRows()) { range, logits in
+                (o.baseAddress! + range.lowerBound * V).update(from: logits, count: range.count * V)
+            }
+        }
+        return out
+    }
+
+    // MARK: - Input checks
+
+    /// Validates ids, positions and attention layout before any kernel runs.
+    public func validate(tokens: [Int32], positions: [Int32], context: AttentionContext) throws {
+        let a = architecture
+        guard tokens.count == positions.count else {
+            throw InputError.lengthMismatch("\(tokens.count) tokens but \(positions.count) positions")
+        }
+        for (i, t) in tokens.enumerated() where t < 0 || Int(t) >= a.vocabSize {
+            throw InputError.tokenOutOfRange(index: i, token: t, vocabSize: a.vocabSize)
+        }
+        let limit = a.position == .learned ? a.maxPositions : Int(Int32.max)
+        for (i, p) in positions.enumerated() where p < 0 || Int(p) >= limit {
+            throw InputError.positionOutOfRange(index: i, position: p, limit: limit)
+        }
+        switch context {
+        case let .packed(starts):
+            guard starts.first == 0, starts.last == tokens.count, zip(starts, starts.dropFirst()).allSatisfy({ $0 < $1 }) else {
+                throw InputError.badSequenceStarts("must rise strictly from 0 to \(tokens.count), got \(starts.prefix(8))")
+            }
+        case let .cache(cache, slots):
+            guard slots.count == tokens.count else {
+                throw InputError.lengthMismatch("\(tokens.count) tokens but \(slots.count) cache slots")
+            }
+            for (i, s) in slots.enumerated() where s < 0 || Int(s) >= cache.slots {
+                throw InputError.badCacheSlot(index: i, slot: s, slots: cache.slots)
+            }
+            for (i, p) in positions.enumerated() where Int(p) >= cache.capacity {
+                throw InputError.positionOutOfRange(index: i, position: p, limit: cache.capacity)
+            }
+        }
+    }
+
+    // MARK: - Forward
+
+    /// Runs the transformer body and final norm. Returns the normalized hidden states [T, C]
+    /// and, when `saving`, everything `backward` needs (packed context only).
+    public func forward(tokens: [Int32], positions: [Int32], context: AttentionContext,
+                        saving: Bool = false) throws -> Activations {
+        try validate(tokens: tokens, positions: positions, context: context)
+        let a = architecture
+        let T = tokens.count, C = a.hiddenSize, Q = a.qkvWidth, A = a.attentionWidth
+        let M = a.mlpInWidth, I = a.intermediateSize, NH = a.heads, NKV = a.kvHeads, HS = a.headDim
+        let kvW = a.kvWidth
+        let w = parameters.values
+        let shape = AttentionShape(heads: NH, kvHeads: NKV, headSize: HS, scale: 1 / Float(HS).squareRoot())
+        let opt = { (o: Int) -> UnsafeMutablePointer<Float>? in o >= 0 ? w + o : nil }
+
+        let x = FloatBuffer(T * C)
+        let xn = FloatBuffer(T * C), proj = FloatBuffer(T * C), h = FloatBuffer(T * I)
+        let scratchQKV = saving ? nil : FloatBuffer(T * Q)
+        let scratchAttn = saving ? nil : FloatBuffer(T * A)
+        let scratchMLP = saving ? nil : FloatBuffer(T * M)
+        let scratchRstd = FloatBuffer(T), scratchMean = FloatBuffer(T)
+
+        tokens.withUnsafeBufferPointer { ids in
+            positions.withUnsafeBufferPointer { pos in
+                embeddingForward(x.pointer, ids: ids.baseAddress!, table: w + embedOffset,
+                                 positions: a.position == .learned ? pos.baseAddress! : nil,
+                                 positionTable: opt(positionEmbedOffset), rows: T, channels: C)
+            }
+        }
+        var cos = FloatBuffer(0), sin = FloatBuffer(0)
+        if case let .rope(freqs) = a.position {
+            cos = FloatBuffer(T * HS / 2); sin = FloatBuffer(T * HS / 2)
+            positions.withUnsafeBufferPointer { freqs.tables(positions: $0.baseAddress!, count: T, cos: cos.pointer, sin: sin.pointer) }
+        }
+
+        var sequenceStarts: [Int] = []
+        var maxKeys = 0
+        switch context {
+        case let .packed(starts):
+            sequenceStarts = starts
+            for b in 0..<(starts.count - 1) { maxKeys = max(maxKeys, starts[b + 1] - starts[b]) }
+        case .cache:
+            maxKeys = Int(positions.max() ?? 0) + 1
+        }
+        // Sequence start of each token (packed context).
+        var tokenStart = [Int](repeating: 0, count: T)
+        if !sequenceStarts.isEmpty {
+            for b in 0..<(sequenceStarts.count - 1) {
+                for t in sequenceStarts[b]..<sequenceStarts[b + 1] { tokenStart[t] = sequenceStarts[b] }
+            }
+        }
+
+        var saved: [LayerActivations] = []
+        for l in 0..<a.layers {
+            let o = layerOffsets[l]
+            let act = saving ? LayerActivations(T: T, a: a) : nil
+            if let act { act.xIn.pointer.update(from: x.pointer, count: T * C) }
+            norm(xn.pointer, mean: act?.norm1Mean.pointer ?? scratchMean.pointer,
+                 rstd: act?.norm1Rstd.pointer ?? scratchRstd.pointer, x.pointer, o.attnNormW, o.attnNormB, rows: T)
+
+            // q | k | v, optional per-head norm, RoPE on the q and k heads (adjacent in the row).
+            let qkv = act?.qkv.pointer ?? scratchQKV!.pointer
+            linearForward(qkv, xn.pointer, w + o.qkvW, opt(o.qkvB), rows: T, inFeatures: C, outFeatures: Q)
+            if a.qkNorm {
+                if let act { act.qkvRaw.pointer.update(from: qkv, count: T * Q) }
+                let rstd = act?.headRstd.pointer
+                headRMSNormForward(qkv, rstd, qkv, w + o.qNormW, rows: T, rowStride: Q, heads: NH,
+                                   headSize: HS, eps: a.normEps)
+                headRMSNormForward(qkv + A, rstd.map { $0 + T * NH }, qkv + A, w + o.kNormW, rows: T,
+                                   rowStride: Q, heads: NKV, headSize: HS, eps: a.normEps)
+            }
+            if case .rope = a.position {
+                ropeForward(qkv, rows: T, rowStride: Q, heads: NH + NKV, headSize: HS, cos: cos.pointer, sin: sin.pointer)
+            }
+
+            let attn = act?.attn.pointer ?? scratchAttn!.pointer
+            let window = a.layerWindows[l]
+            switch context {
+            case .packed:
+                tokenStart.withUnsafeBufferPointer { starts in
+                    attentionForward(attn, act?.lse.pointer, q: qkv, qStride: Q, rows: T, shape: shape,
+                                     maxKeys: maxKeys) { t in
+                        let s0 = window > 0 ? max(starts[t], t - window + 1) : starts[t]
+                        return KeyValueSpan(keys: qkv + s0 * Q + A, values: qkv + s0 * Q + A + kvW,
+                                            rowStride: Q, count: t - s0 + 1)
+                    }
+                }
+            case let .cache(cache, slots):
+                for t in 0..<T {
+                    let s = Int(slots[t]), p = Int(positions[t])
+                    (cache.keys(layer: l, slot: s) + p * kvW).update(from: qkv + t * Q + A, count: kvW)
+                    (cache.values(layer: l, slot: s) + p * kvW).update(from: qkv + t * Q + A + kvW, count: kvW)
+                }
+                positions.withUnsafeBufferPointer { pos in
+                    attentionForward(attn, nil, q: qkv, qStride: Q, rows: T, shape: shape, maxKeys: maxKeys) { t in
+                        let s = Int(slots[t]), p = Int(pos[t])
+                        let s0 = window > 0 ? max(0, p - window + 1) : 0
+                        return KeyValueSpan(keys: cache.keys(layer: l, slot: s) + s0 * kvW,
+                                            values: cache.values(layer: l, slot: s) + s0 * kvW,
+                                            rowStride: kvW, count: p - s0 + 1)
+                    }
+                }
+            }
+            linearForward(proj.pointer, attn, w + o.oW, opt(o.oB), rows: T, inFeatures: A, outFeatures: C)
+            addInPlace(x.pointer, proj.pointer, count: T * C)
+            if let act { act.xMid.pointer.update(from: x.pointer, count: T * C) }
+
+            // MLP
+            norm(xn.pointer, mean: act?.norm2Mean.pointer ?? scratchMean.pointer,
+                 rstd: act?.norm2Rstd.pointer ?? scratchRstd.pointer, x.pointer, o.mlpNormW, o.mlpNormB, rows: T)
+            let mlpIn = act?.mlpIn.pointer ?? scratchMLP!.pointer
+            linearForward(mlpIn, xn.pointer, w + o.mlpInW, opt(o.mlpInB), rows: T, inFeatures: C, outFeatures: M)
+            activation(h.pointer, mlpIn, rows: T)
+            linearForward(proj.pointer, h.pointer, w + o.mlpOutW, opt(o.mlpOutB), rows: T, inFeatures: I, outFeatures: C)
+            addInPlace(x.pointer, proj.pointer, count: T * C)
+            if let act { saved.append(act) }
+        }
+
+        let finalMean = FloatBuffer(a.norm == .layer ? T : 0), finalRstd = FloatBuffer(T)
+        let hidden = FloatBuffer(T * C)
+        norm(hidden.pointer, mean: finalMean.pointer, rstd: finalRstd.pointer, x.pointer, finalNormW, finalNormB, rows: T)
+        return Activations(tokens: tokens, positions: positions, sequenceStarts: sequenceStarts, layers: saved,
+                           xFinal: saving ? x : FloatBuffer(0), finalMean: finalMean, finalRstd: finalRstd,
+                           cos: cos, sin: sin, hidden: hidden)
+    }
+
+    @inline(__always)
+    private func norm(_ out: UnsafeMutablePointer<Float>, mean: UnsafeMutablePointer<Float>,
+                      rstd: UnsafeMutablePointer<Float>, _ x: UnsafePointer<Float>, _ wOff: Int, _ bOff: Int, rows: Int) {
+        let w = parameters.values, a = architecture
+        switch a.norm {
+        case .rms:
+            rmsNormForward(out, rstd, x, w + wOff, rows: rows, channels: a.hiddenSize, eps: a.normEps)
+        case .layer:
+            layerNormForward(out, mean, rstd, x, w + wOff, w + bOff, rows: rows, channels: a.hiddenSize, eps: a.normEps)
+        }
+    }
+
+    @inline(__always)
+    private func activation(_ h: UnsafeMutablePointer<Float>, _ mlpIn: UnsafePointer<Float>, rows: Int) {
+        switch architecture.mlp {
+        case .swiglu: swigluForward(h, mlpIn, rows: rows, intermediate: architecture.intermediateSize)
+        case .geluTanh: geluForward(h, mlpIn, count: rows * architecture.intermediateSize)
+        }
+    }
+
+    // MARK: - Output head
+
+    /// Logits for selected rows of `hidden` ([T, C]), in chunks of at most `chunkRows`, so a
+    /// full [rows × V] matrix never exists. `body(range, logits)` sees rows `rows[range]` as
+    /// logits[n, V]. With `dHidden`, body must leave d(loss)/d(logits) in the buffer; the head
+    /// then accumulates the unembedding gradient and adds d(loss)/d(hidden) into `dHidden`.
+    public func withLogitChunks(hidden: UnsafePointer<Float>, rows: [Int], chunkRows: Int,
+                                dHidden: UnsafeMutablePointer<Float>? = nil,
+                                _ body: (Range<Int>, UnsafeMutablePointer<Float>) throws -> Void) rethrows {
+        let C = architecture.hiddenSize, V = architecture.vocabSize
+        let chunk = max(1, min(chunkRows, rows.count))
+        let hc = FloatBuffer(chunk * C), logits = FloatBuffer(chunk * V)
+        let dhc = dHidden == nil ? nil : FloatBuffer(chunk * C)
+        let head = parameters.values + headOffset
+        var start = 0
+        while start < rows.count {
+            let end = min(rows.count, start + chunk), n = end - start
+            for i in 0..<n { (hc.pointer + i * C).update(from: hidden + rows[start + i] * C, count: C) }
+            linearForward(logits.pointer, hc.pointer, head, nil, rows: n, inFeatures: C, outFeatures: V)
+            try body(start..<end, logits.pointer)
+            if let dHidden, let dhc {
+                linearBackward(dhc.pointer, parameters.gradients + headOffset, nil, logits.pointer, hc.pointer, head,
+                               rows: n, inFeatures: C, outFeatures: V)
+                for i in 0..<n {
+                    let d = dHidden + rows[start + i] * C, s = dhc.pointer + i * C
+                    for c in 0..<C { d[c] += s[c] }
+                }
+            }
+            start = end
+        }
+    }
+
+    /// Rows per logits chunk so that one chunk holds about `budgetFloats` logits.
+    public func defaultChunkRows(budgetFloats: Int = 1 << 24) -> Int {
+        max(1, budgetFloats / architecture.vocabSize)
+    }
+
+    // MARK: - Backward
+
+    /// Accumulates d(loss)/d(parameters) into `parameters.gradients`, given d(loss)/d(hidden)
+    /// [T, C] for the final normalized hidden states of a packed forward saved in `acts`.
+    public func backward(_ acts: Activations, dHidden: UnsafePointer<Float>) {
+        let a = architecture
+        let T = acts.tokenCount, C = a.hiddenSize, Q = a.qkvWidth, A = a.attentionWidth
+        let M = a.mlpInWidth, I = a.intermediateSize, NH = a.heads, NKV = a.kvHeads, HS = a.headDim
+        let w = parameters.values, g = parameters.gradients
+        let shape = AttentionShape(heads: NH, kvHeads: NKV, headSize: HS, scale: 1 / Float(HS).squareRoot())
+        let opt = { (o: Int) -> UnsafeMutablePointer<Float>? in o >= 0 ? g + o : nil }
+
+        let dx = FloatBuffer(T * C)          // d(loss)/d(residual stream)
+        let xn = FloatBuffer(T * C), dxn = FloatBuffer(T * C)
+        let h = FloatBuffer(T * I), dh = FloatBuffer(T * I), dMLP = FloatBuffer(T * M)
+        let dAttn = FloatBuffer(T * A), dqkv = FloatBuffer(T * Q)
+
+        normBackward(dx.pointer, accumulate: false, dHidden, acts.xFinal.pointer, finalNormW, finalNormB,
+                     mean: acts.finalMean.pointer, rstd: acts.finalRstd.pointer, rows: T)
+
+        for l in stride(from: a.layers - 1, through: 0, by: -1) {
+            let o = layerOffsets[l], act = acts.layers[l]
+            // MLP block: x = xMid + mlpOut(act(mlpIn(norm2(xMid))))
+            norm(xn.pointer, mean: act.norm2Mean.pointer, rstd: act.norm2Rstd.pointer, act.xMid.pointer,
+                 o.mlpNormW, o.mlpNormB, rows: T)
+            activation(h.pointer, act.mlpIn.pointer, rows: T)
+            linearBackward(dh.pointer, g + o.mlpOutW, opt(o.mlpOutB), dx.pointer, h.pointer, w + o.mlpOutW,
+                           rows: T, inFeatures: I, outFeatures: C)
+            switch a.mlp {
+            case .swiglu: swigluBackward(dMLP.pointer, dh.pointer, act.mlpIn.pointer, rows: T, intermediate: I)
+            case .geluTanh: geluBackward(dMLP.pointer, dh.pointer, act.mlpIn.pointer, count: T * I)
+            }
+            linearBackward(dxn.pointer, g + o.mlpInW, opt(o.mlpInB), dMLP.pointer, xn.pointer, w + o.mlpInW,
+                           rows: T, inFeatures: C, outFeatures: M)
+            normBackward(dx.pointer, accumulate: true, dxn.pointer, act.xMid.pointer, o.mlpNormW, o.mlpNormB,
+                         mean: act.norm2Mean.pointer, rstd: act.norm2Rstd.pointer, rows: T)
+
+            // Attention block: xMid = xIn + o(attention(rope(norm_qk(qkv(norm1(xIn))))))
+            norm(xn.pointer, mean: act.norm1Mean.pointer, rstd: act.norm1Rstd.pointer, act.xIn.pointer,
+                 o.attnNormW, o.attnNormB, rows: T)
+            linearBackward(dAttn.pointer, g + o.oW, opt(o.oB), dx.pointer, act.attn.pointer, w + o.oW,
+                           rows: T, inFeatures: A, outFeatures: C)
+            attentionBackwardPacked(dqkv.pointer, dAttn.pointer, qkv: act.qkv.pointer, out: act.attn.pointer,
+                                    lse: act.lse.pointer, rows: T, shape: shape,
+                                    sequenceStarts: acts.sequenceStarts, window: a.layerWindows[l])
+            if case .rope = a.position {
+                ropeBackward(dqkv.pointer, rows: T, rowStride: Q, heads: NH + NKV, headSize: HS,
+                             cos: acts.cos.pointer, sin: acts.sin.pointer)
+            }
+            if a.qkNorm {
+                headRMSNormBackward(dqkv.pointer, g + o.qNormW, dqkv.pointer, act.qkvRaw.pointer, w + o.qNormW,
+                                    act.headRstd.pointer, rows: T, rowStride: Q, heads: NH, headSize: HS)
+                headRMSNormBackward(dqkv.pointer + A, g + o.kNormW, dqkv.pointer + A, act.qkvRaw.pointer + A,
+                                    w + o.kNormW, act.headRstd.pointer + T * NH, rows: T, rowStride: Q,
+                                    heads: NKV, headSize: HS)
+            }
+            linearBackward(dxn.pointer, g + o.qkvW, opt(o.qkvB), dqkv.pointer, xn.pointer, w + o.qkvW,
+                           rows: T, inFeatures: C, outFeatures: Q)
+            normBackward(dx.pointer, accumulate: true, dxn.pointer, act.xIn.pointer, o.attnNormW, o.attnNormB,
+                         mean: act.norm1Mean.pointer, rstd: act.norm1Rstd.pointer, rows: T)
+        }
+
+        acts.tokens.withUnsafeBufferPointer { ids in
+            embeddingBackward(g + embedOffset, dx.pointer, ids: ids.baseAddress!, rows: T, channels: C)
+        }
+        if positionEmbedOffset >= 0 {
+            acts.positions.withUnsafeBufferPointer { pos in
+                embeddingBackward(g + positionEmbedOffset, dx.pointer, ids: pos.baseAddress!, rows: T, channels: C)
+            }
+        }
+    }
+
+    @inline(__always)
+    private func normBackward(_ dx: UnsafeMutablePointer<Float>, accumulate: Bool, _ dOut: UnsafePointer<Float>,
+                              _ x: UnsafePointer<Float>, _ wOff: Int, _ bOff: Int,
+                              mean: UnsafePointer<Float>, rstd: UnsafePointer<Float>, rows: Int) {
+        let w = parameters.values, g = parameters.gradients, C = architecture.hiddenSize
+        switch architecture.norm {
+        case .rms:
+            rmsNormBackward(dx, g + wOff, dOut, x, w + wOff, rstd, rows: rows, channels: C, accumulateInput: accumulate)
+        case .layer:
+            layerNormBackward(dx, g + wOff, g + bOff, dOut, x, w + wOff, mean, rstd, rows: rows, channels: C,
+                              accumulateInput: accumulate)
+        }
+    }
+}

@@ -1,0 +1,111 @@
+// All trainable parameters of a model in one contiguous fp32 buffer, with gradients and AdamW
+// moments in buffers of the identical layout, so zeroing, clipping and the optimizer are
+// single flat loops (llm.c `train_gpt2.c`).
+
+/// One named slot in the flat buffer.
+public struct ParameterSlot: Sendable, Equatable {
+    public let name: String
+    public let shape: [Int]
+    public let offset: Int
+    public var count: Int { shape.reduce(1, *) }
+}
+
+/// Slot names and shapes in order, and their offsets.
+public struct ParameterLayout: Sendable {
+    public private(set) var slots: [ParameterSlot] = []
+    public private(set) var count = 0
+    private var index: [String: Int] = [:]
+
+    public init() {}
+
+    /// Appends a slot; returns its offset. Offsets are aligned to 16 floats (64 bytes).
+    @discardableResult
+    public mutating func add(_ name: String, _ shape: [Int]) -> Int {
+        precondition(index[name] == nil, "duplicate parameter slot \(name)")
+        let offset = (count + 15) & ~15
+        slots.append(ParameterSlot(name: name, shape: shape, offset: offset))
+        index[name] = slots.count - 1
+        count = offset + shape.reduce(1, *)
+        return offset
+    }
+
+    public func slot(_ name: String) -> ParameterSlot? { index[name].map { slots[$0] } }
+
+    /// Number of parameters (excluding alignment padding).
+    public var parameterCount: Int { slots.reduce(0) { $0 + $1.count } }
+}
+
+/// Owns the flat buffers. Gradients and moments are allocated on first use.
+public final class ParameterStore: @unchecked Sendable {
+    public let layout: ParameterLayout
+    public let values: UnsafeMutablePointer<Float>
+    public private(set) var gradientsIfAllocated: UnsafeMutablePointer<Float>?
+    public private(set) var firstMomentIfAllocated: UnsafeMutablePointer<Float>?
+    public private(set) var secondMomentIfAllocated: UnsafeMutablePointer<Float>?
+
+    public init(layout: ParameterLayout) {
+        self.layout = layout
+        values = .allocate(capacity: max(1, layout.count))
+        values.initialize(repeating: 0, count: max(1, layout.count))
+    }
+
+    deinit {
+        values.deallocate()
+        gradientsIfAllocated?.deallocate()
+        firstMomentIfAllocated?.deallocate()
+        secondMomentIfAllocated?.deallocate()
+    }
+
+    public var count: Int { layout.count }
+
+    private func zeroed() -> UnsafeMutablePointer<Float> {
+        let p = UnsafeMutablePointer<Float>.allocate(capacity: max(1, count))
+        p.initialize(repeating: 0, count: max(1, count))
+        return p
+    }
+
+    /// Gradient buffer (allocated and zeroed on first access).
+    public var gradients: UnsafeMutablePointer<Float> {
+        if let g = gradientsIfAllocated { return g }
+        let g = zeroed(); gradientsIfAllocated = g; return g
+    }
+    public var firstMoment: UnsafeMutablePointer<Float> {
+        if let m = firstMomentIfAllocated { return m }
+        let m = zeroed(); firstMomentIfAllocated = m; return m
+    }
+    public var secondMoment: UnsafeMutablePointer<Float> {
+        if let v = secondMomentIfAllocated { return v }
+        let v = zeroed(); secondMomentIfAllocated = v; return v
+    }
+
+    public func zeroGradients() { gradients.update(repeating: 0, count: count) }
+
+    /// Frees gradients and moments (an inference-only server never allocates them).
+    public func releaseTrainingState() {
+        gradientsIfAllocated?.deallocate(); gradientsIfAllocated = nil
+        firstMomentIfAllocated?.deallocate(); firstMomentIfAllocated = nil
+        secondMomentIfAllocated?.deallocate(); secondMomentIfAllocated = nil
+    }
+
+    public func pointer(_ name: String) -> UnsafeMutablePointer<Float>? {
+        layout.slot(name).map { values + $0.offset }
+    }
+    public func gradientPointer(_ name: String) -> UnsafeMutablePointer<Float>? {
+        layout.slot(name).map { gradients + $0.offset }
+    }
+
+    /// Bytes held by the buffers currently allocated.
+    public var allocatedBytes: Int {
+        let n = [gradientsIfAllocated, firstMomentIfAllocated, secondMomentIfAllocated].compactMap { $0 }.count
+        return (1 + n) * count * 4
+    }
+
+    /// FNV-1a over the parameter bits: a cheap fingerprint to prove weights did not change.
+    public func checksum() -> UInt64 {
+        var h: UInt64 = 0xcbf2_9ce4_8422_2325
+        for i in 0..<count {
+            h = (h ^ UInt64(values[i].bitPattern)) &* 0x100_0000_01b3
+        }
+        return h
+    }
+}

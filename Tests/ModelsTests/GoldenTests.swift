@@ -1,0 +1,94 @@
+// Every family against PyTorch/transformers golden numbers (scripts/make_fixtures.py): logits of
+// a packed batch, the loss, every parameter gradient and a 5-step AdamW trajectory.
+import Engine
+import Foundation
+import Kernels
+import Models
+import TestSupport
+import Weights
+import XCTest
+
+final class GoldenTests: XCTestCase {
+    static let families = ["llama_gqa", "llama3_tied", "mistral_window", "qwen2_tied", "qwen3_headdim", "gpt2"]
+
+    struct Golden {
+        let file: SafetensorsFile
+        let batch: PackedBatch
+        init(_ dir: String) throws {
+            file = try SafetensorsFile(path: dir + "/golden.safetensors")
+            let tokens = try file.integers("tokens").map { Int32($0) }
+            var seqs: [[Int32]] = [], start = 0
+            for n in try file.integers("seq_lens") { seqs.append(Array(tokens[start..<(start + n)])); start += n }
+            batch = PackedBatch(seqs)
+        }
+    }
+
+    override func setUp() { Compute.setThreads(2) }
+
+    func testLogitsMatchTransformers() throws {
+        for name in Self.families + ["qwen2_tied_bf16"] {
+            let dir = fixtureModel(name)
+            let model = try TransformerModel.load(directory: dir)
+            let golden = try Golden(dir)
+            let b = golden.batch
+            let logits = try model.logits(tokens: b.tokens, positions: b.positions,
+                                          context: .packed(sequenceStarts: b.sequenceStarts),
+                                          rows: Array(0..<b.tokens.count))
+            let cmp = assertClose(logits, try golden.file.floats("logits"), name + " logits")
+            print("\(name): logits max |diff| vs transformers \(cmp.maxAbsDiff)")
+        }
+    }
+
+    func testShardedCheckpointLoadsTheSameWeights() throws {
+        let model = try TransformerModel.load(directory: fixtureModel("llama_gqa_sharded"))
+        let golden = try Golden(fixtureModel("llama_gqa"))
+        let b = golden.batch
+        let logits = try model.logits(tokens: b.tokens, positions: b.positions,
+                                      context: .packed(sequenceStarts: b.sequenceStarts), rows: Array(0..<b.tokens.count))
+        assertClose(logits, try golden.file.floats("logits"), "sharded logits")
+    }
+
+    func testLossAndEveryGradientMatchTransformers() throws {
+        for name in Self.families {
+            let dir = fixtureModel(name)
+            let model = try TransformerModel.load(directory: dir)
+            let golden = try Golden(dir)
+            let ce = NextTokenCrossEntropy(batch: golden.batch)
+            // Small chunks so the chunked head and its gradient accumulation are exercised.
+            let result = try Training.accumulateGradients(model: model, batch: golden.batch, outputRows: ce.outputRows,
+                                                          chunkRows: 5, loss: ce.function)
+            assertClose([Float(result.loss)], try golden.file.floats("loss"), name + " loss")
+            var worst: Float = 0
+            for b in model.bindings {
+                let expected = try golden.file.floats("grad." + b.checkpointName)
+                let actual = model.checkpointTensor(b, from: model.parameters.gradients)
+                worst = max(worst, assertClose(actual, expected, "\(name) grad \(b.checkpointName)").maxAbsDiff)
+            }
+            print("\(name): loss \(result.loss), worst gradient max |diff| \(worst)")
+        }
+    }
+
+    func testAdamWTrajectoryMatchesTorch() throws {
+        for name in Self.families {
+            let dir = fixtureModel(name)
+            let model = try TransformerModel.load(directory: dir)
+            let golden = try Golden(dir)
+            let ce = NextTokenCrossEntropy(batch: golden.batch)
+            let adam = AdamW(settings: AdamWSettings(lr: 1e-2, beta1: 0.9, beta2: 0.95, eps: 1e-3,
+                                                     weightDecay: 0.1, gradClip: 1.0))
+            var losses: [Float] = []
+            for _ in 0..<5 {
+                let r = try Training.accumulateGradients(model: model, batch: golden.batch,
+                                                         outputRows: ce.outputRows, loss: ce.function)
+                losses.append(Float(r.loss))
+                try adam.step(model.parameters)
+            }
+            assertClose(losses, try golden.file.floats("adam_losses"), name + " AdamW losses")
+            for b in model.bindings {
+                assertClose(model.checkpointTensor(b, from: model.parameters.values),
+                            try golden.file.floats("final." + b.checkpointName), "\(name) after 5 steps: \(b.checkpointName)")
+            }
+            print("\(name): AdamW losses \(losses)")
+        }
+    }
+}
