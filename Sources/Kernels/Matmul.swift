@@ -1,18 +1,20 @@
 import COpenBLAS
 
-/// The one entry point to BLAS matrix multiplication.
+/// The one entry point to BLAS matrix multiplication (backward passes, where rounding may depend
+/// on the batch shape).
 ///
 /// Row-major: `C[m, n] = alpha * op(A)[m, k] · op(B)[k, n] + beta * C`, where `op(X)` is `X`
-/// or its transpose. `lda`, `ldb`, `ldc` are row strides of the stored matrices. With OpenBLAS
-/// 0.3.21 the rows of `A · Bᵀ` are bit-identical whatever `m` (see docs/design-notes).
-@inline(__always)
+/// or its transpose. `lda`, `ldb`, `ldc` are row strides of the stored matrices. OpenBLAS runs
+/// with `Compute.threads` threads.
 public func sgemm(transA: Bool, transB: Bool, m: Int, n: Int, k: Int, alpha: Float = 1,
                   a: UnsafePointer<Float>, lda: Int, b: UnsafePointer<Float>, ldb: Int,
                   beta: Float = 0, c: UnsafeMutablePointer<Float>, ldc: Int) {
     if m == 0 || n == 0 { return }
     if k == 0 {
-        if beta == 0 { for i in 0..<m { (c + i * ldc).update(repeating: 0, count: n) } }
-        else if beta != 1 { for i in 0..<m { for j in 0..<n { c[i * ldc + j] *= beta } } }
+        for i in 0..<m {
+            let row = c + i * ldc
+            if beta == 0 { row.update(repeating: 0, count: n) } else { for j in 0..<n { row[j] *= beta } }
+        }
         return
     }
     cblas_sgemm(CblasRowMajor, transA ? CblasTrans : CblasNoTrans,
@@ -20,12 +22,145 @@ public func sgemm(transA: Bool, transB: Bool, m: Int, n: Int, k: Int, alpha: Flo
                 a, Int32(lda), b, Int32(ldb), beta, c, Int32(ldc))
 }
 
-/// y[T, O] = x[T, In] · W[O, In]ᵀ + b[O]   (PyTorch nn.Linear layout).
+// MARK: - Row-invariant projection
+
+// OpenBLAS 0.3.21's sgemm rounds a row of A·Bᵀ differently depending on where the row falls in
+// its 12-wide tiles, on M, and on how the call is split between threads (measured on this
+// machine kind's Haswell kernel; docs/design-notes.md). Sampling, scoring and training must see
+// the same bits for the same token, so every forward projection goes through `project`: each
+// output element is one fused multiply-add chain over k = 0..<K, whatever M, the row's position,
+// the thread count or the CPU. Measured at 85-100% of OpenBLAS's throughput here.
+
+/// Columns per packed panel (two 8-lane AVX registers).
+public let panelWidth = 16
+/// Columns per work unit: a group of panels packed together and shared by one thread.
+let columnGroup = 256
+/// Rows of A kept hot in L2 while a group's panels stream past.
+let rowBlock = 96
+
+/// A weight matrix W[N, K] re-laid as panels of 16 columns: panel p holds W[16p..<16p+16, k]
+/// for k = 0..<K, lane-contiguous (zero-padded past N). Built once per weights version for
+/// decoding; `project` packs on the fly otherwise.
+public final class PackedMatrix: @unchecked Sendable {
+    public let rows: Int      // N (output features)
+    public let columns: Int   // K (input features)
+    let panels: UnsafeMutablePointer<Float>
+
+    public init(_ w: UnsafePointer<Float>, rows n: Int, columns k: Int) {
+        rows = n; columns = k
+        let count = ((n + panelWidth - 1) / panelWidth) * panelWidth * k
+        panels = .allocate(capacity: max(1, count))
+        let groups = (n + columnGroup - 1) / columnGroup
+        parallelFor(groups) { g in
+            packColumns(w, k: k, from: g * columnGroup, to: min(n, (g + 1) * columnGroup),
+                        into: self.panels + g * columnGroup * k)
+        }
+    }
+
+    deinit { panels.deallocate() }
+
+    public var byteCount: Int { ((rows + panelWidth - 1) / panelWidth) * panelWidth * columns * 4 }
+}
+
+/// Packs W rows j0..<j1 into consecutive panels at `dst`.
+@inline(__always)
+func packColumns(_ w: UnsafePointer<Float>, k: Int, from j0: Int, to j1: Int, into dst: UnsafeMutablePointer<Float>) {
+    var p = 0, j = j0
+    while j < j1 {
+        let width = min(panelWidth, j1 - j)
+        let panel = dst + p * k * panelWidth
+        for lane in 0..<panelWidth {
+            if lane < width {
+                let src = w + (j + lane) * k
+                for kk in 0..<k { panel[kk * panelWidth + lane] = src[kk] }
+            } else {
+                for kk in 0..<k { panel[kk * panelWidth + lane] = 0 }
+            }
+        }
+        p += 1
+        j += panelWidth
+    }
+}
+
+/// y[M, N] = x[M, K] · W[N, K]ᵀ, row-invariant (see above). `packed`, when given, must hold W.
+public func project(_ y: UnsafeMutablePointer<Float>, _ x: UnsafePointer<Float>, rows m: Int,
+                    _ w: UnsafePointer<Float>, outFeatures n: Int, inFeatures k: Int,
+                    packed: PackedMatrix? = nil) {
+    if m == 0 || n == 0 { return }
+    let groups = (n + columnGroup - 1) / columnGroup
+    let workers = max(1, min(Compute.threads, groups))
+    let scratch = packed == nil ? UnsafeMutablePointer<Float>.allocate(capacity: workers * columnGroup * k) : nil
+    defer { scratch?.deallocate() }
+    parallelRanges(groups) { worker, lo, hi in
+        for g in lo..<hi {
+            let j0 = g * columnGroup, j1 = min(n, j0 + columnGroup)
+            let panels: UnsafePointer<Float>
+            if let packed {
+                panels = UnsafePointer(packed.panels + g * columnGroup * k)
+            } else {
+                let buf = scratch! + worker * columnGroup * k
+                packColumns(w, k: k, from: j0, to: j1, into: buf)
+                panels = UnsafePointer(buf)
+            }
+            var r0 = 0
+            while r0 < m {
+                let r1 = min(m, r0 + rowBlock)
+                var j = j0, p = 0
+                while j < j1 {
+                    let cols = min(panelWidth, j1 - j)
+                    var r = r0
+                    while r < r1 {
+                        microTile(x + r * k, rows: min(6, r1 - r), panels + p * k * panelWidth, k: k,
+                                  y + r * n + j, ldc: n, cols: cols)
+                        r += 6
+                    }
+                    j += panelWidth
+                    p += 1
+                }
+                r0 = r1
+            }
+        }
+    }
+}
+
+/// Up to 6 rows × 16 columns: acc[r][lane] = fma chain over k of x[r, k] · panel[k, lane].
+@inline(__always)
+private func microTile(_ a: UnsafePointer<Float>, rows: Int, _ panel: UnsafePointer<Float>, k: Int,
+                       _ c: UnsafeMutablePointer<Float>, ldc: Int, cols: Int) {
+    var c0 = SIMD16<Float>(), c1 = SIMD16<Float>(), c2 = SIMD16<Float>()
+    var c3 = SIMD16<Float>(), c4 = SIMD16<Float>(), c5 = SIMD16<Float>()
+    // Rows past `rows` repeat the last row (results discarded) so the loop has no branches.
+    let a0 = a, a1 = a + k * min(1, rows - 1), a2 = a + k * min(2, rows - 1)
+    let a3 = a + k * min(3, rows - 1), a4 = a + k * min(4, rows - 1), a5 = a + k * min(5, rows - 1)
+    var bp = UnsafeRawPointer(panel)
+    for kk in 0..<k {
+        let b = bp.loadUnaligned(as: SIMD16<Float>.self)
+        c0 = c0.addingProduct(SIMD16(repeating: a0[kk]), b)
+        c1 = c1.addingProduct(SIMD16(repeating: a1[kk]), b)
+        c2 = c2.addingProduct(SIMD16(repeating: a2[kk]), b)
+        c3 = c3.addingProduct(SIMD16(repeating: a3[kk]), b)
+        c4 = c4.addingProduct(SIMD16(repeating: a4[kk]), b)
+        c5 = c5.addingProduct(SIMD16(repeating: a5[kk]), b)
+        bp += panelWidth * 4
+    }
+    @inline(__always) func store(_ acc: SIMD16<Float>, _ r: Int) {
+        let dst = c + r * ldc
+        if cols == panelWidth { UnsafeMutableRawPointer(dst).storeBytes(of: acc, as: SIMD16<Float>.self) }
+        else { for j in 0..<cols { dst[j] = acc[j] } }
+    }
+    store(c0, 0)
+    if rows > 1 { store(c1, 1) }
+    if rows > 2 { store(c2, 2) }
+    if rows > 3 { store(c3, 3) }
+    if rows > 4 { store(c4, 4) }
+    if rows > 5 { store(c5, 5) }
+}
+
+/// y[T, O] = x[T, In] · W[O, In]ᵀ + b[O]   (PyTorch nn.Linear layout), row-invariant.
 public func linearForward(_ y: UnsafeMutablePointer<Float>, _ x: UnsafePointer<Float>,
                           _ weight: UnsafePointer<Float>, _ bias: UnsafePointer<Float>?,
-                          rows: Int, inFeatures: Int, outFeatures: Int) {
-    sgemm(transA: false, transB: true, m: rows, n: outFeatures, k: inFeatures,
-          a: x, lda: inFeatures, b: weight, ldb: inFeatures, c: y, ldc: outFeatures)
+                          rows: Int, inFeatures: Int, outFeatures: Int, packed: PackedMatrix? = nil) {
+    project(y, x, rows: rows, weight, outFeatures: outFeatures, inFeatures: inFeatures, packed: packed)
     if let bias {
         parallelFor(rows, minPerThread: 64) { t in
             let row = y + t * outFeatures

@@ -3,7 +3,10 @@ import COpenBLAS
 
 /// Process-wide compute settings: how many threads kernels and BLAS may use.
 public enum Compute {
-    nonisolated(unsafe) private static var threadCount = 1
+    nonisolated(unsafe) private static var threadCount: Int = {
+        openblas_set_num_threads(1)
+        return 1
+    }()
 
     /// Threads used by elementwise/attention kernels and by OpenBLAS.
     public static var threads: Int { threadCount }

@@ -64,3 +64,20 @@ public struct SeededRandom: RandomNumberGenerator {
         (0..<n).map { _ in normal() * scale }
     }
 }
+
+/// Asserts two arrays are bit-identical; on failure reports the count and the worst difference
+/// instead of printing the arrays.
+public func assertIdentical(_ a: [Float], _ b: [Float], _ label: String,
+                            file: StaticString = #filePath, line: UInt = #line) {
+    guard a.count == b.count else {
+        return XCTFail("\(label): \(a.count) values vs \(b.count)", file: file, line: line)
+    }
+    var differing = 0, worst: Float = 0
+    for i in 0..<a.count where a[i].bitPattern != b[i].bitPattern {
+        differing += 1
+        worst = max(worst, abs(a[i] - b[i]))
+    }
+    if differing > 0 {
+        XCTFail("\(label): \(differing)/\(a.count) values differ, max |diff| \(worst)", file: file, line: line)
+    }
+}
