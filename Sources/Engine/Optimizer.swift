@@ -87,6 +87,7 @@ public final class AdamW {
                 p[i] = p[i] * decay - stepSize * mi / (vi.squareRoot() / bc2Sqrt + eps)
             }
         }
+        store.markModified()
         return norm
     }
 }

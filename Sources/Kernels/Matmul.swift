@@ -83,42 +83,57 @@ func packColumns(_ w: UnsafePointer<Float>, k: Int, from j0: Int, to j1: Int, in
 }
 
 /// y[M, N] = x[M, K] · W[N, K]ᵀ, row-invariant (see above). `packed`, when given, must hold W.
+/// Large M is split by rows (each worker packs every column group into its own scratch); small M
+/// (decoding) by column groups. Neither split changes any element's chain.
 public func project(_ y: UnsafeMutablePointer<Float>, _ x: UnsafePointer<Float>, rows m: Int,
                     _ w: UnsafePointer<Float>, outFeatures n: Int, inFeatures k: Int,
                     packed: PackedMatrix? = nil) {
     if m == 0 || n == 0 { return }
     let groups = (n + columnGroup - 1) / columnGroup
-    let workers = max(1, min(Compute.threads, groups))
+    let splitRows = m >= 2 * rowBlock && (Compute.threads > groups || m >= 4 * rowBlock * Compute.threads)
+    let workers = max(1, min(Compute.threads, splitRows ? (m + rowBlock - 1) / rowBlock : groups))
     let scratch = packed == nil ? UnsafeMutablePointer<Float>.allocate(capacity: workers * columnGroup * k) : nil
     defer { scratch?.deallocate() }
-    parallelRanges(groups) { worker, lo, hi in
-        for g in lo..<hi {
-            let j0 = g * columnGroup, j1 = min(n, j0 + columnGroup)
-            let panels: UnsafePointer<Float>
-            if let packed {
-                panels = UnsafePointer(packed.panels + g * columnGroup * k)
-            } else {
-                let buf = scratch! + worker * columnGroup * k
-                packColumns(w, k: k, from: j0, to: j1, into: buf)
-                panels = UnsafePointer(buf)
-            }
-            var r0 = 0
-            while r0 < m {
-                let r1 = min(m, r0 + rowBlock)
-                var j = j0, p = 0
-                while j < j1 {
-                    let cols = min(panelWidth, j1 - j)
-                    var r = r0
-                    while r < r1 {
-                        microTile(x + r * k, rows: min(6, r1 - r), panels + p * k * panelWidth, k: k,
-                                  y + r * n + j, ldc: n, cols: cols)
-                        r += 6
-                    }
-                    j += panelWidth
-                    p += 1
+
+    /// Columns of group g for rows r0..<r1.
+    func run(group g: Int, rows r0: Int, _ r1: Int, worker: Int) {
+        let j0 = g * columnGroup, j1 = min(n, j0 + columnGroup)
+        let panels: UnsafePointer<Float>
+        if let packed {
+            panels = UnsafePointer(packed.panels + g * columnGroup * k)
+        } else {
+            let buf = scratch! + worker * columnGroup * k
+            packColumns(w, k: k, from: j0, to: j1, into: buf)
+            panels = UnsafePointer(buf)
+        }
+        var b0 = r0
+        while b0 < r1 {
+            let b1 = min(r1, b0 + rowBlock)
+            var j = j0, p = 0
+            while j < j1 {
+                let cols = min(panelWidth, j1 - j)
+                var r = b0
+                while r < b1 {
+                    microTile(x + r * k, rows: min(6, b1 - r), panels + p * k * panelWidth, k: k,
+                              y + r * n + j, ldc: n, cols: cols)
+                    r += 6
                 }
-                r0 = r1
+                j += panelWidth
+                p += 1
             }
+            b0 = b1
+        }
+    }
+
+    if splitRows {
+        let blocks = (m + rowBlock - 1) / rowBlock
+        parallelRanges(blocks, minPerThread: 1) { worker, lo, hi in
+            if lo == hi { return }
+            for g in 0..<groups { run(group: g, rows: lo * rowBlock, min(m, hi * rowBlock), worker: worker) }
+        }
+    } else {
+        parallelRanges(groups) { worker, lo, hi in
+            for g in lo..<hi { run(group: g, rows: 0, m, worker: worker) }
         }
     }
 }

@@ -107,6 +107,34 @@ public final class TransformerModel: @unchecked Sendable {
     /// Offset of the unembedding matrix [V, C]: the embedding itself when tied.
     let headOffset: Int
 
+    /// Packed copies of weight matrices (see `Kernels.project`), valid for `packedVersion`.
+    private var packedCache: [Int: PackedMatrix] = [:]
+    private var packedVersion = -1
+    private let packedLock = NSLock()
+    /// When true every projection keeps a packed copy of its weights (decoding: small batches
+    /// would otherwise repack whole matrices per step); the output head always does.
+    public var cachesPackedWeights = false
+
+    /// The packed copy of the [rows, columns] matrix at `offset`, built on demand.
+    func packed(_ offset: Int, rows: Int, columns: Int, always: Bool = false) -> PackedMatrix? {
+        guard always || cachesPackedWeights else { return nil }
+        packedLock.lock(); defer { packedLock.unlock() }
+        if packedVersion != parameters.version {
+            packedCache = [:]
+            packedVersion = parameters.version
+        }
+        if let p = packedCache[offset] { return p }
+        let p = PackedMatrix(parameters.values + offset, rows: rows, columns: columns)
+        packedCache[offset] = p
+        return p
+    }
+
+    /// Bytes held by packed weight copies.
+    public var packedBytes: Int {
+        packedLock.lock(); defer { packedLock.unlock() }
+        return packedCache.values.reduce(0) { $0 + $1.byteCount }
+    }
+
     // MARK: - Construction
 
     /// A model with all-zero weights for `config` (config.json data).
@@ -190,6 +218,7 @@ public final class TransformerModel: @unchecked Sendable {
             !used.contains(n) && !ignorable.contains(where: { n.hasSuffix($0) })
                 && !(architecture.tiedEmbeddings && n == "lm_head.weight")
         }
+        parameters.markModified()
         if !unexpected.isEmpty {
             throw ModelError.unsupported(feature: "tensors \(unexpected.prefix(5).joined(separator: ", "))\(unexpected.count > 5 ? " (+\(unexpected.count - 5) more)" : "")",
                 reason: "the checkpoint has weights that config.json does not describe for model_type '\(architecture.modelType)'")
@@ -334,7 +363,8 @@ public final class TransformerModel: @unchecked Sendable {
 
             // q | k | v, optional per-head norm, RoPE on the q and k heads (adjacent in the row).
             let qkv = act?.qkv.pointer ?? scratchQKV!.pointer
-            linearForward(qkv, xn.pointer, w + o.qkvW, opt(o.qkvB), rows: T, inFeatures: C, outFeatures: Q)
+            linearForward(qkv, xn.pointer, w + o.qkvW, opt(o.qkvB), rows: T, inFeatures: C, outFeatures: Q,
+                          packed: packed(o.qkvW, rows: Q, columns: C))
             if a.qkNorm {
                 if let act { act.qkvRaw.pointer.update(from: qkv, count: T * Q) }
                 let rstd = act?.headRstd.pointer
@@ -375,7 +405,8 @@ public final class TransformerModel: @unchecked Sendable {
                     }
                 }
             }
-            linearForward(proj.pointer, attn, w + o.oW, opt(o.oB), rows: T, inFeatures: A, outFeatures: C)
+            linearForward(proj.pointer, attn, w + o.oW, opt(o.oB), rows: T, inFeatures: A, outFeatures: C,
+                          packed: packed(o.oW, rows: C, columns: A))
             addInPlace(x.pointer, proj.pointer, count: T * C)
             if let act { act.xMid.pointer.update(from: x.pointer, count: T * C) }
 
@@ -383,9 +414,11 @@ public final class TransformerModel: @unchecked Sendable {
             norm(xn.pointer, mean: act?.norm2Mean.pointer ?? scratchMean.pointer,
                  rstd: act?.norm2Rstd.pointer ?? scratchRstd.pointer, x.pointer, o.mlpNormW, o.mlpNormB, rows: T)
             let mlpIn = act?.mlpIn.pointer ?? scratchMLP!.pointer
-            linearForward(mlpIn, xn.pointer, w + o.mlpInW, opt(o.mlpInB), rows: T, inFeatures: C, outFeatures: M)
+            linearForward(mlpIn, xn.pointer, w + o.mlpInW, opt(o.mlpInB), rows: T, inFeatures: C, outFeatures: M,
+                          packed: packed(o.mlpInW, rows: M, columns: C))
             activation(h.pointer, mlpIn, rows: T)
-            linearForward(proj.pointer, h.pointer, w + o.mlpOutW, opt(o.mlpOutB), rows: T, inFeatures: I, outFeatures: C)
+            linearForward(proj.pointer, h.pointer, w + o.mlpOutW, opt(o.mlpOutB), rows: T, inFeatures: I, outFeatures: C,
+                          packed: packed(o.mlpOutW, rows: C, columns: I))
             addInPlace(x.pointer, proj.pointer, count: T * C)
             if let act { saved.append(act) }
         }
@@ -432,11 +465,12 @@ public final class TransformerModel: @unchecked Sendable {
         let hc = FloatBuffer(chunk * C), logits = FloatBuffer(chunk * V)
         let dhc = dHidden == nil ? nil : FloatBuffer(chunk * C)
         let head = parameters.values + headOffset
+        let packedHead = packed(headOffset, rows: V, columns: C, always: true)
         var start = 0
         while start < rows.count {
             let end = min(rows.count, start + chunk), n = end - start
             for i in 0..<n { (hc.pointer + i * C).update(from: hidden + rows[start + i] * C, count: C) }
-            linearForward(logits.pointer, hc.pointer, head, nil, rows: n, inFeatures: C, outFeatures: V)
+            linearForward(logits.pointer, hc.pointer, head, nil, rows: n, inFeatures: C, outFeatures: V, packed: packedHead)
             try body(start..<end, logits.pointer)
             if let dHidden, let dhc {
                 linearBackward(dhc.pointer, parameters.gradients + headOffset, nil, logits.pointer, hc.pointer, head,

@@ -58,6 +58,13 @@ public final class ParameterStore: @unchecked Sendable {
 
     public var count: Int { layout.count }
 
+    /// Bumped by every change to `values` (loading, optimizer steps); caches derived from the
+    /// weights (packed matrices) compare it to know when to rebuild.
+    public private(set) var version = 0
+
+    /// Records that `values` changed.
+    public func markModified() { version &+= 1 }
+
     private func zeroed() -> UnsafeMutablePointer<Float> {
         let p = UnsafeMutablePointer<Float>.allocate(capacity: max(1, count))
         p.initialize(repeating: 0, count: max(1, count))

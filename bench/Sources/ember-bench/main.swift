@@ -1,1 +1,143 @@
-print("bench placeholder")
+// ember-bench: the Swift side of `bench/run`. Prints one JSON object per measurement so the
+// driver can set figures side by side with PyTorch's.
+//
+//   ember-bench engine --shape tiny|0.5b [--steps N] [--threads N]
+//   ember-bench sgemm [--threads N]
+import COpenBLAS
+import Engine
+import Foundation
+import Kernels
+import Models
+import Weights
+
+func now() -> Double { Double(DispatchTime.now().uptimeNanoseconds) / 1e9 }
+func median(_ xs: [Double]) -> Double { let s = xs.sorted(); return s[s.count / 2] }
+func peakRSSBytes() -> Int {
+    var usage = rusage()
+    getrusage(RUSAGE_SELF.rawValue, &usage)
+    return usage.ru_maxrss * 1024
+}
+func emit(_ dict: [String: Any]) {
+    let data = try! JSONSerialization.data(withJSONObject: dict, options: [.sortedKeys])
+    FileHandle.standardOutput.write(data + Data([0x0A]))
+}
+
+let args = Array(CommandLine.arguments.dropFirst())
+func option(_ name: String, _ fallback: String) -> String {
+    if let i = args.firstIndex(of: name), i + 1 < args.count { return args[i + 1] }
+    return fallback
+}
+let threads = Int(option("--threads", "2")) ?? 2
+Compute.setThreads(threads)
+
+/// Shapes from the engine issue: (a) tiny qwen2, (b) Qwen2.5-0.5B.
+struct Shape {
+    let name: String, config: [String: Any], batch: Int, seqLen: Int
+    static func named(_ n: String) -> Shape {
+        switch n {
+        case "0.5b":
+            return Shape(name: n, config: ["model_type": "qwen2", "hidden_size": 896, "num_hidden_layers": 24,
+                                           "num_attention_heads": 14, "num_key_value_heads": 2, "intermediate_size": 4864,
+                                           "vocab_size": 151936, "tie_word_embeddings": true, "max_position_embeddings": 32768],
+                         batch: 8, seqLen: 256)
+        default:
+            return Shape(name: "tiny", config: ["model_type": "qwen2", "hidden_size": 256, "num_hidden_layers": 4,
+                                                "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 768,
+                                                "vocab_size": 1024, "tie_word_embeddings": true, "max_position_embeddings": 2048],
+                         batch: 64, seqLen: 128)
+        }
+    }
+}
+
+/// Multiply-add FLOPs of one forward over the batch (matmuls, attention, logits head).
+func forwardFLOPs(_ a: Architecture, tokens: Int, seqLen: Int, batch: Int) -> Double {
+    let C = Double(a.hiddenSize)
+    let perLayer = C * Double(a.qkvWidth) + Double(a.attentionWidth) * C + C * Double(a.mlpInWidth)
+        + Double(a.intermediateSize) * C
+    let matmul = 2 * Double(tokens) * (Double(a.layers) * perLayer + C * Double(a.vocabSize))
+    let attention = Double(a.layers * batch) * 2 * 2 * Double(seqLen * (seqLen + 1) / 2) * Double(a.attentionWidth)
+    return matmul + attention
+}
+
+func benchEngine() throws {
+    let shape = Shape.named(option("--shape", "tiny"))
+    let steps = Int(option("--steps", shape.name == "tiny" ? "5" : "2")) ?? 3
+    let config = try JSONSerialization.data(withJSONObject: shape.config)
+    let model = try TransformerModel(config: config)
+    var rng = SystemRandomNumberGenerator()
+    // Random weights like a trained model's scale: N(0, 0.02), norms at 1.
+    let store = model.parameters
+    for slot in store.layout.slots {
+        let p = store.values + slot.offset
+        if slot.name.hasSuffix("norm.weight") { for i in 0..<slot.count { p[i] = 1 } }
+        else { for i in 0..<slot.count { p[i] = Float.random(in: -0.035...0.035, using: &rng) } }
+    }
+    let V = model.architecture.vocabSize
+    let seqs = (0..<shape.batch).map { _ in (0..<shape.seqLen).map { _ in Int32.random(in: 0..<Int32(V), using: &rng) } }
+    let batch = PackedBatch(seqs)
+    let tokens = batch.tokens.count
+    let flops = forwardFLOPs(model.architecture, tokens: tokens, seqLen: shape.seqLen, batch: shape.batch)
+
+    // Forward: full logits for every position, chunked (scoring).
+    var forwardTimes: [Double] = []
+    for i in 0..<(steps + 1) {
+        let t0 = now()
+        let acts = try model.forward(tokens: batch.tokens, positions: batch.positions,
+                                     context: .packed(sequenceStarts: batch.sequenceStarts))
+        var sink: Float = 0
+        model.withLogitChunks(hidden: acts.hidden.pointer, rows: Array(0..<tokens), chunkRows: model.defaultChunkRows()) { _, l in
+            sink += l[0]
+        }
+        if i > 0 { forwardTimes.append(now() - t0) }
+        if sink.isNaN { print("nan") }
+    }
+    // Train step: forward with saved activations, cross-entropy, backward, AdamW.
+    let ce = NextTokenCrossEntropy(batch: batch)
+    let adam = AdamW(settings: AdamWSettings(lr: 1e-5, weightDecay: 0.01, gradClip: 1.0))
+    var trainTimes: [Double] = []
+    for i in 0..<(steps + 1) {
+        let t0 = now()
+        _ = try Training.accumulateGradients(model: model, batch: batch, outputRows: ce.outputRows, loss: ce.function)
+        try adam.step(model.parameters)
+        if i > 0 { trainTimes.append(now() - t0) }
+    }
+    let f = median(forwardTimes), t = median(trainTimes)
+    emit(["kind": "engine", "impl": "ember", "shape": shape.name, "tokens": tokens, "threads": threads,
+          "parameters": model.parameterCount,
+          "forward_tok_s": Double(tokens) / f, "train_tok_s": Double(tokens) / t,
+          "forward_gflops": flops / f / 1e9, "train_gflops": 3 * flops / t / 1e9,
+          "forward_s": forwardTimes, "train_s": trainTimes, "peak_rss_bytes": peakRSSBytes()])
+}
+
+/// Large-matrix sgemm throughput: OpenBLAS and Ember's row-invariant projection kernel.
+func benchSgemm() {
+    let n = 2048
+    let a = UnsafeMutablePointer<Float>.allocate(capacity: n * n), b = UnsafeMutablePointer<Float>.allocate(capacity: n * n)
+    let c = UnsafeMutablePointer<Float>.allocate(capacity: n * n)
+    for i in 0..<(n * n) { a[i] = Float.random(in: -1...1); b[i] = Float.random(in: -1...1) }
+    var blas: [Double] = [], ours: [Double] = []
+    for _ in 0..<5 {
+        var t0 = now()
+        sgemm(transA: false, transB: true, m: n, n: n, k: n, a: a, lda: n, b: b, ldb: n, c: c, ldc: n)
+        blas.append(now() - t0)
+        t0 = now()
+        project(c, a, rows: n, b, outFeatures: n, inFeatures: n)
+        ours.append(now() - t0)
+    }
+    let flops = 2 * Double(n * n * n)
+    emit(["kind": "sgemm", "threads": threads, "size": n, "openblas_gflops": flops / blas.min()! / 1e9,
+          "ember_project_gflops": flops / ours.min()! / 1e9])
+}
+
+do {
+    switch args.first {
+    case "sgemm": benchSgemm()
+    case "engine": try benchEngine()
+    default:
+        FileHandle.standardError.write("usage: ember-bench engine --shape tiny|0.5b [--steps N] [--threads N] | sgemm [--threads N]\n".data(using: .utf8)!)
+        exit(2)
+    }
+} catch {
+    FileHandle.standardError.write("ember-bench: \(error)\n".data(using: .utf8)!)
+    exit(1)
+}

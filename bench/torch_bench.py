@@ -1,0 +1,67 @@
+#!/usr/bin/env python3
+"""The PyTorch side of bench/run: the same shapes and measurements as ember-bench, on
+PyTorch CPU eager (transformers' Qwen2 model), printed as JSON lines.
+
+  torch_bench.py engine --shape tiny|0.5b [--steps N] [--threads N]
+"""
+import argparse
+import json
+import resource
+import statistics
+import time
+
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+SHAPES = {
+    "tiny": (dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=768, vocab_size=1024, tie_word_embeddings=True,
+                  max_position_embeddings=2048), 64, 128),
+    "0.5b": (dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                  intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True,
+                  max_position_embeddings=32768), 8, 256),
+}
+
+
+def engine(shape, steps, threads):
+    torch.set_num_threads(threads)
+    cfg, batch, seq = SHAPES[shape]
+    model = Qwen2ForCausalLM(Qwen2Config(**cfg, attn_implementation="sdpa")).float()
+    ids = torch.randint(0, cfg["vocab_size"], (batch, seq))
+    tokens = batch * seq
+    model.eval()
+    fwd = []
+    with torch.no_grad():
+        for i in range(steps + 1):
+            t0 = time.perf_counter()
+            model(input_ids=ids).logits.sum()
+            if i:
+                fwd.append(time.perf_counter() - t0)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01)
+    train = []
+    for i in range(steps + 1):
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if i:
+            train.append(time.perf_counter() - t0)
+    f, t = statistics.median(fwd), statistics.median(train)
+    print(json.dumps({"kind": "engine", "impl": "pytorch", "shape": shape, "tokens": tokens, "threads": threads,
+                      "parameters": sum(p.numel() for p in model.parameters()),
+                      "forward_tok_s": tokens / f, "train_tok_s": tokens / t, "forward_s": fwd, "train_s": train,
+                      "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                      "torch": torch.__version__}), flush=True)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("what", choices=["engine"])
+    ap.add_argument("--shape", default="tiny")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    engine(a.shape, a.steps, a.threads)
