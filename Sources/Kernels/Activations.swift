@@ -8,9 +8,13 @@ public func swigluForward(_ h: UnsafeMutablePointer<Float>, _ gateUp: UnsafePoin
                           rows: Int, intermediate I: Int) {
     parallelFor(rows, minPerThread: 8) { t in
         let g = gateUp + t * 2 * I, u = g + I, o = h + t * I
-        for i in 0..<I {
-            let x = g[i]
-            o[i] = x / (1 + expf(-x)) * u[i]
+        var i = 0
+        while i < I {
+            let n = min(8, I - i)
+            let x = load8(g + i, n), up = load8(u + i, n)
+            let v = x / (1 + exp8(-x)) * up
+            store8(o + i, v, n)
+            i += 8
         }
     }
 }
@@ -21,12 +25,14 @@ public func swigluBackward(_ dGateUp: UnsafeMutablePointer<Float>, _ dh: UnsafeP
     parallelFor(rows, minPerThread: 8) { t in
         let g = gateUp + t * 2 * I, u = g + I, d = dh + t * I
         let dg = dGateUp + t * 2 * I, du = dg + I
-        for i in 0..<I {
-            let x = g[i]
-            let s = 1 / (1 + expf(-x))
-            let silu = x * s
-            du[i] = d[i] * silu
-            dg[i] = d[i] * u[i] * s * (1 + x * (1 - s))
+        var i = 0
+        while i < I {
+            let n = min(8, I - i)
+            let x = load8(g + i, n), up = load8(u + i, n), dd = load8(d + i, n)
+            let s = 1 / (1 + exp8(-x))
+            store8(du + i, dd * (x * s), n)
+            store8(dg + i, dd * up * s * (1 + x * (1 - s)), n)
+            i += 8
         }
     }
 }
@@ -67,4 +73,22 @@ public func addInPlace(_ a: UnsafeMutablePointer<Float>, _ b: UnsafePointer<Floa
     parallelRanges(count, minPerThread: 8192) { _, lo, hi in
         for i in lo..<hi { a[i] += b[i] }
     }
+}
+
+// MARK: - Lane helpers
+
+/// Loads n <= 8 floats (zeros past n).
+@inline(__always)
+func load8(_ p: UnsafePointer<Float>, _ n: Int) -> SIMD8<Float> {
+    if n == 8 { return UnsafeRawPointer(p).loadUnaligned(as: SIMD8<Float>.self) }
+    var v = SIMD8<Float>()
+    for l in 0..<n { v[l] = p[l] }
+    return v
+}
+
+/// Stores the first n <= 8 lanes.
+@inline(__always)
+func store8(_ p: UnsafeMutablePointer<Float>, _ v: SIMD8<Float>, _ n: Int) {
+    if n == 8 { UnsafeMutableRawPointer(p).storeBytes(of: v, as: SIMD8<Float>.self); return }
+    for l in 0..<n { p[l] = v[l] }
 }

@@ -39,10 +39,11 @@ public func attentionForward(_ out: UnsafeMutablePointer<Float>, _ lse: UnsafeMu
     let NH = shape.heads, HS = shape.headSize, group = NH / shape.kvHeads
     let work = rows * NH
     let workers = max(1, min(Compute.threads, work))
-    let scratch = UnsafeMutablePointer<Float>.allocate(capacity: workers * max(1, maxKeys))
+    let stride = max(8, (maxKeys + 7) & ~7)
+    let scratch = UnsafeMutablePointer<Float>.allocate(capacity: workers * stride)
     defer { scratch.deallocate() }
     parallelRanges(work) { w, lo, hi in
-        let scores = scratch + w * max(1, maxKeys)
+        let scores = scratch + w * stride
         var lastRow = -1
         var s = KeyValueSpan(keys: q, values: q, rowStride: 0, count: 0)
         for item in lo..<hi {
@@ -51,24 +52,88 @@ public func attentionForward(_ out: UnsafeMutablePointer<Float>, _ lse: UnsafeMu
             let qh = q + t * qStride + h * HS
             let kvOff = (h / group) * HS
             let o = out + t * NH * HS + h * HS
-            o.update(repeating: 0, count: HS)
-            if s.count == 0 { lse?[t * NH + h] = -.infinity; continue }
-            var m = -Float.infinity
-            for j in 0..<s.count {
-                let v = dot(qh, s.keys + j * s.rowStride + kvOff, HS) * shape.scale
-                scores[j] = v
-                if v > m { m = v }
+            if s.count == 0 {
+                o.update(repeating: 0, count: HS)
+                lse?[t * NH + h] = -.infinity
+                continue
             }
-            var sum: Float = 0
-            for j in 0..<s.count {
-                let p = expf(scores[j] - m)
-                sum += p
-                axpy(p, s.values + j * s.rowStride + kvOff, o, HS)
-            }
-            let inv = 1 / sum
-            for d in 0..<HS { o[d] *= inv }
+            scoreRow(scores, qh, s.keys + kvOff, rowStride: s.rowStride, count: s.count, headSize: HS, scale: shape.scale)
+            let m = maxElement(scores, s.count)
+            let sum = expShiftSum(scores, scores, s.count, shift: m)
+            weightedSum(o, scores, s.values + kvOff, rowStride: s.rowStride, count: s.count, headSize: HS,
+                        scale: 1 / sum)
             lse?[t * NH + h] = m + logf(sum)
         }
+    }
+}
+
+/// scores[j] = dot(q, k_j)·scale for j < count, four keys at a time (each key's dot is the same
+/// chain as `dot`).
+@inline(__always)
+func scoreRow(_ scores: UnsafeMutablePointer<Float>, _ q: UnsafePointer<Float>, _ keys: UnsafePointer<Float>,
+              rowStride: Int, count: Int, headSize HS: Int, scale: Float) {
+    var j = 0
+    while j + 4 <= count {
+        let k0 = keys + j * rowStride, k1 = k0 + rowStride, k2 = k1 + rowStride, k3 = k2 + rowStride
+        var a0 = SIMD8<Float>(), a1 = SIMD8<Float>(), a2 = SIMD8<Float>(), a3 = SIMD8<Float>()
+        var d = 0
+        while d + 8 <= HS {
+            let qv = UnsafeRawPointer(q + d).loadUnaligned(as: SIMD8<Float>.self)
+            a0.addProduct(qv, UnsafeRawPointer(k0 + d).loadUnaligned(as: SIMD8<Float>.self))
+            a1.addProduct(qv, UnsafeRawPointer(k1 + d).loadUnaligned(as: SIMD8<Float>.self))
+            a2.addProduct(qv, UnsafeRawPointer(k2 + d).loadUnaligned(as: SIMD8<Float>.self))
+            a3.addProduct(qv, UnsafeRawPointer(k3 + d).loadUnaligned(as: SIMD8<Float>.self))
+            d += 8
+        }
+        var s0 = a0.sum(), s1 = a1.sum(), s2 = a2.sum(), s3 = a3.sum()
+        while d < HS {
+            s0 += q[d] * k0[d]; s1 += q[d] * k1[d]; s2 += q[d] * k2[d]; s3 += q[d] * k3[d]
+            d += 1
+        }
+        scores[j] = s0 * scale; scores[j + 1] = s1 * scale; scores[j + 2] = s2 * scale; scores[j + 3] = s3 * scale
+        j += 4
+    }
+    while j < count {
+        scores[j] = dot(q, keys + j * rowStride, HS) * scale
+        j += 1
+    }
+}
+
+/// o[d] = scale · Σ_j w[j]·v_j[d], accumulated over j in order per element (32 columns of d
+/// at a time in registers).
+@inline(__always)
+func weightedSum(_ o: UnsafeMutablePointer<Float>, _ w: UnsafePointer<Float>, _ values: UnsafePointer<Float>,
+                 rowStride: Int, count: Int, headSize HS: Int, scale: Float) {
+    var d = 0
+    while d < HS {
+        let n0 = min(8, HS - d), n1 = max(0, min(8, HS - d - 8)), n2 = max(0, min(8, HS - d - 16))
+        let n3 = max(0, min(8, HS - d - 24))
+        var a0 = SIMD8<Float>(), a1 = SIMD8<Float>(), a2 = SIMD8<Float>(), a3 = SIMD8<Float>()
+        if n3 == 8 {
+            for j in 0..<count {
+                let v = values + j * rowStride + d
+                let p = SIMD8<Float>(repeating: w[j])
+                a0.addProduct(p, UnsafeRawPointer(v).loadUnaligned(as: SIMD8<Float>.self))
+                a1.addProduct(p, UnsafeRawPointer(v + 8).loadUnaligned(as: SIMD8<Float>.self))
+                a2.addProduct(p, UnsafeRawPointer(v + 16).loadUnaligned(as: SIMD8<Float>.self))
+                a3.addProduct(p, UnsafeRawPointer(v + 24).loadUnaligned(as: SIMD8<Float>.self))
+            }
+        } else {
+            for j in 0..<count {
+                let v = values + j * rowStride + d
+                let p = SIMD8<Float>(repeating: w[j])
+                a0.addProduct(p, load8(v, n0))
+                if n1 > 0 { a1.addProduct(p, load8(v + 8, n1)) }
+                if n2 > 0 { a2.addProduct(p, load8(v + 16, n2)) }
+                if n3 > 0 { a3.addProduct(p, load8(v + 24, n3)) }
+            }
+        }
+        let sc = SIMD8<Float>(repeating: scale)
+        store8(o + d, a0 * sc, n0)
+        if n1 > 0 { store8(o + d + 8, a1 * sc, n1) }
+        if n2 > 0 { store8(o + d + 16, a2 * sc, n2) }
+        if n3 > 0 { store8(o + d + 24, a3 * sc, n3) }
+        d += 32
     }
 }
 
@@ -84,27 +149,40 @@ public func attentionBackwardPacked(_ dqkv: UnsafeMutablePointer<Float>, _ dOut:
     let kOff = NH * HS, vOff = (NH + NKV) * HS
     dqkv.update(repeating: 0, count: rows * Q)
     let B = sequenceStarts.count - 1
+    var maxLen = 1
+    for b in 0..<B { maxLen = max(maxLen, sequenceStarts[b + 1] - sequenceStarts[b]) }
+    let stride = (maxLen + 7) & ~7
+    let workers = max(1, min(Compute.threads, B * NKV))
+    let scratch = UnsafeMutablePointer<Float>.allocate(capacity: workers * 2 * stride)
+    defer { scratch.deallocate() }
     sequenceStarts.withUnsafeBufferPointer { starts in
-        parallelFor(B * NKV) { item in
-            let b = item / NKV, g = item % NKV
-            let s0 = starts[b], s1 = starts[b + 1]
-            for h in (g * group)..<((g + 1) * group) {
-                for i in s0..<s1 {
-                    let qi = qkv + i * Q + h * HS
-                    let dqi = dqkv + i * Q + h * HS
-                    let doi = dOut + i * NH * HS + h * HS
-                    let di = dot(doi, out + i * NH * HS + h * HS, HS)
-                    let l = lse[i * NH + h]
-                    let j0 = window > 0 ? max(s0, i - window + 1) : s0
-                    for j in j0...i {
-                        let kj = qkv + j * Q + kOff + g * HS
-                        let vj = qkv + j * Q + vOff + g * HS
-                        let p = expf(dot(qi, kj, HS) * shape.scale - l)
-                        let dp = dot(doi, vj, HS)
-                        let ds = p * (dp - di) * shape.scale
-                        axpy(ds, kj, dqi, HS)
-                        axpy(ds, qi, dqkv + j * Q + kOff + g * HS, HS)
-                        axpy(p, doi, dqkv + j * Q + vOff + g * HS, HS)
+        parallelRanges(B * NKV) { worker, lo, hi in
+            let p = scratch + worker * 2 * stride, ds = p + stride
+            for item in lo..<hi {
+                let b = item / NKV, g = item % NKV
+                let s0 = starts[b], s1 = starts[b + 1]
+                let keys = qkv + kOff + g * HS, values = qkv + vOff + g * HS
+                for h in (g * group)..<((g + 1) * group) {
+                    for i in s0..<s1 {
+                        let qi = qkv + i * Q + h * HS
+                        let doi = dOut + i * NH * HS + h * HS
+                        let di = dot(doi, out + i * NH * HS + h * HS, HS)
+                        let l = lse[i * NH + h]
+                        let j0 = window > 0 ? max(s0, i - window + 1) : s0
+                        let n = i - j0 + 1
+                        // p_j = exp(s_j − lse), ds_j = p_j (dO·v_j − D) · scale
+                        scoreRow(p, qi, keys + j0 * Q, rowStride: Q, count: n, headSize: HS, scale: shape.scale)
+                        scoreRow(ds, doi, values + j0 * Q, rowStride: Q, count: n, headSize: HS, scale: 1)
+                        _ = expShiftSum(p, p, n, shift: l)
+                        for j in 0..<n { ds[j] = p[j] * (ds[j] - di) * shape.scale }
+                        // dq_i = Σ_j ds_j k_j; dk_j += ds_j q_i; dv_j += p_j dO_i
+                        weightedSum(dqkv + i * Q + h * HS, ds, keys + j0 * Q, rowStride: Q, count: n,
+                                    headSize: HS, scale: 1)
+                        for j in 0..<n {
+                            let row = dqkv + (j0 + j) * Q
+                            axpy(ds[j], qi, row + kOff + g * HS, HS)
+                            axpy(p[j], doi, row + vOff + g * HS, HS)
+                        }
                     }
                 }
             }

@@ -8,22 +8,24 @@ public func logSumExp(_ x: UnsafePointer<Float>, _ n: Int) -> Float {
     let m = maxElement(x, n)
     if !m.isFinite { return m }
     var acc = SIMD8<Float>(repeating: 0)
+    let shift = SIMD8<Float>(repeating: m)
     var i = 0
     while i + 8 <= n {
-        var e = SIMD8<Float>()
-        for l in 0..<8 { e[l] = expf(x[i + l] - m) }
-        acc += e
+        acc += exp8(UnsafeRawPointer(x + i).loadUnaligned(as: SIMD8<Float>.self) - shift)
         i += 8
     }
-    var s = acc.sum()
-    while i < n { s += expf(x[i] - m); i += 1 }
-    return m + logf(s)
+    if i < n {
+        var v = SIMD8<Float>(repeating: -.infinity)
+        for l in 0..<(n - i) { v[l] = x[i + l] }
+        acc += exp8(v - shift)
+    }
+    return m + logf(acc.sum())
 }
 
-/// Mean-free helper for losses: writes softmax(x) into `p` (may alias `x`) given its lse.
+/// Writes softmax(x) = exp(x − lse) into `p` (may alias `x`).
 @inline(__always)
 public func softmax(_ p: UnsafeMutablePointer<Float>, _ x: UnsafePointer<Float>, _ n: Int, lse: Float) {
-    for i in 0..<n { p[i] = expf(x[i] - lse) }
+    _ = expShiftSum(p, x, n, shift: lse)
 }
 
 /// Cross-entropy on a chunk of rows, in place: logits[n, V] become d(loss)/d(logits) for
@@ -45,7 +47,8 @@ public func crossEntropyForwardBackward(_ logits: UnsafeMutablePointer<Float>,
         let target = Int(targets[r])
         let lse = logSumExp(row, V)
         partial[r] = Double(w) * Double(lse - row[target])
-        for i in 0..<V { row[i] = w * expf(row[i] - lse) }
+        softmax(row, row, V, lse: lse)
+        for i in 0..<V { row[i] *= w }
         row[target] -= w
     }
     var total = 0.0
