@@ -29,6 +29,7 @@ let package = Package(
         .target(name: "Kernels", dependencies: ["COpenBLAS"], swiftSettings: fastMath),
         .target(name: "Weights", dependencies: ["Kernels"], swiftSettings: fastMath),
         .target(name: "Models", dependencies: ["Kernels", "Weights"], swiftSettings: fastMath),
+        .target(name: "Tokenizer", swiftSettings: fastMath),
         .target(name: "Engine", dependencies: ["Kernels", "Weights", "Models"],
                 swiftSettings: fastMath),
 
@@ -41,6 +42,7 @@ let package = Package(
         .testTarget(name: "KernelsTests", dependencies: ["Kernels", "TestSupport"]),
         .testTarget(name: "WeightsTests", dependencies: ["Weights", "TestSupport"]),
         .testTarget(name: "ModelsTests", dependencies: ["Models", "Engine", "TestSupport"]),
+        .testTarget(name: "TokenizerTests", dependencies: ["Tokenizer", "TestSupport"]),
         .testTarget(name: "EngineTests", dependencies: ["Engine", "Models", "TestSupport"]),
     ]
 )

@@ -1,0 +1,100 @@
+// tokenizer.json `model` of type BPE: vocabulary, ranked merges ("a b" strings or ["a", "b"]
+// pairs), `ignore_merges` (Llama 3: a word already in the vocabulary is one token). A word is
+// split into characters and the lowest-ranked adjacent pair (leftmost on ties) is merged until
+// none remains, as the Rust implementation's merge heap does. Results are cached per word.
+import Foundation
+
+final class BPE: @unchecked Sendable {
+    let vocab: [String: Int32]
+    let idToToken: [String]
+    private let ranks: [PairKey: Int32]       // (left id, right id) -> rank
+    private let merged: [PairKey: Int32]      // (left id, right id) -> merged id
+    let ignoreMerges: Bool
+    private var cache: [String: [Int32]] = [:]
+    private let lock = NSLock()
+
+    struct PairKey: Hashable {
+        let a: Int32, b: Int32
+    }
+
+    init(json: [String: Any], path: String) throws {
+        guard let vocabJSON = json["vocab"] as? [String: Any] else {
+            throw TokenizerError.malformed(path: path, reason: "model.vocab is not an object")
+        }
+        if let dropout = json["dropout"] as? Double, dropout > 0 {
+            throw TokenizerError.unsupported(component: "model.dropout", hint: "BPE dropout is a training-time option")
+        }
+        if json["byte_fallback"] as? Bool ?? false {
+            throw TokenizerError.unsupported(component: "model.byte_fallback", hint: "only byte-level BPE is supported")
+        }
+        for key in ["continuing_subword_prefix", "end_of_word_suffix"] {
+            if let v = json[key] as? String, !v.isEmpty {
+                throw TokenizerError.unsupported(component: "model.\(key)", hint: "not used by byte-level BPE")
+            }
+        }
+        var vocab: [String: Int32] = [:]
+        var maxId = -1
+        for (token, idAny) in vocabJSON {
+            guard let id = idAny as? Int, id >= 0 else {
+                throw TokenizerError.malformed(path: path, reason: "vocab entry '\(token)' has no non-negative id")
+            }
+            vocab[token] = Int32(id)
+            maxId = max(maxId, id)
+        }
+        var idToToken = [String](repeating: "", count: maxId + 1)
+        for (t, id) in vocab { idToToken[Int(id)] = t }
+        var ranks: [PairKey: Int32] = [:], merged: [PairKey: Int32] = [:]
+        let mergesJSON = json["merges"] as? [Any] ?? []
+        ranks.reserveCapacity(mergesJSON.count)
+        for (rank, m) in mergesJSON.enumerated() {
+            let pair: (String, String)
+            if let s = m as? String {
+                let parts = s.split(separator: " ", maxSplits: 1, omittingEmptySubsequences: false)
+                guard parts.count == 2 else { throw TokenizerError.malformed(path: path, reason: "merge '\(s)' is not 'a b'") }
+                pair = (String(parts[0]), String(parts[1]))
+            } else if let a = m as? [String], a.count == 2 {
+                pair = (a[0], a[1])
+            } else {
+                throw TokenizerError.malformed(path: path, reason: "merge \(rank) is neither 'a b' nor [a, b]")
+            }
+            guard let a = vocab[pair.0], let b = vocab[pair.1], let ab = vocab[pair.0 + pair.1] else {
+                throw TokenizerError.malformed(path: path, reason: "merge '\(pair.0) \(pair.1)' uses tokens missing from the vocabulary")
+            }
+            let key = PairKey(a: a, b: b)
+            if ranks[key] == nil { ranks[key] = Int32(rank); merged[key] = ab }
+        }
+        self.vocab = vocab
+        self.idToToken = idToToken
+        self.ranks = ranks
+        self.merged = merged
+        ignoreMerges = json["ignore_merges"] as? Bool ?? false
+    }
+
+    /// Token ids of one pre-token (a byte-level string).
+    func encode(_ word: String, into out: inout [Int32]) throws {
+        if ignoreMerges, let id = vocab[word] { out.append(id); return }
+        lock.lock()
+        if let hit = cache[word] { lock.unlock(); out.append(contentsOf: hit); return }
+        lock.unlock()
+        var symbols: [Int32] = []
+        symbols.reserveCapacity(word.unicodeScalars.count)
+        for s in word.unicodeScalars {
+            guard let id = vocab[String(s)] else { throw TokenizerError.unknownToken(String(s)) }
+            symbols.append(id)
+        }
+        while symbols.count > 1 {
+            var best = Int32.max, at = -1
+            for i in 0..<(symbols.count - 1) {
+                if let r = ranks[PairKey(a: symbols[i], b: symbols[i + 1])], r < best { best = r; at = i }
+            }
+            if at < 0 { break }
+            symbols[at] = merged[PairKey(a: symbols[at], b: symbols[at + 1])]!
+            symbols.remove(at: at + 1)
+        }
+        lock.lock()
+        if cache.count > 200_000 { cache.removeAll(keepingCapacity: true) }
+        cache[word] = symbols
+        lock.unlock()
+        out.append(contentsOf: symbols)
+    }
+}
