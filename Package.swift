@@ -34,7 +34,7 @@ let package = Package(
                 swiftSettings: fastMath),
 
         // MARK: - Executables
-        .executableTarget(name: "ember-bench", dependencies: ["Engine", "Models", "Kernels"],
+        .executableTarget(name: "ember-bench", dependencies: ["Engine", "Models", "Kernels", "Tokenizer"],
                           path: "bench/Sources/ember-bench", swiftSettings: fastMath),
 
         // MARK: - Tests

@@ -31,8 +31,8 @@ def machine():
 
 def engine(quick):
     rows = []
-    sg = run([EMBER, "sgemm"])[0]
     print(f"machine: {machine()}")
+    sg = run([EMBER, "sgemm"])[0]
     print(f"sgemm 2048^3, 2 threads: OpenBLAS {sg['openblas_gflops']:.0f} GFLOP/s, "
           f"Ember row-invariant kernel {sg['ember_project_gflops']:.0f} GFLOP/s")
     shapes = ["tiny"] if quick else ["tiny", "0.5b"]
@@ -49,6 +49,32 @@ def engine(quick):
         json.dump({"machine": machine(), "sgemm": sg, "runs": rows}, f, indent=1)
 
 
+def tokenizer():
+    """Encode MB/s of each fixture tokenizer on Python's standard library sources (local text),
+    Ember vs the Rust `tokenizers` library, one thread each."""
+    import glob
+    stdlib = os.path.dirname(os.__file__)
+    corpus = os.path.join(ROOT, "bench", "out", "corpus.txt")
+    with open(corpus, "wb") as out:
+        for path in sorted(glob.glob(os.path.join(stdlib, "*.py"))):
+            out.write(open(path, "rb").read())
+    print(f"\ntokenizer encode, one thread, {os.path.getsize(corpus) / 1e6:.1f} MB of Python sources in 50-line documents")
+    print(f"{'tokenizer':10} {'ember MB/s':>10} {'rust MB/s':>10} {'ratio':>7}  tokens equal")
+    rows = []
+    for name in ["gpt2", "qwen2", "llama3"]:
+        d = os.path.join(ROOT, "Tests", "Fixtures", "tokenizers", name)
+        e = run([EMBER, "tokenizer", "--dir", d, "--file", corpus])[0]
+        r = run([TORCH[0], os.path.join(ROOT, "bench", "tokenizer_bench.py"), "--dir", d, "--file", corpus])[0]
+        print(f"{name:10} {e['mb_s']:10.2f} {r['mb_s']:10.2f} {e['mb_s'] / r['mb_s']:6.2f}x  {e['tokens'] == r['tokens']}")
+        rows.append({"ember": e, "tokenizers": r})
+    with open(os.path.join(ROOT, "bench", "out", "tokenizer.json"), "w") as f:
+        json.dump({"machine": machine(), "runs": rows}, f, indent=1)
+
+
 if __name__ == "__main__":
     args = sys.argv[1:]
-    engine("--quick" in args)
+    what = [a for a in args if not a.startswith("--")] or ["engine", "tokenizer"]
+    if "engine" in what:
+        engine("--quick" in args)
+    if "tokenizer" in what:
+        tokenizer()

@@ -8,6 +8,7 @@ import Engine
 import Foundation
 import Kernels
 import Models
+import Tokenizer
 import Weights
 
 func now() -> Double { Double(DispatchTime.now().uptimeNanoseconds) / 1e9 }
@@ -129,12 +130,40 @@ func benchSgemm() {
           "ember_project_gflops": flops / ours.min()! / 1e9])
 }
 
+/// Encode throughput of a tokenizer folder on a text file cut into 50-line documents, one
+/// thread (the same cut as bench/tokenizer_bench.py).
+func benchTokenizer() throws {
+    let dir = option("--dir", "Tests/Fixtures/tokenizers/qwen2")
+    let file = option("--file", "")
+    let tok = try Tokenizer(directory: dir)
+    guard let data = FileManager.default.contents(atPath: file) else { throw TokenizerError.cannotRead(path: file) }
+    let text = String(decoding: data, as: UTF8.self)
+    var lines: [Substring] = []
+    var start = text.startIndex
+    for i in text.indices where text[i] == "\n" || text[i] == "\r\n" {
+        let next = text.index(after: i)
+        lines.append(text[start..<next]); start = next
+    }
+    if start < text.endIndex { lines.append(text[start...]) }
+    let docs = stride(from: 0, to: lines.count, by: 50).map { lines[$0..<min(lines.count, $0 + 50)].joined() }
+    var times: [Double] = [], count = 0
+    for _ in 0..<3 {
+        let t0 = now()
+        count = 0
+        for d in docs { count += try tok.encode(d, addSpecialTokens: false).count }
+        times.append(now() - t0)
+    }
+    emit(["kind": "tokenizer", "impl": "ember", "dir": dir, "bytes": data.count, "tokens": count,
+          "mb_s": Double(data.count) / 1e6 / median(times), "seconds": times])
+}
+
 do {
     switch args.first {
+    case "tokenizer": try benchTokenizer()
     case "sgemm": benchSgemm()
     case "engine": try benchEngine()
     default:
-        FileHandle.standardError.write("usage: ember-bench engine --shape tiny|0.5b [--steps N] [--threads N] | sgemm [--threads N]\n".data(using: .utf8)!)
+        FileHandle.standardError.write("usage: ember-bench engine --shape tiny|0.5b [--steps N] [--threads N] | sgemm [--threads N] | tokenizer --dir D --file F\n".data(using: .utf8)!)
         exit(2)
     }
 } catch {
