@@ -30,7 +30,7 @@ let package = Package(
         .target(name: "Weights", dependencies: ["Kernels"], swiftSettings: fastMath),
         .target(name: "Models", dependencies: ["Kernels", "Weights"], swiftSettings: fastMath),
         .target(name: "Tokenizer", swiftSettings: fastMath),
-        .target(name: "Engine", dependencies: ["Kernels", "Weights", "Models"],
+        .target(name: "Engine", dependencies: ["Kernels", "Weights", "Models", "Tokenizer"],
                 swiftSettings: fastMath),
 
         // MARK: - Executables
@@ -43,6 +43,6 @@ let package = Package(
         .testTarget(name: "WeightsTests", dependencies: ["Weights", "TestSupport"]),
         .testTarget(name: "ModelsTests", dependencies: ["Models", "Engine", "TestSupport"]),
         .testTarget(name: "TokenizerTests", dependencies: ["Tokenizer", "TestSupport"]),
-        .testTarget(name: "EngineTests", dependencies: ["Engine", "Models", "TestSupport"]),
+        .testTarget(name: "EngineTests", dependencies: ["Engine", "Models", "Tokenizer", "TestSupport"]),
     ]
 )
