@@ -57,11 +57,63 @@ def engine(shape, steps, threads):
                       "torch": torch.__version__}), flush=True)
 
 
+def random_model(shape):
+    cfg, batch, seq = SHAPES[shape]
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(**cfg, attn_implementation="sdpa")).float().eval()
+    return model, cfg, batch, seq
+
+
+def generate(shape, batch, prompt, new, threads):
+    """Hugging Face generate, greedy, KV cache, `new` tokens per sequence (no early stop)."""
+    torch.set_num_threads(threads)
+    model, cfg, _, _ = random_model(shape)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    ids = torch.randint(0, cfg["vocab_size"], (batch, prompt))
+    times = []
+    with torch.no_grad():
+        for i in range(3):
+            t0 = time.perf_counter()
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                                 do_sample=False)
+            if i:
+                times.append(time.perf_counter() - t0)
+            assert out.shape[1] == prompt + new
+    print(json.dumps({"kind": "generate", "impl": "pytorch", "shape": shape, "batch": batch, "prompt": prompt,
+                      "new": new, "decode_tok_s": batch * new / statistics.median(times), "seconds": times}), flush=True)
+
+
+def score(shape, threads):
+    """Forward + log-softmax + gather of every next token (what scoring returns)."""
+    torch.set_num_threads(threads)
+    model, cfg, batch, seq = random_model(shape)
+    ids = torch.randint(0, cfg["vocab_size"], (batch, seq))
+    times = []
+    with torch.no_grad():
+        for i in range(3):
+            t0 = time.perf_counter()
+            logits = model(input_ids=ids).logits[:, :-1]
+            torch.log_softmax(logits.float(), -1).gather(-1, ids[:, 1:, None])
+            if i:
+                times.append(time.perf_counter() - t0)
+    print(json.dumps({"kind": "score", "impl": "pytorch", "shape": shape, "tokens": batch * seq,
+                      "score_tok_s": batch * seq / statistics.median(times), "seconds": times}), flush=True)
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["engine"])
+    ap.add_argument("what", choices=["engine", "generate", "score"])
     ap.add_argument("--shape", default="tiny")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--prompt", type=int, default=16)
+    ap.add_argument("--new", type=int, default=128)
     a = ap.parse_args()
-    engine(a.shape, a.steps, a.threads)
+    if a.what == "engine":
+        engine(a.shape, a.steps, a.threads)
+    elif a.what == "generate":
+        generate(a.shape, a.batch, a.prompt, a.new, a.threads)
+    else:
+        score(a.shape, a.threads)

@@ -42,7 +42,9 @@ public func attentionForward(_ out: UnsafeMutablePointer<Float>, _ lse: UnsafeMu
     let stride = max(8, (maxKeys + 7) & ~7)
     let scratch = UnsafeMutablePointer<Float>.allocate(capacity: workers * stride)
     defer { scratch.deallocate() }
-    parallelRanges(work) { w, lo, hi in
+    // Items per thread worth a wake-up: about 64k multiply-adds.
+    let minItems = max(1, 65536 / max(1, maxKeys * HS * 2))
+    parallelRanges(work, minPerThread: minItems) { w, lo, hi in
         let scores = scratch + w * stride
         var lastRow = -1
         var s = KeyValueSpan(keys: q, values: q, rowStride: 0, count: 0)

@@ -91,7 +91,10 @@ public func project(_ y: UnsafeMutablePointer<Float>, _ x: UnsafePointer<Float>,
     if m == 0 || n == 0 { return }
     let groups = (n + columnGroup - 1) / columnGroup
     let splitRows = m >= 2 * rowBlock && (Compute.threads > groups || m >= 4 * rowBlock * Compute.threads)
-    let workers = max(1, min(Compute.threads, splitRows ? (m + rowBlock - 1) / rowBlock : groups))
+    // A thread wake-up pays off above ~1M multiply-adds, or when the weights alone are large
+    // enough that reading them (decoding) takes longer than the wake-up.
+    let threads = (m * n * k < (1 << 20) && n * k < (1 << 16)) ? 1 : Compute.threads
+    let workers = max(1, min(threads, splitRows ? (m + rowBlock - 1) / rowBlock : groups))
     let scratch = packed == nil ? UnsafeMutablePointer<Float>.allocate(capacity: workers * columnGroup * k) : nil
     defer { scratch?.deallocate() }
 
@@ -125,7 +128,9 @@ public func project(_ y: UnsafeMutablePointer<Float>, _ x: UnsafePointer<Float>,
         }
     }
 
-    if splitRows {
+    if workers == 1 {
+        for g in 0..<groups { run(group: g, rows: 0, m, worker: 0) }
+    } else if splitRows {
         let blocks = (m + rowBlock - 1) / rowBlock
         parallelRanges(blocks, minPerThread: 1) { worker, lo, hi in
             if lo == hi { return }
@@ -139,8 +144,51 @@ public func project(_ y: UnsafeMutablePointer<Float>, _ x: UnsafePointer<Float>,
 }
 
 /// Up to 6 rows × 16 columns: acc[r][lane] = fma chain over k of x[r, k] · panel[k, lane].
+/// One or two rows (decoding) take narrower tiles with the same per-element chains.
 @inline(__always)
 private func microTile(_ a: UnsafePointer<Float>, rows: Int, _ panel: UnsafePointer<Float>, k: Int,
+                       _ c: UnsafeMutablePointer<Float>, ldc: Int, cols: Int) {
+    if rows == 1 { microTile1(a, panel, k: k, c, cols: cols) }
+    else if rows == 2 { microTile2(a, rows: rows, panel, k: k, c, ldc: ldc, cols: cols) }
+    else { microTile6(a, rows: rows, panel, k: k, c, ldc: ldc, cols: cols) }
+}
+
+@inline(__always)
+private func microTile1(_ a: UnsafePointer<Float>, _ panel: UnsafePointer<Float>, k: Int,
+                       _ c: UnsafeMutablePointer<Float>, cols: Int) {
+    var c0 = SIMD16<Float>()
+    var bp = UnsafeRawPointer(panel)
+    for kk in 0..<k {
+        c0 = c0.addingProduct(SIMD16(repeating: a[kk]), bp.loadUnaligned(as: SIMD16<Float>.self))
+        bp += panelWidth * 4
+    }
+    if cols == panelWidth { UnsafeMutableRawPointer(c).storeBytes(of: c0, as: SIMD16<Float>.self) }
+    else { for j in 0..<cols { c[j] = c0[j] } }
+}
+
+@inline(__always)
+private func microTile2(_ a: UnsafePointer<Float>, rows: Int, _ panel: UnsafePointer<Float>, k: Int,
+                        _ c: UnsafeMutablePointer<Float>, ldc: Int, cols: Int) {
+    var c0 = SIMD16<Float>(), c1 = SIMD16<Float>()
+    let a0 = a, a1 = a + k * min(1, rows - 1)
+    var bp = UnsafeRawPointer(panel)
+    for kk in 0..<k {
+        let b = bp.loadUnaligned(as: SIMD16<Float>.self)
+        c0 = c0.addingProduct(SIMD16(repeating: a0[kk]), b)
+        c1 = c1.addingProduct(SIMD16(repeating: a1[kk]), b)
+        bp += panelWidth * 4
+    }
+    @inline(__always) func store(_ acc: SIMD16<Float>, _ r: Int) {
+        let dst = c + r * ldc
+        if cols == panelWidth { UnsafeMutableRawPointer(dst).storeBytes(of: acc, as: SIMD16<Float>.self) }
+        else { for j in 0..<cols { dst[j] = acc[j] } }
+    }
+    store(c0, 0)
+    if rows > 1 { store(c1, 1) }
+}
+
+@inline(__always)
+private func microTile6(_ a: UnsafePointer<Float>, rows: Int, _ panel: UnsafePointer<Float>, k: Int,
                        _ c: UnsafeMutablePointer<Float>, ldc: Int, cols: Int) {
     var c0 = SIMD16<Float>(), c1 = SIMD16<Float>(), c2 = SIMD16<Float>()
     var c3 = SIMD16<Float>(), c4 = SIMD16<Float>(), c5 = SIMD16<Float>()

@@ -60,19 +60,81 @@ func forwardFLOPs(_ a: Architecture, tokens: Int, seqLen: Int, batch: Int) -> Do
     return matmul + attention
 }
 
-func benchEngine() throws {
-    let shape = Shape.named(option("--shape", "tiny"))
-    let steps = Int(option("--steps", shape.name == "tiny" ? "5" : "2")) ?? 3
-    let config = try JSONSerialization.data(withJSONObject: shape.config)
-    let model = try TransformerModel(config: config)
-    var rng = SystemRandomNumberGenerator()
-    // Random weights like a trained model's scale: N(0, 0.02), norms at 1.
+/// A model of the shape with random weights at a trained model's scale (uniform ±0.035, norms 1).
+func makeModel(_ shape: Shape) throws -> TransformerModel {
+    let model = try TransformerModel(config: try JSONSerialization.data(withJSONObject: shape.config))
+    var rng = SeededRandom(seed: 42)
     let store = model.parameters
     for slot in store.layout.slots {
         let p = store.values + slot.offset
         if slot.name.hasSuffix("norm.weight") { for i in 0..<slot.count { p[i] = 1 } }
-        else { for i in 0..<slot.count { p[i] = Float.random(in: -0.035...0.035, using: &rng) } }
+        else { for i in 0..<slot.count { p[i] = rng.uniform() * 0.07 - 0.035 } }
     }
+    store.markModified()
+    return model
+}
+
+/// SplitMix64 floats (fast, unlike SystemRandomNumberGenerator for hundreds of millions of draws).
+struct SeededRandom {
+    var state: UInt64
+    init(seed: UInt64) { state = seed }
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+    mutating func uniform() -> Float { Float(next() >> 40) * 0x1p-24 }
+}
+
+/// Decode throughput: `--batch` prompts of `--prompt` tokens, `--new` greedy tokens each.
+func benchGenerate() throws {
+    let shape = Shape.named(option("--shape", "tiny"))
+    let batch = Int(option("--batch", "1"))!, promptLen = Int(option("--prompt", "16"))!
+    let newTokens = Int(option("--new", "128"))!
+    let model = try makeModel(shape)
+    var rng = SeededRandom(seed: 7)
+    let V = UInt64(model.architecture.vocabSize)
+    let prompts = (0..<batch).map { _ in (0..<promptLen).map { _ in Int32(rng.next() % V) } }
+    var params = SamplingParams()
+    params.temperature = 0
+    params.maxTokens = newTokens
+    var times: [Double] = []
+    for i in 0..<3 {
+        let gen = Generator(model: model, tokenizer: nil, slots: batch, capacity: promptLen + newTokens)
+        let t0 = now()
+        let out = try gen.generate(prompts: prompts, params: params)
+        if i > 0 { times.append(now() - t0) }
+        precondition(out.results.allSatisfy { $0[0].tokens.count == newTokens })
+    }
+    emit(["kind": "generate", "impl": "ember", "shape": shape.name, "batch": batch, "prompt": promptLen, "new": newTokens,
+          "decode_tok_s": Double(batch * newTokens) / median(times), "seconds": times, "peak_rss_bytes": peakRSSBytes()])
+}
+
+/// Scoring throughput: log-probs of every token of `--batch` sequences of `--len` tokens.
+func benchScore() throws {
+    let shape = Shape.named(option("--shape", "tiny"))
+    let batch = Int(option("--batch", String(shape.batch)))!, len = Int(option("--len", String(shape.seqLen)))!
+    let model = try makeModel(shape)
+    var rng = SeededRandom(seed: 9)
+    let V = UInt64(model.architecture.vocabSize)
+    let seqs = (0..<batch).map { _ in ScoredSequence(tokens: (0..<len).map { _ in Int32(rng.next() % V) }, responseStart: 1) }
+    var times: [Double] = []
+    for i in 0..<3 {
+        let t0 = now()
+        _ = try Scoring.score(model: model, sequences: seqs)
+        if i > 0 { times.append(now() - t0) }
+    }
+    emit(["kind": "score", "impl": "ember", "shape": shape.name, "tokens": batch * len,
+          "score_tok_s": Double(batch * len) / median(times), "seconds": times])
+}
+
+func benchEngine() throws {
+    let shape = Shape.named(option("--shape", "tiny"))
+    let steps = Int(option("--steps", shape.name == "tiny" ? "5" : "2")) ?? 3
+    let model = try makeModel(shape)
+    var rng = SystemRandomNumberGenerator()
     let V = model.architecture.vocabSize
     let seqs = (0..<shape.batch).map { _ in (0..<shape.seqLen).map { _ in Int32.random(in: 0..<Int32(V), using: &rng) } }
     let batch = PackedBatch(seqs)
@@ -160,10 +222,12 @@ func benchTokenizer() throws {
 do {
     switch args.first {
     case "tokenizer": try benchTokenizer()
+    case "generate": try benchGenerate()
+    case "score": try benchScore()
     case "sgemm": benchSgemm()
     case "engine": try benchEngine()
     default:
-        FileHandle.standardError.write("usage: ember-bench engine --shape tiny|0.5b [--steps N] [--threads N] | sgemm [--threads N] | tokenizer --dir D --file F\n".data(using: .utf8)!)
+        FileHandle.standardError.write("usage: ember-bench engine --shape tiny|0.5b [--steps N] [--threads N] | sgemm [--threads N] | tokenizer --dir D --file F | generate --shape S --batch B [--prompt P --new N] | score --shape S\n".data(using: .utf8)!)
         exit(2)
     }
 } catch {
