@@ -49,6 +49,28 @@ def engine(quick):
         json.dump({"machine": machine(), "sgemm": sg, "runs": rows}, f, indent=1)
 
 
+def sampling(quick):
+    """Decode tok/s at batch 1, 8, 32, 64 (greedy, 16-token prompts) against Hugging Face
+    generate, and scoring tok/s against a PyTorch forward + log-softmax, same shapes."""
+    print(f"\n{'shape':6} {'metric':18} {'ember':>10} {'pytorch':>10} {'ratio':>7}")
+    rows = []
+    for shape in (["tiny"] if quick else ["tiny", "0.5b"]):
+        new = "128" if shape == "tiny" else "32"
+        for b in ["1", "8", "32", "64"]:
+            e = run([EMBER, "generate", "--shape", shape, "--batch", b, "--new", new])[0]
+            t = run(TORCH + ["generate", "--shape", shape, "--batch", b, "--new", new])[0]
+            print(f"{shape:6} {'decode b=' + b + ' tok/s':18} {e['decode_tok_s']:10.1f} {t['decode_tok_s']:10.1f} "
+                  f"{e['decode_tok_s'] / t['decode_tok_s']:6.2f}x")
+            rows.append({"ember": e, "pytorch": t})
+        e = run([EMBER, "score", "--shape", shape])[0]
+        t = run(TORCH + ["score", "--shape", shape])[0]
+        print(f"{shape:6} {'scoring tok/s':18} {e['score_tok_s']:10.1f} {t['score_tok_s']:10.1f} "
+              f"{e['score_tok_s'] / t['score_tok_s']:6.2f}x")
+        rows.append({"ember": e, "pytorch": t})
+    with open(os.path.join(ROOT, "bench", "out", "sampling.json"), "w") as f:
+        json.dump({"machine": machine(), "runs": rows}, f, indent=1)
+
+
 def tokenizer():
     """Encode MB/s of each fixture tokenizer on Python's standard library sources (local text),
     Ember vs the Rust `tokenizers` library, one thread each."""
@@ -73,8 +95,10 @@ def tokenizer():
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    what = [a for a in args if not a.startswith("--")] or ["engine", "tokenizer"]
+    what = [a for a in args if not a.startswith("--")] or ["engine", "tokenizer", "sampling"]
     if "engine" in what:
         engine("--quick" in args)
+    if "sampling" in what:
+        sampling("--quick" in args)
     if "tokenizer" in what:
         tokenizer()
