@@ -6,7 +6,7 @@ import Foundation
 /// h[T, I] = silu(gate) · up, with gateUp[T, 2I] = [gate | up] per row.
 public func swigluForward(_ h: UnsafeMutablePointer<Float>, _ gateUp: UnsafePointer<Float>,
                           rows: Int, intermediate I: Int) {
-    parallelFor(rows, minPerThread: 8) { t in
+    parallelFor(rows, minPerThread: 32) { t in
         let g = gateUp + t * 2 * I, u = g + I, o = h + t * I
         var i = 0
         while i < I {
@@ -22,7 +22,7 @@ public func swigluForward(_ h: UnsafeMutablePointer<Float>, _ gateUp: UnsafePoin
 /// Backward of `swigluForward`: dGateUp[T, 2I] overwritten.
 public func swigluBackward(_ dGateUp: UnsafeMutablePointer<Float>, _ dh: UnsafePointer<Float>,
                            _ gateUp: UnsafePointer<Float>, rows: Int, intermediate I: Int) {
-    parallelFor(rows, minPerThread: 8) { t in
+    parallelFor(rows, minPerThread: 32) { t in
         let g = gateUp + t * 2 * I, u = g + I, d = dh + t * I
         let dg = dGateUp + t * 2 * I, du = dg + I
         var i = 0

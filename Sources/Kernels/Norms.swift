@@ -8,7 +8,7 @@ import Foundation
 public func rmsNormForward(_ out: UnsafeMutablePointer<Float>, _ rstd: UnsafeMutablePointer<Float>?,
                            _ x: UnsafePointer<Float>, _ weight: UnsafePointer<Float>,
                            rows: Int, channels C: Int, eps: Float) {
-    parallelFor(rows, minPerThread: 16) { t in
+    parallelFor(rows, minPerThread: 64) { t in
         let xr = x + t * C, o = out + t * C
         var ss: Float = 0
         for c in 0..<C { ss += xr[c] * xr[c] }
@@ -24,7 +24,7 @@ public func rmsNormBackward(_ dx: UnsafeMutablePointer<Float>, _ dWeight: Unsafe
                             _ dOut: UnsafePointer<Float>, _ x: UnsafePointer<Float>,
                             _ weight: UnsafePointer<Float>, _ rstd: UnsafePointer<Float>,
                             rows: Int, channels C: Int, accumulateInput: Bool = false) {
-    parallelFor(rows, minPerThread: 16) { t in
+    parallelFor(rows, minPerThread: 64) { t in
         let xr = x + t * C, d = dOut + t * C, g = dx + t * C
         let r = rstd[t]
         var dot: Float = 0
@@ -49,7 +49,7 @@ public func rmsNormBackward(_ dx: UnsafeMutablePointer<Float>, _ dWeight: Unsafe
 public func headRMSNormForward(_ out: UnsafeMutablePointer<Float>, _ rstd: UnsafeMutablePointer<Float>?,
                                _ x: UnsafePointer<Float>, _ weight: UnsafePointer<Float>,
                                rows: Int, rowStride: Int, heads: Int, headSize HS: Int, eps: Float) {
-    parallelFor(rows, minPerThread: 16) { t in
+    parallelFor(rows, minPerThread: 64) { t in
         for h in 0..<heads {
             let xr = x + t * rowStride + h * HS, o = out + t * rowStride + h * HS
             var ss: Float = 0
@@ -73,7 +73,7 @@ public func headRMSNormBackward(_ dx: UnsafeMutablePointer<Float>, _ dWeight: Un
             for c in 0..<HS { acc[c] += d[c] * xr[c] * r }
         }
     }
-    parallelFor(rows, minPerThread: 16) { t in
+    parallelFor(rows, minPerThread: 64) { t in
         for h in 0..<heads {
             let xr = x + t * rowStride + h * HS, d = dOut + t * rowStride + h * HS
             let g = dx + t * rowStride + h * HS
@@ -93,7 +93,7 @@ public func layerNormForward(_ out: UnsafeMutablePointer<Float>, _ mean: UnsafeM
                              _ rstd: UnsafeMutablePointer<Float>?, _ x: UnsafePointer<Float>,
                              _ weight: UnsafePointer<Float>, _ bias: UnsafePointer<Float>,
                              rows: Int, channels C: Int, eps: Float) {
-    parallelFor(rows, minPerThread: 16) { t in
+    parallelFor(rows, minPerThread: 64) { t in
         let xr = x + t * C, o = out + t * C
         var s: Float = 0
         for c in 0..<C { s += xr[c] }
@@ -113,7 +113,7 @@ public func layerNormBackward(_ dx: UnsafeMutablePointer<Float>, _ dWeight: Unsa
                               _ x: UnsafePointer<Float>, _ weight: UnsafePointer<Float>,
                               _ mean: UnsafePointer<Float>, _ rstd: UnsafePointer<Float>,
                               rows: Int, channels C: Int, accumulateInput: Bool = false) {
-    parallelFor(rows, minPerThread: 16) { t in
+    parallelFor(rows, minPerThread: 64) { t in
         let xr = x + t * C, d = dOut + t * C, g = dx + t * C
         let m = mean[t], r = rstd[t]
         var dnormMean: Float = 0, dnormNormMean: Float = 0

@@ -46,7 +46,7 @@ public struct RopeFrequencies: Sendable, Equatable {
                        cos: UnsafeMutablePointer<Float>, sin: UnsafeMutablePointer<Float>) {
         let half = invFreq.count
         invFreq.withUnsafeBufferPointer { f in
-            parallelFor(count, minPerThread: 32) { t in
+            parallelFor(count, minPerThread: 128) { t in
                 let p = Float(positions[t])
                 for i in 0..<half {
                     let angle = Double(p * f[i])
@@ -63,7 +63,7 @@ public struct RopeFrequencies: Sendable, Equatable {
 public func ropeForward(_ x: UnsafeMutablePointer<Float>, rows: Int, rowStride: Int, heads: Int,
                         headSize HS: Int, cos: UnsafePointer<Float>, sin: UnsafePointer<Float>) {
     let half = HS / 2
-    parallelFor(rows, minPerThread: 16) { t in
+    parallelFor(rows, minPerThread: 64) { t in
         let c = cos + t * half, s = sin + t * half
         for h in 0..<heads {
             let v = x + t * rowStride + h * HS
@@ -80,7 +80,7 @@ public func ropeForward(_ x: UnsafeMutablePointer<Float>, rows: Int, rowStride: 
 public func ropeBackward(_ dx: UnsafeMutablePointer<Float>, rows: Int, rowStride: Int, heads: Int,
                          headSize HS: Int, cos: UnsafePointer<Float>, sin: UnsafePointer<Float>) {
     let half = HS / 2
-    parallelFor(rows, minPerThread: 16) { t in
+    parallelFor(rows, minPerThread: 64) { t in
         let c = cos + t * half, s = sin + t * half
         for h in 0..<heads {
             let v = dx + t * rowStride + h * HS
