@@ -162,8 +162,7 @@ private func microTile1(_ a: UnsafePointer<Float>, _ panel: UnsafePointer<Float>
         c0 = c0.addingProduct(SIMD16(repeating: a[kk]), bp.loadUnaligned(as: SIMD16<Float>.self))
         bp += panelWidth * 4
     }
-    if cols == panelWidth { UnsafeMutableRawPointer(c).storeBytes(of: c0, as: SIMD16<Float>.self) }
-    else { for j in 0..<cols { c[j] = c0[j] } }
+    storeTileRow(c0, c, cols: cols)
 }
 
 @inline(__always)
@@ -178,13 +177,8 @@ private func microTile2(_ a: UnsafePointer<Float>, rows: Int, _ panel: UnsafePoi
         c1 = c1.addingProduct(SIMD16(repeating: a1[kk]), b)
         bp += panelWidth * 4
     }
-    @inline(__always) func store(_ acc: SIMD16<Float>, _ r: Int) {
-        let dst = c + r * ldc
-        if cols == panelWidth { UnsafeMutableRawPointer(dst).storeBytes(of: acc, as: SIMD16<Float>.self) }
-        else { for j in 0..<cols { dst[j] = acc[j] } }
-    }
-    store(c0, 0)
-    if rows > 1 { store(c1, 1) }
+    storeTileRow(c0, c, cols: cols)
+    if rows > 1 { storeTileRow(c1, c + ldc, cols: cols) }
 }
 
 @inline(__always)
@@ -206,17 +200,19 @@ private func microTile6(_ a: UnsafePointer<Float>, rows: Int, _ panel: UnsafePoi
         c5 = c5.addingProduct(SIMD16(repeating: a5[kk]), b)
         bp += panelWidth * 4
     }
-    @inline(__always) func store(_ acc: SIMD16<Float>, _ r: Int) {
-        let dst = c + r * ldc
-        if cols == panelWidth { UnsafeMutableRawPointer(dst).storeBytes(of: acc, as: SIMD16<Float>.self) }
-        else { for j in 0..<cols { dst[j] = acc[j] } }
-    }
-    store(c0, 0)
-    if rows > 1 { store(c1, 1) }
-    if rows > 2 { store(c2, 2) }
-    if rows > 3 { store(c3, 3) }
-    if rows > 4 { store(c4, 4) }
-    if rows > 5 { store(c5, 5) }
+    storeTileRow(c0, c, cols: cols)
+    if rows > 1 { storeTileRow(c1, c + ldc, cols: cols) }
+    if rows > 2 { storeTileRow(c2, c + 2 * ldc, cols: cols) }
+    if rows > 3 { storeTileRow(c3, c + 3 * ldc, cols: cols) }
+    if rows > 4 { storeTileRow(c4, c + 4 * ldc, cols: cols) }
+    if rows > 5 { storeTileRow(c5, c + 5 * ldc, cols: cols) }
+}
+
+/// Stores the first `cols` lanes of one tile row.
+@inline(__always)
+private func storeTileRow(_ acc: SIMD16<Float>, _ dst: UnsafeMutablePointer<Float>, cols: Int) {
+    if cols == panelWidth { UnsafeMutableRawPointer(dst).storeBytes(of: acc, as: SIMD16<Float>.self) }
+    else { for j in 0..<cols { dst[j] = acc[j] } }
 }
 
 /// y[T, O] = x[T, In] · W[O, In]ᵀ + b[O]   (PyTorch nn.Linear layout), row-invariant.
