@@ -1,0 +1,33 @@
+// Advantage estimators on hand-computed values.
+import Engine
+import XCTest
+
+final class AdvantageTests: XCTestCase {
+    let rewards: [Double] = [1, 0, 0, 1, /* group b */ 1, 1, 1, /* group c */ 0.5, /* group d */ 2, 0]
+    let groups = ["a", "a", "a", "a", "b", "b", "b", "c", "d", "d"]
+
+    func testGRPO() {
+        let a = Advantages.compute(.grpo, rewards: rewards, groups: groups)
+        // group a: mean 0.5, unbiased std sqrt(1/3) = 0.57735
+        let s = (1.0 / 3.0).squareRoot() + 1e-6
+        XCTAssertEqual(a[0], 0.5 / s, accuracy: 1e-12)
+        XCTAssertEqual(a[1], -0.5 / s, accuracy: 1e-12)
+        XCTAssertEqual(Array(a[4...6]), [0, 0, 0], "equal rewards carry no signal")
+        XCTAssertEqual(a[7], 0.5 / (1 + 1e-6), accuracy: 1e-12, "a group of one: mean 0, std 1 (verl)")
+        // group d: mean 1, std sqrt(2)
+        XCTAssertEqual(a[8], 1 / (2.0.squareRoot() + 1e-6), accuracy: 1e-12)
+    }
+
+    func testDrGRPOAndRLOO() {
+        let d = Advantages.compute(.drGRPO, rewards: rewards, groups: groups)
+        XCTAssertEqual(Array(d[0...3]), [0.5, -0.5, -0.5, 0.5])
+        XCTAssertEqual(d[7], 0.5)
+        let r = Advantages.compute(.rloo, rewards: rewards, groups: groups)
+        // rloo: r_i minus the mean of the other three
+        XCTAssertEqual(r[0], 1 - 1.0 / 3.0, accuracy: 1e-12)
+        XCTAssertEqual(r[1], 0 - 2.0 / 3.0, accuracy: 1e-12)
+        XCTAssertEqual(r[7], 0, "a group of one has no baseline")
+        XCTAssertEqual(r[8], 2, accuracy: 1e-12)
+        XCTAssertEqual(Advantages.constantGroups(rewards: rewards, groups: groups), ["b", "c"])
+    }
+}
