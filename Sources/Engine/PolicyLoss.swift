@@ -37,10 +37,62 @@ public struct LpRegOptions: Sendable, Equatable {
     public init() {}
 }
 
+/// Clip-Cov options (Cui et al., "The Entropy Mechanism of RL for Reasoning LMs").
+public struct ClipCovOptions: Sendable, Equatable {
+    public var clip = ClipOptions()
+    /// Fraction of tokens whose gradient is dropped (at least one).
+    public var ratio: Float = 0.0002
+    /// Candidates have covariance strictly inside (covLow, covHigh).
+    public var covLow: Float = 1
+    public var covHigh: Float = 5
+    /// Seed of the random choice among candidates.
+    public var seed: UInt64 = 0
+    public init() {}
+}
+
+/// KL-Cov options: the top `ratio` tokens by covariance get −A·r + coef·|lp − lp_old|.
+public struct KLCovOptions: Sendable, Equatable {
+    public var ratio: Float = 0.0002
+    public var coef: Float = 1
+    public init() {}
+}
+
 public enum LossMode: Sendable, Equatable {
+    /// Supervised warm-up: −lp (advantages ignored).
     case crossEntropy
+    /// Clipped surrogate (GRPO / PPO; Clip-Higher with epsHigh > epsLow; dual clip).
     case ppo(ClipOptions)
     case lpReg(LpRegOptions)
+    /// GSPO: sequence-level ratio s = exp(mean_t(lp − lp_old)); per token s·exp(lp − sg(lp)),
+    /// clipped; always aggregated seq-mean-token-mean (as verl does).
+    case gspo(ClipOptions)
+    /// CISPO: −sg(clip(r, 1−εl, 1+εh))·A·lp (clipped importance weight, gradient on every token).
+    case cispo(ClipOptions)
+    case clipCov(ClipCovOptions)
+    case klCov(KLCovOptions)
+    /// 80/20: the clipped surrogate only on tokens whose entropy is in the top `fraction` of the
+    /// batch (threshold: linear-interpolated quantile, as torch.quantile); aggregated over them.
+    case highEntropy(fraction: Float, clip: ClipOptions)
+}
+
+/// KL estimators toward the frozen reference policy (per token, r = lp_ref − lp):
+/// k1 = −r, k2 = r²/2, k3 = e^r − r − 1 clamped to [−10, 10] (verl's low_var_kl).
+public enum ReferenceKL: String, Sendable, CaseIterable {
+    case k1, k2, k3
+}
+
+/// Everything that defines a train_step loss besides the data.
+public struct LossConfig: Sendable, Equatable {
+    public var mode: LossMode
+    public var aggregation: Aggregation = .tokenMean
+    /// Log-probabilities are taken of softmax(logits / temperature), as at sampling time.
+    public var temperature: Float = 1
+    /// Subtracts entropyCoef × aggregated entropy.
+    public var entropyCoef: Float = 0
+    /// Adds klCoef × aggregated KL to the reference (needs reference log-probs).
+    public var klCoef: Float = 0
+    public var klType: ReferenceKL = .k3
+    public init(mode: LossMode) { self.mode = mode }
 }
 
 /// How per-token losses become the batch loss (verl's `loss_agg_mode` names).
@@ -51,6 +103,23 @@ public enum Aggregation: String, Sendable, CaseIterable {
     /// Σ over sequences of token sums, divided by the longest response (verl divides by the
     /// padded response width, which is that length for an unpadded batch).
     case seqMeanTokenSumNorm = "seq-mean-token-sum-norm"
+
+    /// Weight of each token given its sequence; tokens outside `included` weigh 0 and do not count.
+    func weights(sequence: [Int], included: [Bool]? = nil) -> [Float] {
+        var lengths: [Int: Int] = [:]
+        var n = 0
+        for (i, s) in sequence.enumerated() where included?[i] ?? true { lengths[s, default: 0] += 1; n += 1 }
+        let sequences = Float(max(1, lengths.count)), longest = Float(lengths.values.max() ?? 1)
+        return sequence.enumerated().map { i, s in
+            guard included?[i] ?? true else { return 0 }
+            switch self {
+            case .tokenMean: return 1 / Float(max(1, n))
+            case .seqMeanTokenSum: return 1 / sequences
+            case .seqMeanTokenMean: return 1 / (sequences * Float(lengths[s]!))
+            case .seqMeanTokenSumNorm: return 1 / longest
+            }
+        }
+    }
 }
 
 /// Per response token, in output-row order.
@@ -61,85 +130,197 @@ public struct PolicyTokens: Sendable {
     public var oldLogprobs: [Float]
     /// Sampling-time proxy log-probabilities (−infinity where the proxy dropped the token).
     public var proxyLogprobs: [Float]
-    public init(sequence: [Int], targets: [Int32], advantages: [Float], oldLogprobs: [Float], proxyLogprobs: [Float]) {
+    /// Reference-policy log-probabilities (for klCoef > 0).
+    public var refLogprobs: [Float]?
+    public init(sequence: [Int], targets: [Int32], advantages: [Float], oldLogprobs: [Float], proxyLogprobs: [Float],
+                refLogprobs: [Float]? = nil) {
         self.sequence = sequence; self.targets = targets; self.advantages = advantages
-        self.oldLogprobs = oldLogprobs; self.proxyLogprobs = proxyLogprobs
+        self.oldLogprobs = oldLogprobs; self.proxyLogprobs = proxyLogprobs; self.refLogprobs = refLogprobs
     }
     public var count: Int { targets.count }
 }
 
-/// A loss planned for one batch: aggregation weights and the Lp-Reg selection.
+/// A loss planned for one batch from every token's current log-probability (and entropy): the
+/// aggregation weights and each mode's batch-wide choices (Lp-Reg selection, Clip-Cov and KL-Cov
+/// tokens, the 80/20 entropy mask, GSPO's sequence ratios).
 public struct PolicyLossPlan: Sendable {
-    public let mode: LossMode
-    public let temperature: Float
+    public let config: LossConfig
     public let tokens: PolicyTokens
-    /// Weight of each token's loss in the batch loss.
+    /// Weight of each token's policy term.
     public let weights: [Float]
-    /// Lp-Reg: tokens regularized toward the proxy.
+    /// Weight of each token's entropy and reference-KL terms (all tokens count).
+    public let allWeights: [Float]
+    /// Lp-Reg: regularized toward the proxy. KL-Cov: given the |Δlp| penalty. Clip-Cov: gradient
+    /// dropped. 80/20: kept.
     public let selected: [Bool]
+    /// GSPO: sequence ratio per token.
+    let sequenceRatio: [Float]
+    /// Lp-Reg: the log-probability cutoff of the selection (nil when nothing was selected).
+    public let threshold: Float?
 
-    /// Plans the loss given every token's current log-probability `logprobs` (at `temperature`).
-    public init(mode: LossMode, aggregation: Aggregation, temperature: Float, tokens: PolicyTokens, logprobs: [Float]) {
-        self.mode = mode
-        self.temperature = temperature
+    public var mode: LossMode { config.mode }
+    public var temperature: Float { config.temperature }
+
+    /// - Parameters:
+    ///   - logprobs: current log-probability of every token (first head pass).
+    ///   - entropies: current entropy of every token (needed by 80/20 and entropyCoef).
+    ///   - clipCovChoice: picks `count` of the candidates (default: seeded random, as verl).
+    public init(config: LossConfig, tokens: PolicyTokens, logprobs: [Float], entropies: [Float]? = nil,
+                clipCovChoice: (([Int], Int) -> [Int])? = nil) {
+        self.config = config
         self.tokens = tokens
         let n = tokens.count
-        var lengths: [Int: Int] = [:]
-        for s in tokens.sequence { lengths[s, default: 0] += 1 }
-        let sequences = Float(max(1, lengths.count)), longest = Float(lengths.values.max() ?? 1)
-        weights = tokens.sequence.map { s in
-            switch aggregation {
-            case .tokenMean: 1 / Float(max(1, n))
-            case .seqMeanTokenSum: 1 / sequences
-            case .seqMeanTokenMean: 1 / (sequences * Float(lengths[s]!))
-            case .seqMeanTokenSumNorm: 1 / longest
-            }
-        }
+        var agg = config.aggregation
+        if case .gspo = config.mode { agg = .seqMeanTokenMean }
+        allWeights = config.aggregation.weights(sequence: tokens.sequence)
         var selected = [Bool](repeating: false, count: n)
-        if case let .lpReg(o) = mode {
+        var threshold: Float?
+        var included: [Bool]?
+        var ratios = [Float](repeating: 1, count: n)
+        let A = tokens.advantages
+        switch config.mode {
+        case let .lpReg(o):
             func lowest(_ candidates: [Int], fraction: Float) -> [Int] {
                 let k = Int((Float(candidates.count) * fraction).rounded(.down))
                 if k == 0 || (o.skipWhenKAtMostOne && k <= 1) { return [] }
                 return Array(candidates.sorted { logprobs[$0] < logprobs[$1] || (logprobs[$0] == logprobs[$1] && $0 < $1) }.prefix(k))
             }
+            var chosen: [Int] = []
             switch o.percentileOver {
             case .negative:
-                let neg = (0..<n).filter { tokens.advantages[$0] < 0 }
-                for i in lowest(neg, fraction: o.rho) where logprobs[i] < tokens.proxyLogprobs[i] { selected[i] = true }
+                chosen = lowest((0..<n).filter { A[$0] < 0 }, fraction: o.rho)
+                for i in chosen where logprobs[i] < tokens.proxyLogprobs[i] { selected[i] = true }
                 if o.rhoPos > 0 {
-                    let pos = (0..<n).filter { tokens.advantages[$0] > 0 }
-                    for i in lowest(pos, fraction: o.rhoPos) where logprobs[i] < tokens.proxyLogprobs[i] { selected[i] = true }
+                    let pos = lowest((0..<n).filter { A[$0] > 0 }, fraction: o.rhoPos)
+                    for i in pos where logprobs[i] < tokens.proxyLogprobs[i] { selected[i] = true }
                 }
             case .all:
-                for i in lowest(Array(0..<n), fraction: o.rho)
-                where tokens.advantages[i] < 0 && tokens.proxyLogprobs[i] > -.infinity { selected[i] = true }
+                chosen = lowest(Array(0..<n), fraction: o.rho)
+                for i in chosen where A[i] < 0 && tokens.proxyLogprobs[i] > -.infinity { selected[i] = true }
             }
+            threshold = chosen.map { logprobs[$0] }.max()
+        case let .gspo(_):
+            var sums: [Int: (Float, Int)] = [:]
+            for i in 0..<n {
+                let s = tokens.sequence[i]
+                let (a, c) = sums[s] ?? (0, 0)
+                sums[s] = (a + (logprobs[i] - tokens.oldLogprobs[i]), c + 1)
+            }
+            ratios = tokens.sequence.map { s in let (a, c) = sums[s]!; return expf(a / Float(c)) }
+        case let .clipCov(o):
+            let cov = Self.covariance(A, logprobs)
+            var candidates: [Int] = []
+            for i in 0..<n {
+                let r = expf(logprobs[i] - tokens.oldLogprobs[i])
+                let alreadyClipped = -A[i] * min(max(r, 1 - o.clip.epsLow), 1 + o.clip.epsHigh) > -A[i] * r
+                if !alreadyClipped && cov[i] > o.covLow && cov[i] < o.covHigh { candidates.append(i) }
+            }
+            let count = min(candidates.count, max(1, Int((o.ratio * Float(n)).rounded(.down))))
+            let picked = clipCovChoice?(candidates, count) ?? Self.randomSubset(candidates, count, seed: o.seed)
+            for i in picked { selected[i] = true }
+        case let .klCov(o):
+            let cov = Self.covariance(A, logprobs)
+            let k = max(1, Int((Float(n) * o.ratio).rounded(.down)))
+            let top = (0..<n).sorted { cov[$0] > cov[$1] || (cov[$0] == cov[$1] && $0 < $1) }.prefix(k)
+            for i in top { selected[i] = true }
+        case let .highEntropy(fraction, _):
+            let e = entropies ?? []
+            precondition(e.count == n, "80/20 needs every token's entropy")
+            let cut = Self.quantile(e, 1 - Double(fraction))
+            for i in 0..<n where e[i] >= cut { selected[i] = true }
+            included = selected
+        case .crossEntropy, .ppo, .cispo:
+            break
         }
+        weights = agg.weights(sequence: tokens.sequence, included: included)
         self.selected = selected
+        self.threshold = threshold
+        sequenceRatio = ratios
     }
 
-    /// Token i's (weighted) loss and d(loss)/d(lp) at current log-probability `lp`.
-    public func term(_ i: Int, logprob lp: Float) -> (loss: Double, dLogprob: Float) {
-        let w = weights[i], a = tokens.advantages[i]
-        switch mode {
-        case .crossEntropy:
-            return (Double(-lp * w), -w)
-        case let .ppo(clip):
-            let (l, g) = Self.clipped(a, lp, tokens.oldLogprobs[i], clip)
-            return (Double(l * w), g * w)
-        case let .lpReg(o):
-            guard selected[i] else {
-                let (l, g) = Self.clipped(a, lp, tokens.oldLogprobs[i], o.clip)
-                return (Double(l * w), g * w)
-            }
-            // −A·r + β·k3(proxy ‖ policy), k3 = e^d − d − 1 with d = lp_proxy − lp, clamped to [−10, 10].
-            let r = expf(lp - tokens.oldLogprobs[i])
-            let d = tokens.proxyLogprobs[i] - lp
-            let k3 = expf(d) - d - 1
-            let clamped = min(max(k3, -10), 10)
-            let dk3: Float = (k3 > -10 && k3 < 10) ? 1 - expf(d) : 0
-            return (Double((-a * r + o.beta * clamped) * w), (-a * r + o.beta * dk3) * w)
+    /// (A − mean A)·(lp − mean lp) per token.
+    static func covariance(_ a: [Float], _ lp: [Float]) -> [Float] {
+        let n = Float(max(1, a.count))
+        let ma = a.reduce(0, +) / n, ml = lp.reduce(0, +) / n
+        return zip(a, lp).map { ($0 - ma) * ($1 - ml) }
+    }
+
+    /// torch.quantile's default (linear interpolation between order statistics).
+    static func quantile(_ x: [Float], _ q: Double) -> Float {
+        let s = x.sorted()
+        guard !s.isEmpty else { return .infinity }
+        let pos = q * Double(s.count - 1)
+        let lo = Int(pos.rounded(.down)), hi = min(s.count - 1, lo + 1)
+        return Float(Double(s[lo]) + (pos - Double(lo)) * Double(s[hi] - s[lo]))
+    }
+
+    static func randomSubset(_ candidates: [Int], _ count: Int, seed: UInt64) -> [Int] {
+        var pool = candidates
+        var rng = SequenceRandom(seed: seed)
+        for i in 0..<count {
+            let j = i + Int(rng.next() % UInt64(pool.count - i))
+            pool.swapAt(i, j)
         }
+        return Array(pool.prefix(count))
+    }
+
+    /// Token i's weighted loss and d(loss)/d(lp) at current log-probability `lp` (policy term
+    /// and reference KL; the entropy bonus is applied in `apply`).
+    public func term(_ i: Int, logprob lp: Float) -> (loss: Double, dLogprob: Float) {
+        let w = weights[i], a = tokens.advantages[i], old = tokens.oldLogprobs[i]
+        var loss: Float, grad: Float
+        switch config.mode {
+        case .crossEntropy:
+            (loss, grad) = (-lp, -1)
+        case let .ppo(clip):
+            (loss, grad) = Self.clipped(a, lp, old, clip)
+        case let .lpReg(o):
+            if selected[i] {
+                // −A·r + β·k3(proxy ‖ policy), k3 = e^d − d − 1 with d = lp_proxy − lp, clamped to [−10, 10].
+                let r = expf(lp - old)
+                let d = tokens.proxyLogprobs[i] - lp
+                let k3 = expf(d) - d - 1
+                let dk3: Float = (k3 > -10 && k3 < 10) ? 1 - expf(d) : 0
+                (loss, grad) = (-a * r + o.beta * min(max(k3, -10), 10), -a * r + o.beta * dk3)
+            } else {
+                (loss, grad) = Self.clipped(a, lp, old, o.clip)
+            }
+        case let .gspo(clip):
+            let s = sequenceRatio[i]
+            let unclipped = -a * s, clippedValue = -a * min(max(s, 1 - clip.epsLow), 1 + clip.epsHigh)
+            (loss, grad) = (max(unclipped, clippedValue), unclipped >= clippedValue ? -a * s : 0)
+        case let .cispo(clip):
+            let weight = min(max(expf(lp - old), 1 - clip.epsLow), 1 + clip.epsHigh)
+            (loss, grad) = (-a * weight * lp, -a * weight)
+        case let .clipCov(o):
+            if selected[i] { (loss, grad) = (0, 0) } else { (loss, grad) = Self.clipped(a, lp, old, ClipOptions(epsLow: o.clip.epsLow, epsHigh: o.clip.epsHigh)) }
+        case let .klCov(o):
+            let r = expf(lp - old)
+            if selected[i] {
+                let diff = lp - old
+                let sign: Float = diff > 0 ? 1 : (diff < 0 ? -1 : 0)
+                (loss, grad) = (-a * r + o.coef * abs(diff), -a * r + o.coef * sign)
+            } else {
+                (loss, grad) = (-a * r, -a * r)
+            }
+        case let .highEntropy(_, clip):
+            (loss, grad) = selected[i] ? Self.clipped(a, lp, old, clip) : (0, 0)
+        }
+        var total = Double(loss * w)
+        var g = grad * w
+        if config.klCoef != 0, let ref = tokens.refLogprobs?[i] {
+            let wk = allWeights[i] * config.klCoef
+            let r = ref - lp
+            switch config.klType {
+            case .k1: total += Double(wk * -r); g += wk
+            case .k2: total += Double(wk * 0.5 * r * r); g += wk * -r
+            case .k3:
+                let k3 = expf(r) - r - 1
+                total += Double(wk * min(max(k3, -10), 10))
+                if k3 > -10 && k3 < 10 { g += wk * (1 - expf(r)) }
+            }
+        }
+        return (total, g)
     }
 
     /// max(−A·r, −A·clip(r, 1−εl, 1+εh)), capped at −A·c for A < 0 with dual clip; and its
@@ -158,15 +339,29 @@ public struct PolicyLossPlan: Sendable {
     }
 
     /// Turns one logits row into d(loss)/d(logits) for token i; returns the token's loss.
-    /// d/dlogits = dL/dlp · (onehot − softmax(z)) / T, z = logits / T.
+    /// With z = logits / T: d/dz = dL/dlp · (onehot − p) + entropyCoef·w·p·(log p + H).
     public func apply(row: UnsafeMutablePointer<Float>, vocab V: Int, token i: Int) -> Double {
-        let dist = RowDistribution(scaling: row, count: V, temperature: temperature)
+        let T = config.temperature
+        let dist = RowDistribution(scaling: row, count: V, temperature: T)
         let target = Int(tokens.targets[i])
-        let (loss, g) = term(i, logprob: dist.logprob(target))
-        softmax(row, row, V, lse: dist.lse)
-        let scale = temperature > 0 ? -g / temperature : -g
-        for j in 0..<V { row[j] *= scale }
-        row[target] -= scale
+        var (loss, g) = term(i, logprob: dist.logprob(target))
+        let lse = dist.lse
+        let scale: Float = T > 0 ? 1 / T : 1
+        if config.entropyCoef != 0 {
+            let H = dist.entropy()
+            let c = config.entropyCoef * allWeights[i]
+            loss -= Double(c * H)
+            for j in 0..<V {
+                let lpj = row[j] - lse
+                let pj = exp1(lpj)
+                row[j] = (-g * pj + c * pj * (lpj + H)) * scale
+            }
+        } else {
+            softmax(row, row, V, lse: lse)
+            let s = -g * scale
+            for j in 0..<V { row[j] *= s }
+        }
+        row[target] += g * scale
         return loss
     }
 }
@@ -188,9 +383,11 @@ public enum PolicyTraining {
     /// batch), then for the gradients.
     public static func accumulateGradients(model: TransformerModel, batch: PackedBatch, responseStarts: [Int],
                                            advantages: [Float], oldLogprobs: [Float], proxyLogprobs: [Float],
-                                           mode: LossMode, aggregation: Aggregation = .tokenMean,
-                                           temperature: Float = 1, chunkRows: Int? = nil,
+                                           refLogprobs: [Float]? = nil, config: LossConfig, chunkRows: Int? = nil,
                                            zeroGradients: Bool = true) throws -> Result {
+        let temperature = config.temperature
+        var needsEntropy = config.entropyCoef != 0
+        if case .highEntropy = config.mode { needsEntropy = true }
         let (rows, targets) = Scoring.responseRows(batch, responseStarts: responseStarts)
         precondition(advantages.count == rows.count && oldLogprobs.count == rows.count && proxyLogprobs.count == rows.count)
         var sequence: [Int] = []
@@ -200,17 +397,19 @@ public enum PolicyTraining {
                                      context: .packed(sequenceStarts: batch.sequenceStarts), saving: true)
         let V = model.architecture.vocabSize
         let chunk = chunkRows ?? model.defaultChunkRows()
-        var current: [Float] = []
+        var current: [Float] = [], entropies: [Float] = []
         current.reserveCapacity(rows.count)
         model.withLogitChunks(hidden: acts.hidden.pointer, rows: rows, chunkRows: chunk) { range, logits in
             for (i, r) in range.enumerated() {
-                current.append(RowDistribution(scaling: logits + i * V, count: V, temperature: temperature).logprob(Int(targets[r])))
+                let dist = RowDistribution(scaling: logits + i * V, count: V, temperature: temperature)
+                current.append(dist.logprob(Int(targets[r])))
+                if needsEntropy { entropies.append(dist.entropy()) }
             }
         }
         let tokens = PolicyTokens(sequence: sequence, targets: targets, advantages: advantages,
-                                  oldLogprobs: oldLogprobs, proxyLogprobs: proxyLogprobs)
-        let plan = PolicyLossPlan(mode: mode, aggregation: aggregation, temperature: temperature, tokens: tokens,
-                                  logprobs: current)
+                                  oldLogprobs: oldLogprobs, proxyLogprobs: proxyLogprobs, refLogprobs: refLogprobs)
+        let plan = PolicyLossPlan(config: config, tokens: tokens, logprobs: current,
+                                  entropies: needsEntropy ? entropies : nil)
         let dHidden = FloatBuffer(zeros: batch.tokens.count * model.architecture.hiddenSize)
         var loss = 0.0
         model.withLogitChunks(hidden: acts.hidden.pointer, rows: rows, chunkRows: chunk, dHidden: dHidden.pointer) { range, logits in

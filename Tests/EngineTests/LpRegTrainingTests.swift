@@ -38,7 +38,7 @@ final class LpRegTrainingTests: XCTestCase {
             for step in 0..<4 {
                 let r = try PolicyTraining.accumulateGradients(model: model, batch: batch, responseStarts: starts,
                                                                advantages: advantages, oldLogprobs: old, proxyLogprobs: proxy,
-                                                               mode: mode)
+                                                               config: LossConfig(mode: mode))
                 if step == 0 {
                     // On-policy: the first pass's log-probs are the sampler's, bit for bit.
                     XCTAssertEqual(r.logprobs.map(\.bitPattern), old.map(\.bitPattern))

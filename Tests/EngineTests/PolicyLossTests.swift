@@ -1,4 +1,6 @@
-// Policy losses against an independent PyTorch implementation (scripts/make_loss_fixtures.py):
+// Policy losses against an independent PyTorch implementation (scripts/make_loss_fixtures.py),
+// every mode (ppo, lp_reg, gspo, cispo, clip_cov, kl_cov, high_entropy, cross_entropy) plus the
+// entropy bonus and reference KL (k1, k2, k3):
 // the loss value, the Lp-Reg selection and d(loss)/d(logits) by autograd, for PPO (clip-higher,
 // dual clip), Lp-Reg (both percentile semantics, positive-side rho, the k <= 1 quirk on and
 // off) and cross-entropy, under every aggregation mode.
@@ -12,7 +14,7 @@ final class PolicyLossTests: XCTestCase {
     func testLossesMatchPyTorchAutograd() throws {
         let data = FileManager.default.contents(atPath: fixturesDirectory + "/losses/cases.json")!
         let cases = try JSONSerialization.jsonObject(with: data) as! [[String: Any]]
-        XCTAssertGreaterThanOrEqual(cases.count, 11)
+        XCTAssertGreaterThanOrEqual(cases.count, 22)
         for (n, c) in cases.enumerated() {
             let o = c["options"] as! [String: Any]
             func f(_ k: String) -> Float { Float(o[k] as! Double) }
@@ -28,9 +30,30 @@ final class PolicyLossTests: XCTestCase {
                 l.percentileOver = LpRegOptions.PercentileOver(rawValue: o["percentile_over"] as! String)!
                 l.skipWhenKAtMostOne = o["quirk"] as! Bool
                 mode = .lpReg(l)
+            case "gspo":
+                mode = .gspo(ClipOptions(epsLow: f("eps_low"), epsHigh: f("eps_high")))
+            case "cispo":
+                mode = .cispo(ClipOptions(epsLow: f("eps_low"), epsHigh: f("eps_high")))
+            case "clip_cov":
+                var cc = ClipCovOptions()
+                cc.clip = ClipOptions(epsLow: f("eps_low"), epsHigh: f("eps_high"))
+                cc.ratio = f("ratio"); cc.covLow = f("cov_low"); cc.covHigh = f("cov_high")
+                mode = .clipCov(cc)
+            case "kl_cov":
+                var kc = KLCovOptions()
+                kc.ratio = f("ratio"); kc.coef = f("coef")
+                mode = .klCov(kc)
+            case "high_entropy":
+                mode = .highEntropy(fraction: f("fraction"), clip: ClipOptions(epsLow: f("eps_low"), epsHigh: f("eps_high")))
             default:
                 mode = .crossEntropy
             }
+            var config = LossConfig(mode: mode)
+            config.aggregation = Aggregation(rawValue: c["aggregation"] as! String)!
+            config.temperature = Float(c["temperature"] as! Double)
+            config.entropyCoef = Float(o["entropy_coef"] as? Double ?? 0)
+            config.klCoef = Float(o["kl_coef"] as? Double ?? 0)
+            config.klType = ReferenceKL(rawValue: o["kl_type"] as? String ?? "k3")!
             let V = c["vocab"] as! Int
             let T = Float(c["temperature"] as! Double)
             var logits = (c["logits"] as! [Double]).map(Float.init)
@@ -38,15 +61,25 @@ final class PolicyLossTests: XCTestCase {
                 sequence: c["sequence"] as! [Int], targets: (c["targets"] as! [Int]).map(Int32.init),
                 advantages: (c["advantages"] as! [Double]).map(Float.init),
                 oldLogprobs: (c["old_logprobs"] as! [Double]).map(Float.init),
-                proxyLogprobs: (c["proxy_logprobs"] as! [Any]).map { ($0 as? Double).map(Float.init) ?? -.infinity })
+                proxyLogprobs: (c["proxy_logprobs"] as! [Any]).map { ($0 as? Double).map(Float.init) ?? -.infinity },
+                refLogprobs: (c["ref_logprobs"] as! [Double]).map(Float.init))
             // Pass 1: current log-probs; plan; pass 2: gradients row by row.
-            var current: [Float] = []
+            var current: [Float] = [], entropies: [Float] = []
             for i in 0..<tokens.count {
                 var row = Array(logits[(i * V)..<((i + 1) * V)])
-                current.append(RowDistribution(scaling: &row, count: V, temperature: T).logprob(Int(tokens.targets[i])))
+                let dist = RowDistribution(scaling: &row, count: V, temperature: T)
+                current.append(dist.logprob(Int(tokens.targets[i])))
+                entropies.append(dist.entropy())
             }
-            let plan = PolicyLossPlan(mode: mode, aggregation: Aggregation(rawValue: c["aggregation"] as! String)!,
-                                      temperature: T, tokens: tokens, logprobs: current)
+            let recordedChoice = c["chosen"] as? [Int]
+            var candidatesSeen: [Int]?
+            let plan = PolicyLossPlan(config: config, tokens: tokens, logprobs: current, entropies: entropies,
+                                      clipCovChoice: { cand, count in
+                                          candidatesSeen = cand
+                                          XCTAssertEqual(count, recordedChoice?.count)
+                                          return recordedChoice ?? []
+                                      })
+            if let want = c["candidates"] as? [Int] { XCTAssertEqual(candidatesSeen, want, "case \(n) clip_cov candidates") }
             XCTAssertEqual(plan.selected, c["selected"] as! [Bool], "case \(n) selection")
             var loss = 0.0
             logits.withUnsafeMutableBufferPointer { p in
