@@ -267,7 +267,28 @@ public struct PolicyLossPlan: Sendable {
     /// Token i's weighted loss and d(loss)/d(lp) at current log-probability `lp` (policy term
     /// and reference KL; the entropy bonus is applied in `apply`).
     public func term(_ i: Int, logprob lp: Float) -> (loss: Double, dLogprob: Float) {
-        let w = weights[i], a = tokens.advantages[i], old = tokens.oldLogprobs[i]
+        let (loss, grad) = policyTerm(i, logprob: lp)
+        let w = weights[i]
+        var total = Double(loss * w)
+        var g = grad * w
+        if config.klCoef != 0, let ref = tokens.refLogprobs?[i] {
+            let wk = allWeights[i] * config.klCoef
+            let r = ref - lp
+            switch config.klType {
+            case .k1: total += Double(wk * -r); g += wk
+            case .k2: total += Double(wk * 0.5 * r * r); g += wk * -r
+            case .k3:
+                let k3 = expf(r) - r - 1
+                total += Double(wk * min(max(k3, -10), 10))
+                if k3 > -10 && k3 < 10 { g += wk * (1 - expf(r)) }
+            }
+        }
+        return (total, g)
+    }
+
+    /// Token i's unweighted policy loss and its derivative in lp.
+    public func policyTerm(_ i: Int, logprob lp: Float) -> (loss: Float, dLogprob: Float) {
+        let a = tokens.advantages[i], old = tokens.oldLogprobs[i]
         var loss: Float, grad: Float
         switch config.mode {
         case .crossEntropy:
@@ -306,21 +327,7 @@ public struct PolicyLossPlan: Sendable {
         case let .highEntropy(_, clip):
             (loss, grad) = selected[i] ? Self.clipped(a, lp, old, clip) : (0, 0)
         }
-        var total = Double(loss * w)
-        var g = grad * w
-        if config.klCoef != 0, let ref = tokens.refLogprobs?[i] {
-            let wk = allWeights[i] * config.klCoef
-            let r = ref - lp
-            switch config.klType {
-            case .k1: total += Double(wk * -r); g += wk
-            case .k2: total += Double(wk * 0.5 * r * r); g += wk * -r
-            case .k3:
-                let k3 = expf(r) - r - 1
-                total += Double(wk * min(max(k3, -10), 10))
-                if k3 > -10 && k3 < 10 { g += wk * (1 - expf(r)) }
-            }
-        }
-        return (total, g)
+        return (loss, grad)
     }
 
     /// max(−A·r, −A·clip(r, 1−εl, 1+εh)), capped at −A·c for A < 0 with dual clip; and its

@@ -1,0 +1,319 @@
+// train_step: a policy update over a batch of sequences. Missing old, proxy and reference
+// log-probabilities are computed first (from the weights before the update and the frozen
+// reference); the batch is then split into mini-batches (one optimizer step each, off-policy
+// after the first) and micro-batches by token budget (gradient accumulation giving the same
+// update as one big batch: the loss is planned over the whole mini-batch, so selection and
+// aggregation weights do not depend on the split). `weightsVersion` rises by one per step.
+import Foundation
+import Kernels
+import Models
+import Weights
+
+/// One sequence to train on (positions as in the protocol: per-token arrays start at
+/// `responseStart`).
+public struct TrainItem: Sendable {
+    public var tokens: [Int32]
+    public var responseStart: Int
+    /// One advantage per response token (a sequence-level advantage repeated).
+    public var advantages: [Float]
+    public var oldLogprobs: [Float]?
+    public var proxyLogprobs: [Float]?
+    public var refLogprobs: [Float]?
+
+    public init(tokens: [Int32], responseStart: Int, advantages: [Float], oldLogprobs: [Float]? = nil,
+                proxyLogprobs: [Float]? = nil, refLogprobs: [Float]? = nil) {
+        self.tokens = tokens; self.responseStart = responseStart; self.advantages = advantages
+        self.oldLogprobs = oldLogprobs; self.proxyLogprobs = proxyLogprobs; self.refLogprobs = refLogprobs
+    }
+
+    public var responseLength: Int { tokens.count - responseStart }
+}
+
+/// Learning-rate schedule over optimizer steps.
+public enum LRSchedule: Sendable, Equatable {
+    case constant
+    /// Linear ramp from 0 over `warmupSteps`, then constant.
+    case linearWarmup(warmupSteps: Int)
+    /// Linear warm-up, then cosine decay to `minLR` at `totalSteps`.
+    case cosine(warmupSteps: Int, totalSteps: Int, minLR: Float)
+
+    /// Learning rate for optimizer step `step` (1-based) with base rate `lr`.
+    public func rate(_ lr: Float, step: Int) -> Float {
+        switch self {
+        case .constant: return lr
+        case let .linearWarmup(w):
+            return w > 0 && step <= w ? lr * Float(step) / Float(w) : lr
+        case let .cosine(w, total, minLR):
+            if w > 0 && step <= w { return lr * Float(step) / Float(w) }
+            let progress = min(1, Float(step - w) / Float(max(1, total - w)))
+            return minLR + (lr - minLR) * 0.5 * (1 + cosf(Float.pi * progress))
+        }
+    }
+}
+
+/// Metrics of one train_step call (means over response tokens of the whole batch unless noted).
+public struct TrainMetrics: Sendable {
+    public var loss = 0.0
+    public var pgLoss = 0.0
+    public var entropy = 0.0
+    public var clipFracLow = 0.0
+    public var clipFracHigh = 0.0
+    public var ppoKL = 0.0
+    public var refKL = 0.0
+    public var gradNorm = 0.0
+    public var lr: Float = 0
+    public var tokens = 0
+    public var lpRegSelected = 0
+    public var lpRegRegularized = 0
+    /// Probability of the highest-probability token in Lp-Reg's candidate set (the cutoff).
+    public var lpRegThreshold: Double?
+    /// max |provided old log-prob − recomputed log-prob| (sampler/trainer agreement).
+    public var logprobMaxAbsDiff = 0.0
+    public var optimizerSteps = 0
+    public var secondsForward = 0.0
+    public var secondsBackward = 0.0
+    public var secondsOptimizer = 0.0
+}
+
+public enum TrainError: Error, CustomStringConvertible, Equatable {
+    case invalid(path: String, reason: String)
+    public var description: String { switch self { case let .invalid(p, r): "\(p): \(r)" } }
+}
+
+public final class Trainer: @unchecked Sendable {
+    public let model: TransformerModel
+    public let optimizer: AdamW
+    public var schedule: LRSchedule = .constant
+    /// +1 per optimizer step; 0 when the model was loaded.
+    public private(set) var weightsVersion = 0
+    /// Frozen copy of the weights for the KL-to-reference term (`snapshotReference`).
+    public private(set) var reference: TransformerModel?
+
+    public init(model: TransformerModel, optimizer: AdamW = AdamW()) {
+        self.model = model
+        self.optimizer = optimizer
+    }
+
+    /// Freezes the current weights as the reference policy.
+    public func snapshotReference() throws {
+        let copy = try TransformerModel(config: model.configJSON)
+        copy.parameters.values.update(from: model.parameters.values, count: model.parameters.count)
+        copy.parameters.markModified()
+        reference = copy
+    }
+
+    /// Restores the counters after loading a checkpoint.
+    public func restore(weightsVersion: Int) { self.weightsVersion = weightsVersion }
+
+    /// Runs one train_step. Throws before changing anything on invalid input; a non-finite loss or
+    /// gradient refuses that optimizer step (earlier mini-batches of the same call stay applied).
+    public func step(items: [TrainItem], config: LossConfig, miniBatches: Int = 1, microBatchTokens: Int? = nil,
+                     proxy: ProxySpec? = nil, dryRun: Bool = false) throws -> TrainMetrics {
+        try validate(items, config: config, miniBatches: miniBatches)
+        var items = items
+        var metrics = TrainMetrics()
+        let t0 = Date()
+        // Fill what is missing from the weights before any update.
+        let needOld = items.contains { $0.oldLogprobs == nil }
+        let proxySpec: ProxySpec? = { if case let .lpReg(o) = config.mode { return proxy ?? o.proxy }; return nil }()
+        let needProxy = proxySpec != nil && items.contains { $0.proxyLogprobs == nil }
+        if needOld || needProxy {
+            var opts = GenerationOptions()
+            opts.proxy = proxySpec
+            let scored = try Scoring.score(model: model, sequences: items.map { ScoredSequence(tokens: $0.tokens, responseStart: $0.responseStart) },
+                                           temperature: config.temperature, options: opts)
+            for i in items.indices {
+                if items[i].oldLogprobs == nil { items[i].oldLogprobs = scored[i].logprobs }
+                if needProxy && items[i].proxyLogprobs == nil { items[i].proxyLogprobs = scored[i].proxyLogprobs }
+            }
+        }
+        if config.klCoef != 0 && items.contains(where: { $0.refLogprobs == nil }) {
+            guard let ref = reference else {
+                throw TrainError.invalid(path: "loss.kl_coef", reason: "no reference policy: call reference.snapshot first or send ref_logprobs")
+            }
+            let scored = try Scoring.score(model: ref, sequences: items.map { ScoredSequence(tokens: $0.tokens, responseStart: $0.responseStart) },
+                                           temperature: config.temperature)
+            for i in items.indices where items[i].refLogprobs == nil { items[i].refLogprobs = scored[i].logprobs }
+        }
+        metrics.secondsForward += Date().timeIntervalSince(t0)
+
+        let groups = Self.split(items.count, into: miniBatches)
+        var totalTokens = 0
+        for (m, range) in groups.enumerated() {
+            let mini = Array(items[range])
+            let (result, seconds) = try accumulate(mini, config: config, microBatchTokens: microBatchTokens)
+            metrics.secondsForward += seconds.forward
+            metrics.secondsBackward += seconds.backward
+            let n = mini.reduce(0) { $0 + $1.responseLength }
+            totalTokens += n
+            accumulateMetrics(&metrics, result, items: mini, config: config, tokens: n, first: m == 0)
+            let t1 = Date()
+            let norm = AdamW.gradientNorm(model.parameters)
+            guard norm.isFinite else { throw NonFiniteError(what: "the gradient norm") }
+            metrics.gradNorm = norm
+            let lr = schedule.rate(optimizer.settings.lr, step: optimizer.stepCount + 1)
+            metrics.lr = lr
+            if !dryRun {
+                try optimizer.step(model.parameters, lr: lr)
+                weightsVersion += 1
+                metrics.optimizerSteps += 1
+            }
+            metrics.secondsOptimizer += Date().timeIntervalSince(t1)
+        }
+        for key in [\TrainMetrics.loss, \.pgLoss, \.entropy, \.clipFracLow, \.clipFracHigh, \.ppoKL, \.refKL] {
+            metrics[keyPath: key] /= Double(max(1, totalTokens))
+        }
+        metrics.tokens = totalTokens
+        return metrics
+    }
+
+    // MARK: - Internals
+
+    private struct MiniBatchResult {
+        var loss = 0.0
+        var plan: PolicyLossPlan
+        var logprobs: [Float]
+        var entropies: [Float]
+    }
+
+    /// Plans the loss over the whole mini-batch, then accumulates gradients micro-batch by micro-batch.
+    private func accumulate(_ items: [TrainItem], config: LossConfig,
+                            microBatchTokens: Int?) throws -> (MiniBatchResult, (forward: Double, backward: Double)) {
+        let V = model.architecture.vocabSize
+        let micro = Self.microBatches(items, tokenBudget: microBatchTokens)
+        let tf = Date()
+        // Pass 1: every token's current log-probability and entropy (body forward without saving).
+        var current: [Float] = [], entropies: [Float] = []
+        for group in micro {
+            let batch = PackedBatch(group.map { items[$0].tokens })
+            let (rows, targets) = Scoring.responseRows(batch, responseStarts: group.map { items[$0].responseStart })
+            let acts = try model.forward(tokens: batch.tokens, positions: batch.positions,
+                                         context: .packed(sequenceStarts: batch.sequenceStarts))
+            model.withLogitChunks(hidden: acts.hidden.pointer, rows: rows, chunkRows: model.defaultChunkRows()) { range, logits in
+                for (i, r) in range.enumerated() {
+                    let dist = RowDistribution(scaling: logits + i * V, count: V, temperature: config.temperature)
+                    current.append(dist.logprob(Int(targets[r])))
+                    entropies.append(dist.entropy())
+                }
+            }
+        }
+        var sequence: [Int] = [], targets: [Int32] = []
+        for (b, item) in items.enumerated() {
+            sequence += Array(repeating: b, count: item.responseLength)
+            targets += item.tokens[item.responseStart...]
+        }
+        let tokens = PolicyTokens(sequence: sequence, targets: targets, advantages: items.flatMap { $0.advantages },
+                                  oldLogprobs: items.flatMap { $0.oldLogprobs! },
+                                  proxyLogprobs: items.flatMap { $0.proxyLogprobs ?? Array(repeating: -.infinity, count: $0.responseLength) },
+                                  refLogprobs: config.klCoef != 0 ? items.flatMap { $0.refLogprobs! } : nil)
+        let plan = PolicyLossPlan(config: config, tokens: tokens, logprobs: current, entropies: entropies)
+        var seconds = (forward: Date().timeIntervalSince(tf), backward: 0.0)
+
+        // Pass 2: gradients, micro-batch by micro-batch.
+        model.parameters.zeroGradients()
+        var loss = 0.0
+        var offset = 0   // first token index of the micro-batch in plan order
+        let starts = items.reduce(into: [0]) { $0.append($0.last! + $1.responseLength) }
+        for group in micro {
+            let tb = Date()
+            let batch = PackedBatch(group.map { items[$0].tokens })
+            let (rows, _) = Scoring.responseRows(batch, responseStarts: group.map { items[$0].responseStart })
+            offset = starts[group[0]]
+            let acts = try model.forward(tokens: batch.tokens, positions: batch.positions,
+                                         context: .packed(sequenceStarts: batch.sequenceStarts), saving: true)
+            let dHidden = FloatBuffer(zeros: batch.tokens.count * model.architecture.hiddenSize)
+            let base = offset
+            model.withLogitChunks(hidden: acts.hidden.pointer, rows: rows, chunkRows: model.defaultChunkRows(),
+                                  dHidden: dHidden.pointer) { range, logits in
+                for (i, r) in range.enumerated() { loss += plan.apply(row: logits + i * V, vocab: V, token: base + r) }
+            }
+            guard loss.isFinite else { throw NonFiniteError(what: "the loss") }
+            model.backward(acts, dHidden: dHidden.pointer)
+            seconds.backward += Date().timeIntervalSince(tb)
+        }
+        return (MiniBatchResult(loss: loss, plan: plan, logprobs: current, entropies: entropies), seconds)
+    }
+
+    private func accumulateMetrics(_ m: inout TrainMetrics, _ r: MiniBatchResult, items: [TrainItem],
+                                   config: LossConfig, tokens n: Int, first: Bool) {
+        let plan = r.plan, t = plan.tokens
+        m.loss += r.loss * Double(n)   // averaged over the call's tokens at the end
+        var clip: ClipOptions?
+        switch config.mode {
+        case let .ppo(c), let .gspo(c), let .cispo(c): clip = c
+        case let .lpReg(o): clip = o.clip
+        case let .clipCov(o): clip = o.clip
+        case let .highEntropy(_, c): clip = c
+        case .klCov, .crossEntropy: clip = nil
+        }
+        for i in 0..<t.count {
+            let lp = r.logprobs[i], old = t.oldLogprobs[i], a = t.advantages[i]
+            m.pgLoss += Double(plan.policyTerm(i, logprob: lp).loss)
+            m.entropy += Double(r.entropies[i])
+            m.ppoKL += Double(old - lp)
+            if let ref = t.refLogprobs?[i] { m.refKL += Double(lp - ref) }
+            if let c = clip {
+                let ratio = expf(lp - old)
+                if a < 0 && ratio < 1 - c.epsLow { m.clipFracLow += 1 }
+                if a > 0 && ratio > 1 + c.epsHigh { m.clipFracHigh += 1 }
+            }
+            if first { m.logprobMaxAbsDiff = max(m.logprobMaxAbsDiff, Double(abs(lp - old))) }
+        }
+        if case let .lpReg(o) = config.mode {
+            m.lpRegRegularized += plan.selected.filter { $0 }.count
+            let negatives = t.advantages.filter { $0 < 0 }.count
+            let k = Int((Float(o.percentileOver == .negative ? negatives : t.count) * o.rho).rounded(.down))
+            m.lpRegSelected += (k == 0 || (o.skipWhenKAtMostOne && k <= 1)) ? 0 : k
+            if let th = plan.threshold { m.lpRegThreshold = Double(expf(th)) }
+        }
+    }
+
+    private func validate(_ items: [TrainItem], config: LossConfig, miniBatches: Int) throws {
+        guard !items.isEmpty else { throw TrainError.invalid(path: "batch", reason: "at least one sequence") }
+        guard miniBatches >= 1, miniBatches <= items.count else {
+            throw TrainError.invalid(path: "mini_batches", reason: "must be in 1...\(items.count) (the batch size)")
+        }
+        guard config.temperature > 0, config.temperature.isFinite else {
+            throw TrainError.invalid(path: "loss.temperature", reason: "must be a finite number > 0")
+        }
+        let a = model.architecture
+        try Scoring.validate(items.map { ScoredSequence(tokens: $0.tokens, responseStart: $0.responseStart) },
+                             vocabSize: a.vocabSize, maxPositions: a.position == .learned ? a.maxPositions : nil)
+        for (i, item) in items.enumerated() {
+            let n = item.responseLength
+            guard item.advantages.count == n else {
+                throw TrainError.invalid(path: "batch[\(i)].advantage", reason: "\(item.advantages.count) values for \(n) response tokens")
+            }
+            if let bad = item.advantages.firstIndex(where: { !$0.isFinite }) {
+                throw TrainError.invalid(path: "batch[\(i)].advantage[\(bad)]", reason: "not a finite number")
+            }
+            for (name, values) in [("old_logprobs", item.oldLogprobs), ("proxy_logprobs", item.proxyLogprobs), ("ref_logprobs", item.refLogprobs)] {
+                guard let v = values else { continue }
+                guard v.count == n else {
+                    throw TrainError.invalid(path: "batch[\(i)].\(name)", reason: "\(v.count) values for \(n) response tokens")
+                }
+                if name != "proxy_logprobs", let bad = v.firstIndex(where: { !$0.isFinite || $0 > 0 }) {
+                    throw TrainError.invalid(path: "batch[\(i)].\(name)[\(bad)]", reason: "a log-probability must be finite and <= 0")
+                }
+            }
+        }
+    }
+
+    /// Contiguous, nearly equal groups.
+    static func split(_ n: Int, into parts: Int) -> [Range<Int>] {
+        (0..<parts).map { p in (n * p / parts)..<(n * (p + 1) / parts) }.filter { !$0.isEmpty }
+    }
+
+    /// Consecutive items packed while their tokens fit the budget (an item larger than the
+    /// budget forms its own micro-batch).
+    static func microBatches(_ items: [TrainItem], tokenBudget: Int?) -> [[Int]] {
+        guard let budget = tokenBudget, budget > 0 else { return [Array(items.indices)] }
+        var out: [[Int]] = [[]], used = 0
+        for (i, item) in items.enumerated() {
+            if !out[out.count - 1].isEmpty && used + item.tokens.count > budget { out.append([]); used = 0 }
+            out[out.count - 1].append(i)
+            used += item.tokens.count
+        }
+        return out
+    }
+}

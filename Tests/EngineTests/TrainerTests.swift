@@ -1,0 +1,131 @@
+// train_step mechanics: micro-batching gives the same gradients as one batch, mini-batches take
+// one optimizer step each, dry runs and refused non-finite steps change nothing, missing
+// log-probabilities are recomputed, schedules, and the reference-KL precondition.
+import Engine
+import Foundation
+import Kernels
+import Models
+import TestSupport
+import XCTest
+
+final class TrainerTests: XCTestCase {
+    override func setUp() { Compute.setThreads(2) }
+
+    func items(_ model: TransformerModel, count: Int = 6, seed: UInt64 = 5) throws -> [TrainItem] {
+        let gen = Generator(model: model, tokenizer: nil, slots: count, capacity: 40)
+        var params = SamplingParams()
+        params.maxTokens = 12
+        params.seed = seed
+        var options = GenerationOptions()
+        options.proxy = .minP(0.02)
+        let out = try gen.generate(prompts: [[1, 2, 3], [7, 8, 9, 10, 11]], n: count / 2, params: params, options: options)
+        var list: [TrainItem] = []
+        for (p, prompt) in out.promptTokens.enumerated() {
+            for (s, sample) in out.results[p].enumerated() {
+                let adv: Float = s % 2 == 0 ? 1 : -1
+                list.append(TrainItem(tokens: prompt + sample.tokens, responseStart: prompt.count,
+                                      advantages: Array(repeating: adv, count: sample.tokens.count),
+                                      oldLogprobs: sample.logprobs, proxyLogprobs: sample.proxyLogprobs))
+            }
+        }
+        return list
+    }
+
+    func lpRegConfig() -> LossConfig {
+        var o = LpRegOptions()
+        o.rho = 0.2
+        var c = LossConfig(mode: .lpReg(o))
+        c.entropyCoef = 0.001
+        return c
+    }
+
+    func testMicroBatchesGiveTheSameGradientAsOneBatch() throws {
+        let model = try TransformerModel.load(directory: fixtureModel("qwen3_headdim"))
+        let trainer = Trainer(model: model)
+        let batch = try items(model)
+        let whole = try trainer.step(items: batch, config: lpRegConfig(), dryRun: true)
+        let g1 = Array(UnsafeBufferPointer(start: model.parameters.gradients, count: model.parameters.count))
+        let split = try trainer.step(items: batch, config: lpRegConfig(), microBatchTokens: 20, dryRun: true)
+        let g2 = Array(UnsafeBufferPointer(start: model.parameters.gradients, count: model.parameters.count))
+        assertClose(g2, g1, atol: 1e-6, rtol: 1e-4, "micro-batched gradients")
+        XCTAssertEqual(split.loss, whole.loss, accuracy: 1e-6 * max(1, abs(whole.loss)))
+        XCTAssertEqual(split.lpRegRegularized, whole.lpRegRegularized)
+        XCTAssertEqual(whole.logprobMaxAbsDiff, 0, "on-policy: the trainer recomputes the sampler's log-probs exactly")
+        XCTAssertGreaterThan(whole.lpRegRegularized, 0)
+    }
+
+    func testDryRunAndRefusedStepsChangeNothing() throws {
+        let model = try TransformerModel.load(directory: fixtureModel("llama_gqa"))
+        let trainer = Trainer(model: model, optimizer: AdamW(settings: AdamWSettings(lr: 1e-2)))
+        var batch = try items(model)
+        let before = model.parameters.checksum()
+        let dry = try trainer.step(items: batch, config: lpRegConfig(), dryRun: true)
+        XCTAssertGreaterThan(dry.gradNorm, 0)
+        XCTAssertEqual(model.parameters.checksum(), before)
+        XCTAssertEqual(trainer.weightsVersion, 0)
+        XCTAssertEqual(trainer.optimizer.stepCount, 0)
+
+        // An absurd old log-prob makes the ratio overflow: the loss is infinite, the step refused.
+        batch[1].oldLogprobs![0] = -1e30   // sample 1 has A < 0: -A·r = +inf
+        XCTAssertThrowsError(try trainer.step(items: batch, config: LossConfig(mode: .ppo(ClipOptions(dualClip: nil))))) { e in
+            XCTAssertTrue(e is NonFiniteError, "\(e)")
+        }
+        XCTAssertEqual(model.parameters.checksum(), before)
+        XCTAssertEqual(trainer.weightsVersion, 0)
+
+        // Invalid input is refused before anything runs, naming the parameter.
+        var bad = try items(model)
+        bad[1].advantages.removeLast()
+        XCTAssertThrowsError(try trainer.step(items: bad, config: lpRegConfig())) { e in
+            XCTAssertTrue("\(e)".contains("batch[1].advantage"), "\(e)")
+        }
+        bad = try items(model)
+        bad[2].oldLogprobs![3] = 0.5
+        XCTAssertThrowsError(try trainer.step(items: bad, config: lpRegConfig())) { e in
+            XCTAssertTrue("\(e)".contains("batch[2].old_logprobs[3]"), "\(e)")
+        }
+        XCTAssertThrowsError(try trainer.step(items: try items(model), config: lpRegConfig(), miniBatches: 0))
+        var withKL = LossConfig(mode: .ppo(ClipOptions()))
+        withKL.klCoef = 0.1
+        XCTAssertThrowsError(try trainer.step(items: try items(model), config: withKL)) { e in
+            XCTAssertTrue("\(e)".contains("reference"), "\(e)")
+        }
+        XCTAssertEqual(model.parameters.checksum(), before)
+    }
+
+    func testMiniBatchesStepOncePerMiniBatchAndMissingLogprobsAreRecomputed() throws {
+        let model = try TransformerModel.load(directory: fixtureModel("gpt2"))
+        let trainer = Trainer(model: model, optimizer: AdamW(settings: AdamWSettings(lr: 1e-3)))
+        let batch = try items(model)
+        var stripped = batch
+        for i in stripped.indices { stripped[i].oldLogprobs = nil; stripped[i].proxyLogprobs = nil }
+        let m = try trainer.step(items: stripped, config: lpRegConfig(), miniBatches: 3)
+        XCTAssertEqual(m.optimizerSteps, 3)
+        XCTAssertEqual(trainer.weightsVersion, 3)
+        XCTAssertEqual(m.tokens, batch.reduce(0) { $0 + $1.responseLength })
+        XCTAssertEqual(m.logprobMaxAbsDiff, 0, "recomputed old log-probs equal the current ones at the first mini-batch")
+        XCTAssertTrue(m.loss.isFinite && m.entropy > 0)
+
+        // With a reference snapshot, KL to the reference starts at 0 and grows after updates.
+        try trainer.snapshotReference()
+        var cfg = LossConfig(mode: .ppo(ClipOptions()))
+        cfg.klCoef = 0.1
+        let first = try trainer.step(items: batch, config: cfg)
+        XCTAssertEqual(first.refKL, 0, accuracy: 1e-7)
+        let second = try trainer.step(items: batch, config: cfg)
+        XCTAssertNotEqual(second.refKL, 0)
+        XCTAssertEqual(trainer.weightsVersion, 5)
+    }
+
+    func testSchedules() {
+        XCTAssertEqual(LRSchedule.constant.rate(1e-3, step: 7), 1e-3)
+        XCTAssertEqual(LRSchedule.linearWarmup(warmupSteps: 4).rate(1e-3, step: 1), 2.5e-4)
+        XCTAssertEqual(LRSchedule.linearWarmup(warmupSteps: 4).rate(1e-3, step: 9), 1e-3)
+        let cos = LRSchedule.cosine(warmupSteps: 2, totalSteps: 12, minLR: 1e-4)
+        XCTAssertEqual(cos.rate(1e-3, step: 1), 5e-4, accuracy: 1e-9)
+        XCTAssertEqual(cos.rate(1e-3, step: 2), 1e-3, accuracy: 1e-9)
+        XCTAssertEqual(cos.rate(1e-3, step: 7), 5.5e-4, accuracy: 1e-9)
+        XCTAssertEqual(cos.rate(1e-3, step: 12), 1e-4, accuracy: 1e-9)
+        XCTAssertEqual(cos.rate(1e-3, step: 40), 1e-4, accuracy: 1e-9)
+    }
+}
