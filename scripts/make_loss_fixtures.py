@@ -145,9 +145,20 @@ def case(rng_seed, mode, opts, agg, T):
             for i in lowest(list(range(N)), lpv, opts["rho"], opts["quirk"]):
                 selected[i] = bool(A[i] < 0) and proxy[i].item() > -math.inf
         sel = torch.tensor(selected)
-        d = torch.where(sel, proxyd - lp, torch.zeros_like(lp))
-        k3 = torch.clamp(torch.exp(d) - d - 1, -10, 10)
-        per = torch.where(sel, -Ad * r + opts["beta"] * k3, clipped(Ad, r, opts["eps_low"], opts["eps_high"]))
+        if opts.get("kl") == "full":
+            # Exact KL(q || p) with q the min-p proxy of the trained row itself (detached).
+            with torch.no_grad():
+                lp_all = torch.log_softmax(x / T, -1)
+                keep = lp_all.exp() >= opts["kappa"] * lp_all.exp().max(-1, keepdim=True).values
+                q = torch.where(keep, lp_all.exp(), torch.zeros_like(lp_all))
+                q = q / q.sum(-1, keepdim=True)
+            logp = torch.log_softmax(x / T, -1)
+            kl = (q * (torch.log(q.clamp_min(1e-300)) - logp)).sum(-1)
+            per = torch.where(sel, -Ad * r + opts["beta"] * kl, clipped(Ad, r, opts["eps_low"], opts["eps_high"]))
+        else:
+            d = torch.where(sel, proxyd - lp, torch.zeros_like(lp))
+            k3 = torch.clamp(torch.exp(d) - d - 1, -10, 10)
+            per = torch.where(sel, -Ad * r + opts["beta"] * k3, clipped(Ad, r, opts["eps_low"], opts["eps_high"]))
     loss = (per * w).sum()
     ent_coef, kl_coef, kl_type = opts.get("entropy_coef", 0.0), opts.get("kl_coef", 0.0), opts.get("kl_type", "k3")
     if ent_coef:
@@ -191,6 +202,8 @@ def main():
         ("ppo", dict(eps_low=0.2, eps_high=0.2, kl_coef=0.1, kl_type="k1"), "token-mean", 1.0),
         ("ppo", dict(eps_low=0.2, eps_high=0.2, kl_coef=0.1, kl_type="k2"), "seq-mean-token-sum", 1.0),
         ("lp_reg", dict(lp_reg, kl_coef=0.05, kl_type="k3", entropy_coef=0.002), "token-mean", 1.0),
+        ("lp_reg", dict(lp_reg, kl="full", kappa=0.02), "token-mean", 1.0),
+        ("lp_reg", dict(lp_reg, kl="full", kappa=0.02, entropy_coef=0.01), "seq-mean-token-mean", 0.9),
     ]
     for k, (mode, opts, agg, T) in enumerate(specs):
         cases.append(case(100 + k, mode, opts, agg, T))

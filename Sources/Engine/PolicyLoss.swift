@@ -34,6 +34,15 @@ public struct LpRegOptions: Sendable, Equatable {
     public var percentileOver: PercentileOver = .negative
     /// Reference-code quirk: nothing is selected when k <= 1.
     public var skipWhenKAtMostOne = true
+    public enum KL: String, Sendable { case k3, full }
+    /// `k3`: the reference code's estimator on the sampled token. `full`: the exact
+    /// KL(proxy ‖ policy) over the vocabulary at selected positions, the proxy taken from the row
+    /// being trained (the sampling policy when on-policy; a detached target either way).
+    public var kl: KL = .k3
+    public enum Selection: String, Sendable { case batch, microBatch = "micro_batch" }
+    /// `batch` (default): select across the whole mini-batch. `micro_batch`: within each
+    /// micro-batch, as the reference code does.
+    public var selection: Selection = .batch
     public init() {}
 }
 
@@ -165,8 +174,9 @@ public struct PolicyLossPlan: Sendable {
     ///   - logprobs: current log-probability of every token (first head pass).
     ///   - entropies: current entropy of every token (needed by 80/20 and entropyCoef).
     ///   - clipCovChoice: picks `count` of the candidates (default: seeded random, as verl).
+    ///   - lpRegSelection: overrides Lp-Reg's selection (per-micro-batch selection is planned outside).
     public init(config: LossConfig, tokens: PolicyTokens, logprobs: [Float], entropies: [Float]? = nil,
-                clipCovChoice: (([Int], Int) -> [Int])? = nil) {
+                clipCovChoice: (([Int], Int) -> [Int])? = nil, lpRegSelection: [Bool]? = nil) {
         self.config = config
         self.tokens = tokens
         let n = tokens.count
@@ -199,7 +209,8 @@ public struct PolicyLossPlan: Sendable {
                 for i in chosen where A[i] < 0 && tokens.proxyLogprobs[i] > -.infinity { selected[i] = true }
             }
             threshold = chosen.map { logprobs[$0] }.max()
-        case let .gspo(_):
+            if let forced = lpRegSelection { selected = forced }
+        case .gspo:
             var sums: [Int: (Float, Int)] = [:]
             for i in 0..<n {
                 let s = tokens.sequence[i]
@@ -296,7 +307,11 @@ public struct PolicyLossPlan: Sendable {
         case let .ppo(clip):
             (loss, grad) = Self.clipped(a, lp, old, clip)
         case let .lpReg(o):
-            if selected[i] {
+            if selected[i] && o.kl == .full {
+                // −A·r here; β·KL(proxy ‖ policy) over the whole row is added in `apply`.
+                let r = expf(lp - old)
+                (loss, grad) = (-a * r, -a * r)
+            } else if selected[i] {
                 // −A·r + β·k3(proxy ‖ policy), k3 = e^d − d − 1 with d = lp_proxy − lp, clamped to [−10, 10].
                 let r = expf(lp - old)
                 let d = tokens.proxyLogprobs[i] - lp
@@ -346,7 +361,8 @@ public struct PolicyLossPlan: Sendable {
     }
 
     /// Turns one logits row into d(loss)/d(logits) for token i; returns the token's loss.
-    /// With z = logits / T: d/dz = dL/dlp · (onehot − p) + entropyCoef·w·p·(log p + H).
+    /// With z = logits / T and p = softmax(z):
+    ///   d/dz = dL/dlp·(onehot − p) + entropyCoef·w·p·(log p + H) + [Lp-Reg full KL] β·w·(p − q).
     public func apply(row: UnsafeMutablePointer<Float>, vocab V: Int, token i: Int) -> Double {
         let T = config.temperature
         let dist = RowDistribution(scaling: row, count: V, temperature: T)
@@ -354,19 +370,38 @@ public struct PolicyLossPlan: Sendable {
         var (loss, g) = term(i, logprob: dist.logprob(target))
         let lse = dist.lse
         let scale: Float = T > 0 ? 1 / T : 1
-        if config.entropyCoef != 0 {
-            let H = dist.entropy()
-            let c = config.entropyCoef * allWeights[i]
-            loss -= Double(c * H)
-            for j in 0..<V {
-                let lpj = row[j] - lse
-                let pj = exp1(lpj)
-                row[j] = (-g * pj + c * pj * (lpj + H)) * scale
+        var fullKL: (c: Float, cut: Float, logKept: Float)?
+        if case let .lpReg(o) = config.mode, o.kl == .full, selected[i] {
+            let cut: Float
+            switch o.proxy {
+            case let .minP(kappa): cut = maxElement(row, V) + logf(kappa)
+            case let .threshold(tau): cut = lse + logf(tau)
             }
-        } else {
+            var kept = 0.0
+            for j in 0..<V where row[j] >= cut { kept += Double(exp1(row[j] - lse)) }
+            let logKept = Float(log(kept))
+            // KL(q ‖ p) = Σ_kept q·(log q − log p) = −log(kept mass).
+            loss += Double(o.beta * weights[i] * -logKept)
+            fullKL = (o.beta * weights[i], cut, logKept)
+        }
+        let ce = config.entropyCoef * allWeights[i]
+        if ce == 0 && fullKL == nil {
             softmax(row, row, V, lse: lse)
             let s = -g * scale
             for j in 0..<V { row[j] *= s }
+        } else {
+            let H = ce != 0 ? dist.entropy() : 0
+            loss -= Double(ce * H)
+            for j in 0..<V {
+                let lpj = row[j] - lse
+                let pj = exp1(lpj)
+                var d = -g * pj + ce * pj * (lpj + H)
+                if let k = fullKL {
+                    let qj: Float = row[j] >= k.cut ? exp1(lpj - k.logKept) : 0
+                    d += k.c * (pj - qj)
+                }
+                row[j] = d * scale
+            }
         }
         row[target] += g * scale
         return loss

@@ -206,14 +206,28 @@ public final class Trainer: @unchecked Sendable {
                                   oldLogprobs: items.flatMap { $0.oldLogprobs! },
                                   proxyLogprobs: items.flatMap { $0.proxyLogprobs ?? Array(repeating: -.infinity, count: $0.responseLength) },
                                   refLogprobs: config.klCoef != 0 ? items.flatMap { $0.refLogprobs! } : nil)
-        let plan = PolicyLossPlan(config: config, tokens: tokens, logprobs: current, entropies: entropies)
+        let starts = items.reduce(into: [0]) { $0.append($0.last! + $1.responseLength) }
+        var forced: [Bool]?
+        if case let .lpReg(o) = config.mode, o.selection == .microBatch, micro.count > 1 {
+            // The reference code's semantics: each micro-batch selects among its own tokens.
+            var selected: [Bool] = []
+            for group in micro {
+                let r = starts[group.first!]..<starts[group.last! + 1]
+                let sub = PolicyTokens(sequence: Array(tokens.sequence[r]), targets: Array(tokens.targets[r]),
+                                       advantages: Array(tokens.advantages[r]), oldLogprobs: Array(tokens.oldLogprobs[r]),
+                                       proxyLogprobs: Array(tokens.proxyLogprobs[r]))
+                selected += PolicyLossPlan(config: config, tokens: sub, logprobs: Array(current[r])).selected
+            }
+            forced = selected
+        }
+        let plan = PolicyLossPlan(config: config, tokens: tokens, logprobs: current, entropies: entropies,
+                                  lpRegSelection: forced)
         var seconds = (forward: Date().timeIntervalSince(tf), backward: 0.0)
 
         // Pass 2: gradients, micro-batch by micro-batch.
         model.parameters.zeroGradients()
         var loss = 0.0
         var offset = 0   // first token index of the micro-batch in plan order
-        let starts = items.reduce(into: [0]) { $0.append($0.last! + $1.responseLength) }
         for group in micro {
             let tb = Date()
             let batch = PackedBatch(group.map { items[$0].tokens })

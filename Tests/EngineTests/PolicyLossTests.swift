@@ -14,7 +14,7 @@ final class PolicyLossTests: XCTestCase {
     func testLossesMatchPyTorchAutograd() throws {
         let data = FileManager.default.contents(atPath: fixturesDirectory + "/losses/cases.json")!
         let cases = try JSONSerialization.jsonObject(with: data) as! [[String: Any]]
-        XCTAssertGreaterThanOrEqual(cases.count, 22)
+        XCTAssertGreaterThanOrEqual(cases.count, 24)
         for (n, c) in cases.enumerated() {
             let o = c["options"] as! [String: Any]
             func f(_ k: String) -> Float { Float(o[k] as! Double) }
@@ -29,6 +29,8 @@ final class PolicyLossTests: XCTestCase {
                 l.rho = f("rho"); l.rhoPos = f("rho_pos"); l.beta = f("beta")
                 l.percentileOver = LpRegOptions.PercentileOver(rawValue: o["percentile_over"] as! String)!
                 l.skipWhenKAtMostOne = o["quirk"] as! Bool
+                l.proxy = .minP(f("kappa"))
+                l.kl = (o["kl"] as? String) == "full" ? .full : .k3
                 mode = .lpReg(l)
             case "gspo":
                 mode = .gspo(ClipOptions(epsLow: f("eps_low"), epsHigh: f("eps_high")))

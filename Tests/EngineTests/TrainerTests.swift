@@ -54,6 +54,24 @@ final class TrainerTests: XCTestCase {
         XCTAssertGreaterThan(whole.lpRegRegularized, 0)
     }
 
+    /// Per-micro-batch selection (reference code) differs from batch-wide selection only in which
+    /// tokens are regularized; with one micro-batch they coincide.
+    func testLpRegSelectionScopes() throws {
+        let model = try TransformerModel.load(directory: fixtureModel("qwen2_tied"))
+        let trainer = Trainer(model: model)
+        let batch = try items(model, count: 8)
+        var o = LpRegOptions()
+        o.rho = 0.25
+        var perMicro = o
+        perMicro.selection = .microBatch
+        let wholeBatch = try trainer.step(items: batch, config: LossConfig(mode: .lpReg(o)), microBatchTokens: 30, dryRun: true)
+        let micro = try trainer.step(items: batch, config: LossConfig(mode: .lpReg(perMicro)), microBatchTokens: 30, dryRun: true)
+        let single = try trainer.step(items: batch, config: LossConfig(mode: .lpReg(perMicro)), dryRun: true)
+        XCTAssertEqual(single.lpRegRegularized, wholeBatch.lpRegRegularized)
+        XCTAssertGreaterThan(wholeBatch.lpRegRegularized, 0)
+        print("Lp-Reg regularized: batch-wide \(wholeBatch.lpRegRegularized), per micro-batch \(micro.lpRegRegularized)")
+    }
+
     func testDryRunAndRefusedStepsChangeNothing() throws {
         let model = try TransformerModel.load(directory: fixtureModel("llama_gqa"))
         let trainer = Trainer(model: model, optimizer: AdamW(settings: AdamWSettings(lr: 1e-2)))
