@@ -38,6 +38,9 @@ public final class AdamW {
         self.stepCount = stepCount
     }
 
+    /// Sets the step counter (resuming from a checkpoint).
+    public func restore(stepCount: Int) { self.stepCount = stepCount }
+
     /// Global L2 norm of the gradients, summed in Double over fixed blocks (independent of the
     /// thread count); NaN or infinity if any gradient is.
     public static func gradientNorm(_ store: ParameterStore) -> Double {

@@ -147,3 +147,63 @@ final class TrainerTests: XCTestCase {
         XCTAssertEqual(cos.rate(1e-3, step: 40), 1e-4, accuracy: 1e-9)
     }
 }
+
+final class TrainerStateTests: XCTestCase {
+    override func setUp() { Compute.setThreads(2) }
+
+    /// Two steps, save, two more steps; versus load and the same two steps: bit-identical weights.
+    func testResumeContinuesExactly() throws {
+        let dir = NSTemporaryDirectory() + "ember-resume-\(UUID().uuidString)"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let batch = [TrainItem(tokens: [1, 2, 3, 4, 5, 6], responseStart: 2, advantages: [1, 1, 1, 1]),
+                     TrainItem(tokens: [7, 8, 9, 10, 11], responseStart: 3, advantages: [-1, -1])]
+        let config = LossConfig(mode: .ppo(ClipOptions()))
+        let model = try TransformerModel.load(directory: fixtureModel("llama_gqa"))
+        let trainer = Trainer(model: model, optimizer: AdamW(settings: AdamWSettings(lr: 5e-3, beta1: 0.8, weightDecay: 0.01)))
+        for _ in 0..<2 { _ = try trainer.step(items: batch, config: config) }
+        try model.save(to: dir)
+        try trainer.saveState(to: dir)
+        for _ in 0..<2 { _ = try trainer.step(items: batch, config: config) }
+
+        let resumedModel = try TransformerModel.load(directory: dir)
+        let resumed = Trainer(model: resumedModel)
+        try resumed.loadState(from: dir)
+        XCTAssertEqual(resumed.weightsVersion, 2)
+        XCTAssertEqual(resumed.optimizer.settings, trainer.optimizer.settings)
+        for _ in 0..<2 { _ = try resumed.step(items: batch, config: config) }
+        XCTAssertEqual(resumed.weightsVersion, 4)
+        XCTAssertEqual(resumedModel.parameters.checksum(), model.parameters.checksum(), "resumed run must continue exactly")
+    }
+
+    func testRolloutsBecomeItemsWithAdvantages() throws {
+        let model = try TransformerModel.load(directory: fixtureModel("qwen2_tied"))
+        let gen = Generator(model: model, tokenizer: nil, slots: 4, capacity: 24)
+        let store = RolloutStore(budgetBytes: 1 << 20)
+        gen.rolloutStore = store
+        var params = SamplingParams(); params.maxTokens = 6; params.seed = 3
+        var options = GenerationOptions(); options.proxy = .minP(0.02)
+        let out = try gen.generate(prompts: [[1, 2], [3, 4]], n: 2, params: params, options: options)
+        let ids = out.results.flatMap { $0.map { $0.rolloutId! } }
+        let rewards = [RolloutReward(rolloutId: ids[0], reward: 1), RolloutReward(rolloutId: ids[1], reward: 0),
+                       RolloutReward(rolloutId: ids[2], reward: 1), RolloutReward(rolloutId: ids[3], reward: 1)]
+        let items = try Trainer.items(from: rewards, store: store, estimator: .drGRPO, temperature: 1, proxy: .minP(0.02))
+        XCTAssertEqual(items.map { $0.advantages.first! }, [0.5, -0.5, 0, 0])
+        XCTAssertEqual(items[0].oldLogprobs!, out.results[0][0].logprobs)
+        XCTAssertEqual(items[0].proxyLogprobs!, out.results[0][0].proxyLogprobs!)
+        let dropped = try Trainer.items(from: rewards, store: store, estimator: .grpo, temperature: 1, proxy: nil,
+                                        dropConstantGroups: true)
+        XCTAssertEqual(dropped.count, 2, "the second prompt's rewards are all equal")
+        XCTAssertNil(dropped[0].proxyLogprobs)
+        let other = try Trainer.items(from: rewards, store: store, estimator: .grpo, temperature: 0.5, proxy: nil)
+        XCTAssertNil(other[0].oldLogprobs, "log-probs at another temperature are recomputed")
+        XCTAssertThrowsError(try Trainer.items(from: [RolloutReward(rolloutId: "r-x-1", reward: 1)], store: store,
+                                               estimator: .grpo, temperature: 1, proxy: nil)) { e in
+            XCTAssertTrue("\(e)".contains("rollouts[0].rollout_id"), "\(e)")
+        }
+        let trainer = Trainer(model: model)
+        let m = try trainer.step(items: items, config: LossConfig(mode: .lpReg(LpRegOptions())))
+        XCTAssertEqual(m.logprobMaxAbsDiff, 0, "stored sampling log-probs equal the trainer's")
+        XCTAssertEqual(trainer.weightsVersion, 1)
+    }
+}
