@@ -71,6 +71,23 @@ def sampling(quick):
         json.dump({"machine": machine(), "runs": rows}, f, indent=1)
 
 
+def train(quick):
+    """train_step tok/s with the PPO and Lp-Reg losses, Ember vs the same loss in PyTorch."""
+    print(f"\n{'shape':6} {'mode':8} {'ember tok/s':>12} {'pytorch tok/s':>14} {'ratio':>7}")
+    rows, ember = [], {}
+    for shape in (["tiny"] if quick else ["tiny", "0.5b"]):
+        steps = "5" if shape == "tiny" else "2"
+        for mode in ["ppo", "lp_reg"]:
+            e = run([EMBER, "train", "--shape", shape, "--mode", mode, "--steps", steps])[0]
+            t = run(TORCH + ["train", "--shape", shape, "--mode", mode, "--steps", steps])[0]
+            print(f"{shape:6} {mode:8} {e['train_tok_s']:12.1f} {t['train_tok_s']:14.1f} {e['train_tok_s'] / t['train_tok_s']:6.2f}x")
+            ember[(shape, mode)] = e["train_tok_s"]
+            rows.append({"ember": e, "pytorch": t})
+        print(f"{shape:6} Lp-Reg cost over ppo: {100 * (ember[(shape, 'ppo')] / ember[(shape, 'lp_reg')] - 1):.1f}%")
+    with open(os.path.join(ROOT, "bench", "out", "train.json"), "w") as f:
+        json.dump({"machine": machine(), "runs": rows}, f, indent=1)
+
+
 def tokenizer():
     """Encode MB/s of each fixture tokenizer on Python's standard library sources (local text),
     Ember vs the Rust `tokenizers` library, one thread each."""
@@ -95,10 +112,12 @@ def tokenizer():
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    what = [a for a in args if not a.startswith("--")] or ["engine", "tokenizer", "sampling"]
+    what = [a for a in args if not a.startswith("--")] or ["engine", "tokenizer", "sampling", "train"]
     if "engine" in what:
         engine("--quick" in args)
     if "sampling" in what:
         sampling("--quick" in args)
     if "tokenizer" in what:
         tokenizer()
+    if "train" in what:
+        train("--quick" in args)

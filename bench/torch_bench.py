@@ -101,9 +101,61 @@ def score(shape, threads):
                       "score_tok_s": batch * seq / statistics.median(times), "seconds": times}), flush=True)
 
 
+def train(shape, mode, steps, threads):
+    """One optimizer step per call with the PPO or Lp-Reg loss written in PyTorch (token-mean,
+    advantages +-1 per sequence, on-policy old log-probs, min-p 0.02 proxy, rho 0.01, beta 1)."""
+    torch.set_num_threads(threads)
+    model, cfg, batch, seq = random_model(shape)
+    model.train()
+    prompt = 16
+    ids = torch.randint(0, cfg["vocab_size"], (batch, seq))
+    adv = torch.tensor([1.0 if b % 2 == 0 else -1.0 for b in range(batch)])[:, None].expand(batch, seq - prompt)
+    targets = ids[:, prompt:]
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[:, prompt - 1:-1].float()
+        logp_all = torch.log_softmax(logits, -1)
+        old = logp_all.gather(-1, targets[..., None])[..., 0]
+        p = logp_all.exp()
+        keep = p >= 0.02 * p.max(-1, keepdim=True).values
+        masked = torch.where(keep, logp_all, torch.full_like(logp_all, float("-inf")))
+        proxy = (masked - torch.logsumexp(masked, -1, keepdim=True)).gather(-1, targets[..., None])[..., 0]
+        del logits, logp_all, p, keep, masked
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.0)
+    times = []
+    for i in range(steps + 1):
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        logits = model(input_ids=ids).logits[:, prompt - 1:-1]
+        lp = torch.log_softmax(logits.float(), -1).gather(-1, targets[..., None])[..., 0]
+        ratio = torch.exp(lp - old)
+        if mode == "ppo":
+            per = torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 0.8, 1.2))
+        else:
+            neg = adv < 0
+            flat_lp = lp.detach()[neg]
+            k = int(flat_lp.numel() * 0.01)
+            sel = torch.zeros_like(lp, dtype=torch.bool)
+            if k > 1:
+                cut = torch.topk(flat_lp, k, largest=False).values.max()
+                sel = neg & (lp.detach() <= cut) & (lp.detach() < proxy)
+            d = proxy - lp
+            k3 = torch.clamp(torch.exp(d) - d - 1, -10, 10)
+            per = torch.where(sel, -adv * ratio + k3, torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 0.0, 10.0)))
+        loss = per.mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if i:
+            times.append(time.perf_counter() - t0)
+    tokens = batch * seq
+    print(json.dumps({"kind": "train", "impl": "pytorch", "shape": shape, "mode": mode, "tokens": tokens,
+                      "train_tok_s": tokens / statistics.median(times), "seconds": times}), flush=True)
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["engine", "generate", "score"])
+    ap.add_argument("what", choices=["engine", "generate", "score", "train"])
+    ap.add_argument("--mode", default="ppo")
     ap.add_argument("--shape", default="tiny")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
@@ -113,6 +165,8 @@ if __name__ == "__main__":
     a = ap.parse_args()
     if a.what == "engine":
         engine(a.shape, a.steps, a.threads)
+    elif a.what == "train":
+        train(a.shape, a.mode, a.steps, a.threads)
     elif a.what == "generate":
         generate(a.shape, a.batch, a.prompt, a.new, a.threads)
     else:

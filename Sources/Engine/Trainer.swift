@@ -182,13 +182,16 @@ public final class Trainer: @unchecked Sendable {
         let V = model.architecture.vocabSize
         let micro = Self.microBatches(items, tokenBudget: microBatchTokens)
         let tf = Date()
-        // Pass 1: every token's current log-probability and entropy (body forward without saving).
+        // Pass 1: every token's current log-probability and entropy. With one micro-batch the
+        // body runs once (activations kept for pass 2); otherwise each micro-batch runs twice.
         var current: [Float] = [], entropies: [Float] = []
+        var kept: Activations?
         for group in micro {
             let batch = PackedBatch(group.map { items[$0].tokens })
             let (rows, targets) = Scoring.responseRows(batch, responseStarts: group.map { items[$0].responseStart })
             let acts = try model.forward(tokens: batch.tokens, positions: batch.positions,
-                                         context: .packed(sequenceStarts: batch.sequenceStarts))
+                                         context: .packed(sequenceStarts: batch.sequenceStarts), saving: micro.count == 1)
+            if micro.count == 1 { kept = acts }
             model.withLogitChunks(hidden: acts.hidden.pointer, rows: rows, chunkRows: model.defaultChunkRows()) { range, logits in
                 for (i, r) in range.enumerated() {
                     let dist = RowDistribution(scaling: logits + i * V, count: V, temperature: config.temperature)
@@ -233,8 +236,8 @@ public final class Trainer: @unchecked Sendable {
             let batch = PackedBatch(group.map { items[$0].tokens })
             let (rows, _) = Scoring.responseRows(batch, responseStarts: group.map { items[$0].responseStart })
             offset = starts[group[0]]
-            let acts = try model.forward(tokens: batch.tokens, positions: batch.positions,
-                                         context: .packed(sequenceStarts: batch.sequenceStarts), saving: true)
+            let acts = try kept ?? model.forward(tokens: batch.tokens, positions: batch.positions,
+                                                 context: .packed(sequenceStarts: batch.sequenceStarts), saving: true)
             let dHidden = FloatBuffer(zeros: batch.tokens.count * model.architecture.hiddenSize)
             let base = offset
             model.withLogitChunks(hidden: acts.hidden.pointer, rows: rows, chunkRows: model.defaultChunkRows(),

@@ -130,6 +130,41 @@ func benchScore() throws {
           "score_tok_s": Double(batch * len) / median(times), "seconds": times])
 }
 
+/// train_step throughput with a policy loss (`--mode ppo|lp_reg`), rollouts' sampling
+/// statistics supplied (as the rollout store does), one optimizer step per call.
+func benchTrain() throws {
+    let shape = Shape.named(option("--shape", "tiny"))
+    let steps = Int(option("--steps", shape.name == "tiny" ? "5" : "2"))!
+    let mode = option("--mode", "ppo")
+    let model = try makeModel(shape)
+    var rng = SeededRandom(seed: 11)
+    let V = UInt64(model.architecture.vocabSize)
+    let prompt = 16
+    let seqs = (0..<shape.batch).map { _ in (0..<shape.seqLen).map { _ in Int32(rng.next() % V) } }
+    var options = GenerationOptions()
+    options.proxy = .minP(0.02)
+    let scored = try Scoring.score(model: model, sequences: seqs.map { ScoredSequence(tokens: $0, responseStart: prompt) },
+                                   options: options)
+    let items = seqs.enumerated().map { b, s in
+        TrainItem(tokens: s, responseStart: prompt, advantages: Array(repeating: b % 2 == 0 ? 1 : -1, count: s.count - prompt),
+                  oldLogprobs: scored[b].logprobs, proxyLogprobs: scored[b].proxyLogprobs)
+    }
+    let config: LossConfig = mode == "lp_reg" ? LossConfig(mode: .lpReg(LpRegOptions())) : LossConfig(mode: .ppo(ClipOptions()))
+    let trainer = Trainer(model: model, optimizer: AdamW(settings: AdamWSettings(lr: 1e-6)))
+    var times: [Double] = []
+    var selected = 0
+    for i in 0..<(steps + 1) {
+        let t0 = now()
+        let m = try trainer.step(items: items, config: config)
+        if i > 0 { times.append(now() - t0) }
+        selected = m.lpRegRegularized
+    }
+    let tokens = seqs.count * shape.seqLen
+    emit(["kind": "train", "impl": "ember", "shape": shape.name, "mode": mode, "tokens": tokens,
+          "train_tok_s": Double(tokens) / median(times), "seconds": times, "lp_reg_regularized": selected,
+          "peak_rss_bytes": peakRSSBytes()])
+}
+
 func benchEngine() throws {
     let shape = Shape.named(option("--shape", "tiny"))
     let steps = Int(option("--steps", shape.name == "tiny" ? "5" : "2")) ?? 3
@@ -224,6 +259,7 @@ do {
     case "tokenizer": try benchTokenizer()
     case "generate": try benchGenerate()
     case "score": try benchScore()
+    case "train": try benchTrain()
     case "sgemm": benchSgemm()
     case "engine": try benchEngine()
     default:
