@@ -62,8 +62,8 @@ public final class AdamW {
     /// schedules). Returns the gradient norm before clipping. Throws `NonFiniteError` without
     /// touching anything when the norm is not finite.
     @discardableResult
-    public func step(_ store: ParameterStore, lr: Float? = nil) throws -> Double {
-        let norm = Self.gradientNorm(store)
+    public func step(_ store: ParameterStore, lr: Float? = nil, gradientNorm known: Double? = nil) throws -> Double {
+        let norm = known ?? Self.gradientNorm(store)
         guard norm.isFinite else { throw NonFiniteError(what: "the gradient norm") }
         let s = settings
         let rate = lr ?? s.lr

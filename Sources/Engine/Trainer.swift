@@ -107,9 +107,21 @@ public final class Trainer: @unchecked Sendable {
 
     /// Runs one train_step. Throws before changing anything on invalid input; a non-finite loss or
     /// gradient refuses that optimizer step (earlier mini-batches of the same call stay applied).
+    /// `optimizer`, when given, applies to this call only (`optimizer.configure` changes
+    /// `self.optimizer.settings` for good).
     public func step(items: [TrainItem], config: LossConfig, miniBatches: Int = 1, microBatchTokens: Int? = nil,
-                     proxy: ProxySpec? = nil, dryRun: Bool = false) throws -> TrainMetrics {
+                     proxy: ProxySpec? = nil, optimizer override: AdamWSettings? = nil,
+                     dryRun: Bool = false) throws -> TrainMetrics {
         try validate(items, config: config, miniBatches: miniBatches)
+        if let o = override {
+            guard o.lr >= 0, o.lr.isFinite, o.beta1 >= 0, o.beta1 < 1, o.beta2 >= 0, o.beta2 < 1, o.eps > 0,
+                  o.weightDecay >= 0, o.gradClip >= 0 else {
+                throw TrainError.invalid(path: "optimizer", reason: "lr >= 0, betas in [0, 1), eps > 0, weight_decay >= 0, grad_clip >= 0")
+            }
+        }
+        let saved = optimizer.settings
+        if let o = override { optimizer.settings = o }
+        defer { optimizer.settings = saved }
         var items = items
         var metrics = TrainMetrics()
         let t0 = Date()
@@ -154,7 +166,7 @@ public final class Trainer: @unchecked Sendable {
             let lr = schedule.rate(optimizer.settings.lr, step: optimizer.stepCount + 1)
             metrics.lr = lr
             if !dryRun {
-                try optimizer.step(model.parameters, lr: lr)
+                try optimizer.step(model.parameters, lr: lr, gradientNorm: norm)
                 weightsVersion += 1
                 metrics.optimizerSteps += 1
             }

@@ -135,6 +135,23 @@ final class TrainerTests: XCTestCase {
         XCTAssertEqual(trainer.weightsVersion, 5)
     }
 
+    func testPerCallOptimizerSettingsDoNotPersist() throws {
+        let model = try TransformerModel.load(directory: fixtureModel("llama_gqa"))
+        let trainer = Trainer(model: model, optimizer: AdamW(settings: AdamWSettings(lr: 1e-3)))
+        let batch = [TrainItem(tokens: [1, 2, 3, 4], responseStart: 1, advantages: [1, -1, 1])]
+        let m = try trainer.step(items: batch, config: LossConfig(mode: .ppo(ClipOptions())),
+                                 optimizer: AdamWSettings(lr: 5e-2, weightDecay: 0.1))
+        XCTAssertEqual(m.lr, 5e-2)
+        XCTAssertEqual(trainer.optimizer.settings.lr, 1e-3)
+        XCTAssertThrowsError(try trainer.step(items: batch, config: LossConfig(mode: .ppo(ClipOptions())),
+                                              optimizer: AdamWSettings(lr: -1))) { e in
+            XCTAssertTrue("\(e)".contains("optimizer"))
+        }
+        trainer.schedule = .linearWarmup(warmupSteps: 10)
+        let warm = try trainer.step(items: batch, config: LossConfig(mode: .ppo(ClipOptions())))
+        XCTAssertEqual(warm.lr, 2e-4, accuracy: 1e-10, "second optimizer step of a 10-step warm-up")
+    }
+
     func testSchedules() {
         XCTAssertEqual(LRSchedule.constant.rate(1e-3, step: 7), 1e-3)
         XCTAssertEqual(LRSchedule.linearWarmup(warmupSteps: 4).rate(1e-3, step: 1), 2.5e-4)
