@@ -5,7 +5,6 @@
 // d(loss)/d(logits) through the same `RowDistribution` sampling and scoring use.
 import Foundation
 import Kernels
-import Models
 
 /// Clipped surrogate options (`ppo`; also Lp-Reg's unselected tokens).
 public struct ClipOptions: Sendable, Equatable {
@@ -405,60 +404,5 @@ public struct PolicyLossPlan: Sendable {
         }
         row[target] += g * scale
         return loss
-    }
-}
-
-// MARK: - One forward/backward with a policy loss
-
-public enum PolicyTraining {
-    /// Result of a policy-loss forward/backward.
-    public struct Result: Sendable {
-        public let loss: Double
-        public let plan: PolicyLossPlan
-        /// Current log-probability of each response token (before the update).
-        public let logprobs: [Float]
-    }
-
-    /// Adds d(policy loss)/d(parameters) into the model's gradients for a packed batch whose
-    /// sequences' responses start at `responseStarts`. The body runs forward once; the output head
-    /// runs twice: first for every token's current log-probability (Lp-Reg selects across the whole
-    /// batch), then for the gradients.
-    public static func accumulateGradients(model: TransformerModel, batch: PackedBatch, responseStarts: [Int],
-                                           advantages: [Float], oldLogprobs: [Float], proxyLogprobs: [Float],
-                                           refLogprobs: [Float]? = nil, config: LossConfig, chunkRows: Int? = nil,
-                                           zeroGradients: Bool = true) throws -> Result {
-        let temperature = config.temperature
-        var needsEntropy = config.entropyCoef != 0
-        if case .highEntropy = config.mode { needsEntropy = true }
-        let (rows, targets) = Scoring.responseRows(batch, responseStarts: responseStarts)
-        precondition(advantages.count == rows.count && oldLogprobs.count == rows.count && proxyLogprobs.count == rows.count)
-        var sequence: [Int] = []
-        for b in 0..<batch.sequenceCount { sequence += Array(repeating: b, count: batch.range(b).count - responseStarts[b]) }
-        if zeroGradients { model.parameters.zeroGradients() }
-        let acts = try model.forward(tokens: batch.tokens, positions: batch.positions,
-                                     context: .packed(sequenceStarts: batch.sequenceStarts), saving: true)
-        let V = model.architecture.vocabSize
-        let chunk = chunkRows ?? model.defaultChunkRows()
-        var current: [Float] = [], entropies: [Float] = []
-        current.reserveCapacity(rows.count)
-        model.withLogitChunks(hidden: acts.hidden.pointer, rows: rows, chunkRows: chunk) { range, logits in
-            for (i, r) in range.enumerated() {
-                let dist = RowDistribution(scaling: logits + i * V, count: V, temperature: temperature)
-                current.append(dist.logprob(Int(targets[r])))
-                if needsEntropy { entropies.append(dist.entropy()) }
-            }
-        }
-        let tokens = PolicyTokens(sequence: sequence, targets: targets, advantages: advantages,
-                                  oldLogprobs: oldLogprobs, proxyLogprobs: proxyLogprobs, refLogprobs: refLogprobs)
-        let plan = PolicyLossPlan(config: config, tokens: tokens, logprobs: current,
-                                  entropies: needsEntropy ? entropies : nil)
-        let dHidden = FloatBuffer(zeros: batch.tokens.count * model.architecture.hiddenSize)
-        var loss = 0.0
-        model.withLogitChunks(hidden: acts.hidden.pointer, rows: rows, chunkRows: chunk, dHidden: dHidden.pointer) { range, logits in
-            for (i, r) in range.enumerated() { loss += plan.apply(row: logits + i * V, vocab: V, token: r) }
-        }
-        guard loss.isFinite else { throw NonFiniteError(what: "the loss") }
-        model.backward(acts, dHidden: dHidden.pointer)
-        return Result(loss: loss, plan: plan, logprobs: current)
     }
 }

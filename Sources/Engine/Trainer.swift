@@ -88,6 +88,8 @@ public final class Trainer: @unchecked Sendable {
     public private(set) var weightsVersion = 0
     /// Frozen copy of the weights for the KL-to-reference term (`snapshotReference`).
     public private(set) var reference: TransformerModel?
+    /// The last mini-batch's per-token choice (Lp-Reg: regularized tokens), in response-token order.
+    public private(set) var lastSelection: [Bool] = []
 
     public init(model: TransformerModel, optimizer: AdamW = AdamW()) {
         self.model = model
@@ -237,6 +239,7 @@ public final class Trainer: @unchecked Sendable {
         }
         let plan = PolicyLossPlan(config: config, tokens: tokens, logprobs: current, entropies: entropies,
                                   lpRegSelection: forced)
+        lastSelection = plan.selected
         var seconds = (forward: Date().timeIntervalSince(tf), backward: 0.0)
 
         // Pass 2: gradients, micro-batch by micro-batch.

@@ -140,7 +140,7 @@ struct RopeConfig: Decodable {
 }
 
 /// Per-layer attention windows from `layer_types` ("full_attention" | "sliding_attention").
-func layerWindows(layerTypes: [String]?, layers: Int, slidingWindow: Int?, useSliding: Bool) throws -> [Int] {
+func layerWindows(layerTypes: [String]?, layers: Int, slidingWindow: Int?) throws -> [Int] {
     if let types = layerTypes {
         guard types.count == layers else {
             throw ModelError.invalidConfig(field: "layer_types", reason: "\(types.count) entries for \(layers) layers")
@@ -157,7 +157,6 @@ func layerWindows(layerTypes: [String]?, layers: Int, slidingWindow: Int?, useSl
             }
         }
     }
-    if useSliding, let w = slidingWindow, w > 0 { return Array(repeating: w, count: layers) }
     return Array(repeating: 0, count: layers)
 }
 

@@ -42,8 +42,7 @@ public enum Qwen2: ModelFamily {
             let from = c.maxWindowLayers ?? 28
             types = (0..<max(0, layers)).map { $0 >= from ? "sliding_attention" : "full_attention" }
         }
-        let windows = try layerWindows(layerTypes: types, layers: max(0, layers), slidingWindow: c.slidingWindow ?? 4096,
-                                       useSliding: false)
+        let windows = try layerWindows(layerTypes: types, layers: max(0, layers), slidingWindow: c.slidingWindow ?? 4096)
         return Architecture(
             modelType: "qwen2", vocabSize: c.vocabSize ?? 151936, hiddenSize: hidden, layers: layers,
             heads: heads, kvHeads: c.numKeyValueHeads ?? heads, headDim: headDim,

@@ -21,11 +21,13 @@ final class LpRegTrainingTests: XCTestCase {
         let out = try gen.generate(prompts: [[1, 2, 3, 4]], n: 6, params: params, options: options)
         let prompt = out.promptTokens[0]
         let samples = out.results[0]
-        let batch = PackedBatch(samples.map { prompt + $0.tokens })
-        let starts = Array(repeating: prompt.count, count: samples.count)
         // Every sample failed: negative advantage on every token (the Lp-Reg scenario).
-        let advantages = samples.flatMap { s in Array(repeating: Float(-1), count: s.tokens.count) }
-        let old = samples.flatMap { $0.logprobs }, proxy = samples.flatMap { $0.proxyLogprobs! }
+        let items = samples.map { s in
+            TrainItem(tokens: prompt + s.tokens, responseStart: prompt.count,
+                      advantages: Array(repeating: -1, count: s.tokens.count),
+                      oldLogprobs: s.logprobs, proxyLogprobs: s.proxyLogprobs)
+        }
+        let old = samples.flatMap { $0.logprobs }
 
         var lpReg = LpRegOptions()
         lpReg.rho = 0.1
@@ -34,20 +36,17 @@ final class LpRegTrainingTests: XCTestCase {
         var selected: [Bool] = []
         for (name, mode) in modes {
             let model = try TransformerModel.load(directory: fixtureModel("llama_gqa"))
-            let adam = AdamW(settings: AdamWSettings(lr: 3e-3, weightDecay: 0, gradClip: 1))
+            let trainer = Trainer(model: model, optimizer: AdamW(settings: AdamWSettings(lr: 3e-3, weightDecay: 0, gradClip: 1)))
             for step in 0..<4 {
-                let r = try PolicyTraining.accumulateGradients(model: model, batch: batch, responseStarts: starts,
-                                                               advantages: advantages, oldLogprobs: old, proxyLogprobs: proxy,
-                                                               config: LossConfig(mode: mode))
+                let m = try trainer.step(items: items, config: LossConfig(mode: mode))
                 if step == 0 {
-                    // On-policy: the first pass's log-probs are the sampler's, bit for bit.
-                    XCTAssertEqual(r.logprobs.map(\.bitPattern), old.map(\.bitPattern))
-                    if name == "lp_reg" { selected = r.plan.selected }
+                    // On-policy: the trainer's log-probs are the sampler's, bit for bit.
+                    XCTAssertEqual(m.logprobMaxAbsDiff, 0)
+                    if name == "lp_reg" { selected = trainer.lastSelection }
                 }
-                try adam.step(model.parameters)
             }
-            finalLogprobs[name] = try Scoring.score(model: model, sequences: zip(batch.sequenceStarts, batch.sequenceStarts.dropFirst()).map {
-                ScoredSequence(tokens: Array(batch.tokens[$0..<$1]), responseStart: prompt.count)
+            finalLogprobs[name] = try Scoring.score(model: model, sequences: items.map {
+                ScoredSequence(tokens: $0.tokens, responseStart: $0.responseStart)
             }).flatMap { $0.logprobs }
         }
         let chosen = selected.indices.filter { selected[$0] }
