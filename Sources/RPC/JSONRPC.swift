@@ -1,0 +1,233 @@
+// JSON-RPC 2.0 (https://www.jsonrpc.org/specification): request and batch decoding, the error
+// model (standard codes plus domain errors with a stable `data.kind` and `data.path`), and
+// responses that echo the request id exactly. Transport-free: the server feeds it request bodies.
+import Foundation
+
+/// A request id: string, number (kept as its JSON text so 7 and 7.0 echo as sent) or null.
+public enum RequestID: Sendable, Equatable, Hashable {
+    case string(String)
+    case number(String)
+    case null
+
+    var json: Any {
+        switch self {
+        case let .string(s): s
+        case let .number(text): RawJSON(text)
+        case .null: NSNull()
+        }
+    }
+}
+
+/// A JSON-RPC error: standard codes, or domain errors (-32000...-32099) with `data.kind`.
+public struct RPCError: Error, Sendable, Equatable, CustomStringConvertible {
+    public let code: Int
+    public let message: String
+    /// Stable machine-readable kind (e.g. `invalid_params`, `unknown_rollout`, `overloaded`).
+    public let kind: String
+    /// The parameter at fault, as a path (`params.sequences[2].response_start`), if any.
+    public let path: String?
+    /// A human hint on how to fix the call.
+    public let hint: String?
+
+    public init(code: Int, message: String, kind: String, path: String? = nil, hint: String? = nil) {
+        self.code = code; self.message = message; self.kind = kind; self.path = path; self.hint = hint
+    }
+
+    public static func parse(_ detail: String) -> RPCError {
+        RPCError(code: -32700, message: "Parse error", kind: "parse_error", hint: detail)
+    }
+    public static func invalidRequest(_ detail: String) -> RPCError {
+        RPCError(code: -32600, message: "Invalid Request", kind: "invalid_request", hint: detail)
+    }
+    public static func methodNotFound(_ method: String) -> RPCError {
+        RPCError(code: -32601, message: "Method not found", kind: "method_not_found", path: "method",
+                 hint: "unknown method '\(method)'")
+    }
+    public static func invalidParams(path: String, _ detail: String) -> RPCError {
+        RPCError(code: -32602, message: "Invalid params", kind: "invalid_params", path: path, hint: detail)
+    }
+    public static func internalError(_ detail: String) -> RPCError {
+        RPCError(code: -32603, message: "Internal error", kind: "internal_error", hint: detail)
+    }
+    /// A domain error (-32000...-32099).
+    public static func domain(_ code: Int = -32000, kind: String, message: String, path: String? = nil,
+                              hint: String? = nil) -> RPCError {
+        RPCError(code: code, message: message, kind: kind, path: path, hint: hint)
+    }
+
+    public var description: String { "\(code) \(message) [\(kind)]\(path.map { " at \($0)" } ?? ""): \(hint ?? "")" }
+
+    var json: [String: Any] {
+        var data: [String: Any] = ["kind": kind]
+        if let path { data["path"] = path }
+        if let hint { data["hint"] = hint }
+        return ["code": code, "message": message, "data": data]
+    }
+}
+
+/// One decoded call.
+public struct RPCRequest: @unchecked Sendable {
+    public let method: String
+    /// `params` as sent: an object, an array, or absent (nil).
+    public let params: Any?
+    /// nil for a notification (no response is sent).
+    public let id: RequestID?
+    public var isNotification: Bool { id == nil }
+}
+
+/// What a body decodes to: one call, a batch of calls (each possibly invalid), or an error that
+/// prevents reading any call.
+public enum RPCEnvelope {
+    case single(Result<RPCRequest, RPCError>, id: RequestID?)
+    case batch([(Result<RPCRequest, RPCError>, RequestID?)])
+    case failure(RPCError)
+}
+
+public enum JSONRPC {
+    /// Deepest nesting accepted (arrays and objects); deeper bodies are refused before parsing.
+    public static let maxDepth = 64
+    /// Most calls in one batch.
+    public static let maxBatch = 256
+
+    /// Decodes a request body.
+    public static func decode(_ body: Data) -> RPCEnvelope {
+        if let problem = checkDepth(body) { return .failure(.parse(problem)) }
+        let value: Any
+        do { value = try JSONSerialization.jsonObject(with: body, options: [.fragmentsAllowed]) } catch {
+            return .failure(.parse("the body is not valid JSON"))
+        }
+        if let list = value as? [Any] {
+            if list.isEmpty { return .failure(.invalidRequest("an empty batch")) }
+            if list.count > maxBatch {
+                return .failure(.invalidRequest("a batch of \(list.count) calls exceeds the limit of \(maxBatch)"))
+            }
+            return .batch(list.map { item in
+                let id = requestID(item)
+                return (call(item), id)
+            })
+        }
+        return .single(call(value), id: requestID(value))
+    }
+
+    /// Refuses bodies nested deeper than `maxDepth` (outside strings), so the parser never
+    /// recurses without bound.
+    static func checkDepth(_ body: Data) -> String? {
+        var depth = 0, inString = false, escaped = false
+        for b in body {
+            if inString {
+                if escaped { escaped = false } else if b == UInt8(ascii: "\\") { escaped = true } else if b == UInt8(ascii: "\"") { inString = false }
+                continue
+            }
+            switch b {
+            case UInt8(ascii: "\""): inString = true
+            case UInt8(ascii: "["), UInt8(ascii: "{"):
+                depth += 1
+                if depth > maxDepth { return "nesting deeper than \(maxDepth) levels" }
+            case UInt8(ascii: "]"), UInt8(ascii: "}"): depth -= 1
+            default: break
+            }
+        }
+        return nil
+    }
+
+    /// The id of a request object, when it has a valid one (used to address error responses).
+    static func requestID(_ value: Any) -> RequestID? {
+        guard let obj = value as? [String: Any], let raw = obj["id"] else { return nil }
+        return parseID(raw)
+    }
+
+    static func parseID(_ raw: Any) -> RequestID? {
+        if raw is NSNull { return .null }
+        if let s = raw as? String { return .string(s) }
+        if let n = raw as? NSNumber, !isBoolean(n) { return .number(numberText(n)) }
+        return nil
+    }
+
+    /// Foundation parses JSON booleans as NSNumbers of ObjC type "c".
+    static func isBoolean(_ n: NSNumber) -> Bool { String(cString: n.objCType) == "c" }
+
+    /// Integers as integers; other numbers in Swift's shortest round-trip form.
+    static func numberText(_ n: NSNumber) -> String {
+        switch String(cString: n.objCType) {
+        case "d", "f": return "\(n.doubleValue)"
+        case "Q": return "\(n.uint64Value)"
+        default: return "\(n.int64Value)"
+        }
+    }
+
+    static func call(_ value: Any) -> Result<RPCRequest, RPCError> {
+        guard let obj = value as? [String: Any] else { return .failure(.invalidRequest("a call must be a JSON object")) }
+        guard obj["jsonrpc"] as? String == "2.0" else { return .failure(.invalidRequest("\"jsonrpc\" must be \"2.0\"")) }
+        guard let method = obj["method"] as? String else { return .failure(.invalidRequest("\"method\" must be a string")) }
+        var id: RequestID?
+        if let raw = obj["id"] {
+            guard let parsed = parseID(raw) else {
+                return .failure(.invalidRequest("\"id\" must be a string, a number or null"))
+            }
+            id = parsed
+        }
+        let params = obj["params"]
+        if let p = params, !(p is [String: Any]) && !(p is [Any]) {
+            return .failure(.invalidRequest("\"params\" must be an object or an array"))
+        }
+        return .success(RPCRequest(method: method, params: params, id: id))
+    }
+
+    // MARK: - Responses
+
+    /// A success response object.
+    public static func response(id: RequestID, result: Any) -> [String: Any] {
+        ["jsonrpc": "2.0", "id": id.json, "result": result]
+    }
+
+    /// An error response object (id null when the request's id could not be read).
+    public static func response(id: RequestID?, error: RPCError) -> [String: Any] {
+        ["jsonrpc": "2.0", "id": (id ?? .null).json, "error": error.json]
+    }
+
+    /// Serializes a response (or a batch of them); numbers given as `RawJSON` are written verbatim.
+    public static func encode(_ value: Any) -> Data {
+        var out = Data()
+        write(value, to: &out)
+        return out
+    }
+
+    static func write(_ value: Any, to out: inout Data) {
+        switch value {
+        case let raw as RawJSON: out.append(contentsOf: raw.text.utf8)
+        case let dict as [String: Any]:
+            out.append(UInt8(ascii: "{"))
+            for (i, key) in dict.keys.sorted().enumerated() {
+                if i > 0 { out.append(UInt8(ascii: ",")) }
+                write(key, to: &out)
+                out.append(UInt8(ascii: ":"))
+                write(dict[key]!, to: &out)
+            }
+            out.append(UInt8(ascii: "}"))
+        case let list as [Any]:
+            out.append(UInt8(ascii: "["))
+            for (i, v) in list.enumerated() {
+                if i > 0 { out.append(UInt8(ascii: ",")) }
+                write(v, to: &out)
+            }
+            out.append(UInt8(ascii: "]"))
+        default:
+            // Strings, numbers, booleans and null through Foundation (escaping and number format).
+            if let data = try? JSONSerialization.data(withJSONObject: value, options: [.fragmentsAllowed, .withoutEscapingSlashes]) {
+                out.append(data)
+            } else if let f = value as? Float, !f.isFinite {
+                out.append(contentsOf: "null".utf8)
+            } else if let d = value as? Double, !d.isFinite {
+                out.append(contentsOf: "null".utf8)
+            } else {
+                out.append(contentsOf: "null".utf8)
+            }
+        }
+    }
+}
+
+/// A JSON fragment written as is (ids echo their original number text).
+public struct RawJSON {
+    public let text: String
+    public init(_ text: String) { self.text = text }
+}
