@@ -33,7 +33,7 @@ let package = Package(
         .target(name: "Engine", dependencies: ["Kernels", "Weights", "Models", "Tokenizer"],
                 swiftSettings: fastMath),
 
-        .target(name: "RPC", dependencies: ["Engine"], swiftSettings: fastMath),
+        .target(name: "RPC", dependencies: ["Engine", "Models", "Kernels", "Tokenizer"], swiftSettings: fastMath),
 
         // MARK: - Executables
         .executableTarget(name: "ember-bench", dependencies: ["Engine", "Models", "Kernels", "Tokenizer"],
@@ -45,7 +45,7 @@ let package = Package(
         .testTarget(name: "WeightsTests", dependencies: ["Weights", "TestSupport"]),
         .testTarget(name: "ModelsTests", dependencies: ["Models", "Engine", "TestSupport"]),
         .testTarget(name: "TokenizerTests", dependencies: ["Tokenizer", "TestSupport"]),
-        .testTarget(name: "RPCTests", dependencies: ["RPC", "TestSupport"]),
+        .testTarget(name: "RPCTests", dependencies: ["RPC", "Engine", "Models", "Tokenizer", "TestSupport"]),
         .testTarget(name: "EngineTests", dependencies: ["Engine", "Models", "Tokenizer", "TestSupport"]),
     ]
 )

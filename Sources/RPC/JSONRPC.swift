@@ -211,8 +211,19 @@ public enum JSONRPC {
                 write(v, to: &out)
             }
             out.append(UInt8(ascii: "]"))
+        case let f as Float:
+            // Shortest text that reads back as the same Float; non-finite values become null.
+            out.append(contentsOf: (f.isFinite ? "\(f)" : "null").utf8)
+        case let d as Double:
+            out.append(contentsOf: (d.isFinite ? "\(d)" : "null").utf8)
+        case let i as Int:
+            out.append(contentsOf: "\(i)".utf8)
+        case let b as Bool:
+            out.append(contentsOf: (b ? "true" : "false").utf8)
+        case is NSNull:
+            out.append(contentsOf: "null".utf8)
         default:
-            // Strings, numbers, booleans and null through Foundation (escaping and number format).
+            // Strings (and anything else) through Foundation's escaping.
             if let data = try? JSONSerialization.data(withJSONObject: value, options: [.fragmentsAllowed, .withoutEscapingSlashes]) {
                 out.append(data)
             } else if let f = value as? Float, !f.isFinite {

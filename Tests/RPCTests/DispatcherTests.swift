@@ -1,0 +1,116 @@
+// The protocol's methods through the dispatcher, without sockets, with JSON round trips: results
+// agree across generate / logprob / train_step after encoding, and bad calls are refused with
+// the parameter's path and a stable kind.
+import Engine
+import Foundation
+import Kernels
+import Models
+import RPC
+import TestSupport
+import Tokenizer
+import XCTest
+
+final class DispatcherTests: XCTestCase {
+    var dispatcher: Dispatcher!
+
+    override func setUpWithError() throws {
+        Compute.setThreads(2)
+        let model = try TransformerModel.load(directory: fixtureModel("qwen2_tied"))
+        let tok = try Tokenizer(directory: fixturesDirectory + "/tokenizers/qwen2")
+        dispatcher = Dispatcher(model: model, tokenizer: tok, slots: 8, capacity: 64)
+    }
+
+    /// Calls a method through a full JSON round trip (request encoded, response decoded).
+    func call(_ method: String, _ params: [String: Any]) throws -> [String: Any] {
+        let body = try JSONSerialization.data(withJSONObject: ["jsonrpc": "2.0", "method": method, "params": params, "id": 1])
+        guard case let .single(.success(request), _) = JSONRPC.decode(body) else { throw RPCError.invalidRequest("decode") }
+        let result = try dispatcher.call(request.method, request.params)
+        let encoded = JSONRPC.encode(JSONRPC.response(id: .number("1"), result: result))
+        let obj = try JSONSerialization.jsonObject(with: encoded) as! [String: Any]
+        return obj["result"] as! [String: Any]
+    }
+
+    func expectError(_ method: String, _ params: [String: Any], kind: String, path: String? = nil,
+                     file: StaticString = #filePath, line: UInt = #line) {
+        XCTAssertThrowsError(try dispatcher.call(method, params), file: file, line: line) { e in
+            guard let r = e as? RPCError else { return XCTFail("\(e)", file: file, line: line) }
+            XCTAssertEqual(r.kind, kind, "\(r)", file: file, line: line)
+            if let path { XCTAssertEqual(r.path, path, "\(r)", file: file, line: line) }
+        }
+    }
+
+    func floats(_ v: Any?) -> [Float] { (v as! [NSNumber]).map { $0.floatValue } }
+
+    func testInfoTokenizeDetokenize() throws {
+        let info = try call("server.info", [:])
+        XCTAssertEqual((info["model"] as! [String: Any])["model_type"] as? String, "qwen2")
+        XCTAssertEqual(info["weights_version"] as? Int, 0)
+        let t = try call("tokenize", ["text": "hello world", "add_special_tokens": false])
+        let ids = (t["tokens"] as! [NSNumber]).map { $0.int32Value }
+        XCTAssertEqual(ids, try dispatcher.tokenizer!.encode("hello world", addSpecialTokens: false))
+        let d = try call("detokenize", ["tokens": ids.map(Int.init)])
+        XCTAssertEqual(d["text"] as? String, "hello world")
+        let many = try call("tokenize", ["texts": ["a", "b c"]])
+        XCTAssertEqual((many["token_lists"] as! [Any]).count, 2)
+    }
+
+    /// Log-probs from generate, sent back through JSON to logprob and train_step, agree exactly.
+    func testGenerateLogprobTrainStepRoundTrip() throws {
+        let g = try call("generate", ["prompt_tokens": [[1, 2, 3], [4, 5]], "n": 2, "max_tokens": 6, "seed": 7,
+                                      "temperature": 0.8, "proxy": ["min_p": 0.05], "entropy": true, "top_logprobs": 2])
+        let results = g["results"] as! [[String: Any]]
+        XCTAssertEqual(results.count, 2)
+        var sequences: [[String: Any]] = [], sampled: [[Float]] = [], rollouts: [[String: Any]] = []
+        for r in results {
+            let prompt = r["prompt_tokens"] as! [Int]
+            for (k, s) in (r["samples"] as! [[String: Any]]).enumerated() {
+                sequences.append(["tokens": prompt + (s["tokens"] as! [Int]), "response_start": prompt.count])
+                sampled.append(floats(s["logprobs"]))
+                XCTAssertEqual((s["top_logprobs"] as! [Any]).count, (s["tokens"] as! [Any]).count)
+                rollouts.append(["rollout_id": s["rollout_id"] as! String, "reward": Double(k)])
+            }
+        }
+        let scored = try call("logprob", ["sequences": sequences, "temperature": 0.8])
+        for (a, r) in zip(sampled, scored["results"] as! [[String: Any]]) {
+            XCTAssertEqual(a.map(\.bitPattern), floats(r["logprobs"]).map(\.bitPattern))
+        }
+        let step = try call("train_step", ["rollouts": rollouts, "advantage_estimator": "grpo",
+                                           "loss": ["mode": "lp_reg", "temperature": 0.8, "rho": 0.2, "min_p": 0.05],
+                                           "optimizer": ["lr": 1e-3]])
+        XCTAssertEqual(step["weights_version"] as? Int, 1)
+        let metrics = step["metrics"] as! [String: Any]
+        XCTAssertEqual(metrics["logprob_max_abs_diff"] as? Double, 0)
+        XCTAssertEqual((try call("server.info", [:]))["weights_version"] as? Int, 1)
+        // Explicit batch items with per-sequence advantages and the sampled log-probs, dry run.
+        let batch = zip(sequences, sampled).map { s, lp -> [String: Any] in
+            var b = s; b["advantage"] = 1.0; b["old_logprobs"] = lp.map(Double.init); return b
+        }
+        let dry = try call("train_step", ["batch": batch, "loss": ["mode": "ppo"], "dry_run": true])
+        XCTAssertEqual(dry["weights_version"] as? Int, 1)
+        let released = try call("rollouts.release", ["rollout_ids": [rollouts[0]["rollout_id"]!]])
+        XCTAssertEqual(released["released"] as? Int, 1)
+        expectError("train_step", ["rollouts": [rollouts[0]], "loss": ["mode": "ppo"]], kind: "unknown_rollout")
+    }
+
+    func testBadCallsNameTheParameter() throws {
+        expectError("no.such", [:], kind: "method_not_found")
+        expectError("generate", ["prompt_tokens": [[1, 2]], "max_tokens": "ten"], kind: "invalid_params", path: "params.max_tokens")
+        expectError("generate", ["prompt_tokens": [[1, -2]]], kind: "invalid_params", path: "params.prompt_tokens[0][1]")
+        expectError("generate", ["prompt_tokens": [[1, 2]], "temprature": 1], kind: "invalid_params", path: "params.temprature")
+        expectError("generate", ["prompt_tokens": [[1, 2]], "max_tokens": 500], kind: "context_overflow", path: "params.prompts[0]")
+        expectError("generate", ["prompt_tokens": [[1, 2]], "top_p": 0], kind: "invalid_params", path: "params.top_p")
+        expectError("logprob", ["sequences": [["tokens": [1, 2, 3], "response_start": 0]]], kind: "invalid_params",
+                    path: "params.sequences[0].response_start")
+        expectError("logprob", ["sequences": [["tokens": [1, 2, 3], "response_start": 5]]], kind: "invalid_params")
+        expectError("train_step", ["batch": [["tokens": [1, 2, 3], "response_start": 1, "advantage": 1]],
+                                   "loss": ["mode": "lp_regg"]], kind: "invalid_params", path: "params.loss.mode")
+        expectError("train_step", ["batch": [["tokens": [1, 2, 3], "response_start": 1, "advantage": [1]]],
+                                   "loss": ["mode": "ppo"]], kind: "invalid_params", path: "params.batch[0].advantage")
+        expectError("train_step", ["batch": [["tokens": [1, 2, 3], "response_start": 1, "advantage": 1]],
+                                   "loss": ["mode": "ppo", "kl_coef": 0.1]], kind: "invalid_params", path: "params.loss.kl_coef")
+        expectError("optimizer.configure", ["lr": -1], kind: "invalid_params", path: "params.lr")
+        XCTAssertEqual(dispatcher.trainer.weightsVersion, 0, "refused calls change nothing")
+        let cfg = try call("optimizer.configure", ["lr": 0.01, "betas": [0.9, 0.95], "schedule": ["type": "linear_warmup", "warmup_steps": 5]])
+        XCTAssertEqual((cfg["betas"] as! [NSNumber]).map { $0.floatValue }, [0.9, 0.95])
+    }
+}
