@@ -36,7 +36,7 @@ let package = Package(
         .target(name: "RPC", dependencies: ["Engine", "Models", "Kernels", "Tokenizer"], swiftSettings: fastMath),
 
         // MARK: - Executables
-        .executableTarget(name: "ember-bench", dependencies: ["Engine", "Models", "Kernels", "Tokenizer"],
+        .executableTarget(name: "ember-bench", dependencies: ["Engine", "Models", "Kernels", "Tokenizer", "RPC"],
                           path: "bench/Sources/ember-bench", swiftSettings: fastMath),
 
         // MARK: - Tests

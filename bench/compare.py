@@ -88,6 +88,19 @@ def train(quick):
         json.dump({"machine": machine(), "runs": rows}, f, indent=1)
 
 
+def json_cost():
+    """JSON decode + parameter extraction and encode of a 512 x 512 train_step batch, against
+    the tiny model's train step time for the same token count."""
+    j = run([EMBER, "json"])[0]
+    t = run([EMBER, "train", "--shape", "tiny", "--mode", "lp_reg", "--steps", "3"])[0]
+    step = j["tokens"] / t["train_tok_s"]
+    print(f"\njson: {j['bytes'] / 1e6:.1f} MB train_step request (512 x 512 tokens): decode {j['decode_s']:.2f} s, "
+          f"encode {j['encode_s']:.2f} s; tiny train step for those tokens {step:.1f} s -> "
+          f"{100 * (j['decode_s'] + j['encode_s']) / step:.1f}% of it")
+    with open(os.path.join(ROOT, "bench", "out", "json.json"), "w") as f:
+        json.dump({"machine": machine(), "json": j, "train": t}, f, indent=1)
+
+
 def tokenizer():
     """Encode MB/s of each fixture tokenizer on Python's standard library sources (local text),
     Ember vs the Rust `tokenizers` library, one thread each."""
@@ -112,7 +125,7 @@ def tokenizer():
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    what = [a for a in args if not a.startswith("--")] or ["engine", "tokenizer", "sampling", "train"]
+    what = [a for a in args if not a.startswith("--")] or ["engine", "tokenizer", "sampling", "train", "json"]
     if "engine" in what:
         engine("--quick" in args)
     if "sampling" in what:
@@ -121,3 +134,5 @@ if __name__ == "__main__":
         tokenizer()
     if "train" in what:
         train("--quick" in args)
+    if "json" in what:
+        json_cost()

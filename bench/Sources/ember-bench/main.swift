@@ -8,6 +8,7 @@ import Engine
 import Foundation
 import Kernels
 import Models
+import RPC
 import Tokenizer
 import Weights
 
@@ -227,6 +228,35 @@ func benchSgemm() {
           "ember_project_gflops": flops / ours.min()! / 1e9])
 }
 
+/// JSON cost of a train_step request of 512 sequences × 512 tokens (ids, advantages and old
+/// log-probs per token): decoding and parameter extraction, and encoding the same payload.
+func benchJSON() throws {
+    var rng = SeededRandom(seed: 5)
+    let seqs = 512, len = 512
+    let batch: [[String: Any]] = (0..<seqs).map { _ in
+        ["tokens": (0..<len).map { _ in Int(rng.next() % 150000) }, "response_start": 64, "advantage": 1.0,
+         "old_logprobs": (0..<(len - 64)).map { _ in -Double(rng.uniform()) * 5 }]
+    }
+    let request: [String: Any] = ["jsonrpc": "2.0", "id": 1, "method": "train_step",
+                                  "params": ["batch": batch, "loss": ["mode": "lp_reg"]]]
+    let body = JSONRPC.encode(request)
+    var decodeTimes: [Double] = [], encodeTimes: [Double] = []
+    for _ in 0..<3 {
+        var t0 = now()
+        guard case let .single(.success(r), _) = JSONRPC.decode(body) else { fatalError("bench request did not decode") }
+        let p = try Params(r.params)
+        var count = 0
+        for item in try p.objects("batch") { count += try item.tokens("tokens").count + (try item.floats("old_logprobs").count) }
+        decodeTimes.append(now() - t0)
+        t0 = now()
+        _ = JSONRPC.encode(request)
+        encodeTimes.append(now() - t0)
+        precondition(count == seqs * (2 * len - 64))
+    }
+    emit(["kind": "json", "impl": "ember", "bytes": body.count, "tokens": seqs * len,
+          "decode_s": median(decodeTimes), "encode_s": median(encodeTimes)])
+}
+
 /// Encode throughput of a tokenizer folder on a text file cut into 50-line documents, one
 /// thread (the same cut as bench/tokenizer_bench.py).
 func benchTokenizer() throws {
@@ -260,6 +290,7 @@ do {
     case "generate": try benchGenerate()
     case "score": try benchScore()
     case "train": try benchTrain()
+    case "json": try benchJSON()
     case "sgemm": benchSgemm()
     case "engine": try benchEngine()
     default:
