@@ -34,6 +34,7 @@ let package = Package(
                 swiftSettings: fastMath),
 
         .target(name: "RPC", dependencies: ["Engine", "Models", "Kernels", "Tokenizer"], swiftSettings: fastMath),
+        .target(name: "Server", dependencies: ["RPC", "CHTTPParser", "CLibUV"], swiftSettings: fastMath),
 
         // MARK: - Executables
         .executableTarget(name: "ember-bench", dependencies: ["Engine", "Models", "Kernels", "Tokenizer", "RPC"],
@@ -45,6 +46,7 @@ let package = Package(
         .testTarget(name: "WeightsTests", dependencies: ["Weights", "TestSupport"]),
         .testTarget(name: "ModelsTests", dependencies: ["Models", "Engine", "TestSupport"]),
         .testTarget(name: "TokenizerTests", dependencies: ["Tokenizer", "TestSupport"]),
+        .testTarget(name: "ServerTests", dependencies: ["Server", "TestSupport"]),
         .testTarget(name: "RPCTests", dependencies: ["RPC", "Engine", "Models", "Tokenizer", "TestSupport"]),
         .testTarget(name: "EngineTests", dependencies: ["Engine", "Models", "Tokenizer", "TestSupport"]),
     ]
