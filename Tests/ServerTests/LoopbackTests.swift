@@ -1,0 +1,104 @@
+// The libuv server on loopback with a raw-socket client: keep-alive, pipelined JSON-RPC calls
+// answered in order, notifications, 404/405, a malformed request answered 400 then closed.
+import Foundation
+import Models
+import RPC
+import Server
+import TestSupport
+import XCTest
+
+final class LoopbackTests: XCTestCase {
+    var server: HTTPServer!
+    var thread: Thread!
+
+    override func setUpWithError() throws {
+        let model = try TransformerModel.load(directory: fixtureModel("qwen2_tied"))
+        let dispatcher = Dispatcher(model: model, tokenizer: nil, slots: 4, capacity: 64)
+        server = try HTTPServer(host: "127.0.0.1", port: 0, handler: Router.makeHandler(dispatcher: dispatcher))
+        let s = server!
+        thread = Thread { s.run() }
+        thread.start()
+    }
+
+    override func tearDown() {
+        server.stop()
+        let deadline = Date().addingTimeInterval(5)
+        while !thread.isFinished && Date() < deadline { usleep(1000) }
+        XCTAssertTrue(thread.isFinished, "server loop should end after stop()")
+    }
+
+    /// A blocking loopback client: sends bytes, reads `count` HTTP responses.
+    func exchange(_ request: String, responses count: Int) throws -> [(status: Int, body: String)] {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        defer { close(fd) }
+        var addr = sockaddr_in()
+        addr.sin_family = sa_family_t(AF_INET)
+        addr.sin_port = in_port_t(UInt16(server.port).bigEndian)
+        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+        var tv = timeval(tv_sec: 10, tv_usec: 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        let rc = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
+        guard rc == 0 else { throw ServerError.bind("connect failed") }
+        let bytes = Array(request.utf8)
+        _ = bytes.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, 0) }
+        var data = [UInt8]()
+        var out: [(Int, String)] = []
+        var buf = [UInt8](repeating: 0, count: 65536)
+        while out.count < count {
+            let n = recv(fd, &buf, buf.count, 0)
+            if n <= 0 { break }
+            data += buf[0..<n]
+            while let parsed = Self.parseResponse(&data) { out.append(parsed) }
+        }
+        return out
+    }
+
+    static func parseResponse(_ data: inout [UInt8]) -> (Int, String)? {
+        guard let headEnd = data.indices.first(where: { $0 + 3 < data.count && data[$0] == 13 && data[$0 + 1] == 10 && data[$0 + 2] == 13 && data[$0 + 3] == 10 }) else { return nil }
+        let head = String(decoding: data[0..<headEnd], as: UTF8.self)
+        let status = Int(head.split(separator: " ")[1]) ?? 0
+        var length = 0
+        for line in head.split(separator: "\r\n") where line.lowercased().hasPrefix("content-length:") {
+            length = Int(line.split(separator: ":")[1].trimmingCharacters(in: .whitespaces)) ?? 0
+        }
+        let start = headEnd + 4
+        guard data.count >= start + length else { return nil }
+        let body = String(decoding: data[start..<(start + length)], as: UTF8.self)
+        data.removeFirst(start + length)
+        return (status, body)
+    }
+
+    func post(_ json: String, close: Bool = false) -> String {
+        "POST /rpc HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: \(json.utf8.count)\r\n" +
+            (close ? "Connection: close\r\n" : "") + "\r\n" + json
+    }
+
+    func testPipelinedCallsAnsweredInOrder() throws {
+        let calls = (1...5).map { i in post(#"{"jsonrpc":"2.0","method":"server.info","id":\#(i)}"#) }.joined()
+            + post(#"{"jsonrpc":"2.0","method":"logprob","params":{"sequences":[{"tokens":[1,2,3],"response_start":1}]},"id":"s"}"#)
+            + "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+        let rs = try exchange(calls, responses: 7)
+        XCTAssertEqual(rs.count, 7)
+        for i in 0..<5 {
+            XCTAssertEqual(rs[i].status, 200)
+            XCTAssertTrue(rs[i].body.contains("\"id\":\(i + 1)"), rs[i].body)
+        }
+        XCTAssertTrue(rs[5].body.contains("\"logprobs\""), rs[5].body)
+        XCTAssertTrue(rs[5].body.contains("\"id\":\"s\""))
+        XCTAssertEqual(rs[6].status, 200)
+    }
+
+    func testNotificationsErrorsAndStatuses() throws {
+        let rs = try exchange(post(#"{"jsonrpc":"2.0","method":"server.info"}"#)
+                              + post(#"[{"jsonrpc":"2.0","method":"server.info","id":1},{"jsonrpc":"2.0","method":"nope","id":2},{"jsonrpc":"2.0","method":"server.info"}]"#)
+                              + post("{oops")
+                              + "GET /nowhere HTTP/1.1\r\n\r\n" + "GET /rpc HTTP/1.1\r\n\r\n", responses: 5)
+        XCTAssertEqual(rs.map(\.status), [204, 200, 200, 404, 405])
+        XCTAssertTrue(rs[1].body.contains("-32601"), rs[1].body)
+        XCTAssertTrue(rs[2].body.contains("-32700"), rs[2].body)
+        let bad = try exchange("BROKEN\r\n\r\n", responses: 1)
+        XCTAssertEqual(bad.first?.status, 400)
+        let smuggle = try exchange("POST /rpc HTTP/1.1\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", responses: 1)
+        XCTAssertEqual(smuggle.first?.status, 400)
+    }
+}
