@@ -14,6 +14,7 @@ let package = Package(
     name: "Ember",
     platforms: [.macOS(.v14)],
     products: [
+        .executable(name: "ember-server", targets: ["ember-server"]),
         .executable(name: "ember-bench", targets: ["ember-bench"]),
     ],
     targets: [
@@ -37,6 +38,8 @@ let package = Package(
         .target(name: "Server", dependencies: ["RPC", "CHTTPParser", "CLibUV"], swiftSettings: fastMath),
 
         // MARK: - Executables
+        .executableTarget(name: "ember-server", dependencies: ["Server", "RPC", "Models", "Kernels", "Tokenizer"],
+                          swiftSettings: fastMath),
         .executableTarget(name: "ember-bench", dependencies: ["Engine", "Models", "Kernels", "Tokenizer", "RPC"],
                           path: "bench/Sources/ember-bench", swiftSettings: fastMath),
 
