@@ -15,6 +15,10 @@ public final class Dispatcher: @unchecked Sendable {
     public let trainer: Trainer
     public let rollouts: RolloutStore
     public static let version = "0.1.0"
+    /// Refuses every method that changes state (`--read-only`).
+    public var readOnly = false
+    /// Folder that checkpoint names resolve in (`--checkpoint-dir`); nil: checkpoints disabled.
+    public var checkpointDirectory: String?
 
     public init(model: TransformerModel, tokenizer: Tokenizer?, slots: Int = 64, capacity: Int = 2048,
                 rolloutBudgetBytes: Int = 256 << 20) {
@@ -27,11 +31,20 @@ public final class Dispatcher: @unchecked Sendable {
     }
 
     public static let methods = ["server.info", "tokenize", "detokenize", "generate", "logprob", "train_step",
-                                 "optimizer.configure", "reference.snapshot", "rollouts.release"]
+                                 "optimizer.configure", "reference.snapshot", "rollouts.release",
+                                 "checkpoint.save", "checkpoint.load", "checkpoint.list"]
+
+    /// Methods that change the weights, the optimizer or saved state.
+    static let mutating: Set<String> = ["train_step", "optimizer.configure", "reference.snapshot", "checkpoint.save",
+                                        "checkpoint.load"]
 
     /// Runs one call.
     public func call(_ method: String, _ rawParams: Any?) throws -> Any {
         let p = try Params(rawParams)
+        if readOnly && Self.mutating.contains(method) && !(method == "train_step" && (try? p.bool("dry_run", false)) == true) {
+            throw RPCError.domain(-32011, kind: "read_only", message: "Read-only server", path: "method",
+                                  hint: "this server was started with --read-only; \(method) would change state")
+        }
         do {
             switch method {
             case "server.info": return serverInfo()
@@ -47,6 +60,9 @@ public final class Dispatcher: @unchecked Sendable {
             case "rollouts.release":
                 try p.only(["rollout_ids"])
                 return ["released": rollouts.release(try p.strings("rollout_ids"))]
+            case "checkpoint.save": return try checkpointSave(p)
+            case "checkpoint.load": return try checkpointLoad(p)
+            case "checkpoint.list": return ["names": try checkpointNames()]
             default: throw RPCError.methodNotFound(method)
             }
         } catch let e as RPCError {
@@ -93,6 +109,74 @@ public final class Dispatcher: @unchecked Sendable {
     }
 
     // MARK: - Methods
+
+    // MARK: - Checkpoints
+
+    /// A checkpoint is a symlink `name` → `name.v<N>` (a Hugging Face folder plus optimizer state);
+    /// saving writes a new version and swaps the link with one rename, so a crash mid-save leaves
+    /// the previous checkpoint intact.
+    func checkpointFolder(_ p: Params) throws -> (dir: String, name: String) {
+        guard let dir = checkpointDirectory else {
+            throw RPCError.domain(-32012, kind: "checkpoints_disabled", message: "Checkpoints disabled",
+                                  hint: "start the server with --checkpoint-dir DIR")
+        }
+        try p.only(["name"])
+        let name = try p.string("name")
+        let allowed = name.unicodeScalars.allSatisfy { CharacterSet.alphanumerics.contains($0) || "._-".unicodeScalars.contains($0) }
+        guard allowed, !name.isEmpty, name.count <= 128, !name.hasPrefix("."), !name.contains(".."), !name.contains(".v") else {
+            throw RPCError.invalidParams(path: "params.name", "letters, digits, '.', '_' and '-' only (no leading dot, no '..', no '.v'), at most 128 characters")
+        }
+        return (dir, name)
+    }
+
+    func checkpointSave(_ p: Params) throws -> Any {
+        let (dir, name) = try checkpointFolder(p)
+        let fm = FileManager.default
+        let link = dir + "/" + name
+        let previous = try? fm.destinationOfSymbolicLink(atPath: link)
+        var version = 1
+        if let prev = previous, let v = Int(prev.split(separator: "v").last ?? "") { version = v + 1 }
+        let target = "\(name).v\(version)"
+        let tmp = dir + "/.tmp-\(UUID().uuidString)"
+        try fm.createDirectory(atPath: tmp, withIntermediateDirectories: true)
+        do {
+            try model.save(to: tmp)
+            try trainer.saveState(to: tmp)
+            try fm.moveItem(atPath: tmp, toPath: dir + "/" + target)
+            let tmpLink = dir + "/.tmp-link-\(UUID().uuidString)"
+            try fm.createSymbolicLink(atPath: tmpLink, withDestinationPath: target)
+            guard rename(tmpLink, link) == 0 else { throw RPCError.internalError("cannot publish checkpoint \(name)") }
+        } catch {
+            try? fm.removeItem(atPath: tmp)
+            throw error
+        }
+        if let prev = previous { try? fm.removeItem(atPath: dir + "/" + prev) }
+        return ["name": name, "weights_version": trainer.weightsVersion]
+    }
+
+    func checkpointLoad(_ p: Params) throws -> Any {
+        let (dir, name) = try checkpointFolder(p)
+        guard let target = try? FileManager.default.destinationOfSymbolicLink(atPath: dir + "/" + name) else {
+            throw RPCError.domain(-32013, kind: "checkpoint_not_found", message: "Checkpoint not found", path: "params.name",
+                                  hint: "no checkpoint named '\(name)'; checkpoint.list shows the saved ones")
+        }
+        let folder = dir + "/" + target
+        // Validate everything before touching the live weights.
+        let staged = try TransformerModel.load(directory: folder)
+        guard staged.parameters.count == model.parameters.count, staged.configJSON == model.configJSON else {
+            throw RPCError.invalidParams(path: "params.name", "checkpoint '\(name)' holds a different model")
+        }
+        model.parameters.values.update(from: staged.parameters.values, count: model.parameters.count)
+        model.parameters.markModified()
+        try trainer.loadState(from: folder)
+        return ["name": name, "weights_version": trainer.weightsVersion]
+    }
+
+    func checkpointNames() throws -> [String] {
+        guard let dir = checkpointDirectory else { return [] }
+        let items = (try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []
+        return items.filter { !$0.hasPrefix(".") && (try? FileManager.default.destinationOfSymbolicLink(atPath: dir + "/" + $0)) != nil }.sorted()
+    }
 
     func serverInfo() -> [String: Any] {
         let a = model.architecture

@@ -1,7 +1,7 @@
 // ember-server: loads a Hugging Face model folder and serves the JSON-RPC protocol over HTTP.
-//   ember-server --model DIR [--host 127.0.0.1] [--port 8377] [--threads N]
-// (API keys, read-only mode, checkpoints and the embedded default model arrive with issues 6
-// and 8; see issues.)
+//   ember-server --model DIR [--host 127.0.0.1] [--port 8377] [--threads N] [--api-key KEY]
+//                [--checkpoint-dir DIR] [--read-only]
+// (the embedded default model arrives with issue 8.) EMBER_API_KEY sets the key too.
 import Foundation
 import Kernels
 import Models
@@ -19,8 +19,9 @@ var args = CommandLine.arguments.dropFirst()
 while let a = args.popFirst() {
     guard a.hasPrefix("--") else { fail("unexpected argument '\(a)'") }
     let key = String(a.dropFirst(2))
-    guard ["model", "host", "port", "threads"].contains(key) else {
-        fail("unknown option --\(key) (known: --model, --host, --port, --threads)")
+    if key == "read-only" { options[key] = "1"; continue }
+    guard ["model", "host", "port", "threads", "api-key", "checkpoint-dir"].contains(key) else {
+        fail("unknown option --\(key) (known: --model, --host, --port, --threads, --api-key, --checkpoint-dir, --read-only)")
     }
     guard let v = args.popFirst() else { fail("--\(key) needs a value") }
     options[key] = v
@@ -37,9 +38,15 @@ let model: TransformerModel
 do { model = try TransformerModel.load(directory: dir) } catch { fail("cannot load \(dir): \(error)") }
 let tokenizer = FileManager.default.fileExists(atPath: dir + "/tokenizer.json") ? (try? Tokenizer(directory: dir)) : nil
 let dispatcher = Dispatcher(model: model, tokenizer: tokenizer)
+dispatcher.readOnly = options["read-only"] != nil
+if let dir = options["checkpoint-dir"] {
+    do { try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true) } catch { fail("--checkpoint-dir: \(error)") }
+    dispatcher.checkpointDirectory = dir
+}
+let apiKey = options["api-key"] ?? ProcessInfo.processInfo.environment["EMBER_API_KEY"]
 let host = options["host"] ?? "127.0.0.1"
 let server: HTTPServer
-do { server = try HTTPServer(host: host, port: port, handler: Router.makeHandler(dispatcher: dispatcher)) } catch { fail("\(error)") }
+do { server = try HTTPServer(host: host, port: port, handler: Router.makeHandler(dispatcher: dispatcher, apiKey: apiKey)) } catch { fail("\(error)") }
 
 // Graceful shutdown on SIGINT / SIGTERM.
 signal(SIGINT, SIG_IGN)

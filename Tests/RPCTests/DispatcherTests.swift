@@ -114,3 +114,45 @@ final class DispatcherTests: XCTestCase {
         XCTAssertEqual((cfg["betas"] as! [NSNumber]).map { $0.floatValue }, [0.9, 0.95])
     }
 }
+
+final class CheckpointAndReadOnlyTests: XCTestCase {
+    func testCheckpointsAreConfinedAtomicAndRestoreExactly() throws {
+        Compute.setThreads(2)
+        let dir = NSTemporaryDirectory() + "ember-ckpt-\(UUID().uuidString)"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let model = try TransformerModel.load(directory: fixtureModel("llama_gqa"))
+        let d = Dispatcher(model: model, tokenizer: nil, slots: 2, capacity: 32)
+        func err(_ m: String, _ p: [String: Any]) -> RPCError? {
+            do { _ = try d.call(m, p); return nil } catch { return error as? RPCError }
+        }
+        XCTAssertEqual(err("checkpoint.save", ["name": "a"])?.kind, "checkpoints_disabled")
+        d.checkpointDirectory = dir
+        let batch: [[String: Any]] = [["tokens": [1, 2, 3, 4, 5], "response_start": 2, "advantage": 1.0]]
+        _ = try d.call("train_step", ["batch": batch, "loss": ["mode": "ppo"], "optimizer": ["lr": 0.01]])
+        _ = try d.call("checkpoint.save", ["name": "step-1"])
+        _ = try d.call("checkpoint.save", ["name": "step-1"])    // overwrite: a new version behind the same name
+        let saved = model.parameters.checksum()
+        _ = try d.call("train_step", ["batch": batch, "loss": ["mode": "ppo"]])
+        XCTAssertNotEqual(model.parameters.checksum(), saved)
+        let loaded = try d.call("checkpoint.load", ["name": "step-1"]) as! [String: Any]
+        XCTAssertEqual(model.parameters.checksum(), saved)
+        XCTAssertEqual(loaded["weights_version"] as? Int, 1)
+        XCTAssertEqual((try d.call("checkpoint.list", [:]) as! [String: Any])["names"] as? [String], ["step-1"])
+        let entries = try FileManager.default.contentsOfDirectory(atPath: dir).sorted()
+        XCTAssertEqual(entries, ["step-1", "step-1.v2"], "old versions and temporaries are gone")
+        for bad in ["../escape", "/etc/passwd", "a/b", "..", ".hidden", "x.v3", ""] {
+            XCTAssertEqual(err("checkpoint.save", ["name": bad])?.path, "params.name", bad)
+        }
+        XCTAssertEqual(err("checkpoint.load", ["name": "missing"])?.kind, "checkpoint_not_found")
+
+        d.readOnly = true
+        let before = model.parameters.checksum()
+        for m in ["train_step", "optimizer.configure", "reference.snapshot", "checkpoint.save", "checkpoint.load"] {
+            XCTAssertEqual(err(m, m == "train_step" ? ["batch": batch, "loss": ["mode": "ppo"]] : ["name": "step-1"])?.kind, "read_only", m)
+        }
+        XCTAssertNoThrow(try d.call("train_step", ["batch": batch, "loss": ["mode": "ppo"], "dry_run": true]))
+        XCTAssertNoThrow(try d.call("logprob", ["sequences": [["tokens": [1, 2, 3], "response_start": 1]]]))
+        XCTAssertEqual(model.parameters.checksum(), before)
+    }
+}

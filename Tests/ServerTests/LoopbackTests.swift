@@ -27,45 +27,8 @@ final class LoopbackTests: XCTestCase {
         XCTAssertTrue(thread.isFinished, "server loop should end after stop()")
     }
 
-    /// A blocking loopback client: sends bytes, reads `count` HTTP responses.
     func exchange(_ request: String, responses count: Int) throws -> [(status: Int, body: String)] {
-        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        defer { close(fd) }
-        var addr = sockaddr_in()
-        addr.sin_family = sa_family_t(AF_INET)
-        addr.sin_port = in_port_t(UInt16(server.port).bigEndian)
-        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
-        var tv = timeval(tv_sec: 10, tv_usec: 0)
-        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
-        let rc = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
-        guard rc == 0 else { throw ServerError.bind("connect failed") }
-        let bytes = Array(request.utf8)
-        _ = bytes.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, 0) }
-        var data = [UInt8]()
-        var out: [(Int, String)] = []
-        var buf = [UInt8](repeating: 0, count: 65536)
-        while out.count < count {
-            let n = recv(fd, &buf, buf.count, 0)
-            if n <= 0 { break }
-            data += buf[0..<n]
-            while let parsed = Self.parseResponse(&data) { out.append(parsed) }
-        }
-        return out
-    }
-
-    static func parseResponse(_ data: inout [UInt8]) -> (Int, String)? {
-        guard let headEnd = data.indices.first(where: { $0 + 3 < data.count && data[$0] == 13 && data[$0 + 1] == 10 && data[$0 + 2] == 13 && data[$0 + 3] == 10 }) else { return nil }
-        let head = String(decoding: data[0..<headEnd], as: UTF8.self)
-        let status = Int(head.split(separator: " ")[1]) ?? 0
-        var length = 0
-        for line in head.split(separator: "\r\n") where line.lowercased().hasPrefix("content-length:") {
-            length = Int(line.split(separator: ":")[1].trimmingCharacters(in: .whitespaces)) ?? 0
-        }
-        let start = headEnd + 4
-        guard data.count >= start + length else { return nil }
-        let body = String(decoding: data[start..<(start + length)], as: UTF8.self)
-        data.removeFirst(start + length)
-        return (status, body)
+        try LoopbackClient(port: server.port).exchange(request, responses: count)
     }
 
     func post(_ json: String, close: Bool = false) -> String {
@@ -101,4 +64,73 @@ final class LoopbackTests: XCTestCase {
         let smuggle = try exchange("POST /rpc HTTP/1.1\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", responses: 1)
         XCTAssertEqual(smuggle.first?.status, 400)
     }
+}
+
+final class AuthTests: XCTestCase {
+    func testAPIKeyGuardsEveryRouteButHealthz() throws {
+        let model = try TransformerModel.load(directory: fixtureModel("gpt2"))
+        let server = try HTTPServer(host: "127.0.0.1", port: 0,
+                                    handler: Router.makeHandler(dispatcher: Dispatcher(model: model, tokenizer: nil, slots: 2, capacity: 16),
+                                                                apiKey: "s3cret"))
+        let thread = Thread { server.run() }
+        thread.start()
+        defer {
+            server.stop()
+            while !thread.isFinished { usleep(1000) }
+        }
+        let client = LoopbackClient(port: server.port)
+        let body = #"{"jsonrpc":"2.0","method":"server.info","id":1}"#
+        func req(_ auth: String?) -> String {
+            "POST /rpc HTTP/1.1\r\nContent-Length: \(body.utf8.count)\r\n" + (auth.map { "Authorization: \($0)\r\n" } ?? "") + "\r\n" + body
+        }
+        let rs = try client.exchange(req(nil) + req("Bearer wrong") + req("Bearer s3cret") + "GET /healthz HTTP/1.1\r\n\r\n", responses: 4)
+        XCTAssertEqual(rs.map { $0.status }, [401, 401, 200, 200])
+        XCTAssertTrue(rs[0].body.contains("unauthorized"))
+    }
+}
+
+/// A blocking loopback client: sends bytes, reads `count` HTTP responses.
+struct LoopbackClient {
+    let port: Int
+
+    func exchange(_ request: String, responses count: Int) throws -> [(status: Int, body: String)] {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        defer { close(fd) }
+        var addr = sockaddr_in()
+        addr.sin_family = sa_family_t(AF_INET)
+        addr.sin_port = in_port_t(UInt16(port).bigEndian)
+        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+        var tv = timeval(tv_sec: 10, tv_usec: 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        let rc = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
+        guard rc == 0 else { throw ServerError.bind("connect failed") }
+        let bytes = Array(request.utf8)
+        _ = bytes.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, 0) }
+        var data = [UInt8]()
+        var out: [(Int, String)] = []
+        var buf = [UInt8](repeating: 0, count: 65536)
+        while out.count < count {
+            let n = recv(fd, &buf, buf.count, 0)
+            if n <= 0 { break }
+            data += buf[0..<n]
+            while let parsed = Self.parseResponse(&data) { out.append(parsed) }
+        }
+        return out
+    }
+
+    static func parseResponse(_ data: inout [UInt8]) -> (Int, String)? {
+        guard let headEnd = data.indices.first(where: { $0 + 3 < data.count && data[$0] == 13 && data[$0 + 1] == 10 && data[$0 + 2] == 13 && data[$0 + 3] == 10 }) else { return nil }
+        let head = String(decoding: data[0..<headEnd], as: UTF8.self)
+        let status = Int(head.split(separator: " ")[1]) ?? 0
+        var length = 0
+        for line in head.split(separator: "\r\n") where line.lowercased().hasPrefix("content-length:") {
+            length = Int(line.split(separator: ":")[1].trimmingCharacters(in: .whitespaces)) ?? 0
+        }
+        let start = headEnd + 4
+        guard data.count >= start + length else { return nil }
+        let body = String(decoding: data[start..<(start + length)], as: UTF8.self)
+        data.removeFirst(start + length)
+        return (status, body)
+    }
+
 }
