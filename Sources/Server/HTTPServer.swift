@@ -24,6 +24,12 @@ public final class HTTPServer: @unchecked Sendable {
     let handler: Handler
     let compute = DispatchQueue(label: "ember.compute")
     let maxBodyBytes: Int
+    /// A connection that stops mid-request for this long is answered 408 and closed.
+    let requestTimeoutMs: UInt64
+    /// An idle keep-alive connection is closed after this long.
+    let idleTimeoutMs: UInt64
+    /// Connections beyond this are answered 503 and closed.
+    let maxConnections: Int
     private let lock = NSLock()
     private var outbox: [(Connection, Int, Data, Bool)] = []
     private var stopping = false
@@ -32,9 +38,13 @@ public final class HTTPServer: @unchecked Sendable {
     public private(set) var port: Int = 0
 
     /// Binds `host:port` (IPv4 or IPv6 literal); `run()` then serves until `stop()`.
-    public init(host: String = "127.0.0.1", port: Int, maxBodyBytes: Int = 64 << 20, handler: @escaping Handler) throws {
+    public init(host: String = "127.0.0.1", port: Int, maxBodyBytes: Int = 64 << 20, requestTimeoutMs: UInt64 = 10_000,
+                idleTimeoutMs: UInt64 = 60_000, maxConnections: Int = 256, handler: @escaping Handler) throws {
         self.handler = handler
         self.maxBodyBytes = maxBodyBytes
+        self.requestTimeoutMs = requestTimeoutMs
+        self.idleTimeoutMs = idleTimeoutMs
+        self.maxConnections = maxConnections
         loop = .allocate(capacity: 1)
         uv_loop_init(loop)
         listener = .allocate(capacity: 1)
@@ -101,6 +111,11 @@ public final class HTTPServer: @unchecked Sendable {
         let ok = conn.tcp.withMemoryRebound(to: uv_stream_t.self, capacity: 1) { uv_accept(server, $0) }
         connections[ObjectIdentifier(conn)] = conn
         guard ok == 0 else { conn.close(); return }
+        if connections.count > maxConnections {
+            let body = Data(#"{"error":"too many connections"}"#.utf8)
+            conn.deliver(seq: 0, bytes: Self.serialize(HTTPResponse(status: 503, body: body), keepAlive: false), keepAlive: false)
+            return
+        }
         conn.startReading()
     }
 
@@ -153,6 +168,7 @@ public final class HTTPServer: @unchecked Sendable {
         case 404: "Not Found"
         case 405: "Method Not Allowed"
         case 413: "Content Too Large"
+        case 408: "Request Timeout"
         case 431: "Request Header Fields Too Large"
         case 503: "Service Unavailable"
         default: "Status"
@@ -169,6 +185,7 @@ public enum ServerError: Error, CustomStringConvertible {
 final class Connection: @unchecked Sendable {
     unowned let server: HTTPServer
     let tcp: UnsafeMutablePointer<uv_tcp_t>
+    let timer: UnsafeMutablePointer<uv_timer_t>
     let parser: HTTPRequestParser
     var nextSeq = 0, nextToSend = 0
     var ready: [Int: (Data, Bool)] = [:]
@@ -179,7 +196,30 @@ final class Connection: @unchecked Sendable {
         parser = HTTPRequestParser(maxBodyBytes: server.maxBodyBytes)
         tcp = .allocate(capacity: 1)
         tcp.initialize(to: uv_tcp_t())
-        tcp.pointee.data = Unmanaged.passRetained(self).toOpaque()
+        timer = .allocate(capacity: 1)
+        timer.initialize(to: uv_timer_t())
+        uv_timer_init(server.loop, timer)
+        let me = Unmanaged.passRetained(self).toOpaque()
+        tcp.pointee.data = me
+        timer.pointee.data = me
+    }
+
+    /// (Re)arms the timer: the request timeout while a request is arriving, else the idle one.
+    func arm() {
+        let ms = parser.isMidRequest ? server.requestTimeoutMs : server.idleTimeoutMs
+        uv_timer_start(timer, { t in Connection.from(t!.pointee.data).timedOut() }, ms, 0)
+    }
+
+    func timedOut() {
+        guard !closing else { return }
+        if nextToSend < nextSeq { arm(); return }      // a response is being computed: not idle
+        if parser.isMidRequest {
+            let body = Data(#"{"error":"request not completed in time"}"#.utf8)
+            deliver(seq: nextSeq, bytes: HTTPServer.serialize(HTTPResponse(status: 408, body: body), keepAlive: false), keepAlive: false)
+            nextSeq += 1
+        } else {
+            close()
+        }
     }
 
     static func from(_ data: UnsafeMutableRawPointer?) -> Connection {
@@ -189,6 +229,7 @@ final class Connection: @unchecked Sendable {
     var stream: UnsafeMutablePointer<uv_stream_t> { UnsafeMutableRawPointer(tcp).assumingMemoryBound(to: uv_stream_t.self) }
 
     func startReading() {
+        arm()
         uv_read_start(stream, { _, suggested, buf in
             buf!.pointee = uv_buf_init(UnsafeMutablePointer<CChar>.allocate(capacity: suggested), UInt32(suggested))
         }, { stream, nread, buf in
@@ -202,6 +243,7 @@ final class Connection: @unchecked Sendable {
 
     func received(_ bytes: UnsafeRawBufferPointer) {
         guard !closing else { return }
+        defer { if !closing { arm() } }
         do {
             let requests = try parser.feed(bytes)
             for r in requests {
@@ -251,6 +293,8 @@ final class Connection: @unchecked Sendable {
         guard !closing else { return }
         closing = true
         server.connections[ObjectIdentifier(self)] = nil
+        uv_timer_stop(timer)
+        uv_close(UnsafeMutableRawPointer(timer).assumingMemoryBound(to: uv_handle_t.self)) { h in h!.deallocate() }
         uv_close(UnsafeMutableRawPointer(tcp).assumingMemoryBound(to: uv_handle_t.self)) { handle in
             let raw = handle!
             Unmanaged<Connection>.fromOpaque(raw.pointee.data!).release()

@@ -134,3 +134,57 @@ struct LoopbackClient {
     }
 
 }
+
+final class TimeoutTests: XCTestCase {
+    /// A client that stops mid-headers is answered 408 and closed after the request timeout,
+    /// while another client is served meanwhile; connections beyond the limit get 503.
+    func testStalledClientTimedOutOthersServed() throws {
+        let model = try TransformerModel.load(directory: fixtureModel("gpt2"))
+        let server = try HTTPServer(host: "127.0.0.1", port: 0, requestTimeoutMs: 300, idleTimeoutMs: 2_000, maxConnections: 2,
+                                    handler: Router.makeHandler(dispatcher: Dispatcher(model: model, tokenizer: nil, slots: 2, capacity: 16)))
+        let thread = Thread { server.run() }
+        thread.start()
+        defer {
+            server.stop()
+            while !thread.isFinished { usleep(1000) }
+        }
+        let started = Date()
+        let stalled = LoopbackClient(port: server.port)
+        let group = DispatchGroup()
+        nonisolated(unsafe) var stalledResult: [(status: Int, body: String)] = []
+        group.enter()
+        DispatchQueue.global().async {
+            stalledResult = (try? stalled.exchange("POST /rpc HTTP/1.1\r\nContent-Le", responses: 1)) ?? []
+            group.leave()
+        }
+        usleep(50_000)
+        let ok = try LoopbackClient(port: server.port).exchange("GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n", responses: 1)
+        XCTAssertEqual(ok.first?.status, 200, "served while another client stalls")
+        group.wait()
+        XCTAssertEqual(stalledResult.first?.status, 408)
+        XCTAssertLessThan(Date().timeIntervalSince(started), 5)
+    }
+
+    func testConnectionsBeyondTheLimitGet503() throws {
+        let model = try TransformerModel.load(directory: fixtureModel("gpt2"))
+        let server = try HTTPServer(host: "127.0.0.1", port: 0, requestTimeoutMs: 2_000, idleTimeoutMs: 2_000, maxConnections: 1,
+                                    handler: Router.makeHandler(dispatcher: Dispatcher(model: model, tokenizer: nil, slots: 2, capacity: 16)))
+        let thread = Thread { server.run() }
+        thread.start()
+        defer {
+            server.stop()
+            while !thread.isFinished { usleep(1000) }
+        }
+        // Hold one connection open without sending anything.
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        defer { close(fd) }
+        var addr = sockaddr_in()
+        addr.sin_family = sa_family_t(AF_INET)
+        addr.sin_port = in_port_t(UInt16(server.port).bigEndian)
+        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+        _ = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
+        usleep(100_000)
+        let second = try LoopbackClient(port: server.port).exchange("GET /healthz HTTP/1.1\r\n\r\n", responses: 1)
+        XCTAssertEqual(second.first?.status, 503)
+    }
+}
