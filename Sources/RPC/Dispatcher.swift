@@ -19,6 +19,9 @@ public final class Dispatcher: @unchecked Sendable {
     public var readOnly = false
     /// Folder that checkpoint names resolve in (`--checkpoint-dir`); nil: checkpoints disabled.
     public var checkpointDirectory: String?
+    /// Counters for /metrics.
+    public private(set) var tokensGenerated = 0
+    public private(set) var tokensScored = 0
 
     public init(model: TransformerModel, tokenizer: Tokenizer?, slots: Int = 64, capacity: Int = 2048,
                 rolloutBudgetBytes: Int = 256 << 20) {
@@ -255,6 +258,7 @@ public final class Dispatcher: @unchecked Sendable {
         let n = try p.int("n", 1, min: 1)
         generator.weightsVersion = trainer.weightsVersion
         let out = try generator.generate(prompts: prompts, n: n, params: s, options: o)
+        tokensGenerated += out.results.reduce(0) { $0 + $1.reduce(0) { $0 + $1.tokens.count } }
         return ["weights_version": trainer.weightsVersion,
                 "results": out.results.enumerated().map { i, samples -> [String: Any] in
                     ["prompt_index": i, "prompt_tokens": out.promptTokens[i].map(Int.init),
@@ -278,6 +282,7 @@ public final class Dispatcher: @unchecked Sendable {
         }
         let o = try options(p)
         let results = try Scoring.score(model: model, sequences: seqs, temperature: try p.float("temperature", 1, min: 0), options: o)
+        tokensScored += seqs.reduce(0) { $0 + $1.tokens.count - $1.responseStart }
         return ["weights_version": trainer.weightsVersion,
                 "results": results.map { r -> [String: Any] in
                     var d: [String: Any] = ["logprobs": r.logprobs]

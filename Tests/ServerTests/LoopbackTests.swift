@@ -49,6 +49,12 @@ final class LoopbackTests: XCTestCase {
         XCTAssertTrue(rs[5].body.contains("\"logprobs\""), rs[5].body)
         XCTAssertTrue(rs[5].body.contains("\"id\":\"s\""))
         XCTAssertEqual(rs[6].status, 200)
+        let metrics = try exchange("GET /metrics HTTP/1.1\r\n\r\n", responses: 1)[0]
+        XCTAssertEqual(metrics.status, 200)
+        XCTAssertTrue(metrics.body.contains("ember_rpc_requests_total{method=\"server.info\"} 5"), metrics.body)
+        XCTAssertTrue(metrics.body.contains("ember_tokens_scored_total 2"), metrics.body)
+        XCTAssertTrue(metrics.body.contains("ember_weights_version 0"))
+        XCTAssertTrue(metrics.body.contains("# TYPE ember_kv_cache_bytes gauge"))
     }
 
     func testNotificationsErrorsAndStatuses() throws {
