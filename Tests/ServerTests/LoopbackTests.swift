@@ -78,12 +78,8 @@ final class AuthTests: XCTestCase {
         let server = try HTTPServer(host: "127.0.0.1", port: 0,
                                     handler: Router.makeHandler(dispatcher: Dispatcher(model: model, tokenizer: nil, slots: 2, capacity: 16),
                                                                 apiKey: "s3cret"))
-        let thread = Thread { server.run() }
-        thread.start()
-        defer {
-            server.stop()
-            while !thread.isFinished { usleep(1000) }
-        }
+        let running = RunningServer(server)
+        defer { running.stop() }
         let client = LoopbackClient(port: server.port)
         let body = #"{"jsonrpc":"2.0","method":"server.info","id":1}"#
         func req(_ auth: String?) -> String {
@@ -148,12 +144,8 @@ final class TimeoutTests: XCTestCase {
         let model = try TransformerModel.load(directory: fixtureModel("gpt2"))
         let server = try HTTPServer(host: "127.0.0.1", port: 0, requestTimeoutMs: 300, idleTimeoutMs: 2_000, maxConnections: 2,
                                     handler: Router.makeHandler(dispatcher: Dispatcher(model: model, tokenizer: nil, slots: 2, capacity: 16)))
-        let thread = Thread { server.run() }
-        thread.start()
-        defer {
-            server.stop()
-            while !thread.isFinished { usleep(1000) }
-        }
+        let running = RunningServer(server)
+        defer { running.stop() }
         let started = Date()
         let stalled = LoopbackClient(port: server.port)
         let group = DispatchGroup()
@@ -175,12 +167,8 @@ final class TimeoutTests: XCTestCase {
         let model = try TransformerModel.load(directory: fixtureModel("gpt2"))
         let server = try HTTPServer(host: "127.0.0.1", port: 0, requestTimeoutMs: 2_000, idleTimeoutMs: 2_000, maxConnections: 1,
                                     handler: Router.makeHandler(dispatcher: Dispatcher(model: model, tokenizer: nil, slots: 2, capacity: 16)))
-        let thread = Thread { server.run() }
-        thread.start()
-        defer {
-            server.stop()
-            while !thread.isFinished { usleep(1000) }
-        }
+        let running = RunningServer(server)
+        defer { running.stop() }
         // Hold one connection open without sending anything.
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
         defer { close(fd) }
@@ -192,5 +180,23 @@ final class TimeoutTests: XCTestCase {
         usleep(100_000)
         let second = try LoopbackClient(port: server.port).exchange("GET /healthz HTTP/1.1\r\n\r\n", responses: 1)
         XCTAssertEqual(second.first?.status, 503)
+    }
+}
+
+/// Runs a server's loop on its own thread until `stop()`.
+struct RunningServer {
+    let server: HTTPServer
+    let thread: Thread
+
+    init(_ server: HTTPServer) {
+        self.server = server
+        thread = Thread { server.run() }
+        thread.start()
+    }
+
+    func stop() {
+        server.stop()
+        let deadline = Date().addingTimeInterval(5)
+        while !thread.isFinished && Date() < deadline { usleep(1000) }
     }
 }
