@@ -245,16 +245,14 @@ public final class Trainer: @unchecked Sendable {
         // Pass 2: gradients, micro-batch by micro-batch.
         model.parameters.zeroGradients()
         var loss = 0.0
-        var offset = 0   // first token index of the micro-batch in plan order
         for group in micro {
             let tb = Date()
             let batch = PackedBatch(group.map { items[$0].tokens })
             let (rows, _) = Scoring.responseRows(batch, responseStarts: group.map { items[$0].responseStart })
-            offset = starts[group[0]]
+            let base = starts[group[0]]   // first token of the micro-batch in plan order
             let acts = try kept ?? model.forward(tokens: batch.tokens, positions: batch.positions,
                                                  context: .packed(sequenceStarts: batch.sequenceStarts), saving: true)
             let dHidden = FloatBuffer(zeros: batch.tokens.count * model.architecture.hiddenSize)
-            let base = offset
             model.withLogitChunks(hidden: acts.hidden.pointer, rows: rows, chunkRows: model.defaultChunkRows(),
                                   dHidden: dHidden.pointer) { range, logits in
                 for (i, r) in range.enumerated() { loss += plan.apply(row: logits + i * V, vocab: V, token: base + r) }

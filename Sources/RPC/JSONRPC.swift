@@ -226,10 +226,6 @@ public enum JSONRPC {
             // Strings (and anything else) through Foundation's escaping.
             if let data = try? JSONSerialization.data(withJSONObject: value, options: [.fragmentsAllowed, .withoutEscapingSlashes]) {
                 out.append(data)
-            } else if let f = value as? Float, !f.isFinite {
-                out.append(contentsOf: "null".utf8)
-            } else if let d = value as? Double, !d.isFinite {
-                out.append(contentsOf: "null".utf8)
             } else {
                 out.append(contentsOf: "null".utf8)
             }

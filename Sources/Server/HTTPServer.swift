@@ -254,14 +254,12 @@ final class Connection: @unchecked Sendable {
         } catch let e as HTTPParseError {
             // Answer in order after what is already queued, then close.
             let body = Data("{\"error\":\"\(e.description)\"}".utf8)
-            deliverLater(seq: nextSeq, HTTPServer.serialize(HTTPResponse(status: e.status, body: body), keepAlive: false), keepAlive: false)
+            deliver(seq: nextSeq, bytes: HTTPServer.serialize(HTTPResponse(status: e.status, body: body), keepAlive: false), keepAlive: false)
             nextSeq += 1
         } catch {
             close()
         }
     }
-
-    func deliverLater(seq: Int, _ bytes: Data, keepAlive: Bool) { deliver(seq: seq, bytes: bytes, keepAlive: keepAlive) }
 
     /// Queues response `seq`; writes every response that is next in order.
     func deliver(seq: Int, bytes: Data, keepAlive: Bool) {
