@@ -17,6 +17,10 @@ let package = Package(
         .executable(name: "ember-server", targets: ["ember-server"]),
         .executable(name: "ember-bench", targets: ["ember-bench"]),
     ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
+    ],
     targets: [
         // MARK: - System libraries (Debian -dev packages; scripts/setup installs them)
         .systemLibrary(name: "COpenBLAS", pkgConfig: "openblas",
@@ -35,10 +39,13 @@ let package = Package(
                 swiftSettings: fastMath),
 
         .target(name: "RPC", dependencies: ["Engine", "Models", "Kernels", "Tokenizer"], swiftSettings: fastMath),
-        .target(name: "Server", dependencies: ["RPC", "CHTTPParser", "CLibUV"], swiftSettings: fastMath),
+        .target(name: "Server", dependencies: ["RPC", "CHTTPParser", "CLibUV", .product(name: "Logging", package: "swift-log")],
+                swiftSettings: fastMath),
 
         // MARK: - Executables
-        .executableTarget(name: "ember-server", dependencies: ["Server", "RPC", "Models", "Kernels", "Tokenizer"],
+        .executableTarget(name: "ember-server", dependencies: ["Server", "RPC", "Models", "Kernels", "Tokenizer",
+                                                          .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                                                          .product(name: "Logging", package: "swift-log")],
                           swiftSettings: fastMath),
         .executableTarget(name: "ember-bench", dependencies: ["Engine", "Models", "Kernels", "Tokenizer", "RPC"],
                           path: "bench/Sources/ember-bench", swiftSettings: fastMath),
@@ -49,7 +56,7 @@ let package = Package(
         .testTarget(name: "WeightsTests", dependencies: ["Weights", "TestSupport"]),
         .testTarget(name: "ModelsTests", dependencies: ["Models", "Engine", "TestSupport"]),
         .testTarget(name: "TokenizerTests", dependencies: ["Tokenizer", "TestSupport"]),
-        .testTarget(name: "ServerTests", dependencies: ["Server", "TestSupport"]),
+        .testTarget(name: "ServerTests", dependencies: ["Server", "RPC", "Engine", "Models", "Tokenizer", "Kernels", "TestSupport"]),
         .testTarget(name: "RPCTests", dependencies: ["RPC", "Engine", "Models", "Tokenizer", "TestSupport"]),
         .testTarget(name: "EngineTests", dependencies: ["Engine", "Models", "Tokenizer", "TestSupport"]),
     ]

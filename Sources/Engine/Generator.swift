@@ -25,7 +25,23 @@ public struct GenerationOptions: Sendable, Equatable {
     public var topLogprobs = 0
     public var entropy = false
     public var proxy: ProxySpec? = nil
+    /// Record a `TokenEvent` per sampled token (for streaming responses).
+    public var events = false
     public init() {}
+}
+
+/// One sampled token of a request that asked for events: its id and log-probability, the text it
+/// completes (held back while it could still be the start of a stop string), and the finish.
+public struct TokenEvent: Sendable {
+    public let requestId: Int
+    public let promptIndex: Int
+    public let sampleIndex: Int
+    public let token: Int32
+    public let logprob: Float
+    /// Top alternatives when the request asked for them.
+    public let top: [TokenLogprob]?
+    public let textDelta: String
+    public let finish: FinishReason?
 }
 
 /// One finished sample.
@@ -82,6 +98,7 @@ public final class Generator: @unchecked Sendable {
     private var running: [Running] = []
     private var requests: [Int: RequestState] = [:]
     private var nextRequestId = 1
+    private var events: [TokenEvent] = []
 
     /// `slots` sequences of at most `capacity` tokens (prompt + generated) at once.
     public init(model: TransformerModel, tokenizer: Tokenizer?, slots: Int, capacity: Int) {
@@ -169,6 +186,12 @@ public final class Generator: @unchecked Sendable {
         return true
     }
 
+    /// Events recorded since the last call (requests with `options.events` only).
+    public func takeEvents() -> [TokenEvent] {
+        defer { events = [] }
+        return events
+    }
+
     /// Runs `submit` and steps until that request completes.
     public func generate(prompts: [[Int32]], n: Int = 1, params: SamplingParams,
                          options: GenerationOptions = GenerationOptions()) throws -> GenerationResult {
@@ -244,6 +267,10 @@ public final class Generator: @unchecked Sendable {
             finished.append(r)
         }
         running.removeAll { $0.finish != nil }
+        for case let .decode(m) in rowOwners where m.group.options.events { events.append(m.event()) }
+        for case let .prefill(members, _) in rowOwners where members[0].group.options.events {
+            for m in members { events.append(m.event()) }
+        }
 
         var completed: [GenerationResult] = []
         for f in finished {
@@ -352,6 +379,24 @@ public final class Generator: @unchecked Sendable {
                 }
             }
             return best
+        }
+
+        /// Characters of `text` already reported through events.
+        var reported = 0
+
+        /// The token just accepted as an event; text is held back while it could begin a stop string.
+        func event() -> TokenEvent {
+            var delta = ""
+            let full = finish == nil ? text : result().text
+            let safe = finish == nil ? max(reported, full.count - max(0, maxStop - 1)) : full.count
+            if safe > reported {
+                let a = full.index(full.startIndex, offsetBy: reported), b = full.index(full.startIndex, offsetBy: safe)
+                delta = String(full[a..<b])
+                reported = safe
+            }
+            return TokenEvent(requestId: requestId, promptIndex: group.promptIndex, sampleIndex: sampleIndex,
+                              token: generated.last!, logprob: logprobs.last!,
+                              top: group.options.topLogprobs > 0 ? tops.last : nil, textDelta: delta, finish: finish)
         }
 
         func result() -> SampleResult {

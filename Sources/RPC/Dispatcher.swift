@@ -76,7 +76,7 @@ public final class Dispatcher: @unchecked Sendable {
     }
 
     /// Engine errors as JSON-RPC errors.
-    static func translate(_ error: Error) -> RPCError {
+    public static func translate(_ error: Error) -> RPCError {
         switch error {
         case let e as GenerationError:
             switch e {
@@ -190,7 +190,7 @@ public final class Dispatcher: @unchecked Sendable {
                 "capabilities": Self.methods]
     }
 
-    func needTokenizer() throws -> Tokenizer {
+    public func needTokenizer() throws -> Tokenizer {
         guard let t = tokenizer else {
             throw RPCError.domain(-32005, kind: "no_tokenizer", message: "No tokenizer", hint: "the model folder has no tokenizer.json; send token ids")
         }
@@ -232,7 +232,18 @@ public final class Dispatcher: @unchecked Sendable {
         return o
     }
 
-    func generate(_ p: Params) throws -> Any {
+    /// A parsed `generate` call.
+    public struct GenerateCall: Sendable {
+        public var prompts: [[Int32]]
+        public var n: Int
+        public var params: SamplingParams
+        public var options: GenerationOptions
+        public init(prompts: [[Int32]], n: Int, params: SamplingParams, options: GenerationOptions) {
+            self.prompts = prompts; self.n = n; self.params = params; self.options = options
+        }
+    }
+
+    public func prepareGenerate(_ p: Params) throws -> GenerateCall {
         try p.only(["prompts", "prompt_tokens", "n", "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop",
                     "stop_token_ids", "logprobs", "top_logprobs", "entropy", "proxy", "ignore_eos"])
         var prompts: [[Int32]]
@@ -254,10 +265,18 @@ public final class Dispatcher: @unchecked Sendable {
         if p.has("stop") { s.stop = try p.strings("stop") }
         if p.has("stop_token_ids") { s.stopTokenIds = try p.tokens("stop_token_ids") }
         s.ignoreEOS = try p.bool("ignore_eos", false)
-        let o = try options(p)
-        let n = try p.int("n", 1, min: 1)
+        return GenerateCall(prompts: prompts, n: try p.int("n", 1, min: 1), params: s, options: try options(p))
+    }
+
+    /// Queues a parsed call on the generator (errors already translated).
+    public func submit(_ call: GenerateCall) throws -> Int {
         generator.weightsVersion = trainer.weightsVersion
-        let out = try generator.generate(prompts: prompts, n: n, params: s, options: o)
+        do { return try generator.submit(prompts: call.prompts, n: call.n, params: call.params, options: call.options) }
+        catch { throw Self.translate(error) }
+    }
+
+    /// The JSON result of a finished `generate` call.
+    public func generateResult(_ out: GenerationResult, _ call: GenerateCall) -> Any {
         tokensGenerated += out.results.reduce(0) { $0 + $1.reduce(0) { $0 + $1.tokens.count } }
         return ["weights_version": trainer.weightsVersion,
                 "results": out.results.enumerated().map { i, samples -> [String: Any] in
@@ -265,7 +284,7 @@ public final class Dispatcher: @unchecked Sendable {
                      "samples": samples.map { sample -> [String: Any] in
                          var d: [String: Any] = ["rollout_id": sample.rolloutId ?? NSNull(), "tokens": sample.tokens.map(Int.init),
                                                  "text": sample.text, "finish_reason": sample.finishReason.rawValue]
-                         if o.logprobs { d["logprobs"] = sample.logprobs }
+                         if call.options.logprobs { d["logprobs"] = sample.logprobs }
                          if let e = sample.entropies { d["entropies"] = e }
                          if let x = sample.proxyLogprobs { d["proxy_logprobs"] = x }
                          if let t = sample.topLogprobs { d["top_logprobs"] = t.map { $0.map { ["token": Int($0.token), "logprob": $0.logprob] } } }
@@ -274,15 +293,59 @@ public final class Dispatcher: @unchecked Sendable {
                 }]
     }
 
-    func logprob(_ p: Params) throws -> Any {
+    /// Counts tokens generated outside `generateResult` (other front ends).
+    public func countGenerated(_ n: Int) { tokensGenerated += n }
+
+    /// Runs a whole `generate` call on the calling thread (no other work interleaves).
+    func generate(_ p: Params) throws -> Any {
+        let call = try prepareGenerate(p)
+        let id = try submit(call)
+        while true {
+            for done in try generator.step() where done.requestId == id { return generateResult(done, call) }
+        }
+    }
+
+    /// A parsed `logprob` call; calls with equal temperature and options can share one forward pass.
+    public struct ScoreCall: Sendable {
+        public var sequences: [ScoredSequence]
+        public var temperature: Float
+        public var options: GenerationOptions
+        public init(sequences: [ScoredSequence], temperature: Float, options: GenerationOptions) {
+            self.sequences = sequences; self.temperature = temperature; self.options = options
+        }
+    }
+
+    public func prepareLogprob(_ p: Params) throws -> ScoreCall {
         try p.only(["sequences", "temperature", "top_logprobs", "entropy", "proxy"])
         let seqs = try p.objects("sequences").map { s -> ScoredSequence in
             try s.only(["tokens", "response_start"])
             return ScoredSequence(tokens: try s.tokens("tokens"), responseStart: try s.int("response_start", min: 1))
         }
-        let o = try options(p)
-        let results = try Scoring.score(model: model, sequences: seqs, temperature: try p.float("temperature", 1, min: 0), options: o)
-        tokensScored += seqs.reduce(0) { $0 + $1.tokens.count - $1.responseStart }
+        guard !seqs.isEmpty else { throw RPCError.invalidParams(path: "params.sequences", "give at least one sequence") }
+        let call = ScoreCall(sequences: seqs, temperature: try p.float("temperature", 1, min: 0), options: try options(p))
+        let a = model.architecture
+        do { try Scoring.validate(seqs, vocabSize: a.vocabSize, maxPositions: a.position == .learned ? a.maxPositions : nil) }
+        catch { throw Self.translate(error) }
+        return call
+    }
+
+    /// Scores several calls in one packed forward pass (they must share temperature and options).
+    public func score(_ calls: [ScoreCall]) throws -> [[ScoreResult]] {
+        guard let first = calls.first else { return [] }
+        let all = calls.flatMap(\.sequences)
+        let results: [ScoreResult]
+        do { results = try Scoring.score(model: model, sequences: all, temperature: first.temperature, options: first.options) }
+        catch { throw Self.translate(error) }
+        var out: [[ScoreResult]] = [], at = 0
+        for c in calls {
+            out.append(Array(results[at..<(at + c.sequences.count)]))
+            at += c.sequences.count
+        }
+        return out
+    }
+
+    public func logprobResult(_ results: [ScoreResult], _ call: ScoreCall) -> Any {
+        tokensScored += call.sequences.reduce(0) { $0 + $1.tokens.count - $1.responseStart }
         return ["weights_version": trainer.weightsVersion,
                 "results": results.map { r -> [String: Any] in
                     var d: [String: Any] = ["logprobs": r.logprobs]
@@ -291,6 +354,11 @@ public final class Dispatcher: @unchecked Sendable {
                     if let t = r.topLogprobs { d["top_logprobs"] = t.map { $0.map { ["token": Int($0.token), "logprob": $0.logprob] } } }
                     return d
                 }]
+    }
+
+    func logprob(_ p: Params) throws -> Any {
+        let call = try prepareLogprob(p)
+        return logprobResult(try score([call])[0], call)
     }
 
     func clip(_ l: Params, low: Float, high: Float) throws -> ClipOptions {

@@ -18,6 +18,12 @@ public enum RequestID: Sendable, Equatable, Hashable {
     }
 }
 
+/// A decoded JSON value handed between threads (JSONSerialization's trees are immutable once built).
+public struct JSONValue: @unchecked Sendable {
+    public let value: Any?
+    public init(_ value: Any?) { self.value = value }
+}
+
 /// A JSON-RPC error: standard codes, or domain errors (-32000...-32099) with `data.kind`.
 public struct RPCError: Error, Sendable, Equatable, CustomStringConvertible {
     public let code: Int
@@ -136,7 +142,7 @@ public enum JSONRPC {
         return parseID(raw)
     }
 
-    static func parseID(_ raw: Any) -> RequestID? {
+    public static func parseID(_ raw: Any) -> RequestID? {
         if raw is NSNull { return .null }
         if let s = raw as? String { return .string(s) }
         if let n = raw as? NSNumber, !isBoolean(n) { return .number(numberText(n)) }

@@ -1,5 +1,6 @@
-// The libuv side of the server: one loop thread does all I/O (accept, read, parse, write); one
-// serial compute queue runs request handlers; results come back through a locked outbox and one
+// The libuv side of the server: one loop thread does all I/O (accept, read, parse, write) on TCP
+// (IPv4, IPv6) and Unix-socket listeners. Complete requests go to a handler queue off the loop
+// thread; responses (whole, or streamed in chunks) come back through a locked outbox and one
 // uv_async_t, signalled on every post and drained completely (libuv guide, threads.rst).
 // Responses on a connection leave in request order, so pipelining is safe.
 import CLibUV
@@ -10,19 +11,73 @@ public struct HTTPResponse: Sendable {
     public var status: Int
     public var contentType: String
     public var body: Data
-    public init(status: Int, contentType: String = "application/json", body: Data = Data()) {
-        self.status = status; self.contentType = contentType; self.body = body
+    public var headers: [(String, String)]
+    public init(status: Int, contentType: String = "application/json", body: Data = Data(), headers: [(String, String)] = []) {
+        self.status = status; self.contentType = contentType; self.body = body; self.headers = headers
+    }
+}
+
+/// Where the server listens.
+public enum Endpoint: Sendable, CustomStringConvertible {
+    /// An IPv4 or IPv6 literal and a port (0 picks a free one).
+    case tcp(host: String, port: Int)
+    /// A Unix domain socket path (created with mode 0600, removed on stop).
+    case unix(path: String)
+
+    public var description: String {
+        switch self {
+        case let .tcp(h, p): "http://\(h.contains(":") ? "[\(h)]" : h):\(p)"
+        case let .unix(path): "unix:\(path)"
+        }
+    }
+}
+
+/// Answers one request, from any thread, exactly once: `respond` with a whole response, or
+/// `startStream`, any number of `send`, then `finish` (chunked transfer encoding).
+public final class HTTPResponder: @unchecked Sendable {
+    unowned let server: HTTPServer
+    /// The connection the request came on (stable for its lifetime; used to cancel its work).
+    public let connection: Int
+    let seq: Int
+    let keepAlive: Bool
+
+    init(server: HTTPServer, connection: Int, seq: Int, keepAlive: Bool) {
+        self.server = server; self.connection = connection; self.seq = seq; self.keepAlive = keepAlive
+    }
+
+    public func respond(_ response: HTTPResponse) {
+        server.post(connection, seq, HTTPServer.serialize(response, keepAlive: keepAlive), final: true, keepAlive: keepAlive)
+    }
+
+    public func startStream(status: Int = 200, contentType: String, headers: [(String, String)] = []) {
+        var head = "HTTP/1.1 \(status) \(HTTPServer.reason(status))\r\nContent-Type: \(contentType)\r\n"
+        for (k, v) in headers { head += "\(k): \(v)\r\n" }
+        head += "Transfer-Encoding: chunked\r\nConnection: \(keepAlive ? "keep-alive" : "close")\r\n\r\n"
+        server.post(connection, seq, Data(head.utf8), final: false, keepAlive: keepAlive)
+    }
+
+    public func send(_ chunk: Data) {
+        guard !chunk.isEmpty else { return }
+        var out = Data((String(chunk.count, radix: 16) + "\r\n").utf8)
+        out.append(chunk)
+        out.append(contentsOf: [13, 10])
+        server.post(connection, seq, out, final: false, keepAlive: keepAlive)
+    }
+
+    public func finish() {
+        server.post(connection, seq, Data("0\r\n\r\n".utf8), final: true, keepAlive: keepAlive)
     }
 }
 
 public final class HTTPServer: @unchecked Sendable {
-    public typealias Handler = @Sendable (HTTPRequest) -> HTTPResponse
+    public typealias Handler = @Sendable (HTTPRequest, HTTPResponder) -> Void
 
     let loop: UnsafeMutablePointer<uv_loop_t>
-    let listener: UnsafeMutablePointer<uv_tcp_t>
+    var listeners: [(handle: UnsafeMutableRawPointer, isPipe: Bool)] = []
     let wakeup: UnsafeMutablePointer<uv_async_t>
     let handler: Handler
-    let compute = DispatchQueue(label: "ember.compute")
+    /// Handlers run here, off the loop thread (JSON decoding of a large body takes time).
+    let requests = DispatchQueue(label: "ember.requests")
     let maxBodyBytes: Int
     /// A connection that stops mid-request for this long is answered 408 and closed.
     let requestTimeoutMs: UInt64
@@ -30,15 +85,29 @@ public final class HTTPServer: @unchecked Sendable {
     let idleTimeoutMs: UInt64
     /// Connections beyond this are answered 503 and closed.
     let maxConnections: Int
+    /// Called on the loop thread when a connection closes (its pending work can be cancelled).
+    public var onDisconnect: (@Sendable (Int) -> Void)?
     private let lock = NSLock()
-    private var outbox: [(Connection, Int, Data, Bool)] = []
+    private var outbox: [(conn: Int, seq: Int, bytes: Data, final: Bool, keepAlive: Bool)] = []
     private var stopping = false
-    var connections: [ObjectIdentifier: Connection] = [:]
-    /// The bound port (useful with port 0).
-    public private(set) var port: Int = 0
+    private var stopStarted = false
+    var connections: [Int: Connection] = [:]
+    var nextConnectionId = 1
+    var unixPaths: [String] = []
+    /// The bound TCP ports, in endpoint order (useful with port 0).
+    public private(set) var ports: [Int] = []
+    /// The first bound TCP port.
+    public var port: Int { ports.first ?? 0 }
 
     /// Binds `host:port` (IPv4 or IPv6 literal); `run()` then serves until `stop()`.
-    public init(host: String = "127.0.0.1", port: Int, maxBodyBytes: Int = 64 << 20, requestTimeoutMs: UInt64 = 10_000,
+    public convenience init(host: String = "127.0.0.1", port: Int, maxBodyBytes: Int = 64 << 20, requestTimeoutMs: UInt64 = 10_000,
+                            idleTimeoutMs: UInt64 = 60_000, maxConnections: Int = 256, handler: @escaping Handler) throws {
+        try self.init(endpoints: [.tcp(host: host, port: port)], maxBodyBytes: maxBodyBytes, requestTimeoutMs: requestTimeoutMs,
+                      idleTimeoutMs: idleTimeoutMs, maxConnections: maxConnections, handler: handler)
+    }
+
+    /// Binds every endpoint; `run()` then serves them all until `stop()`.
+    public init(endpoints: [Endpoint], maxBodyBytes: Int = 64 << 20, requestTimeoutMs: UInt64 = 10_000,
                 idleTimeoutMs: UInt64 = 60_000, maxConnections: Int = 256, handler: @escaping Handler) throws {
         self.handler = handler
         self.maxBodyBytes = maxBodyBytes
@@ -47,10 +116,30 @@ public final class HTTPServer: @unchecked Sendable {
         self.maxConnections = maxConnections
         loop = .allocate(capacity: 1)
         uv_loop_init(loop)
-        listener = .allocate(capacity: 1)
-        uv_tcp_init(loop, listener)
         wakeup = .allocate(capacity: 1)
         uv_async_init(loop, wakeup) { handle in HTTPServer.from(handle!.pointee.data).drain() }
+        let me = Unmanaged.passUnretained(self).toOpaque()
+        wakeup.pointee.data = me
+        do {
+            for e in endpoints {
+                switch e {
+                case let .tcp(host, port): try bindTCP(host: host, port: port)
+                case let .unix(path): try bindUnix(path)
+                }
+            }
+        } catch {
+            for l in listeners { uv_close(l.handle.assumingMemoryBound(to: uv_handle_t.self), nil) }
+            uv_close(UnsafeMutableRawPointer(wakeup).assumingMemoryBound(to: uv_handle_t.self), nil)
+            uv_run(loop, UV_RUN_DEFAULT)
+            uv_loop_close(loop)
+            throw error
+        }
+    }
+
+    private func bindTCP(host: String, port: Int) throws {
+        let tcp = UnsafeMutablePointer<uv_tcp_t>.allocate(capacity: 1)
+        uv_tcp_init(loop, tcp)
+        listeners.append((UnsafeMutableRawPointer(tcp), false))
         var storage = sockaddr_storage()
         let rc: Int32 = withUnsafeMutablePointer(to: &storage) { p in
             if host.contains(":") {
@@ -60,31 +149,50 @@ public final class HTTPServer: @unchecked Sendable {
         }
         guard rc == 0 else { throw ServerError.bind("invalid address \(host): \(String(cString: uv_strerror(rc)))") }
         let bound = withUnsafePointer(to: &storage) { p in
-            p.withMemoryRebound(to: sockaddr.self, capacity: 1) { uv_tcp_bind(listener, $0, 0) }
+            p.withMemoryRebound(to: sockaddr.self, capacity: 1) { uv_tcp_bind(tcp, $0, host.contains(":") ? UInt32(UV_TCP_IPV6ONLY.rawValue) : 0) }
         }
         guard bound == 0 else { throw ServerError.bind("cannot bind \(host):\(port): \(String(cString: uv_strerror(bound)))") }
-        let me = Unmanaged.passUnretained(self).toOpaque()
-        listener.pointee.data = me
-        wakeup.pointee.data = me
-        let listening = listener.withMemoryRebound(to: uv_stream_t.self, capacity: 1) { stream in
-            uv_listen(stream, 511) { server, status in
-                guard status == 0, let server else { return }
-                HTTPServer.from(server.pointee.data).accept(server)
-            }
-        }
-        guard listening == 0 else { throw ServerError.bind("cannot listen: \(String(cString: uv_strerror(listening)))") }
+        try listen(UnsafeMutableRawPointer(tcp), what: "\(host):\(port)")
         var name = sockaddr_storage()
         var len = Int32(MemoryLayout<sockaddr_storage>.size)
         _ = withUnsafeMutablePointer(to: &name) { p in
-            p.withMemoryRebound(to: sockaddr.self, capacity: 1) { uv_tcp_getsockname(listener, $0, &len) }
+            p.withMemoryRebound(to: sockaddr.self, capacity: 1) { uv_tcp_getsockname(tcp, $0, &len) }
         }
         let family = Int32(name.ss_family)
-        self.port = withUnsafePointer(to: &name) { p -> Int in
+        ports.append(withUnsafePointer(to: &name) { p -> Int in
             if family == AF_INET6 {
                 return p.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { Int(UInt16(bigEndian: $0.pointee.sin6_port)) }
             }
             return p.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { Int(UInt16(bigEndian: $0.pointee.sin_port)) }
+        })
+    }
+
+    private func bindUnix(_ path: String) throws {
+        let pipe = UnsafeMutablePointer<uv_pipe_t>.allocate(capacity: 1)
+        uv_pipe_init(loop, pipe, 0)
+        listeners.append((UnsafeMutableRawPointer(pipe), true))
+        // A socket file left by a previous run is replaced; any other file is not.
+        var st = stat()
+        if lstat(path, &st) == 0 {
+            guard (st.st_mode & S_IFMT) == S_IFSOCK else { throw ServerError.bind("\(path) exists and is not a socket") }
+            unlink(path)
         }
+        let old = umask(0o177)
+        let rc = uv_pipe_bind(pipe, path)
+        umask(old)
+        guard rc == 0 else { throw ServerError.bind("cannot bind unix:\(path): \(String(cString: uv_strerror(rc)))") }
+        unixPaths.append(path)
+        try listen(UnsafeMutableRawPointer(pipe), what: path)
+    }
+
+    private func listen(_ handle: UnsafeMutableRawPointer, what: String) throws {
+        let stream = handle.assumingMemoryBound(to: uv_stream_t.self)
+        stream.pointee.data = Unmanaged.passUnretained(self).toOpaque()
+        let rc = uv_listen(stream, 511) { server, status in
+            guard status == 0, let server else { return }
+            HTTPServer.from(server.pointee.data).accept(server)
+        }
+        guard rc == 0 else { throw ServerError.bind("cannot listen on \(what): \(String(cString: uv_strerror(rc)))") }
     }
 
     static func from(_ data: UnsafeMutableRawPointer?) -> HTTPServer {
@@ -97,39 +205,43 @@ public final class HTTPServer: @unchecked Sendable {
         uv_loop_close(loop)
     }
 
-    /// Stops accepting, closes connections and ends `run()` (callable from any thread).
+    /// Stops accepting, lets responses already computed go out (at most `graceMs`), closes every
+    /// connection and ends `run()`. Callable from any thread.
     public func stop() {
         lock.lock(); stopping = true; lock.unlock()
         uv_async_send(wakeup)
     }
 
+    /// Queues bytes of response `seq` on connection `conn` (any thread).
+    func post(_ conn: Int, _ seq: Int, _ bytes: Data, final: Bool, keepAlive: Bool) {
+        lock.lock()
+        outbox.append((conn, seq, bytes, final, keepAlive))
+        lock.unlock()
+        uv_async_send(wakeup)
+    }
+
     // MARK: - Loop thread
 
-    func accept(_ server: UnsafeMutablePointer<uv_stream_t>) {
-        let conn = Connection(server: self)
-        uv_tcp_init(loop, conn.tcp)
-        let ok = conn.tcp.withMemoryRebound(to: uv_stream_t.self, capacity: 1) { uv_accept(server, $0) }
-        connections[ObjectIdentifier(conn)] = conn
-        guard ok == 0 else { conn.close(); return }
+    func accept(_ listener: UnsafeMutablePointer<uv_stream_t>) {
+        let isPipe = listeners.first { $0.handle == UnsafeMutableRawPointer(listener) }?.isPipe ?? false
+        let conn = Connection(server: self, id: nextConnectionId, pipe: isPipe)
+        nextConnectionId += 1
+        let ok = uv_accept(listener, conn.stream)
+        connections[conn.id] = conn
+        guard ok == 0, !stopStarted else { conn.close(); return }
         if connections.count > maxConnections {
             let body = Data(#"{"error":"too many connections"}"#.utf8)
-            conn.deliver(seq: 0, bytes: Self.serialize(HTTPResponse(status: 503, body: body), keepAlive: false), keepAlive: false)
+            conn.deliver(seq: 0, bytes: Self.serialize(HTTPResponse(status: 503, body: body), keepAlive: false), final: true, keepAlive: false)
             return
         }
         conn.startReading()
     }
 
-    /// A request is complete: run it on the compute queue, post the response back.
+    /// A request is complete: hand it to the handler off the loop thread.
     func dispatch(_ request: HTTPRequest, from conn: Connection, seq: Int) {
+        let responder = HTTPResponder(server: self, connection: conn.id, seq: seq, keepAlive: request.keepAlive)
         let handler = self.handler
-        compute.async { [self] in
-            let response = handler(request)
-            let bytes = Self.serialize(response, keepAlive: request.keepAlive)
-            lock.lock()
-            outbox.append((conn, seq, bytes, request.keepAlive))
-            lock.unlock()
-            uv_async_send(wakeup)
-        }
+        requests.async { handler(request, responder) }
     }
 
     /// Drains every posted response (runs on the loop thread).
@@ -139,12 +251,40 @@ public final class HTTPServer: @unchecked Sendable {
         outbox = []
         let stop = stopping
         lock.unlock()
-        for (conn, seq, bytes, keepAlive) in items { conn.deliver(seq: seq, bytes: bytes, keepAlive: keepAlive) }
-        if stop {
-            for c in connections.values { c.close() }
-            uv_close(UnsafeMutableRawPointer(listener).assumingMemoryBound(to: uv_handle_t.self), nil)
-            uv_close(UnsafeMutableRawPointer(wakeup).assumingMemoryBound(to: uv_handle_t.self), nil)
+        for i in items { connections[i.conn]?.deliver(seq: i.seq, bytes: i.bytes, final: i.final, keepAlive: i.keepAlive) }
+        if stop && !stopStarted {
+            stopStarted = true
+            for l in listeners { uv_close(l.handle.assumingMemoryBound(to: uv_handle_t.self)) { $0?.deallocate() } }
+            for p in unixPaths { unlink(p) }
+            for c in Array(connections.values) { c.closeWhenDone() }
+            // Whatever is still unanswered after the grace period is cut off.
+            let grace = UnsafeMutablePointer<uv_timer_t>.allocate(capacity: 1)
+            uv_timer_init(loop, grace)
+            grace.pointee.data = Unmanaged.passUnretained(self).toOpaque()
+            uv_timer_start(grace, { t in
+                let server = HTTPServer.from(t!.pointee.data)
+                for c in Array(server.connections.values) { c.close() }
+                server.finishStop()
+                uv_close(UnsafeMutableRawPointer(t!).assumingMemoryBound(to: uv_handle_t.self)) { $0?.deallocate() }
+            }, 5_000, 0)
+            uv_unref(UnsafeMutableRawPointer(grace).assumingMemoryBound(to: uv_handle_t.self))
         }
+        if stopStarted && connections.isEmpty { finishStop() }
+    }
+
+    private var wakeupClosed = false
+    /// Closes the wake-up handle once no connection is left (then `run()` returns).
+    func finishStop() {
+        guard !wakeupClosed else { return }
+        wakeupClosed = true
+        uv_close(UnsafeMutableRawPointer(wakeup).assumingMemoryBound(to: uv_handle_t.self), nil)
+    }
+
+    /// A connection closed.
+    func closed(_ conn: Connection) {
+        connections[conn.id] = nil
+        onDisconnect?(conn.id)
+        if stopStarted && connections.isEmpty { finishStop() }
     }
 
     static func serialize(_ r: HTTPResponse, keepAlive: Bool) -> Data {
@@ -152,6 +292,7 @@ public final class HTTPServer: @unchecked Sendable {
         if r.status != 204 {
             head += "Content-Type: \(r.contentType)\r\nContent-Length: \(r.body.count)\r\n"
         }
+        for (k, v) in r.headers { head += "\(k): \(v)\r\n" }
         head += "Connection: \(keepAlive ? "keep-alive" : "close")\r\n\r\n"
         var out = Data(head.utf8)
         out.append(r.body)
@@ -170,6 +311,7 @@ public final class HTTPServer: @unchecked Sendable {
         case 413: "Content Too Large"
         case 408: "Request Timeout"
         case 431: "Request Header Fields Too Large"
+        case 500: "Internal Server Error"
         case 503: "Service Unavailable"
         default: "Status"
         }
@@ -184,23 +326,33 @@ public enum ServerError: Error, CustomStringConvertible {
 /// One client connection (loop thread only).
 final class Connection: @unchecked Sendable {
     unowned let server: HTTPServer
-    let tcp: UnsafeMutablePointer<uv_tcp_t>
+    let id: Int
+    /// A uv_tcp_t or uv_pipe_t.
+    let handle: UnsafeMutableRawPointer
     let timer: UnsafeMutablePointer<uv_timer_t>
     let parser: HTTPRequestParser
     var nextSeq = 0, nextToSend = 0
-    var ready: [Int: (Data, Bool)] = [:]
+    /// Bytes of responses not yet written, by sequence number; `final` once the response is whole.
+    var ready: [Int: (pieces: [Data], final: Bool, keepAlive: Bool)] = [:]
     var closing = false
+    var shuttingDown = false
+    /// Stop reading; close once every response owed is written.
+    var draining = false
 
-    init(server: HTTPServer) {
+    init(server: HTTPServer, id: Int, pipe: Bool) {
         self.server = server
+        self.id = id
         parser = HTTPRequestParser(maxBodyBytes: server.maxBodyBytes)
-        tcp = .allocate(capacity: 1)
-        tcp.initialize(to: uv_tcp_t())
+        let size = max(MemoryLayout<uv_tcp_t>.size, MemoryLayout<uv_pipe_t>.size)
+        handle = .allocate(byteCount: size, alignment: 16)
+        handle.initializeMemory(as: UInt8.self, repeating: 0, count: size)
+        if pipe { uv_pipe_init(server.loop, handle.assumingMemoryBound(to: uv_pipe_t.self), 0) }
+        else { uv_tcp_init(server.loop, handle.assumingMemoryBound(to: uv_tcp_t.self)) }
         timer = .allocate(capacity: 1)
         timer.initialize(to: uv_timer_t())
         uv_timer_init(server.loop, timer)
         let me = Unmanaged.passRetained(self).toOpaque()
-        tcp.pointee.data = me
+        stream.pointee.data = me
         timer.pointee.data = me
     }
 
@@ -215,7 +367,7 @@ final class Connection: @unchecked Sendable {
         if nextToSend < nextSeq { arm(); return }      // a response is being computed: not idle
         if parser.isMidRequest {
             let body = Data(#"{"error":"request not completed in time"}"#.utf8)
-            deliver(seq: nextSeq, bytes: HTTPServer.serialize(HTTPResponse(status: 408, body: body), keepAlive: false), keepAlive: false)
+            deliver(seq: nextSeq, bytes: HTTPServer.serialize(HTTPResponse(status: 408, body: body), keepAlive: false), final: true, keepAlive: false)
             nextSeq += 1
         } else {
             close()
@@ -226,7 +378,7 @@ final class Connection: @unchecked Sendable {
         Unmanaged<Connection>.fromOpaque(data!).takeUnretainedValue()
     }
 
-    var stream: UnsafeMutablePointer<uv_stream_t> { UnsafeMutableRawPointer(tcp).assumingMemoryBound(to: uv_stream_t.self) }
+    var stream: UnsafeMutablePointer<uv_stream_t> { handle.assumingMemoryBound(to: uv_stream_t.self) }
 
     func startReading() {
         arm()
@@ -242,7 +394,7 @@ final class Connection: @unchecked Sendable {
     }
 
     func received(_ bytes: UnsafeRawBufferPointer) {
-        guard !closing else { return }
+        guard !closing, !draining else { return }
         defer { if !closing { arm() } }
         do {
             let requests = try parser.feed(bytes)
@@ -254,22 +406,38 @@ final class Connection: @unchecked Sendable {
         } catch let e as HTTPParseError {
             // Answer in order after what is already queued, then close.
             let body = Data("{\"error\":\"\(e.description)\"}".utf8)
-            deliver(seq: nextSeq, bytes: HTTPServer.serialize(HTTPResponse(status: e.status, body: body), keepAlive: false), keepAlive: false)
+            deliver(seq: nextSeq, bytes: HTTPServer.serialize(HTTPResponse(status: e.status, body: body), keepAlive: false), final: true, keepAlive: false)
             nextSeq += 1
         } catch {
             close()
         }
     }
 
-    /// Queues response `seq`; writes every response that is next in order.
-    func deliver(seq: Int, bytes: Data, keepAlive: Bool) {
-        guard !closing else { return }
-        ready[seq] = (bytes, keepAlive)
-        while let (b, keep) = ready.removeValue(forKey: nextToSend) {
-            write(b)
+    /// Queues bytes of response `seq`; writes whatever is next in order.
+    func deliver(seq: Int, bytes: Data, final: Bool, keepAlive: Bool) {
+        guard !closing, !shuttingDown else { return }
+        var entry = ready[seq] ?? ([], false, keepAlive)
+        entry.pieces.append(bytes)
+        entry.final = final
+        entry.keepAlive = keepAlive
+        ready[seq] = entry
+        while var e = ready[nextToSend] {
+            for b in e.pieces { write(b) }
+            e.pieces = []
+            guard e.final else { ready[nextToSend] = e; break }
+            ready[nextToSend] = nil
             nextToSend += 1
-            if !keep { close(); return }
+            if !e.keepAlive { shutdownAndClose(); return }
         }
+        if draining && nextToSend == nextSeq { shutdownAndClose() }
+    }
+
+    /// Server stopping: no new requests; close after the responses owed are written.
+    func closeWhenDone() {
+        guard !closing else { return }
+        draining = true
+        uv_read_stop(stream)
+        if nextToSend == nextSeq { shutdownAndClose() }
     }
 
     func write(_ bytes: Data) {
@@ -287,13 +455,28 @@ final class Connection: @unchecked Sendable {
         if rc != 0 { buffer.deallocate(); req.deallocate(); close() }
     }
 
+    /// Closes after every queued write has gone out.
+    func shutdownAndClose() {
+        guard !closing, !shuttingDown else { return }
+        shuttingDown = true
+        let req = UnsafeMutablePointer<uv_shutdown_t>.allocate(capacity: 1)
+        req.pointee.data = Unmanaged.passUnretained(self).toOpaque()
+        let rc = uv_shutdown(req, stream) { req, _ in
+            let conn = Connection.from(req!.pointee.data)
+            req!.deallocate()
+            conn.close()
+        }
+        if rc != 0 { req.deallocate(); close() }
+        else { uv_timer_stop(timer) }
+    }
+
     func close() {
         guard !closing else { return }
         closing = true
-        server.connections[ObjectIdentifier(self)] = nil
+        server.closed(self)
         uv_timer_stop(timer)
         uv_close(UnsafeMutableRawPointer(timer).assumingMemoryBound(to: uv_handle_t.self)) { h in h!.deallocate() }
-        uv_close(UnsafeMutableRawPointer(tcp).assumingMemoryBound(to: uv_handle_t.self)) { handle in
+        uv_close(handle.assumingMemoryBound(to: uv_handle_t.self)) { handle in
             let raw = handle!
             Unmanaged<Connection>.fromOpaque(raw.pointee.data!).release()
             raw.deallocate()

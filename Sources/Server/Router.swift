@@ -1,42 +1,92 @@
 // Routes: `POST /rpc` (JSON-RPC 2.0, single or batch; notifications answered with 204 when
-// nothing else is), `GET /healthz`. Other paths 404, other methods on known paths 405. With an
-// API key, every route but /healthz needs `Authorization: Bearer KEY` (401 otherwise).
+// nothing else is), `GET /healthz`, `GET /metrics` (Prometheus text), and the OpenAI-compatible
+// `GET /v1/models` and `POST /v1/completions`. Other paths 404, other methods on known paths 405.
+// With an API key, every route but /healthz needs `Authorization: Bearer KEY` (401 otherwise).
+// Handlers run on the server's request queue; model work goes through the Scheduler.
 import Foundation
+import Logging
 import RPC
 
-/// Request counts and latency by method (touched only on the compute queue).
+/// Request counts and latency by method (any thread).
 final class RequestMetrics: @unchecked Sendable {
-    var requests: [String: Int] = [:]
-    var errors: [String: Int] = [:]
-    var seconds: [String: Double] = [:]
+    let logger: Logger
+    init(logger: Logger) { self.logger = logger }
+    private let lock = NSLock()
+    private var requests: [String: Int] = [:]
+    private var errors: [String: Int] = [:]
+    private var seconds: [String: Double] = [:]
 
     func record(_ method: String, seconds s: Double, failed: Bool) {
+        lock.lock(); defer { lock.unlock() }
         requests[method, default: 0] += 1
         seconds[method, default: 0] += s
         if failed { errors[method, default: 0] += 1 }
     }
+
+    func snapshot() -> (requests: [String: Int], errors: [String: Int], seconds: [String: Double]) {
+        lock.lock(); defer { lock.unlock() }
+        return (requests, errors, seconds)
+    }
+}
+
+/// Collects the answers of a JSON-RPC batch; the last one sends the response.
+final class BatchCollector: @unchecked Sendable {
+    private let lock = NSLock()
+    private var answers: [[String: Any]?]
+    private var remaining: Int
+    let done: @Sendable ([[String: Any]]) -> Void
+
+    init(count: Int, done: @escaping @Sendable ([[String: Any]]) -> Void) {
+        answers = Array(repeating: nil, count: count)
+        remaining = count
+        self.done = done
+    }
+
+    func set(_ i: Int, _ answer: [String: Any]?) {
+        lock.lock()
+        answers[i] = answer
+        remaining -= 1
+        let finished = remaining == 0
+        let all = answers
+        lock.unlock()
+        if finished { done(all.compactMap { $0 }) }
+    }
 }
 
 public enum Router {
-    public static func makeHandler(dispatcher: Dispatcher, apiKey: String? = nil) -> HTTPServer.Handler {
-        let metrics = RequestMetrics()
-        return { request in
+    static let encoder = DispatchQueue(label: "ember.encode")
+
+    public static func makeHandler(scheduler: Scheduler, apiKey: String? = nil, modelName: String = "ember",
+                                   logger: Logger = Logger(label: "ember.server")) -> HTTPServer.Handler {
+        let metrics = RequestMetrics(logger: logger)
+        let openAI = OpenAIRoutes(scheduler: scheduler, modelName: modelName)
+        return { request, responder in
+            logger.debug("request", metadata: ["method": "\(request.method)", "path": "\(request.path)",
+                                               "bytes": "\(request.body.count)", "connection": "\(responder.connection)"])
             if let key = apiKey, request.path != "/healthz", !authorized(request, key: key) {
+                logger.notice("unauthorized request", metadata: ["path": "\(request.path)", "connection": "\(responder.connection)"])
                 let e = RPCError.domain(-32010, kind: "unauthorized", message: "Unauthorized",
                                         hint: "send Authorization: Bearer <api key>")
-                return HTTPResponse(status: 401, body: JSONRPC.encode(JSONRPC.response(id: nil, error: e)))
+                responder.respond(HTTPResponse(status: 401, body: JSONRPC.encode(JSONRPC.response(id: nil, error: e)),
+                                               headers: [("WWW-Authenticate", "Bearer")]))
+                return
             }
             switch (request.method, request.path) {
             case ("GET", "/healthz"):
-                return HTTPResponse(status: 200, body: Data(#"{"status":"ok"}"#.utf8))
+                responder.respond(HTTPResponse(status: 200, body: Data(#"{"status":"ok"}"#.utf8)))
             case ("POST", "/rpc"):
-                return rpc(request.body, dispatcher, metrics)
+                rpc(request.body, scheduler, metrics, responder)
             case ("GET", "/metrics"):
-                return HTTPResponse(status: 200, contentType: "text/plain; version=0.0.4", body: Data(prometheus(dispatcher, metrics).utf8))
-            case (_, "/rpc"), (_, "/healthz"), (_, "/metrics"):
-                return HTTPResponse(status: 405, body: Data(#"{"error":"method not allowed"}"#.utf8))
+                responder.respond(HTTPResponse(status: 200, contentType: "text/plain; version=0.0.4",
+                                               body: Data(prometheus(scheduler.gauges, metrics).utf8)))
+            case ("GET", "/v1/models"):
+                responder.respond(openAI.models())
+            case ("POST", "/v1/completions"):
+                openAI.completions(request, responder)
+            case (_, "/rpc"), (_, "/healthz"), (_, "/metrics"), (_, "/v1/models"), (_, "/v1/completions"):
+                responder.respond(HTTPResponse(status: 405, body: Data(#"{"error":"method not allowed"}"#.utf8)))
             default:
-                return HTTPResponse(status: 404, body: Data(#"{"error":"not found"}"#.utf8))
+                responder.respond(HTTPResponse(status: 404, body: Data(#"{"error":"not found"}"#.utf8)))
             }
         }
     }
@@ -52,72 +102,94 @@ public enum Router {
         return diff == 0
     }
 
-    static func run(_ call: Result<RPCRequest, RPCError>, id: RequestID?, _ d: Dispatcher,
-                    _ metrics: RequestMetrics) -> [String: Any]? {
+    /// Submits one call; `answer` gets its response object (nil for a notification).
+    static func run(_ call: Result<RPCRequest, RPCError>, id: RequestID?, _ s: Scheduler, _ metrics: RequestMetrics,
+                    owner: Int, answer: @escaping @Sendable ([String: Any]?) -> Void) {
         switch call {
         case let .failure(e):
-            return JSONRPC.response(id: id, error: e)
+            answer(JSONRPC.response(id: id, error: e))
         case let .success(r):
             let t0 = Date()
             // Only known method names become metric labels.
-            let label = Dispatcher.methods.contains(r.method) ? r.method : "unknown"
-            do {
-                let result = try d.call(r.method, r.params)
-                metrics.record(label, seconds: Date().timeIntervalSince(t0), failed: false)
-                return r.id.map { JSONRPC.response(id: $0, result: result) }
-            } catch let e as RPCError {
-                metrics.record(label, seconds: Date().timeIntervalSince(t0), failed: true)
-                return r.id.map { JSONRPC.response(id: $0, error: e) }
-            } catch {
-                metrics.record(label, seconds: Date().timeIntervalSince(t0), failed: true)
-                return r.id.map { JSONRPC.response(id: $0, error: .internalError("\(error)")) }
+            let label = Scheduler.methods.contains(r.method) ? r.method : "unknown"
+            let rid = r.id
+            s.submit(method: r.method, params: r.params, id: rid, owner: owner) { result in
+                let seconds = Date().timeIntervalSince(t0)
+                switch result {
+                case let .success(value):
+                    metrics.record(label, seconds: seconds, failed: false)
+                    answer(rid.map { JSONRPC.response(id: $0, result: value) })
+                case let .failure(e):
+                    metrics.record(label, seconds: seconds, failed: true)
+                    if e.code == -32603 { metrics.logger.error("internal error", metadata: ["method": "\(label)", "error": "\(e)"]) }
+                    else { metrics.logger.debug("call failed", metadata: ["method": "\(label)", "error": "\(e)"]) }
+                    answer(rid.map { JSONRPC.response(id: $0, error: e) })
+                }
             }
         }
     }
 
-    static func rpc(_ body: Data, _ d: Dispatcher, _ m: RequestMetrics) -> HTTPResponse {
+    static func rpc(_ body: Data, _ s: Scheduler, _ m: RequestMetrics, _ responder: HTTPResponder) {
+        let owner = responder.connection
         switch JSONRPC.decode(body) {
         case let .failure(e):
-            return HTTPResponse(status: 200, body: JSONRPC.encode(JSONRPC.response(id: nil, error: e)))
+            responder.respond(HTTPResponse(status: 200, body: JSONRPC.encode(JSONRPC.response(id: nil, error: e))))
         case let .single(call, id):
-            guard let out = run(call, id: id, d, m) else { return HTTPResponse(status: 204) }
-            return HTTPResponse(status: 200, body: JSONRPC.encode(out))
+            run(call, id: id, s, m, owner: owner) { answer in
+                // Encoding a large result happens off the compute thread.
+                let box = JSONValue(answer)
+                encoder.async {
+                    guard let out = box.value else { responder.respond(HTTPResponse(status: 204)); return }
+                    responder.respond(HTTPResponse(status: 200, body: JSONRPC.encode(out)))
+                }
+            }
         case let .batch(calls):
-            let outs = calls.compactMap { run($0.0, id: $0.1, d, m) }
-            return outs.isEmpty ? HTTPResponse(status: 204) : HTTPResponse(status: 200, body: JSONRPC.encode(outs))
+            let collector = BatchCollector(count: calls.count) { answers in
+                let box = JSONValue(answers)
+                encoder.async {
+                    let outs = box.value as! [[String: Any]]
+                    responder.respond(outs.isEmpty ? HTTPResponse(status: 204) : HTTPResponse(status: 200, body: JSONRPC.encode(outs)))
+                }
+            }
+            for (i, c) in calls.enumerated() {
+                run(c.0, id: c.1, s, m, owner: owner) { collector.set(i, $0) }
+            }
         }
     }
 }
 
 extension Router {
     /// Prometheus text exposition format 0.0.4.
-    static func prometheus(_ d: Dispatcher, _ m: RequestMetrics) -> String {
+    static func prometheus(_ g: Scheduler.Gauges, _ metrics: RequestMetrics) -> String {
+        let m = metrics.snapshot()
         var s = ""
         func family(_ name: String, _ type: String, _ help: String) { s += "# HELP \(name) \(help)\n# TYPE \(name) \(type)\n" }
         family("ember_rpc_requests_total", "counter", "JSON-RPC calls by method")
         for (k, v) in m.requests.sorted(by: { $0.key < $1.key }) { s += "ember_rpc_requests_total{method=\"\(k)\"} \(v)\n" }
         family("ember_rpc_errors_total", "counter", "JSON-RPC calls answered with an error, by method")
         for (k, v) in m.errors.sorted(by: { $0.key < $1.key }) { s += "ember_rpc_errors_total{method=\"\(k)\"} \(v)\n" }
-        family("ember_rpc_latency_seconds", "summary", "time spent computing calls, by method")
+        family("ember_rpc_latency_seconds", "summary", "time from arrival to answer (queueing included), by method")
         for (k, v) in m.seconds.sorted(by: { $0.key < $1.key }) {
             s += "ember_rpc_latency_seconds_sum{method=\"\(k)\"} \(v)\nember_rpc_latency_seconds_count{method=\"\(k)\"} \(m.requests[k] ?? 0)\n"
         }
         family("ember_tokens_generated_total", "counter", "tokens sampled by generate")
-        s += "ember_tokens_generated_total \(d.tokensGenerated)\n"
+        s += "ember_tokens_generated_total \(g.tokensGenerated)\n"
         family("ember_tokens_scored_total", "counter", "response tokens scored by logprob")
-        s += "ember_tokens_scored_total \(d.tokensScored)\n"
+        s += "ember_tokens_scored_total \(g.tokensScored)\n"
         family("ember_train_steps_total", "counter", "optimizer steps taken")
-        s += "ember_train_steps_total \(d.trainer.optimizer.stepCount)\n"
+        s += "ember_train_steps_total \(g.trainSteps)\n"
         family("ember_weights_version", "gauge", "weights version (+1 per optimizer step)")
-        s += "ember_weights_version \(d.trainer.weightsVersion)\n"
-        family("ember_generation_queue_depth", "gauge", "prompts waiting for a KV slot")
-        s += "ember_generation_queue_depth \(d.generator.waitingCount)\n"
+        s += "ember_weights_version \(g.weightsVersion)\n"
+        family("ember_queue_depth", "gauge", "calls and prompts waiting for the compute thread or a KV slot")
+        s += "ember_queue_depth \(g.queueDepth)\n"
+        family("ember_sequences_running", "gauge", "sequences being decoded")
+        s += "ember_sequences_running \(g.running)\n"
         family("ember_kv_cache_bytes", "gauge", "KV cache bytes allocated")
-        s += "ember_kv_cache_bytes \(d.generator.kvCacheBytes)\n"
+        s += "ember_kv_cache_bytes \(g.kvBytes)\n"
         family("ember_kv_cache_bytes_in_use", "gauge", "KV cache bytes held by running sequences")
-        s += "ember_kv_cache_bytes_in_use \(d.generator.kvBytesInUse)\n"
+        s += "ember_kv_cache_bytes_in_use \(g.kvBytesInUse)\n"
         family("ember_rollout_store_bytes", "gauge", "bytes held by the rollout store")
-        s += "ember_rollout_store_bytes \(d.rollouts.bytes)\n"
+        s += "ember_rollout_store_bytes \(g.rolloutBytes)\n"
         return s
     }
 }

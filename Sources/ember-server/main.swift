@@ -1,66 +1,119 @@
-// ember-server: loads a Hugging Face model folder and serves the JSON-RPC protocol over HTTP.
-//   ember-server --model DIR [--host 127.0.0.1] [--port 8377] [--threads N] [--api-key KEY]
-//                [--checkpoint-dir DIR] [--read-only]
-// (the embedded default model arrives with issue 8.) EMBER_API_KEY sets the key too.
+// ember-server: loads a Hugging Face model folder and serves the JSON-RPC protocol (plus the
+// OpenAI-compatible routes) over HTTP/1.1 on TCP and optionally a Unix domain socket.
+import ArgumentParser
 import Foundation
 import Kernels
+import Logging
 import Models
 import RPC
 import Server
 import Tokenizer
 
-func fail(_ message: String) -> Never {
-    FileHandle.standardError.write(Data("ember-server: \(message)\n".utf8))
-    exit(2)
-}
+@main
+struct EmberServer: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "ember-server",
+        abstract: "Serve a causal language model's policy for sampling, scoring and policy-gradient training (JSON-RPC 2.0 over HTTP).")
 
-var options: [String: String] = [:]
-var args = CommandLine.arguments.dropFirst()
-while let a = args.popFirst() {
-    guard a.hasPrefix("--") else { fail("unexpected argument '\(a)'") }
-    let key = String(a.dropFirst(2))
-    if key == "read-only" { options[key] = "1"; continue }
-    guard ["model", "host", "port", "threads", "api-key", "checkpoint-dir"].contains(key) else {
-        fail("unknown option --\(key) (known: --model, --host, --port, --threads, --api-key, --checkpoint-dir, --read-only)")
+    @Option(help: "Hugging Face model folder (config.json, *.safetensors, tokenizer.json). Default: the embedded model.")
+    var model: String?
+    @Option(help: "Address to bind (IPv4 or IPv6 literal).") var host = "127.0.0.1"
+    @Option(help: "TCP port (0 picks a free one).") var port = 8377
+    @Option(name: .customLong("unix-socket"), help: "Also listen on this Unix domain socket path (mode 0600).") var unixSocket: String?
+    @Option(name: .customLong("api-key"), help: "Bearer token required on every route but /healthz (or EMBER_API_KEY).") var apiKey: String?
+    @Option(name: .customLong("checkpoint-dir"), help: "Folder that checkpoint names resolve in; checkpoints are off without it.")
+    var checkpointDir: String?
+    @Option(help: "Compute threads (default: all cores).") var threads: Int?
+    @Flag(name: .customLong("read-only"), help: "Refuse every method that changes state.") var readOnly = false
+    @Option(name: .customLong("served-model-name"), help: "Model id for the OpenAI routes (default: the model folder's name).")
+    var servedModelName: String?
+    @Option(help: "Sequences decoded together (KV-cache slots).") var slots = 64
+    @Option(name: .customLong("max-seq-len"), help: "Tokens per sequence (prompt + generated) the KV cache holds; default min(model positions, 2048).")
+    var maxSeqLen: Int?
+    @Option(name: .customLong("rollout-budget-mb"), help: "Memory budget of the rollout store.") var rolloutBudgetMB = 256
+    @Option(name: .customLong("max-body-mb"), help: "Largest request body accepted (413 beyond).") var maxBodyMB = 64
+    @Option(name: .customLong("max-connections"), help: "Open connections accepted (503 beyond).") var maxConnections = 256
+    @Option(name: .customLong("request-timeout"), help: "Seconds a request may take to arrive (408 beyond).") var requestTimeout = 10.0
+    @Option(name: .customLong("idle-timeout"), help: "Seconds an idle keep-alive connection stays open.") var idleTimeout = 60.0
+    @Option(name: .customLong("log-level"), help: "trace, debug, info, notice, warning, error or critical.") var logLevel = "info"
+
+    func validate() throws {
+        guard (0...65535).contains(port) else { throw ValidationError("--port must be in 0...65535") }
+        if let t = threads, t < 1 { throw ValidationError("--threads must be at least 1") }
+        guard slots >= 1 else { throw ValidationError("--slots must be at least 1") }
+        guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("--log-level: one of trace, debug, info, notice, warning, error, critical") }
     }
-    guard let v = args.popFirst() else { fail("--\(key) needs a value") }
-    options[key] = v
-}
-guard let dir = options["model"] else {
-    fail("--model DIR is required (the embedded default model is not built yet)")
-}
-guard let port = Int(options["port"] ?? "8377"), (0...65535).contains(port) else { fail("--port must be 0...65535") }
-let threads = Int(options["threads"] ?? "") ?? ProcessInfo.processInfo.activeProcessorCount
-guard threads >= 1 else { fail("--threads must be at least 1") }
-Compute.setThreads(threads)
 
-let model: TransformerModel
-do { model = try TransformerModel.load(directory: dir) } catch { fail("cannot load \(dir): \(error)") }
-let tokenizer = FileManager.default.fileExists(atPath: dir + "/tokenizer.json") ? (try? Tokenizer(directory: dir)) : nil
-let dispatcher = Dispatcher(model: model, tokenizer: tokenizer)
-dispatcher.readOnly = options["read-only"] != nil
-if let dir = options["checkpoint-dir"] {
-    do { try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true) } catch { fail("--checkpoint-dir: \(error)") }
-    dispatcher.checkpointDirectory = dir
-}
-let apiKey = options["api-key"] ?? ProcessInfo.processInfo.environment["EMBER_API_KEY"]
-let host = options["host"] ?? "127.0.0.1"
-let server: HTTPServer
-do { server = try HTTPServer(host: host, port: port, handler: Router.makeHandler(dispatcher: dispatcher, apiKey: apiKey)) } catch { fail("\(error)") }
+    func run() throws {
+        let level = Logger.Level(rawValue: logLevel)!
+        LoggingSystem.bootstrap { label in
+            var h = StreamLogHandler.standardError(label: label)
+            h.logLevel = level
+            return h
+        }
+        let log = Logger(label: "ember.server")
+        let threads = self.threads ?? ProcessInfo.processInfo.activeProcessorCount
+        Compute.setThreads(threads)
 
-// Graceful shutdown on SIGINT / SIGTERM.
-signal(SIGINT, SIG_IGN)
-signal(SIGTERM, SIG_IGN)
-let sources = [SIGINT, SIGTERM].map { sig -> DispatchSourceSignal in
-    let s = DispatchSource.makeSignalSource(signal: sig, queue: .global())
-    s.setEventHandler { server.stop() }
-    s.resume()
-    return s
+        guard let dir = model ?? DefaultModel.locate() else {
+            throw ValidationError("no --model given and no embedded default model found (looked in: \(DefaultModel.candidates().joined(separator: ", ")))")
+        }
+        let loaded: TransformerModel
+        do { loaded = try TransformerModel.load(directory: dir) } catch { throw ValidationError("cannot load \(dir): \(error)") }
+        var tokenizer: Tokenizer?
+        if FileManager.default.fileExists(atPath: dir + "/tokenizer.json") {
+            do { tokenizer = try Tokenizer(directory: dir) } catch { throw ValidationError("cannot load \(dir)/tokenizer.json: \(error)") }
+        }
+        let a = loaded.architecture
+        let capacity = maxSeqLen ?? min(a.maxPositions, 2048)
+        let dispatcher = Dispatcher(model: loaded, tokenizer: tokenizer, slots: slots, capacity: capacity,
+                                    rolloutBudgetBytes: rolloutBudgetMB << 20)
+        dispatcher.readOnly = readOnly
+        if let cdir = checkpointDir {
+            do { try FileManager.default.createDirectory(atPath: cdir, withIntermediateDirectories: true) }
+            catch { throw ValidationError("--checkpoint-dir: \(error)") }
+            dispatcher.checkpointDirectory = cdir
+        }
+        let key = apiKey ?? ProcessInfo.processInfo.environment["EMBER_API_KEY"]
+        let scheduler = Scheduler(dispatcher: dispatcher)
+        let name = servedModelName ?? URL(fileURLWithPath: dir).standardizedFileURL.lastPathComponent
+        var endpoints: [Endpoint] = [.tcp(host: host, port: port)]
+        if let path = unixSocket { endpoints.append(.unix(path: path)) }
+        let server: HTTPServer
+        do {
+            server = try HTTPServer(endpoints: endpoints, maxBodyBytes: maxBodyMB << 20,
+                                    requestTimeoutMs: UInt64(requestTimeout * 1000), idleTimeoutMs: UInt64(idleTimeout * 1000),
+                                    maxConnections: maxConnections,
+                                    handler: Router.makeHandler(scheduler: scheduler, apiKey: key, modelName: name, logger: log))
+        } catch { throw ValidationError("\(error)") }
+        server.onDisconnect = { scheduler.disconnected(owner: $0) }
+        scheduler.start()
+
+        // Graceful shutdown on SIGINT / SIGTERM: stop accepting, answer in-flight calls, exit 0.
+        signal(SIGINT, SIG_IGN)
+        signal(SIGTERM, SIG_IGN)
+        let sources = [SIGINT, SIGTERM].map { sig -> DispatchSourceSignal in
+            let s = DispatchSource.makeSignalSource(signal: sig, queue: .global())
+            s.setEventHandler {
+                log.notice("shutting down")
+                scheduler.stop()
+                server.stop()
+            }
+            s.resume()
+            return s
+        }
+        let addresses = endpoints.enumerated().map { i, e -> String in
+            if case let .tcp(h, _) = e { return Endpoint.tcp(host: h, port: server.ports[i]).description }
+            return e.description
+        }
+        let banner = "ember-server \(Dispatcher.version): \(a.modelType) '\(name)', \(loaded.parameterCount) parameters, \(a.layers) layers, "
+            + "hidden \(a.hiddenSize), vocab \(a.vocabSize)\(tokenizer == nil ? ", no tokenizer" : "") | listening on "
+            + addresses.joined(separator: " and ") + " | \(threads) threads\(readOnly ? " | read-only" : "")\(key != nil ? " | API key required" : "")"
+        FileHandle.standardOutput.write(Data((banner + "\n").utf8))
+        log.info("model loaded", metadata: ["dir": "\(dir)", "kv_slots": "\(slots)", "max_seq_len": "\(capacity)",
+                                            "kv_bytes": "\(dispatcher.generator.kvCacheBytes)"])
+        server.run()
+        withExtendedLifetime(sources) {}
+        FileHandle.standardOutput.write(Data("ember-server: stopped\n".utf8))
+    }
 }
-let a = model.architecture
-let banner = ("ember-server: \(a.modelType) \(model.parameterCount) parameters, \(a.layers) layers, hidden \(a.hiddenSize), vocab \(a.vocabSize)"
-      + "\(tokenizer == nil ? ", no tokenizer" : "") | listening on http://\(host.contains(":") ? "[\(host)]" : host):\(server.port) | \(threads) threads\n")
-FileHandle.standardOutput.write(Data(banner.utf8))
-server.run()
-withExtendedLifetime(sources) {}
-FileHandle.standardOutput.write(Data("ember-server: stopped\n".utf8))

@@ -8,23 +8,15 @@ import TestSupport
 import XCTest
 
 final class LoopbackTests: XCTestCase {
-    var server: HTTPServer!
-    var thread: Thread!
+    var running: TestServer!
+    var server: HTTPServer { running.server }
 
     override func setUpWithError() throws {
-        let model = try TransformerModel.load(directory: fixtureModel("qwen2_tied"))
-        let dispatcher = Dispatcher(model: model, tokenizer: nil, slots: 4, capacity: 64)
-        server = try HTTPServer(host: "127.0.0.1", port: 0, handler: Router.makeHandler(dispatcher: dispatcher))
-        let s = server!
-        thread = Thread { s.run() }
-        thread.start()
+        running = try TestServer(model: "qwen2_tied", slots: 4, capacity: 64)
     }
 
     override func tearDown() {
-        server.stop()
-        let deadline = Date().addingTimeInterval(5)
-        while !thread.isFinished && Date() < deadline { usleep(1000) }
-        XCTAssertTrue(thread.isFinished, "server loop should end after stop()")
+        XCTAssertTrue(running.stop(), "server loop should end after stop()")
     }
 
     func exchange(_ request: String, responses count: Int) throws -> [(status: Int, body: String)] {
@@ -74,13 +66,9 @@ final class LoopbackTests: XCTestCase {
 
 final class AuthTests: XCTestCase {
     func testAPIKeyGuardsEveryRouteButHealthz() throws {
-        let model = try TransformerModel.load(directory: fixtureModel("gpt2"))
-        let server = try HTTPServer(host: "127.0.0.1", port: 0,
-                                    handler: Router.makeHandler(dispatcher: Dispatcher(model: model, tokenizer: nil, slots: 2, capacity: 16),
-                                                                apiKey: "s3cret"))
-        let running = RunningServer(server)
+        let running = try TestServer(model: "gpt2", apiKey: "s3cret")
         defer { running.stop() }
-        let client = LoopbackClient(port: server.port)
+        let client = LoopbackClient(port: running.server.port)
         let body = #"{"jsonrpc":"2.0","method":"server.info","id":1}"#
         func req(_ auth: String?) -> String {
             "POST /rpc HTTP/1.1\r\nContent-Length: \(body.utf8.count)\r\n" + (auth.map { "Authorization: \($0)\r\n" } ?? "") + "\r\n" + body
@@ -91,60 +79,12 @@ final class AuthTests: XCTestCase {
     }
 }
 
-/// A blocking loopback client: sends bytes, reads `count` HTTP responses.
-struct LoopbackClient {
-    let port: Int
-
-    func exchange(_ request: String, responses count: Int) throws -> [(status: Int, body: String)] {
-        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        defer { close(fd) }
-        var addr = sockaddr_in()
-        addr.sin_family = sa_family_t(AF_INET)
-        addr.sin_port = in_port_t(UInt16(port).bigEndian)
-        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
-        var tv = timeval(tv_sec: 10, tv_usec: 0)
-        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
-        let rc = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
-        guard rc == 0 else { throw ServerError.bind("connect failed") }
-        let bytes = Array(request.utf8)
-        _ = bytes.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, 0) }
-        var data = [UInt8]()
-        var out: [(Int, String)] = []
-        var buf = [UInt8](repeating: 0, count: 65536)
-        while out.count < count {
-            let n = recv(fd, &buf, buf.count, 0)
-            if n <= 0 { break }
-            data += buf[0..<n]
-            while let parsed = Self.parseResponse(&data) { out.append(parsed) }
-        }
-        return out
-    }
-
-    static func parseResponse(_ data: inout [UInt8]) -> (Int, String)? {
-        guard let headEnd = data.indices.first(where: { $0 + 3 < data.count && data[$0] == 13 && data[$0 + 1] == 10 && data[$0 + 2] == 13 && data[$0 + 3] == 10 }) else { return nil }
-        let head = String(decoding: data[0..<headEnd], as: UTF8.self)
-        let status = Int(head.split(separator: " ")[1]) ?? 0
-        var length = 0
-        for line in head.split(separator: "\r\n") where line.lowercased().hasPrefix("content-length:") {
-            length = Int(line.split(separator: ":")[1].trimmingCharacters(in: .whitespaces)) ?? 0
-        }
-        let start = headEnd + 4
-        guard data.count >= start + length else { return nil }
-        let body = String(decoding: data[start..<(start + length)], as: UTF8.self)
-        data.removeFirst(start + length)
-        return (status, body)
-    }
-
-}
-
 final class TimeoutTests: XCTestCase {
     /// A client that stops mid-headers is answered 408 and closed after the request timeout,
     /// while another client is served meanwhile; connections beyond the limit get 503.
     func testStalledClientTimedOutOthersServed() throws {
-        let model = try TransformerModel.load(directory: fixtureModel("gpt2"))
-        let server = try HTTPServer(host: "127.0.0.1", port: 0, requestTimeoutMs: 300, idleTimeoutMs: 2_000, maxConnections: 2,
-                                    handler: Router.makeHandler(dispatcher: Dispatcher(model: model, tokenizer: nil, slots: 2, capacity: 16)))
-        let running = RunningServer(server)
+        let running = try TestServer(model: "gpt2", requestTimeoutMs: 300, idleTimeoutMs: 2_000, maxConnections: 2)
+        let server = running.server
         defer { running.stop() }
         let started = Date()
         let stalled = LoopbackClient(port: server.port)
@@ -164,10 +104,8 @@ final class TimeoutTests: XCTestCase {
     }
 
     func testConnectionsBeyondTheLimitGet503() throws {
-        let model = try TransformerModel.load(directory: fixtureModel("gpt2"))
-        let server = try HTTPServer(host: "127.0.0.1", port: 0, requestTimeoutMs: 2_000, idleTimeoutMs: 2_000, maxConnections: 1,
-                                    handler: Router.makeHandler(dispatcher: Dispatcher(model: model, tokenizer: nil, slots: 2, capacity: 16)))
-        let running = RunningServer(server)
+        let running = try TestServer(model: "gpt2", requestTimeoutMs: 2_000, idleTimeoutMs: 2_000, maxConnections: 1)
+        let server = running.server
         defer { running.stop() }
         // Hold one connection open without sending anything.
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
@@ -183,20 +121,3 @@ final class TimeoutTests: XCTestCase {
     }
 }
 
-/// Runs a server's loop on its own thread until `stop()`.
-struct RunningServer {
-    let server: HTTPServer
-    let thread: Thread
-
-    init(_ server: HTTPServer) {
-        self.server = server
-        thread = Thread { server.run() }
-        thread.start()
-    }
-
-    func stop() {
-        server.stop()
-        let deadline = Date().addingTimeInterval(5)
-        while !thread.isFinished && Date() < deadline { usleep(1000) }
-    }
-}

@@ -1,0 +1,364 @@
+// The scheduler between the I/O side and the model: one compute thread owns the Dispatcher (model,
+// generator, trainer, rollout store). Calls arrive from any thread into a locked inbox; the thread
+// works in passes. Each pass takes the calls in arrival order:
+//   - `generate` is parsed and queued on the generator, whose continuous batching decodes every
+//     client's sequences together, one step per pass;
+//   - `logprob` calls with the same temperature and options are scored in one packed forward;
+//   - state-changing calls (`train_step`, `optimizer.configure`, `reference.snapshot`,
+//     `checkpoint.*`, `rollouts.release`) run exclusively at a step boundary once the
+//     generations and scores queued before them are done, so no sample spans a weights change;
+//     calls behind them wait (read-only calls such as `server.info` never wait);
+//   - `cancel` and client disconnects stop in-flight generations and free their KV slots.
+// Completions run on the compute thread; callers hop elsewhere to encode and write.
+import Engine
+import Foundation
+import RPC
+
+public final class Scheduler: @unchecked Sendable {
+    public typealias Completion = @Sendable (Result<Any, RPCError>) -> Void
+    public typealias EventSink = @Sendable (TokenEvent) -> Void
+
+    /// A generation from another front end (the OpenAI routes): parse and format run on the
+    /// compute thread, because the tokenizer and the model belong to it.
+    public struct GenerateWork: Sendable {
+        public var prepare: @Sendable (Dispatcher) throws -> Dispatcher.GenerateCall
+        public var finish: @Sendable (Dispatcher, GenerationResult, Dispatcher.GenerateCall) throws -> Any
+        public var onEvent: (@Sendable (Dispatcher, TokenEvent) -> Void)?
+        public init(prepare: @escaping @Sendable (Dispatcher) throws -> Dispatcher.GenerateCall,
+                    finish: @escaping @Sendable (Dispatcher, GenerationResult, Dispatcher.GenerateCall) throws -> Any,
+                    onEvent: (@Sendable (Dispatcher, TokenEvent) -> Void)? = nil) {
+            self.prepare = prepare; self.finish = finish; self.onEvent = onEvent
+        }
+    }
+
+    enum Work {
+        case generate(GenerateWork)
+        case score(Params)
+        /// Changes state: waits for a step boundary with nothing queued before it.
+        case exclusive(String, Any?)
+        /// Reads state: runs at the next pass whatever is queued.
+        case read(@Sendable (Dispatcher) throws -> Any)
+        case cancel(Any?)
+    }
+
+    struct Job {
+        let work: Work
+        let owner: Int
+        let rpcId: RequestID?
+        let completion: Completion
+    }
+
+    struct InFlight {
+        let job: Job
+        let call: Dispatcher.GenerateCall
+        let generate: GenerateWork
+    }
+
+    public let dispatcher: Dispatcher
+    private let cond = NSCondition()
+    private var inbox: [Job] = []
+    private var disconnected: [Int] = []
+    private var stopping = false
+    private var thread: Thread?
+    /// Set when the compute thread has ended.
+    private let finished = DispatchSemaphore(value: 0)
+
+    /// Live figures for /metrics, published by the compute thread after every pass, so reading
+    /// them never waits for a long train step.
+    public struct Gauges: Sendable {
+        public var tokensGenerated = 0, tokensScored = 0, trainSteps = 0, weightsVersion = 0
+        public var queueDepth = 0, running = 0, kvBytes = 0, kvBytesInUse = 0, rolloutBytes = 0
+        /// Generator steps and logprob forward passes run so far.
+        public var generatorSteps = 0, scoreForwards = 0
+    }
+    private var generatorSteps = 0, scoreForwards = 0
+    private var published = Gauges()
+    public var gauges: Gauges {
+        cond.lock(); defer { cond.unlock() }
+        var g = published
+        g.queueDepth += inbox.count
+        return g
+    }
+
+    private func publish() {
+        let d = dispatcher
+        let g = Gauges(tokensGenerated: d.tokensGenerated, tokensScored: d.tokensScored, trainSteps: d.trainer.optimizer.stepCount,
+                       weightsVersion: d.trainer.weightsVersion, queueDepth: pending.count + d.generator.waitingCount,
+                       running: d.generator.runningCount, kvBytes: d.generator.kvCacheBytes, kvBytesInUse: d.generator.kvBytesInUse,
+                       rolloutBytes: d.rollouts.bytes, generatorSteps: generatorSteps, scoreForwards: scoreForwards)
+        cond.lock(); published = g; cond.unlock()
+    }
+
+    // Compute-thread state.
+    private var pending: [Job] = []
+    private var inFlight: [Int: InFlight] = [:]
+
+    /// Methods that change state (run exclusively, in order).
+    static let exclusiveMethods: Set<String> = ["train_step", "optimizer.configure", "reference.snapshot", "checkpoint.save",
+                                                "checkpoint.load", "rollouts.release"]
+
+    public init(dispatcher: Dispatcher) {
+        self.dispatcher = dispatcher
+    }
+
+    public static var methods: [String] { Dispatcher.methods + ["cancel"] }
+
+    /// Starts the compute thread.
+    public func start() {
+        publish()
+        let t = Thread { [self] in loop() }
+        t.name = "ember.compute"
+        t.stackSize = 16 << 20
+        thread = t
+        t.start()
+    }
+
+    /// Ends the compute thread after the current pass: queued and in-flight calls are answered
+    /// with `shutting_down`. Blocks until the thread has ended.
+    public func stop() {
+        cond.lock()
+        let wasRunning = !stopping && thread != nil
+        stopping = true
+        cond.signal()
+        cond.unlock()
+        if wasRunning { finished.wait() }
+    }
+
+    // MARK: - Submitting (any thread)
+
+    /// Queues one JSON-RPC call from connection `owner`; `completion` runs once, on the compute thread.
+    public func submit(method: String, params: Any?, id: RequestID?, owner: Int, completion: @escaping Completion) {
+        let box = JSONValue(params)
+        let work: Work
+        switch method {
+        case "generate":
+            work = .generate(GenerateWork(
+                prepare: { d in try d.prepareGenerate(try Params(box.value)) },
+                finish: { d, out, call in d.generateResult(out, call) }))
+        case "logprob":
+            do { work = .score(try Params(params)) } catch let e as RPCError { completion(.failure(e)); return }
+            catch { completion(.failure(.internalError("\(error)"))); return }
+        case "cancel":
+            work = .cancel(params)
+        case _ where Self.exclusiveMethods.contains(method):
+            work = .exclusive(method, params)
+        default:
+            work = .read { d in try d.call(method, box.value) }
+        }
+        enqueue(Job(work: work, owner: owner, rpcId: id, completion: completion))
+    }
+
+    /// Queues a generation from another front end.
+    public func submit(generate: GenerateWork, owner: Int, completion: @escaping Completion) {
+        enqueue(Job(work: .generate(generate), owner: owner, rpcId: nil, completion: completion))
+    }
+
+    /// Runs `body` on the compute thread at the next pass (reads of live state such as /metrics).
+    public func read(owner: Int = 0, _ body: @escaping @Sendable (Dispatcher) throws -> Any, completion: @escaping Completion) {
+        enqueue(Job(work: .read(body), owner: owner, rpcId: nil, completion: completion))
+    }
+
+    /// Connection `owner` went away: its queued calls are dropped and its generations cancelled.
+    public func disconnected(owner: Int) {
+        cond.lock()
+        disconnected.append(owner)
+        cond.signal()
+        cond.unlock()
+    }
+
+    private func enqueue(_ job: Job) {
+        cond.lock()
+        if stopping {
+            cond.unlock()
+            job.completion(.failure(Self.shuttingDown))
+            return
+        }
+        inbox.append(job)
+        cond.signal()
+        cond.unlock()
+    }
+
+    static let shuttingDown = RPCError.domain(-32015, kind: "shutting_down", message: "Server shutting down",
+                                              hint: "the server is stopping; retry against a running server")
+    static let cancelled = RPCError.domain(-32016, kind: "cancelled", message: "Cancelled",
+                                           hint: "the generation was cancelled (by `cancel` or because its client disconnected)")
+
+    // MARK: - Compute thread
+
+    private func loop() {
+        while true {
+            cond.lock()
+            while inbox.isEmpty && disconnected.isEmpty && !stopping && dispatcher.generator.isIdle && !hasRunnable() {
+                cond.wait()
+            }
+            let arrived = inbox, gone = disconnected, stop = stopping
+            inbox = []
+            disconnected = []
+            cond.unlock()
+
+            pending += arrived
+            for owner in gone { dropOwner(owner) }
+            if stop {
+                for job in pending { job.completion(.failure(Self.shuttingDown)) }
+                pending = []
+                for (id, f) in inFlight {
+                    dispatcher.generator.cancel(id)
+                    f.job.completion(.failure(Self.shuttingDown))
+                }
+                inFlight = [:]
+                publish()
+                finished.signal()
+                return
+            }
+            pass()
+            if !dispatcher.generator.isIdle { stepGenerator() }
+            publish()
+        }
+    }
+
+    /// Whether a pending job could run now (an exclusive call waiting for an idle generator).
+    private func hasRunnable() -> Bool {
+        !pending.isEmpty && dispatcher.generator.isIdle
+    }
+
+    /// One pass over pending calls in arrival order.
+    private func pass() {
+        // Cancels first: they may remove queued generations.
+        let cancels = pending.filter { if case .cancel = $0.work { return true } else { return false } }
+        pending.removeAll { if case .cancel = $0.work { return true } else { return false } }
+        for job in cancels {
+            if case let .cancel(params) = job.work { run(job) { try self.cancel(params) } }
+        }
+        var blocked = false
+        var scores: [(Job, Dispatcher.ScoreCall)] = []
+        var keep: [Job] = []
+        for job in pending {
+            switch job.work {
+            case let .read(body):
+                run(job) { try body(self.dispatcher) }
+            case .cancel:
+                break
+            case let .generate(g):
+                if blocked { keep.append(job); continue }
+                do {
+                    let call = try g.prepare(dispatcher)
+                    var c = call
+                    if g.onEvent != nil { c.options.events = true }
+                    let id = try dispatcher.submit(c)
+                    inFlight[id] = InFlight(job: job, call: c, generate: g)
+                } catch {
+                    job.completion(.failure(Self.rpcError(error)))
+                }
+            case let .score(params):
+                if blocked { keep.append(job); continue }
+                do { scores.append((job, try dispatcher.prepareLogprob(params))) }
+                catch { job.completion(.failure(Self.rpcError(error))) }
+            case let .exclusive(method, params):
+                if blocked || !dispatcher.generator.isIdle {
+                    blocked = true
+                    keep.append(job)
+                    continue
+                }
+                runScores(scores)
+                scores = []
+                run(job) { try self.dispatcher.call(method, params) }
+            }
+        }
+        pending = keep
+        runScores(scores)
+    }
+
+    private func run(_ job: Job, _ body: () throws -> Any) {
+        do { job.completion(.success(try body())) } catch { job.completion(.failure(Self.rpcError(error))) }
+    }
+
+    static func rpcError(_ error: Error) -> RPCError {
+        (error as? RPCError) ?? Dispatcher.translate(error)
+    }
+
+    /// Scores queued `logprob` calls, one packed forward per distinct (temperature, options).
+    private func runScores(_ scores: [(Job, Dispatcher.ScoreCall)]) {
+        var groups: [[(Job, Dispatcher.ScoreCall)]] = []
+        for s in scores {
+            if let g = groups.firstIndex(where: { $0[0].1.temperature == s.1.temperature && $0[0].1.options == s.1.options }) {
+                groups[g].append(s)
+            } else {
+                groups.append([s])
+            }
+        }
+        for g in groups {
+            scoreForwards += 1
+            do {
+                let results = try dispatcher.score(g.map(\.1))
+                for (i, (job, call)) in g.enumerated() { job.completion(.success(dispatcher.logprobResult(results[i], call))) }
+            } catch {
+                for (job, _) in g { job.completion(.failure(Self.rpcError(error))) }
+            }
+        }
+    }
+
+    private func stepGenerator() {
+        let done: [GenerationResult]
+        generatorSteps += 1
+        do {
+            done = try dispatcher.generator.step()
+        } catch {
+            // A failed step fails every generation in it (their slots are released).
+            for (id, f) in inFlight {
+                dispatcher.generator.cancel(id)
+                f.job.completion(.failure(Self.rpcError(error)))
+            }
+            inFlight = [:]
+            return
+        }
+        for e in dispatcher.generator.takeEvents() {
+            if let f = inFlight[e.requestId], let sink = f.generate.onEvent { sink(dispatcher, e) }
+        }
+        for result in done {
+            guard let f = inFlight.removeValue(forKey: result.requestId) else { continue }
+            run(f.job) { try f.generate.finish(self.dispatcher, result, f.call) }
+        }
+    }
+
+    /// `cancel {request_id}`: cancels every in-flight or queued generation whose JSON-RPC id
+    /// equals `request_id`.
+    private func cancel(_ params: Any?) throws -> Any {
+        let p = try Params(params)
+        try p.only(["request_id"])
+        guard p.has("request_id"), let target = JSONRPC.parseID(p.object["request_id"]!), target != .null else {
+            throw RPCError.invalidParams(path: "params.request_id", "the id (string or number) of the generate call to cancel")
+        }
+        var count = 0
+        for (id, f) in inFlight where f.job.rpcId == target {
+            dispatcher.generator.cancel(id)
+            inFlight[id] = nil
+            f.job.completion(.failure(Self.cancelled))
+            count += 1
+        }
+        pending.removeAll { job in
+            guard job.rpcId == target, case .generate = job.work else { return false }
+            job.completion(.failure(Self.cancelled))
+            count += 1
+            return true
+        }
+        return ["cancelled": count]
+    }
+
+    private func dropOwner(_ owner: Int) {
+        for (id, f) in inFlight where f.job.owner == owner {
+            dispatcher.generator.cancel(id)
+            inFlight[id] = nil
+            f.job.completion(.failure(Self.cancelled))
+        }
+        pending.removeAll { job in
+            guard job.owner == owner else { return false }
+            switch job.work {
+            case .generate, .score:
+                job.completion(.failure(Self.cancelled))
+                return true
+            default:
+                return false
+            }
+        }
+    }
+}
