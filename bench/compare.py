@@ -101,6 +101,35 @@ def json_cost():
         json.dump({"machine": machine(), "json": j, "train": t}, f, indent=1)
 
 
+def server():
+    """server.info round trips from a second process over keep-alive; the server idles otherwise."""
+    import subprocess, re, time
+    srv = os.path.join(ROOT, ".build", "release", "ember-server")
+    model = os.path.join(ROOT, "Tests", "Fixtures", "models", "qwen2_tied")
+    p = subprocess.Popen([srv, "--model", model, "--port", "0", "--log-level", "warning"], stdout=subprocess.PIPE, text=True)
+    try:
+        line = p.stdout.readline()
+        port = int(re.search(r"127\.0\.0\.1:(\d+)", line).group(1))
+        rows = []
+        for c in (1, 4, 16):
+            rows += run([EMBER, "server-latency", "--port", str(port), "--connections", str(c), "--requests", str(20000)])
+    finally:
+        p.terminate()
+        p.wait(timeout=10)
+    echo = subprocess.Popen([sys.executable, os.path.join(ROOT, "bench", "echo_server.py")], stdout=subprocess.PIPE, text=True)
+    try:
+        floor = run([EMBER, "server-latency", "--port", echo.stdout.readline().strip(), "--connections", "1", "--requests", "20000"])[0]
+    finally:
+        echo.kill()
+    print("\nserver.info over keep-alive (client: ember-bench, a second process)")
+    print(f"loopback floor (fixed reply from a bare Python socket loop, 1 connection): p50 {floor['p50_us']:.0f} us, p99 {floor['p99_us']:.0f} us")
+    print(f"{'connections':>12} {'p50 us':>8} {'p99 us':>8} {'req/s':>9}")
+    for r in rows:
+        print(f"{r['connections']:>12} {r['p50_us']:>8.0f} {r['p99_us']:>8.0f} {r['requests_per_s']:>9.0f}")
+    with open(os.path.join(ROOT, "bench", "out", "server.json"), "w") as f:
+        json.dump({"machine": machine(), "runs": rows, "floor": floor}, f, indent=1)
+
+
 def tokenizer():
     """Encode MB/s of each fixture tokenizer on Python's standard library sources (local text),
     Ember vs the Rust `tokenizers` library, one thread each."""
@@ -125,7 +154,7 @@ def tokenizer():
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    what = [a for a in args if not a.startswith("--")] or ["engine", "tokenizer", "sampling", "train", "json"]
+    what = [a for a in args if not a.startswith("--")] or ["engine", "tokenizer", "sampling", "train", "json", "server"]
     if "engine" in what:
         engine("--quick" in args)
     if "sampling" in what:
@@ -136,3 +165,5 @@ if __name__ == "__main__":
         train("--quick" in args)
     if "json" in what:
         json_cost()
+    if "server" in what:
+        server()

@@ -193,13 +193,29 @@ public enum JSONRPC {
 
     /// Serializes a response (or a batch of them); numbers given as `RawJSON` are written verbatim.
     public static func encode(_ value: Any) -> Data {
-        var out = Data()
+        var out: [UInt8] = []
+        out.reserveCapacity(256)
         write(value, to: &out)
-        return out
+        return Data(out)
     }
 
-    static func write(_ value: Any, to out: inout Data) {
+    static func write(_ value: Any, to out: inout [UInt8]) {
         switch value {
+        case let s as String: writeString(s, to: &out)
+        case let fs as [Float]:
+            out.append(UInt8(ascii: "["))
+            for (i, f) in fs.enumerated() {
+                if i > 0 { out.append(UInt8(ascii: ",")) }
+                out.append(contentsOf: (f.isFinite ? "\(f)" : "null").utf8)
+            }
+            out.append(UInt8(ascii: "]"))
+        case let ints as [Int]:
+            out.append(UInt8(ascii: "["))
+            for (i, n) in ints.enumerated() {
+                if i > 0 { out.append(UInt8(ascii: ",")) }
+                out.append(contentsOf: String(n).utf8)
+            }
+            out.append(UInt8(ascii: "]"))
         case let raw as RawJSON: out.append(contentsOf: raw.text.utf8)
         case let dict as [String: Any]:
             out.append(UInt8(ascii: "{"))
@@ -229,9 +245,9 @@ public enum JSONRPC {
         case is NSNull:
             out.append(contentsOf: "null".utf8)
         default:
-            // Strings (and anything else) through Foundation's escaping.
+            // Anything else through Foundation.
             if let data = try? JSONSerialization.data(withJSONObject: value, options: [.fragmentsAllowed, .withoutEscapingSlashes]) {
-                out.append(data)
+                out.append(contentsOf: data)
             } else {
                 out.append(contentsOf: "null".utf8)
             }
@@ -239,8 +255,28 @@ public enum JSONRPC {
     }
 }
 
+extension JSONRPC {
+    /// A JSON string: quotes, backslashes and control characters escaped, other UTF-8 as is.
+    static func writeString(_ s: String, to out: inout [UInt8]) {
+        out.append(UInt8(ascii: "\""))
+        let hex = Array("0123456789abcdef".utf8)
+        for b in s.utf8 {
+            switch b {
+            case UInt8(ascii: "\""): out.append(contentsOf: [92, 34])
+            case UInt8(ascii: "\\"): out.append(contentsOf: [92, 92])
+            case 10: out.append(contentsOf: [92, UInt8(ascii: "n")])
+            case 13: out.append(contentsOf: [92, UInt8(ascii: "r")])
+            case 9: out.append(contentsOf: [92, UInt8(ascii: "t")])
+            case 0..<32: out.append(contentsOf: [92, UInt8(ascii: "u"), 48, 48, hex[Int(b >> 4)], hex[Int(b & 15)]])
+            default: out.append(b)
+            }
+        }
+        out.append(UInt8(ascii: "\""))
+    }
+}
+
 /// A JSON fragment written as is (ids echo their original number text).
-public struct RawJSON {
+public struct RawJSON: Sendable {
     public let text: String
     public init(_ text: String) { self.text = text }
 }

@@ -94,6 +94,7 @@ public final class HTTPServer: @unchecked Sendable {
     var connections: [Int: Connection] = [:]
     var nextConnectionId = 1
     var unixPaths: [String] = []
+    private var loopThread: pthread_t?
     /// The bound TCP ports, in endpoint order (useful with port 0).
     public private(set) var ports: [Int] = []
     /// The first bound TCP port.
@@ -201,6 +202,7 @@ public final class HTTPServer: @unchecked Sendable {
 
     /// Runs the loop on the calling thread until `stop()`.
     public func run() {
+        loopThread = pthread_self()
         uv_run(loop, UV_RUN_DEFAULT)
         uv_loop_close(loop)
     }
@@ -212,8 +214,13 @@ public final class HTTPServer: @unchecked Sendable {
         uv_async_send(wakeup)
     }
 
-    /// Queues bytes of response `seq` on connection `conn` (any thread).
+    /// Queues bytes of response `seq` on connection `conn` (any thread; on the loop thread itself
+    /// the bytes go straight to the connection).
     func post(_ conn: Int, _ seq: Int, _ bytes: Data, final: Bool, keepAlive: Bool) {
+        if let t = loopThread, pthread_equal(t, pthread_self()) != 0 {
+            connections[conn]?.deliver(seq: seq, bytes: bytes, final: final, keepAlive: keepAlive)
+            return
+        }
         lock.lock()
         outbox.append((conn, seq, bytes, final, keepAlive))
         lock.unlock()
@@ -237,12 +244,15 @@ public final class HTTPServer: @unchecked Sendable {
         conn.startReading()
     }
 
-    /// A request is complete: hand it to the handler off the loop thread.
+    /// A request is complete: small ones are handled right here (decoding a few kilobytes of JSON
+    /// costs less than a thread hop), larger ones off the loop thread.
     func dispatch(_ request: HTTPRequest, from conn: Connection, seq: Int) {
         let responder = HTTPResponder(server: self, connection: conn.id, seq: seq, keepAlive: request.keepAlive)
         let handler = self.handler
-        requests.async { handler(request, responder) }
+        if request.body.count <= inlineBodyBytes { handler(request, responder) }
+        else { requests.async { handler(request, responder) } }
     }
+    let inlineBodyBytes = 16 << 10
 
     /// Drains every posted response (runs on the loop thread).
     func drain() {

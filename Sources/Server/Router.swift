@@ -113,6 +113,12 @@ public enum Router {
             // Only known method names become metric labels.
             let label = Scheduler.methods.contains(r.method) ? r.method : "unknown"
             let rid = r.id
+            // server.info is answered on the spot (it reads nothing the compute thread changes).
+            if r.method == "server.info", (try? Params(r.params).object.isEmpty) == true {
+                metrics.record(label, seconds: Date().timeIntervalSince(t0), failed: false)
+                answer(rid.map { JSONRPC.response(id: $0, result: s.serverInfo()) })
+                return
+            }
             s.submit(method: r.method, params: r.params, id: rid, owner: owner) { result in
                 let seconds = Date().timeIntervalSince(t0)
                 switch result {
@@ -135,7 +141,13 @@ public enum Router {
         case let .failure(e):
             responder.respond(HTTPResponse(status: 200, body: JSONRPC.encode(JSONRPC.response(id: nil, error: e))))
         case let .single(call, id):
+            let large: Set<String> = ["generate", "logprob", "tokenize", "detokenize"]
+            let method = (try? call.get())?.method ?? ""
             run(call, id: id, s, m, owner: owner) { answer in
+                guard large.contains(method) else {
+                    responder.respond(answer.map { HTTPResponse(status: 200, body: JSONRPC.encode($0)) } ?? HTTPResponse(status: 204))
+                    return
+                }
                 // Encoding a large result happens off the compute thread.
                 let box = JSONValue(answer)
                 encoder.async {

@@ -103,8 +103,25 @@ public final class Scheduler: @unchecked Sendable {
 
     public static var methods: [String] { Dispatcher.methods + ["cancel"] }
 
+    /// `server.info` without a trip to the compute thread: the model's description does not change
+    /// (a checkpoint must hold the same model) and the weights version comes from the gauges.
+    /// Returned pre-encoded (re-encoded when the version changes).
+    public func serverInfo() -> RawJSON {
+        let version = gauges.weightsVersion
+        cond.lock(); defer { cond.unlock() }
+        if let (v, text) = infoCache, v == version { return text }
+        var info = staticInfo
+        info["weights_version"] = version
+        let text = RawJSON(String(decoding: JSONRPC.encode(info), as: UTF8.self))
+        infoCache = (version, text)
+        return text
+    }
+    private var staticInfo: [String: Any] = [:]
+    private var infoCache: (Int, RawJSON)?
+
     /// Starts the compute thread.
     public func start() {
+        staticInfo = (try? dispatcher.call("server.info", nil)) as? [String: Any] ?? [:]
         publish()
         let t = Thread { [self] in loop() }
         t.name = "ember.compute"

@@ -15,11 +15,11 @@ final class TestServer: @unchecked Sendable {
     let server: HTTPServer
     let thread: Thread
 
-    init(model: String, tokenizer: String? = nil, slots: Int = 2, capacity: Int = 16, apiKey: String? = nil,
+    init(model: String, modelDirectory: String? = nil, tokenizer: String? = nil, slots: Int = 2, capacity: Int = 16, apiKey: String? = nil,
          endpoints: [Endpoint] = [.tcp(host: "127.0.0.1", port: 0)], requestTimeoutMs: UInt64 = 10_000,
          idleTimeoutMs: UInt64 = 60_000, maxConnections: Int = 256, maxBodyBytes: Int = 64 << 20,
          configure: (Dispatcher) -> Void = { _ in }) throws {
-        let m = try TransformerModel.load(directory: fixtureModel(model))
+        let m = try TransformerModel.load(directory: modelDirectory ?? fixtureModel(model))
         let tok = try tokenizer.map { try Tokenizer(directory: fixturesDirectory + "/tokenizers/" + $0) }
         dispatcher = Dispatcher(model: m, tokenizer: tok, slots: slots, capacity: capacity)
         configure(dispatcher)
@@ -168,7 +168,7 @@ struct LoopbackClient {
 }
 
 /// An HTTP/1.1 POST of a JSON body.
-func post(_ path: String = "/rpc", _ json: String, close: Bool = false, auth: String? = nil) -> String {
+func httpPost(_ json: String, path: String = "/rpc", close: Bool = false, auth: String? = nil) -> String {
     "POST \(path) HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: \(json.utf8.count)\r\n"
         + (close ? "Connection: close\r\n" : "") + (auth.map { "Authorization: Bearer \($0)\r\n" } ?? "") + "\r\n" + json
 }
@@ -179,4 +179,22 @@ func rpcBody(_ method: String, _ params: [String: Any]? = nil, id: Any? = 1) -> 
     if let params { o["params"] = params }
     if let id { o["id"] = id }
     return String(decoding: try! JSONSerialization.data(withJSONObject: o), as: UTF8.self)
+}
+
+/// A small random qwen2 model whose vocabulary covers the fixture tokenizer `tokenizer`
+/// (the fixture models have 96-token vocabularies), written once per process.
+func modelForTokenizer(_ tokenizer: String, vocab: Int = 8192) throws -> String {
+    let dir = NSTemporaryDirectory() + "ember-\(tokenizer)-model-\(getpid())"
+    if FileManager.default.fileExists(atPath: dir + "/config.json") { return dir }
+    let base = try Data(contentsOf: URL(fileURLWithPath: fixtureModel("qwen2_tied") + "/config.json"))
+    var config = try JSONSerialization.jsonObject(with: base) as! [String: Any]
+    config["vocab_size"] = vocab
+    config["max_position_embeddings"] = 512
+    let model = try TransformerModel(config: try JSONSerialization.data(withJSONObject: config))
+    var rng = SeededRandom(seed: 11)
+    let p = model.parameters.values
+    for i in 0..<model.parameters.count { p[i] = 0.5 * rng.normal() }
+    try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+    try model.save(to: dir)
+    return dir
 }

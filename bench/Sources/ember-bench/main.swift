@@ -284,8 +284,61 @@ func benchTokenizer() throws {
           "mb_s": Double(data.count) / 1e6 / median(times), "seconds": times])
 }
 
+/// Round trips of `server.info` over keep-alive connections to a running server (a second
+/// process): per-request latency percentiles and requests/s, `connections` clients at once.
+func benchServerLatency() throws {
+    let port = Int(option("--port", "8377"))!
+    let requests = Int(option("--requests", "20000"))!
+    let connections = Int(option("--connections", "1"))!
+    let body = #"{"jsonrpc":"2.0","method":"server.info","id":1}"#
+    let request = Array("POST /rpc HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: \(body.utf8.count)\r\n\r\n\(body)".utf8)
+    nonisolated(unsafe) var latencies = [[Double]](repeating: [], count: connections)
+    let t0 = now()
+    DispatchQueue.concurrentPerform(iterations: connections) { c in
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        defer { close(fd) }
+        var one: Int32 = 1
+        setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+        var addr = sockaddr_in()
+        addr.sin_family = sa_family_t(AF_INET)
+        addr.sin_port = in_port_t(UInt16(port).bigEndian)
+        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+        guard withUnsafePointer(to: &addr, { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }) == 0 else { return }
+        var buf = [UInt8](repeating: 0, count: 65536)
+        var mine: [Double] = []
+        mine.reserveCapacity(requests / connections)
+        for _ in 0..<(requests / connections) {
+            let start = now()
+            _ = request.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, 0) }
+            // Read one whole response: headers, then Content-Length bytes.
+            var got = [UInt8]()
+            var need = -1
+            while true {
+                let n = recv(fd, &buf, buf.count, 0)
+                if n <= 0 { return }
+                got += buf[0..<n]
+                if need < 0, let end = got.indices.first(where: { $0 + 3 < got.count && got[$0] == 13 && got[$0 + 1] == 10 && got[$0 + 2] == 13 && got[$0 + 3] == 10 }) {
+                    let head = String(decoding: got[0..<end], as: UTF8.self).lowercased()
+                    let len = head.components(separatedBy: "content-length:").dropFirst().first.flatMap { Int($0.prefix { $0 != "\r" }.trimmingCharacters(in: .whitespaces)) } ?? 0
+                    need = end + 4 + len
+                }
+                if need >= 0 && got.count >= need { break }
+            }
+            mine.append(now() - start)
+        }
+        latencies[c] = mine
+    }
+    let wall = now() - t0
+    let all = latencies.flatMap { $0 }.sorted()
+    guard !all.isEmpty else { FileHandle.standardError.write(Data("no responses from 127.0.0.1:\(port)\n".utf8)); exit(1) }
+    func pct(_ p: Double) -> Double { all[min(all.count - 1, Int(Double(all.count) * p))] }
+    emit(["kind": "server", "connections": connections, "requests": all.count, "p50_us": pct(0.5) * 1e6, "p99_us": pct(0.99) * 1e6,
+          "requests_per_s": Double(all.count) / wall])
+}
+
 do {
     switch args.first {
+    case "server-latency": try benchServerLatency()
     case "tokenizer": try benchTokenizer()
     case "generate": try benchGenerate()
     case "score": try benchScore()
