@@ -19,6 +19,9 @@ public final class Dispatcher: @unchecked Sendable {
     public var readOnly = false
     /// Folder that checkpoint names resolve in (`--checkpoint-dir`); nil: checkpoints disabled.
     public var checkpointDirectory: String?
+    /// Most tokens one call may carry or ask for (prompt + generated for generate, all tokens for
+    /// logprob and train_step); beyond it the call is refused with kind `request_too_large`.
+    public var maxRequestTokens = 4 << 20
     /// Counters for /metrics.
     public private(set) var tokensGenerated = 0
     public private(set) var tokensScored = 0
@@ -35,7 +38,7 @@ public final class Dispatcher: @unchecked Sendable {
 
     public static let methods = ["server.info", "tokenize", "detokenize", "generate", "logprob", "train_step",
                                  "optimizer.configure", "reference.snapshot", "rollouts.release",
-                                 "checkpoint.save", "checkpoint.load", "checkpoint.list"]
+                                 "checkpoint.save", "checkpoint.load", "checkpoint.list", "cancel"]
 
     /// Methods that change the weights, the optimizer or saved state.
     static let mutating: Set<String> = ["train_step", "optimizer.configure", "reference.snapshot", "checkpoint.save",
@@ -66,6 +69,13 @@ public final class Dispatcher: @unchecked Sendable {
             case "checkpoint.save": return try checkpointSave(p)
             case "checkpoint.load": return try checkpointLoad(p)
             case "checkpoint.list": return ["names": try checkpointNames()]
+            case "cancel":
+                // Called directly, nothing runs concurrently; the server's scheduler handles it for real.
+                try p.only(["request_id"])
+                guard p.has("request_id"), !(p.object["request_id"] is [Any]), !(p.object["request_id"] is [String: Any]) else {
+                    throw RPCError.invalidParams(path: "params.request_id", "the id (string or number) of the generate call to cancel")
+                }
+                return ["cancelled": 0]
             default: throw RPCError.methodNotFound(method)
             }
         } catch let e as RPCError {
@@ -265,7 +275,16 @@ public final class Dispatcher: @unchecked Sendable {
         if p.has("stop") { s.stop = try p.strings("stop") }
         if p.has("stop_token_ids") { s.stopTokenIds = try p.tokens("stop_token_ids") }
         s.ignoreEOS = try p.bool("ignore_eos", false)
-        return GenerateCall(prompts: prompts, n: try p.int("n", 1, min: 1), params: s, options: try options(p))
+        let call = GenerateCall(prompts: prompts, n: try p.int("n", 1, min: 1), params: s, options: try options(p))
+        try limit(prompts.reduce(0) { $0 + $1.count + call.n * s.maxTokens }, "params.max_tokens")
+        return call
+    }
+
+    func limit(_ tokens: Int, _ path: String) throws {
+        guard tokens <= maxRequestTokens else {
+            throw RPCError.domain(-32017, kind: "request_too_large", message: "Request too large", path: path,
+                                  hint: "the call carries or asks for \(tokens) tokens; this server accepts at most \(maxRequestTokens) per call (--max-request-tokens); split it")
+        }
     }
 
     /// Queues a parsed call on the generator (errors already translated).
@@ -322,6 +341,7 @@ public final class Dispatcher: @unchecked Sendable {
             return ScoredSequence(tokens: try s.tokens("tokens"), responseStart: try s.int("response_start", min: 1))
         }
         guard !seqs.isEmpty else { throw RPCError.invalidParams(path: "params.sequences", "give at least one sequence") }
+        try limit(seqs.reduce(0) { $0 + $1.tokens.count }, "params.sequences")
         let call = ScoreCall(sequences: seqs, temperature: try p.float("temperature", 1, min: 0), options: try options(p))
         let a = model.architecture
         do { try Scoring.validate(seqs, vocabSize: a.vocabSize, maxPositions: a.position == .learned ? a.maxPositions : nil) }
@@ -475,6 +495,7 @@ public final class Dispatcher: @unchecked Sendable {
                                        proxy: proxy, dropConstantGroups: try p.bool("drop_constant_groups", false))
         }
         guard !items.isEmpty else { throw RPCError.invalidParams(path: "params.batch", "give batch items or rollouts") }
+        try limit(items.reduce(0) { $0 + $1.tokens.count }, p.has("batch") ? "params.batch" : "params.rollouts")
         let override = try p.object("optimizer").map { try adamW($0, base: trainer.optimizer.settings) }
         let m = try trainer.step(items: items, config: config, miniBatches: try p.int("mini_batches", 1, min: 1),
                                  microBatchTokens: p.has("micro_batch_tokens") ? try p.int("micro_batch_tokens", min: 1) : nil,

@@ -101,7 +101,7 @@ public final class Scheduler: @unchecked Sendable {
         self.dispatcher = dispatcher
     }
 
-    public static var methods: [String] { Dispatcher.methods + ["cancel"] }
+    public static var methods: [String] { Dispatcher.methods }
 
     /// `server.info` without a trip to the compute thread: the model's description does not change
     /// (a checkpoint must hold the same model) and the weights version comes from the gauges.

@@ -31,6 +31,7 @@ struct EmberServer: ParsableCommand {
     @Option(name: .customLong("max-seq-len"), help: "Tokens per sequence (prompt + generated) the KV cache holds; default min(model positions, 2048).")
     var maxSeqLen: Int?
     @Option(name: .customLong("rollout-budget-mb"), help: "Memory budget of the rollout store.") var rolloutBudgetMB = 256
+    @Option(name: .customLong("max-request-tokens"), help: "Most tokens one call may carry or ask for.") var maxRequestTokens = 4 << 20
     @Option(name: .customLong("max-body-mb"), help: "Largest request body accepted (413 beyond).") var maxBodyMB = 64
     @Option(name: .customLong("max-connections"), help: "Open connections accepted (503 beyond).") var maxConnections = 256
     @Option(name: .customLong("request-timeout"), help: "Seconds a request may take to arrive (408 beyond).") var requestTimeout = 10.0
@@ -69,6 +70,7 @@ struct EmberServer: ParsableCommand {
         let dispatcher = Dispatcher(model: loaded, tokenizer: tokenizer, slots: slots, capacity: capacity,
                                     rolloutBudgetBytes: rolloutBudgetMB << 20)
         dispatcher.readOnly = readOnly
+        dispatcher.maxRequestTokens = maxRequestTokens
         if let cdir = checkpointDir {
             do { try FileManager.default.createDirectory(atPath: cdir, withIntermediateDirectories: true) }
             catch { throw ValidationError("--checkpoint-dir: \(error)") }

@@ -109,6 +109,12 @@ final class DispatcherTests: XCTestCase {
         expectError("train_step", ["batch": [["tokens": [1, 2, 3], "response_start": 1, "advantage": 1]],
                                    "loss": ["mode": "ppo", "kl_coef": 0.1]], kind: "invalid_params", path: "params.loss.kl_coef")
         expectError("optimizer.configure", ["lr": -1], kind: "invalid_params", path: "params.lr")
+        dispatcher.maxRequestTokens = 10
+        expectError("generate", ["prompt_tokens": [[1, 2]], "max_tokens": 5, "n": 2], kind: "request_too_large", path: "params.max_tokens")
+        expectError("logprob", ["sequences": [["tokens": Array(repeating: 1, count: 11), "response_start": 1]]], kind: "request_too_large")
+        expectError("train_step", ["batch": [["tokens": Array(repeating: 1, count: 11), "response_start": 1, "advantage": 1]],
+                                   "loss": ["mode": "ppo"]], kind: "request_too_large", path: "params.batch")
+        dispatcher.maxRequestTokens = 4 << 20
         XCTAssertEqual(dispatcher.trainer.weightsVersion, 0, "refused calls change nothing")
         let cfg = try call("optimizer.configure", ["lr": 0.01, "betas": [0.9, 0.95], "schedule": ["type": "linear_warmup", "warmup_steps": 5]])
         XCTAssertEqual((cfg["betas"] as! [NSNumber]).map { $0.floatValue }, [0.9, 0.95])
