@@ -1,7 +1,9 @@
 // JSON-RPC 2.0 envelopes without sockets: single calls, batches, notifications, id echo, the
 // standard error codes, and hostile bodies (deep nesting, huge numbers, invalid UTF-8).
 import Foundation
+import Models
 import RPC
+import TestSupport
 import XCTest
 
 final class JSONRPCTests: XCTestCase {
@@ -78,5 +80,29 @@ final class JSONRPCTests: XCTestCase {
         let huge = #"{"jsonrpc":"2.0","method":"m","id":1e400}"#
         if case let .single(r, _) = decode(huge), case .success = r { XCTFail("1e400 is not a valid id") }
         _ = decode(#"{"jsonrpc":"2.0","method":"m","params":{"n":123456789012345678901234567890},"id":1}"#)
+    }
+}
+
+/// Protocol/openrpc.json documents exactly the methods the server serves, each with its params
+/// named as the dispatcher reads them.
+final class OpenRPCDocumentTests: XCTestCase {
+    func testDocumentedMethodsAreTheServedOnes() throws {
+        let path = fixturesDirectory + "/../../Protocol/openrpc.json"
+        let doc = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: path))) as! [String: Any]
+        XCTAssertEqual(doc["openrpc"] as? String, "1.3.2")
+        let methods = doc["methods"] as! [[String: Any]]
+        XCTAssertEqual(Set(methods.map { $0["name"] as! String }), Set(Dispatcher.methods))
+        // Every documented parameter is accepted (no unknown-parameter error names it).
+        let model = try TransformerModel.load(directory: fixtureModel("qwen2_tied"))
+        let d = Dispatcher(model: model, tokenizer: nil, slots: 2, capacity: 32)
+        for m in methods {
+            let name = m["name"] as! String
+            for param in m["params"] as! [[String: Any]] {
+                let key = param["name"] as! String
+                do { _ = try d.call(name, [key: NSNull()]) } catch let e as RPCError {
+                    XCTAssertFalse(e.hint?.contains("unknown parameter") == true && e.path == "params.\(key)", "\(name).\(key): \(e)")
+                }
+            }
+        }
     }
 }
