@@ -1,0 +1,10 @@
+"""Python client and RLVR library for the Ember policy server.
+
+    from ember import Client
+    c = Client("http://127.0.0.1:8377")
+    out = c.generate(prompts=["2+2="], n=4, max_tokens=8, temperature=1.0)
+"""
+from .client import Client, EmberError, TransportError
+
+__all__ = ["Client", "EmberError", "TransportError"]
+__version__ = "0.1.0"

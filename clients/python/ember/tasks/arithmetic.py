@@ -1,0 +1,75 @@
+"""Multi-step arithmetic with a scratchpad.
+
+Prompt:   "calc 37+48-19="
+Trace:    " 37+48=85 ; 85-19=66 ; answer 66"
+A step may be wrong (the base data carries slips); the rare spark move is `check`: after a step
+the writer recomputes it backwards (" check 85-48=37 ok") and, when the check fails, redoes the
+step (" check 75-48=27 bad redo 37+48=85"). Traces without a check keep their slip and end with a
+wrong answer, so checking is what pays off.
+"""
+from __future__ import annotations
+
+import re
+
+from . import Problem, register
+
+ANSWER = re.compile(r"answer\s*:?\s*([+-]?\d+)(?:\.0+)?\s*$")
+
+
+def _apply(a: int, op: str, b: int) -> int:
+    return a + b if op == "+" else a - b if op == "-" else a * b
+
+
+class Arithmetic:
+    name = "arithmetic"
+    slip_rate = 0.18     # probability that a step in a base trace is wrong
+    check_rate = 0.12    # probability that a step in a base trace is checked
+
+    def problem(self, rng) -> Problem:
+        steps = rng.choice([2, 3, 3, 4])
+        values = [rng.randint(2, 99)]
+        ops = []
+        for i in range(steps):
+            # A product only as the first step, so left-to-right order is also the usual precedence.
+            op = rng.choice(["+", "-", "+", "-", "*"] if i == 0 else ["+", "-"])
+            b = rng.randint(2, 9) if op == "*" else rng.randint(2, 99)
+            ops.append(op)
+            values.append(b)
+        expr = str(values[0]) + "".join(f"{op}{b}" for op, b in zip(ops, values[1:]))
+        acc = values[0]
+        for op, b in zip(ops, values[1:]):
+            acc = _apply(acc, op, b)
+        return Problem(self.name, f"calc {expr}=", acc, {"values": values, "ops": ops})
+
+    def trace(self, p: Problem, rng, slip_rate=None, check_rate=None) -> str:
+        slip_rate = self.slip_rate if slip_rate is None else slip_rate
+        check_rate = self.check_rate if check_rate is None else check_rate
+        values, ops = p.info["values"], p.info["ops"]
+        acc = values[0]
+        parts = []
+        for op, b in zip(ops, values[1:]):
+            right = _apply(acc, op, b)
+            shown = right
+            if rng.random() < slip_rate:
+                shown = right + rng.choice([-10, -2, -1, 1, 2, 10])
+            step = f"{acc}{op}{b}={shown}"
+            if rng.random() < check_rate:
+                # Inverse: c-b=a for +, c+b=a for -, c/b=a for * (written as a*b=c again).
+                if op == "+":
+                    inv, ok = f"{shown}-{b}={shown - b}", shown - b == acc
+                elif op == "-":
+                    inv, ok = f"{shown}+{b}={shown + b}", shown + b == acc
+                else:
+                    inv, ok = f"{b}*{acc}={right}", shown == right
+                step += f" check {inv} " + ("ok" if ok else f"bad redo {acc}{op}{b}={right}")
+                shown = right if not ok else shown
+            parts.append(step)
+            acc = shown
+        return " " + " ; ".join(parts) + f" ; answer {acc}"
+
+    def check(self, p: Problem, response: str) -> bool:
+        m = ANSWER.search(response.strip())
+        return m is not None and int(m.group(1)) == p.answer
+
+
+register(Arithmetic())

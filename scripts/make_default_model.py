@@ -1,0 +1,215 @@
+"""Reproduces the embedded default model (models/ember-default) from scratch, through the server.
+
+1. Traces of the task suite (clients/python/ember/tasks) from train-split problems.
+2. A byte-level BPE tokenizer trained on them with the `tokenizers` package (Qwen2 pre-tokenizer:
+   digits are single tokens).
+3. A qwen2-architecture model with random weights (numpy, std 0.02) written in HF format.
+4. ember-server loads it; this script drives `cross_entropy` train_steps over the traces through
+   the Python client (responses only: the prompt is context), with a cosine schedule, evaluating
+   greedy held-out pass@1 as it goes and saving checkpoints.
+5. The checkpoint chosen (the last one whose greedy held-out pass@1 is inside --target) is copied
+   with the tokenizer files into the output folder, with a README stating its figures.
+
+Needs: .venv with tokenizers, numpy, safetensors; a release build of ember-server.
+    .venv/bin/python scripts/make_default_model.py [--steps 3000] [--out models/ember-default]
+"""
+import argparse
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "clients", "python"))
+
+import numpy as np  # noqa: E402
+from safetensors.numpy import save_file  # noqa: E402
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
+
+from ember import Client, tasks  # noqa: E402
+
+QWEN2 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+         r"\s*[\r\n]+|\s+(?!\S)|\s+")
+EOS = "<|endoftext|>"
+TASKS = ["arithmetic", "countdown"]
+
+
+def traces(count, seed):
+    rng = random.Random(seed)
+    out = []
+    for name in TASKS:
+        task = tasks.get(name)
+        for p in tasks.sample(task, "train", count // len(TASKS), seed):
+            out.append((p.prompt, task.trace(p, rng)))
+    rng.shuffle(out)
+    return out
+
+
+def make_tokenizer(texts, folder, vocab):
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=[EOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    tok.save(os.path.join(folder, "tokenizer.json"))
+    eos = tok.token_to_id(EOS)
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None, "eos_token": EOS,
+                   "pad_token": EOS, "model_max_length": 256}, f, indent=2)
+    with open(os.path.join(folder, "generation_config.json"), "w") as f:
+        json.dump({"eos_token_id": eos, "pad_token_id": eos}, f, indent=2)
+    return tok
+
+
+def make_model(folder, vocab, eos, args, seed):
+    config = {
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": args.hidden,
+        "intermediate_size": args.intermediate, "num_hidden_layers": args.layers, "num_attention_heads": args.heads,
+        "num_key_value_heads": args.kv_heads, "vocab_size": vocab, "max_position_embeddings": 256,
+        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": True, "hidden_act": "silu",
+        "bos_token_id": None, "eos_token_id": eos, "torch_dtype": "float32", "use_sliding_window": False,
+    }
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    rng = np.random.default_rng(seed)
+    C, I, L = args.hidden, args.intermediate, args.layers
+    hd = C // args.heads
+    kv = args.kv_heads * hd
+
+    def w(*shape, std=0.02):
+        return (rng.standard_normal(shape) * std).astype(np.float32)
+
+    t = {"model.embed_tokens.weight": w(vocab, C), "model.norm.weight": np.ones(C, np.float32)}
+    out_std = 0.02 / (2 * L) ** 0.5
+    for i in range(L):
+        p = f"model.layers.{i}."
+        t[p + "input_layernorm.weight"] = np.ones(C, np.float32)
+        t[p + "post_attention_layernorm.weight"] = np.ones(C, np.float32)
+        t[p + "self_attn.q_proj.weight"] = w(C, C)
+        t[p + "self_attn.q_proj.bias"] = np.zeros(C, np.float32)
+        t[p + "self_attn.k_proj.weight"] = w(kv, C)
+        t[p + "self_attn.k_proj.bias"] = np.zeros(kv, np.float32)
+        t[p + "self_attn.v_proj.weight"] = w(kv, C)
+        t[p + "self_attn.v_proj.bias"] = np.zeros(kv, np.float32)
+        t[p + "self_attn.o_proj.weight"] = w(C, C, std=out_std)
+        t[p + "mlp.gate_proj.weight"] = w(I, C)
+        t[p + "mlp.up_proj.weight"] = w(I, C)
+        t[p + "mlp.down_proj.weight"] = w(C, I, std=out_std)
+    save_file(t, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    return sum(v.size for v in t.values())
+
+
+def start_server(model, ckpt, threads):
+    exe = os.path.join(ROOT, ".build", "release", "ember-server")
+    p = subprocess.Popen([exe, "--model", model, "--port", "0", "--checkpoint-dir", ckpt, "--threads", str(threads),
+                          "--log-level", "warning", "--slots", "128", "--max-seq-len", "256"],
+                         stdout=subprocess.PIPE, text=True)
+    line = p.stdout.readline()
+    m = re.search(r"127\.0\.0\.1:(\d+)", line)
+    if not m:
+        p.kill()
+        raise SystemExit(f"server did not start: {line}")
+    return p, Client(f"http://127.0.0.1:{m.group(1)}")
+
+
+def evaluate(client, problems, max_tokens=96):
+    """Greedy pass@1 on `problems` (fraction correct)."""
+    correct = 0
+    for i in range(0, len(problems), 64):
+        chunk = problems[i:i + 64]
+        out = client.generate(prompts=[p.prompt for p in chunk], n=1, max_tokens=max_tokens, temperature=0.0, logprobs=False)
+        for p, r in zip(chunk, out["results"]):
+            correct += tasks.check(p, r["samples"][0]["text"])
+    return correct / len(problems)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.path.join(ROOT, "models", "ember-default"))
+    ap.add_argument("--work", default=os.path.join(ROOT, ".work", "default-model"))
+    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--intermediate", type=int, default=768)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--vocab", type=int, default=512)
+    ap.add_argument("--eval-every", type=int, default=250)
+    ap.add_argument("--eval-size", type=int, default=200)
+    ap.add_argument("--target", default="0.25,0.55", help="pick the last checkpoint with held-out greedy pass@1 in this range")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    lo, hi = map(float, args.target.split(","))
+
+    init = os.path.join(args.work, "init")
+    ckpt = os.path.join(args.work, "checkpoints")
+    shutil.rmtree(args.work, ignore_errors=True)
+    os.makedirs(init)
+    os.makedirs(ckpt)
+    data = traces(args.steps * args.batch, args.seed)
+    tok = make_tokenizer([p + t for p, t in data[:50000]], init, args.vocab)
+    eos = tok.token_to_id(EOS)
+    vocab = tok.get_vocab_size()
+    params = make_model(init, vocab, eos, args, args.seed)
+    print(f"tokenizer: {vocab} tokens; model: {params} parameters; {len(data)} traces", flush=True)
+
+    server, client = start_server(init, ckpt, args.threads)
+    log = open(os.path.join(args.work, "log.jsonl"), "w")
+    try:
+        held = {name: tasks.sample(tasks.get(name), "heldout", args.eval_size, 1000) for name in TASKS}
+        client.configure_optimizer(lr=args.lr, betas=[0.9, 0.95], weight_decay=0.01, grad_clip=1.0,
+                                   schedule={"type": "cosine", "warmup_steps": 100, "total_steps": args.steps,
+                                             "min_lr": args.lr * 0.05})
+        evals = []
+        t0 = time.time()
+        for step in range(1, args.steps + 1):
+            chunk = data[(step - 1) * args.batch: step * args.batch]
+            prompts = tok.encode_batch([p for p, _ in chunk], add_special_tokens=False)
+            responses = tok.encode_batch([t for _, t in chunk], add_special_tokens=False)
+            batch = [{"tokens": p.ids + r.ids + [eos], "response_start": len(p.ids)} for p, r in zip(prompts, responses)]
+            m = client.train_step(loss={"mode": "cross_entropy"}, batch=batch)["metrics"]
+            rec = {"step": step, "loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"], "tokens": m["tokens"],
+                   "seconds": time.time() - t0}
+            if step % args.eval_every == 0 or step == args.steps:
+                accs = {name: evaluate(client, held[name]) for name in TASKS}
+                rec.update({f"heldout_{k}": v for k, v in accs.items()})
+                name = f"step{step}"
+                client.save_checkpoint(name)
+                evals.append((step, accs, name))
+                print(f"step {step}: loss {m['loss']:.3f} held-out greedy pass@1 "
+                      + " ".join(f"{k} {v:.3f}" for k, v in accs.items()) + f" ({time.time() - t0:.0f} s)", flush=True)
+            elif step % 50 == 0:
+                print(f"step {step}: loss {m['loss']:.3f} lr {m['lr']:.2e} ({time.time() - t0:.0f} s)", flush=True)
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    mean = lambda accs: sum(accs.values()) / len(accs)  # noqa: E731
+    inside = [e for e in evals if lo <= mean(e[1]) <= hi]
+    step, accs, name = (inside or sorted(evals, key=lambda e: abs(mean(e[1]) - (lo + hi) / 2))[:1])[-1]
+    src = os.path.realpath(os.path.join(ckpt, name))
+    os.makedirs(args.out, exist_ok=True)
+    for f in ["config.json", "model.safetensors"]:
+        shutil.copy(os.path.join(src, f), os.path.join(args.out, f))
+    for f in ["tokenizer.json", "tokenizer_config.json", "generation_config.json"]:
+        shutil.copy(os.path.join(init, f), os.path.join(args.out, f))
+    with open(os.path.join(args.out, "training.json"), "w") as f:
+        json.dump({"chosen_step": step, "heldout_greedy_pass@1": accs, "evals": [{"step": s, **a} for s, a, _ in evals],
+                   "args": vars(args), "parameters": params, "vocab": vocab}, f, indent=1)
+    print(f"chose {name}: held-out greedy pass@1 {accs}; written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
