@@ -22,6 +22,7 @@ def _apply(a: int, op: str, b: int) -> int:
 
 class Arithmetic:
     name = "arithmetic"
+    spark_words = ["check"]
     slip_rate = 0.18     # probability that a step in a base trace is wrong
     check_rate = 0.12    # probability that a step in a base trace is checked
 
@@ -66,6 +67,10 @@ class Arithmetic:
             parts.append(step)
             acc = shown
         return " " + " ; ".join(parts) + f" ; answer {acc}"
+
+    def probe_trace(self, p: Problem, rng) -> str:
+        """A correct trace that checks every step (contexts where the spark move is taken)."""
+        return self.trace(p, rng, slip_rate=0.0, check_rate=1.0)
 
     def check(self, p: Problem, response: str) -> bool:
         m = ANSWER.search(response.strip())

@@ -111,6 +111,7 @@ def evaluate(expr: str):
 
 class Countdown:
     name = "countdown"
+    spark_words = ["retry"]
     detour_rate = 0.2    # base traces that first try a dead end, then `retry`
 
     def problem(self, rng):
@@ -135,6 +136,10 @@ class Countdown:
         for expr, value in solution:
             parts.append(f"{_strip(_last_op(expr, solution))}={value}")
         return " " + " ; ".join(parts) + f" ; answer {_strip(solution[-1][0])}"
+
+    def probe_trace(self, p: Problem, rng) -> str:
+        """A trace that takes the spark move (a dead end, then retry) whenever it can."""
+        return self.trace(p, rng, detour_rate=1.0)
 
     def check(self, p: Problem, response: str) -> bool:
         m = ANSWER.search(response.strip())

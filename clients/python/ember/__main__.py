@@ -1,0 +1,4 @@
+from .rl import main
+import sys
+
+sys.exit(main())

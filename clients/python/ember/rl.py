@@ -1,0 +1,351 @@
+"""RLVR training loop against an Ember server: sample, verify, update (Lp-Reg by default).
+
+    python -m ember.rl --start-server --task arithmetic --steps 40 --out runs/lpreg
+    python -m ember.rl --server http://127.0.0.1:8377 --loss ppo --loss-options '{"eps_high": 0.28}'
+
+Each step draws --prompts training problems, samples --samples answers each (seeded), checks them
+with the task's exact verifier, and sends one on-policy train_step referring to the rollouts by
+id with their rewards (group = prompt; advantages by --advantage). Every --eval-every steps it
+measures greedy pass@1 (and sampled pass@k) on a fixed held-out set. Writes metrics.jsonl,
+eval.jsonl, plots/*.png and state.json under --out; --resume continues from the last checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional
+
+from . import tasks, verifiers
+from .client import Client, EmberError
+
+LOSS_PRESETS = {
+    # name: (mode, options, entropy_coef) -- the comparison's methods (docs/results.md)
+    "grpo": ("ppo", {}, 0.0),
+    "grpo_entropy": ("ppo", {}, 0.003),
+    "clip_higher": ("ppo", {"eps_high": 0.28}, 0.0),
+    "80_20": ("high_entropy", {"fraction": 0.2}, 0.0),
+    "kl_cov": ("kl_cov", {}, 0.0),
+    "clip_cov": ("clip_cov", {}, 0.0),
+    "lp_reg": ("lp_reg", {}, 0.0),
+}
+
+
+class Progress:
+    """A one-line progress bar on stderr (plain lines when not a terminal)."""
+
+    def __init__(self, total: int, start: int = 0):
+        self.total, self.done, self.t0 = total, start, time.time()
+        self.start = start
+        self.tty = sys.stderr.isatty()
+
+    def update(self, step: int, text: str):
+        self.done = step
+        frac = step / max(1, self.total)
+        rate = (time.time() - self.t0) / max(1, step - self.start)
+        eta = rate * (self.total - step)
+        bar = "#" * int(30 * frac) + "-" * (30 - int(30 * frac))
+        line = f"[{bar}] {step}/{self.total} {text} eta {eta / 60:.1f} min"
+        if self.tty:
+            sys.stderr.write("\r" + line[:200] + " " * 5)
+            if step == self.total:
+                sys.stderr.write("\n")
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+    def clear(self):
+        if self.tty:
+            sys.stderr.write("\r" + " " * 210 + "\r")
+
+
+def find_server_binary(explicit: Optional[str]) -> str:
+    if explicit:
+        return explicit
+    here = os.path.dirname(os.path.abspath(__file__))
+    for up in range(1, 6):
+        root = os.path.abspath(os.path.join(here, *[".."] * up))
+        cand = os.path.join(root, ".build", "release", "ember-server")
+        if os.path.exists(cand):
+            return cand
+    found = shutil.which("ember-server")
+    if not found:
+        raise SystemExit("ember-server not found: build it (swift build -c release) or pass --ember-server PATH")
+    return found
+
+
+def start_server(args) -> (subprocess.Popen, str):
+    exe = find_server_binary(args.ember_server)
+    cmd = [exe, "--port", "0", "--checkpoint-dir", os.path.join(args.out, "checkpoints"), "--log-level", "warning",
+           "--threads", str(args.threads)]
+    if args.model:
+        cmd += ["--model", args.model]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    line = p.stdout.readline()
+    m = re.search(r"listening on http://([^ |]+)", line)
+    if not m:
+        p.kill()
+        raise SystemExit(f"ember-server did not start: {line.strip()}")
+    print(line.strip(), file=sys.stderr)
+    return p, "http://" + m.group(1)
+
+
+def evaluate(client: Client, problems, max_tokens: int, k: int, seed: int) -> Dict[str, float]:
+    """Greedy pass@1 and (when k > 1) sampled pass@k on a fixed set of problems."""
+    greedy = 0
+    passk = 0
+    for i in range(0, len(problems), 64):
+        chunk = problems[i:i + 64]
+        out = client.generate(prompts=[p.prompt for p in chunk], n=1, max_tokens=max_tokens, temperature=0.0, logprobs=False)
+        greedy += sum(tasks.check(p, r["samples"][0]["text"]) for p, r in zip(chunk, out["results"]))
+        if k > 1:
+            out = client.generate(prompts=[p.prompt for p in chunk], n=k, max_tokens=max_tokens, temperature=1.0,
+                                  seed=seed + i, logprobs=False)
+            passk += sum(any(tasks.check(p, s["text"]) for s in r["samples"]) for p, r in zip(chunk, out["results"]))
+    n = len(problems)
+    result = {"pass@1": greedy / n}
+    if k > 1:
+        result[f"pass@{k}"] = passk / n
+    return result
+
+
+def spark_probability(client: Client, probes, spark_ids: Dict[str, List[int]]) -> float:
+    """Mean probability the policy gives the spark token where a reference trace takes it."""
+    if not probes:
+        return float("nan")
+    seqs = [{"tokens": toks, "response_start": start} for toks, start, _ in probes]
+    out = client.logprob(seqs)
+    probs = []
+    for (toks, start, ids), r in zip(probes, out["results"]):
+        for k, lp in enumerate(r["logprobs"]):
+            if toks[start + k] in ids and lp is not None:
+                probs.append(math.exp(lp))
+    return sum(probs) / len(probs) if probs else float("nan")
+
+
+def build_probes(client: Client, task_names, count: int, seed: int):
+    """Held-out traces that take the spark move, tokenized, with the spark token ids."""
+    probes = []
+    rng = random.Random(seed)
+    for name in task_names:
+        task = tasks.get(name)
+        ids = set()
+        for word in task.spark_words:
+            toks = client.tokenize(text=" " + word, add_special_tokens=False)
+            ids.add(toks[0])
+        problems = tasks.sample(task, "heldout", count, seed + 7)
+        prompts = client.tokenize(texts=[p.prompt for p in problems], add_special_tokens=False)
+        responses = client.tokenize(texts=[task.probe_trace(p, rng) for p in problems], add_special_tokens=False)
+        for pt, rt in zip(prompts, responses):
+            if any(t in ids for t in rt):
+                probes.append((pt + rt, len(pt), ids))
+    return probes
+
+
+def plot(out: str, metrics: List[dict], evals: List[dict]) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: matplotlib is not installed; no plots (pip install 'ember-rl[plots]')", file=sys.stderr)
+        return
+    os.makedirs(os.path.join(out, "plots"), exist_ok=True)
+    steps = [m["step"] for m in metrics]
+
+    def one(name, series, ylabel):
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for label, xs, ys in series:
+            ax.plot(xs, ys, label=label, marker="o" if len(xs) < 30 else None, markersize=3)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if len(series) > 1:
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "plots", name + ".png"), dpi=100)
+        plt.close(fig)
+
+    one("reward", [("train reward", steps, [m["reward"] for m in metrics])], "mean reward")
+    ev = [e for e in evals]
+    if ev:
+        series = [("held-out pass@1 (greedy)", [e["step"] for e in ev], [e["pass@1"] for e in ev])]
+        for key in ev[0]:
+            if key.startswith("pass@") and key != "pass@1":
+                series.append((f"held-out {key}", [e["step"] for e in ev], [e[key] for e in ev]))
+        one("accuracy", series, "accuracy")
+    one("entropy", [("policy entropy", steps, [m["entropy"] for m in metrics])], "mean token entropy (nats)")
+    one("lp_reg", [("selected", steps, [m["lp_reg_selected"] for m in metrics]),
+                   ("regularized", steps, [m["lp_reg_regularized"] for m in metrics])], "tokens per step")
+    if any("spark_prob" in e for e in ev):
+        one("spark", [("P(spark token)", [e["step"] for e in ev], [e.get("spark_prob", float("nan")) for e in ev])],
+            "probability")
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m ember.rl", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--server", help="URL of a running server (http://host:port or unix:///path)")
+    ap.add_argument("--start-server", action="store_true", help="start ember-server for the run and stop it at the end")
+    ap.add_argument("--ember-server", help="path to the ember-server binary (default: the repo's release build)")
+    ap.add_argument("--model", help="model folder for --start-server (default: the embedded model)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--api-key", default=None)
+    ap.add_argument("--task", default="arithmetic", help=f"comma-separated, from: {', '.join(tasks.names())}")
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--prompts", type=int, default=32, help="problems per step")
+    ap.add_argument("--samples", type=int, default=8, help="samples per problem (the GRPO group)")
+    ap.add_argument("--max-tokens", type=int, default=96)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--method", default="lp_reg", choices=sorted(LOSS_PRESETS),
+                    help="loss preset (mode, options, entropy bonus); --loss and --loss-options override")
+    ap.add_argument("--loss", help="loss mode (overrides the preset's)")
+    ap.add_argument("--loss-options", default="{}", help="JSON merged into the loss options")
+    ap.add_argument("--entropy-coef", type=float)
+    ap.add_argument("--advantage", default="grpo", choices=["grpo", "dr_grpo", "rloo"])
+    ap.add_argument("--lr", type=float, default=5e-5)
+    ap.add_argument("--eval-every", type=int, default=10)
+    ap.add_argument("--eval-size", type=int, default=200)
+    ap.add_argument("--eval-k", type=int, default=8, help="pass@k on the held-out set (1 = greedy only)")
+    ap.add_argument("--probes", type=int, default=64, help="held-out spark-move traces for P(spark token)")
+    ap.add_argument("--checkpoint-every", type=int, default=0, help="save a server checkpoint every N steps (0 = at the end)")
+    ap.add_argument("--out", default="runs/rl")
+    ap.add_argument("--resume", action="store_true", help="continue from --out's state.json and its checkpoint")
+    ap.add_argument("--seed", type=int, default=0)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    task_names = [t.strip() for t in args.task.split(",") if t.strip()]
+    for t in task_names:
+        tasks.get(t)
+    mode, options, entropy = LOSS_PRESETS[args.method]
+    options = dict(options)
+    options.update(json.loads(args.loss_options))
+    loss = {"mode": args.loss or mode, **options,
+            "entropy_coef": args.entropy_coef if args.entropy_coef is not None else entropy}
+    proxy = None
+    if loss["mode"] == "lp_reg":
+        proxy = {"threshold": loss["threshold"]} if "threshold" in loss else {"min_p": loss.get("min_p", 0.02)}
+
+    server = None
+    if args.start_server:
+        server, url = start_server(args)
+    else:
+        url = args.server or "http://127.0.0.1:8377"
+    client = Client(url, api_key=args.api_key)
+    state_path = os.path.join(args.out, "state.json")
+    try:
+        client.wait_until_healthy(60)
+        info = client.info()
+        start = 0
+        metrics: List[dict] = []
+        evals: List[dict] = []
+        if args.resume and os.path.exists(state_path):
+            state = json.load(open(state_path))
+            client.load_checkpoint(state["checkpoint"])
+            start = state["step"]
+            metrics = [json.loads(l) for l in open(os.path.join(args.out, "metrics.jsonl"))][:start]
+            evals = [json.loads(l) for l in open(os.path.join(args.out, "eval.jsonl"))]
+            evals = [e for e in evals if e["step"] <= start]
+            print(f"resumed at step {start} from checkpoint {state['checkpoint']}", file=sys.stderr)
+        else:
+            for f in ("metrics.jsonl", "eval.jsonl"):
+                open(os.path.join(args.out, f), "w").close()
+        client.configure_optimizer(lr=args.lr, betas=[0.9, 0.999], weight_decay=0.0, grad_clip=1.0)
+        held = [p for t in task_names for p in tasks.sample(tasks.get(t), "heldout", args.eval_size // len(task_names), 1000)]
+        probes = build_probes(client, task_names, args.probes // len(task_names), args.seed) if args.probes else []
+        mlog = open(os.path.join(args.out, "metrics.jsonl"), "a")
+        elog = open(os.path.join(args.out, "eval.jsonl"), "a")
+
+        def run_eval(step):
+            e = {"step": step, "weights_version": client.info()["weights_version"],
+                 **evaluate(client, held, args.max_tokens, args.eval_k, seed=12345)}
+            if probes:
+                e["spark_prob"] = spark_probability(client, probes, {})
+            evals.append(e)
+            elog.write(json.dumps(e) + "\n")
+            elog.flush()
+            return e
+
+        if start == 0:
+            first = run_eval(0)
+            print(f"step 0: held-out pass@1 {first['pass@1']:.3f}"
+                  + "".join(f", {k} {v:.3f}" for k, v in first.items() if k.startswith("pass@") and k != "pass@1"),
+                  file=sys.stderr)
+        bar = Progress(args.steps, start)
+        for step in range(start + 1, args.steps + 1):
+            t0 = time.time()
+            rng = random.Random(f"{args.seed}:{step}")
+            name = task_names[(step - 1) % len(task_names)] if len(task_names) > 1 else task_names[0]
+            task = tasks.get(name)
+            problems = tasks.sample(task, "train", args.prompts, seed=args.seed * 100003 + step)
+            out = client.generate(prompts=[p.prompt for p in problems], n=args.samples, max_tokens=args.max_tokens,
+                                  temperature=args.temperature, seed=rng.randrange(2 ** 31), proxy=proxy)
+            verify = verifiers.get(name)
+            refs, rewards, lengths, sparks = [], [], [], 0
+            for i, (p, r) in enumerate(zip(problems, out["results"])):
+                for s in r["samples"]:
+                    reward = verify(p, s["text"])
+                    rewards.append(reward)
+                    lengths.append(len(s["tokens"]))
+                    sparks += any(w in s["text"] for w in task.spark_words)
+                    refs.append({"rollout_id": s["rollout_id"], "reward": reward, "group": f"{step}-{i}"})
+            t1 = time.time()
+            result = client.train_step(loss=loss, rollouts=refs, advantage_estimator=args.advantage)
+            client.release_rollouts([r["rollout_id"] for r in refs])
+            m = result["metrics"]
+            rec = {"step": step, "task": name, "weights_version": result["weights_version"],
+                   "reward": sum(rewards) / len(rewards), "response_tokens": sum(lengths) / len(lengths),
+                   "spark_rate": sparks / len(rewards), "entropy": m["entropy"], "loss": m["loss"], "pg_loss": m["pg_loss"],
+                   "grad_norm": m["grad_norm"], "clipfrac_low": m["clipfrac_low"], "clipfrac_high": m["clipfrac_high"],
+                   "lp_reg_selected": m["lp_reg_selected"], "lp_reg_regularized": m["lp_reg_regularized"],
+                   "logprob_max_abs_diff": m["logprob_max_abs_diff"], "sample_seconds": t1 - t0,
+                   "train_seconds": time.time() - t1}
+            metrics.append(rec)
+            mlog.write(json.dumps(rec) + "\n")
+            mlog.flush()
+            text = f"reward {rec['reward']:.2f} entropy {rec['entropy']:.3f} lp-reg {rec['lp_reg_regularized']}"
+            if step % args.eval_every == 0 or step == args.steps:
+                e = run_eval(step)
+                text += f" | held-out pass@1 {e['pass@1']:.3f}"
+            if (args.checkpoint_every and step % args.checkpoint_every == 0) or step == args.steps:
+                name_ckpt = f"rl-step{step}"
+                try:
+                    client.save_checkpoint(name_ckpt)
+                    with open(state_path, "w") as f:
+                        json.dump({"step": step, "checkpoint": name_ckpt, "args": vars(args)}, f, indent=1)
+                except EmberError as err:
+                    if err.kind != "checkpoints_disabled":
+                        raise
+            bar.update(step, text)
+        plot(args.out, metrics, evals)
+        before = next((e for e in evals if e["step"] == 0), evals[0])
+        after = evals[-1]
+        n = len(held)
+        with open(os.path.join(args.out, "summary.json"), "w") as f:
+            json.dump({"before": before, "after": after, "heldout_size": n, "loss": loss, "model": info["model"],
+                       "args": vars(args)}, f, indent=1)
+        print(f"metrics: {os.path.join(args.out, 'metrics.jsonl')}, plots: {os.path.join(args.out, 'plots')}")
+        print(f"held-out pass@1: before {before['pass@1']:.3f} after {after['pass@1']:.3f} ({n} problems, greedy)")
+        return 0
+    finally:
+        if server is not None:
+            server.terminate()
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

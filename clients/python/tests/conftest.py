@@ -1,0 +1,110 @@
+"""Live-server fixtures: a release build of ember-server on a free port, serving a tiny random
+qwen2 model written here in pure Python with the fixture tokenizer (Tests/Fixtures/tokenizers/qwen2)."""
+import json
+import os
+import random
+import re
+import shutil
+import struct
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
+sys.path.insert(0, os.path.join(ROOT, "clients", "python"))
+
+from ember import Client  # noqa: E402
+
+SERVER = os.path.join(ROOT, ".build", "release", "ember-server")
+
+
+def write_safetensors(path, tensors):
+    """tensors: name -> (shape, list of floats); F32 little-endian."""
+    header, offset, blobs = {}, 0, []
+    for name, (shape, values) in tensors.items():
+        blob = struct.pack(f"<{len(values)}f", *values)
+        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + len(blob)]}
+        offset += len(blob)
+        blobs.append(blob)
+    h = json.dumps(header).encode()
+    h += b" " * ((8 - len(h) % 8) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(h)))
+        f.write(h)
+        for b in blobs:
+            f.write(b)
+
+
+def tiny_model(folder, vocab=8192, hidden=32, layers=2, heads=4, kv_heads=2, inter=48, seed=3):
+    rng = random.Random(seed)
+    os.makedirs(folder, exist_ok=True)
+    hd = hidden // heads
+    kv = kv_heads * hd
+    config = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "hidden_size": hidden, "intermediate_size": inter,
+              "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+              "vocab_size": vocab, "max_position_embeddings": 512, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+              "tie_word_embeddings": True}
+    json.dump(config, open(os.path.join(folder, "config.json"), "w"))
+
+    def w(*shape, std=0.3):
+        n = 1
+        for s in shape:
+            n *= s
+        return (shape, [rng.gauss(0, std) for _ in range(n)])
+
+    t = {"model.embed_tokens.weight": w(vocab, hidden), "model.norm.weight": ((hidden,), [1.0] * hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        t[p + "input_layernorm.weight"] = ((hidden,), [1.0] * hidden)
+        t[p + "post_attention_layernorm.weight"] = ((hidden,), [1.0] * hidden)
+        for name, rows in (("q", hidden), ("k", kv), ("v", kv)):
+            t[p + f"self_attn.{name}_proj.weight"] = w(rows, hidden)
+            t[p + f"self_attn.{name}_proj.bias"] = ((rows,), [0.0] * rows)
+        t[p + "self_attn.o_proj.weight"] = w(hidden, hidden)
+        t[p + "mlp.gate_proj.weight"] = w(inter, hidden)
+        t[p + "mlp.up_proj.weight"] = w(inter, hidden)
+        t[p + "mlp.down_proj.weight"] = w(hidden, inter)
+    write_safetensors(os.path.join(folder, "model.safetensors"), t)
+    tok = os.path.join(ROOT, "Tests", "Fixtures", "tokenizers", "qwen2")
+    for f in os.listdir(tok):
+        shutil.copy(os.path.join(tok, f), folder)
+    return folder
+
+
+class RunningServer:
+    def __init__(self, model, extra=(), env=None):
+        if not os.path.exists(SERVER):
+            pytest.fail(f"{SERVER} is missing: build with `swift build -c release` first")
+        cmd = [SERVER, "--model", model, "--port", "0", "--threads", "2", "--log-level", "warning",
+               "--slots", "32", "--max-seq-len", "256", *extra]
+        self.process = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
+        line = self.process.stdout.readline()
+        m = re.search(r"listening on http://([^ |]+)", line)
+        if not m:
+            self.process.kill()
+            pytest.fail(f"ember-server did not start: {line!r}")
+        self.url = "http://" + m.group(1)
+        self.banner = line
+
+    def stop(self):
+        self.process.terminate()
+        return self.process.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    return tiny_model(str(tmp_path_factory.mktemp("model")))
+
+
+@pytest.fixture(scope="session")
+def server(model_dir, tmp_path_factory):
+    s = RunningServer(model_dir, ["--checkpoint-dir", str(tmp_path_factory.mktemp("ckpt")),
+                                  "--unix-socket", str(tmp_path_factory.mktemp("sock") / "ember.sock")])
+    yield s
+    assert s.stop() == 0, "graceful shutdown exits 0"
+
+
+@pytest.fixture()
+def client(server):
+    return Client(server.url)

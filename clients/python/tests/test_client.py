@@ -1,0 +1,136 @@
+"""The typed client against a live server."""
+import threading
+import time
+
+import pytest
+
+from ember import Client, EmberError, TransportError
+
+
+def test_info_and_tokenizer_round_trip(client):
+    info = client.info()
+    assert info["name"] == "ember" and info["model"]["model_type"] == "qwen2"
+    assert "cancel" in info["capabilities"] and "train_step" in info["capabilities"]
+    ids = client.tokenize(text="def f(x): return x + 1")
+    assert all(isinstance(i, int) for i in ids)
+    assert client.detokenize(tokens=ids) == "def f(x): return x + 1"
+    assert client.tokenize(texts=["a", "b c"]) == [client.tokenize(text="a"), client.tokenize(text="b c")]
+
+
+def test_generate_is_seeded_and_agrees_with_logprob(client):
+    kw = dict(prompts=["import os", "x = 1"], n=3, max_tokens=8, temperature=0.9, seed=11, entropy=True,
+              proxy={"min_p": 0.05}, top_logprobs=2)
+    a, b = client.generate(**kw), client.generate(**kw)
+    assert [s["tokens"] for r in a["results"] for s in r["samples"]] == [s["tokens"] for r in b["results"] for s in r["samples"]]
+    r0 = a["results"][0]
+    s0 = r0["samples"][0]
+    assert len(s0["logprobs"]) == len(s0["tokens"]) == len(s0["entropies"]) == len(s0["proxy_logprobs"]) == len(s0["top_logprobs"])
+    scored = client.logprob([{"tokens": r0["prompt_tokens"] + s0["tokens"], "response_start": len(r0["prompt_tokens"])}],
+                            temperature=0.9)
+    assert scored["results"][0]["logprobs"] == s0["logprobs"], "sampler and scorer agree bit for bit"
+
+
+def test_train_step_dry_run_and_versions(client):
+    v0 = client.info()["weights_version"]
+    batch = [{"tokens": [1, 2, 3, 4, 5], "response_start": 2, "advantage": 1.0}]
+    dry = client.train_step(loss={"mode": "lp_reg"}, batch=batch, dry_run=True)
+    assert dry["weights_version"] == v0 and dry["metrics"]["grad_norm"] > 0
+    step = client.train_step(loss={"mode": "ppo"}, batch=batch, optimizer={"lr": 1e-4})
+    assert step["weights_version"] == v0 + 1
+
+
+def test_errors_are_exceptions_with_kind_and_path(client):
+    with pytest.raises(EmberError) as e:
+        client.generate(prompts=["x"], max_tokens=10_000)
+    assert e.value.kind == "context_overflow" and e.value.code == -32001
+    with pytest.raises(EmberError) as e:
+        client.call("logprob", {"sequences": [{"tokens": [1, 2], "response_start": 0}]})
+    assert e.value.code == -32602 and e.value.path == "params.sequences[0].response_start" and e.value.hint
+    with pytest.raises(EmberError) as e:
+        client.call("no.such.method")
+    assert e.value.kind == "method_not_found"
+
+
+def test_batch_and_notification(client):
+    out = client.batch([("server.info", None), ("nope", None), ("tokenize", {"text": "hi"})])
+    assert out[0]["name"] == "ember" and isinstance(out[1], EmberError) and isinstance(out[2], dict)
+    client.notify("server.info")  # answered 204, nothing raised
+
+
+def test_cancel_from_another_thread(client, server):
+    result = {}
+
+    def run():
+        try:
+            Client(server.url).generate(prompt_tokens=[[1, 2]], max_tokens=240, n=4, ignore_eos=True, id="long-gen")
+            result["outcome"] = "finished"
+        except EmberError as e:
+            result["outcome"] = e.kind
+
+    t = threading.Thread(target=run)
+    t.start()
+    cancelled = 0
+    deadline = time.time() + 10
+    while cancelled == 0 and time.time() < deadline and t.is_alive():
+        cancelled = client.cancel("long-gen")
+        time.sleep(0.001)
+    t.join()
+    # Either the cancel landed (the usual case) or the generation had already finished.
+    assert result["outcome"] == ("cancelled" if cancelled else "finished")
+
+
+def test_unix_socket_url(server):
+    path = server.banner.split("unix:")[1].split(" ")[0]
+    assert Client("unix://" + path).info()["name"] == "ember"
+
+
+def test_unreachable_server_raises_transport_error():
+    c = Client("http://127.0.0.1:9", retries=1, backoff=0.01, timeout=2)
+    with pytest.raises(TransportError):
+        c.info()
+
+
+def test_api_key_and_read_only(model_dir):
+    from conftest import RunningServer
+    s = RunningServer(model_dir, ["--api-key", "k3y", "--read-only"])
+    try:
+        with pytest.raises(EmberError) as e:
+            Client(s.url, api_key="").info()
+        assert e.value.kind == "unauthorized"
+        c = Client(s.url, api_key="k3y")
+        assert c.info()["name"] == "ember"
+        assert c.healthy()
+        with pytest.raises(EmberError) as e:
+            c.train_step(loss={"mode": "ppo"}, batch=[{"tokens": [1, 2, 3], "response_start": 1, "advantage": 1.0}])
+        assert e.value.kind == "read_only"
+    finally:
+        assert s.stop() == 0
+
+
+def test_checkpoints_round_trip(client):
+    v = client.info()["weights_version"]
+    client.save_checkpoint("pytest-ckpt")
+    assert "pytest-ckpt" in client.list_checkpoints()
+    client.train_step(loss={"mode": "ppo"}, batch=[{"tokens": [5, 6, 7], "response_start": 1, "advantage": 1.0}],
+                      optimizer={"lr": 1e-3})
+    assert client.load_checkpoint("pytest-ckpt")["weights_version"] == v
+    with pytest.raises(EmberError) as e:
+        client.load_checkpoint("../etc")
+    assert e.value.path == "params.name"
+
+
+def test_metrics(client):
+    m = client.metrics()
+    assert m["ember_weights_version"] >= 0
+    assert any(k.startswith("ember_rpc_requests_total") for k in m)
+
+
+def test_openai_sdk(server):
+    openai = pytest.importorskip("openai")
+    c = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+    model = c.models.list().data[0].id
+    r = c.completions.create(model=model, prompt="def f(x):", max_tokens=6, seed=3, logprobs=1)
+    assert r.usage.completion_tokens == 6 and len(r.choices[0].logprobs.token_logprobs) == 6
+    streamed = "".join(ch.choices[0].text for ch in c.completions.create(model=model, prompt="def f(x):", max_tokens=6,
+                                                                           seed=3, stream=True) if ch.choices)
+    assert streamed == r.choices[0].text

@@ -1,0 +1,39 @@
+"""clients/sh/ember-rpc against a live server: results on stdout, errors on stderr with exit 1,
+transport failures exit 2."""
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
+RPC = os.path.join(ROOT, "clients", "sh", "ember-rpc")
+
+pytestmark = pytest.mark.skipif(not (shutil.which("jq") and shutil.which("curl")), reason="needs curl and jq")
+
+
+def run(server_url, *args, env=None):
+    e = dict(os.environ, EMBER_URL=server_url, **(env or {}))
+    return subprocess.run([RPC, *args], capture_output=True, text=True, env=e, timeout=60)
+
+
+def test_call_prints_result(server):
+    r = run(server.url, "server.info")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["name"] == "ember"
+    r = run(server.url, "tokenize", '{"text": "hello world"}')
+    assert json.loads(r.stdout)["tokens"]
+
+
+def test_errors_and_exit_codes(server):
+    r = run(server.url, "generate", '{"prompts": ["x"], "max_tokens": "ten"}')
+    assert r.returncode == 1 and json.loads(r.stderr)["data"]["path"] == "params.max_tokens"
+    assert run(server.url, "tokenize", "{not json").returncode == 2
+    assert run("http://127.0.0.1:9", "server.info").returncode == 2
+
+
+def test_unix_socket(server):
+    path = server.banner.split("unix:")[1].split(" ")[0]
+    r = run("unix:" + path, "checkpoint.list")
+    assert r.returncode == 0 and "names" in json.loads(r.stdout)

@@ -1,0 +1,76 @@
+"""Task generators, splits and exact checkers."""
+import random
+
+import pytest
+
+from ember import advantages, tasks, verifiers
+
+
+@pytest.mark.parametrize("name", tasks.names())
+def test_problems_are_seeded_and_splits_disjoint(name):
+    t = tasks.get(name)
+    a = tasks.sample(t, "train", 300, seed=5)
+    assert [p.prompt for p in a] == [p.prompt for p in tasks.sample(t, "train", 300, seed=5)]
+    held = tasks.sample(t, "heldout", 100, seed=5)
+    assert not {p.prompt for p in a} & {p.prompt for p in held}
+    assert all(tasks.split_of(p.prompt) == "heldout" for p in held)
+
+
+@pytest.mark.parametrize("name", tasks.names())
+def test_clean_traces_are_accepted(name):
+    t = tasks.get(name)
+    rng = random.Random(0)
+    for p in tasks.sample(t, "heldout", 200, seed=1):
+        clean = t.trace(p, rng, **({"slip_rate": 0.0} if name == "arithmetic" else {}))
+        assert t.check(p, clean), (p.prompt, clean)
+        assert t.check(p, t.probe_trace(p, rng))
+
+
+def test_arithmetic_answer_forms_and_near_misses():
+    t = tasks.get("arithmetic")
+    p = tasks.Problem("arithmetic", "calc 37+48-19=", 66, {"values": [37, 48, 19], "ops": ["+", "-"]})
+    for good in ["answer 66", " 37+48=85 ; 85-19=66 ; answer 66", "answer: 66", "answer 066", "answer +66", "answer 66.0",
+                 "answer 66 \n"]:
+        assert t.check(p, good), good
+    for bad in ["answer 65", "answer 67", "answer 6 6", "66", "answer 66 ; answer 65", "answer -66", "answer 660",
+                "answer 66.5", ""]:
+        assert not t.check(p, bad), bad
+
+
+def test_arithmetic_base_traces_slip_and_checks_repair():
+    t = tasks.get("arithmetic")
+    rng = random.Random(3)
+    problems = tasks.sample(t, "train", 2000, seed=2)
+    plain = sum(t.check(p, t.trace(p, rng, check_rate=0.0)) for p in problems) / len(problems)
+    checked = sum(t.check(p, t.trace(p, rng, check_rate=1.0)) for p in problems) / len(problems)
+    assert 0.35 < plain < 0.8, plain          # the base data is imperfect
+    assert checked == 1.0                      # checking every step repairs every slip
+    base = [t.trace(p, rng) for p in problems]
+    assert 0.05 < sum(" check " in s for s in base) / len(base) < 0.6   # the spark move is rare
+
+
+def test_countdown_checker():
+    t = tasks.get("countdown")
+    p = tasks.Problem("countdown", "reach 24 with 3 5 7 9 :", 24, {"numbers": [3, 5, 7, 9]})
+    assert t.check(p, "answer (9-5)*(7-3)") is False      # uses 3 and 7 once but 9,5,7,3 -> 4*4=16
+    assert t.check(p, "answer 9+7+5+3")
+    assert t.check(p, " 9+7=16 ; 5+3=8 ; 16+8=24 ; answer (9+7)+(5+3)")
+    assert t.check(p, "answer (9-7)*(5+3)-(0)") is False  # 0 is not given
+    assert not t.check(p, "answer 3*8")                   # 8 is not given
+    assert not t.check(p, "answer 9+9+3+3")               # 9 used twice
+    assert not t.check(p, "answer 9+7+5+2")               # near miss (23, and 2 not given)
+    assert not t.check(p, "answer 9+7+5")                 # 21
+    assert not t.check(p, "answer (9+7+5+3")              # malformed
+    assert not t.check(p, "answer 9/0+24")
+
+
+def test_verifier_registry_and_advantages():
+    p = tasks.Problem("arithmetic", "calc 2+2=", 4, {"values": [2, 2], "ops": ["+"]})
+    assert verifiers.get("arithmetic")(p, "answer 4") == 1.0
+    assert verifiers.get("number")(p, "it is 4") == 1.0
+    with pytest.raises(KeyError):
+        verifiers.get("nope")
+    g = advantages.grpo([1, 0, 0, 1, 1, 1], ["a", "a", "a", "a", "b", "b"])
+    assert g[0] == pytest.approx(0.5 / (0.5773502691896258 + 1e-6)) and g[4] == 0.0
+    assert advantages.rloo([1, 0, 0], ["a"] * 3) == pytest.approx([1.0, -0.5, -0.5])
+    assert advantages.dr_grpo([1, 0], ["a", "a"]) == pytest.approx([0.5, -0.5])
