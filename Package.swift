@@ -16,6 +16,7 @@ let package = Package(
     products: [
         .executable(name: "ember-server", targets: ["ember-server"]),
         .executable(name: "ember-bench", targets: ["ember-bench"]),
+        .executable(name: "ember", targets: ["ember"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -47,6 +48,7 @@ let package = Package(
                                                           .product(name: "ArgumentParser", package: "swift-argument-parser"),
                                                           .product(name: "Logging", package: "swift-log")],
                           swiftSettings: fastMath),
+        .executableTarget(name: "ember", dependencies: ["CCurl", .product(name: "ArgumentParser", package: "swift-argument-parser")]),
         .executableTarget(name: "ember-bench", dependencies: ["Engine", "Models", "Kernels", "Tokenizer", "RPC"],
                           path: "bench/Sources/ember-bench", swiftSettings: fastMath),
 

@@ -43,7 +43,7 @@ def traces(count, seed):
     out = []
     for name in TASKS:
         task = tasks.get(name)
-        for p in tasks.sample(task, "train", count // len(TASKS), seed):
+        for p in tasks.sample(task, "train", count // len(TASKS), seed, distinct=False):
             out.append((p.prompt, task.trace(p, rng)))
     rng.shuffle(out)
     return out

@@ -48,8 +48,9 @@ def names() -> List[str]:
     return sorted(_REGISTRY)
 
 
-def sample(task, split: str, count: int, seed: int) -> List[Problem]:
-    """`count` distinct problems of `split` ('train' or 'heldout'), reproducible from `seed`."""
+def sample(task, split: str, count: int, seed: int, distinct: bool = True) -> List[Problem]:
+    """`count` problems of `split` ('train' or 'heldout'), reproducible from `seed`; distinct
+    unless `distinct` is False (pre-training corpora may repeat problems, with new traces)."""
     rng = random.Random(f"{task.name}:{split}:{seed}")
     out, seen = [], set()
     attempts = 0
@@ -58,7 +59,7 @@ def sample(task, split: str, count: int, seed: int) -> List[Problem]:
         if attempts > 200 * count + 1000:
             raise RuntimeError(f"cannot draw {count} distinct {split} problems of {task.name}")
         p = task.problem(rng)
-        if p.prompt in seen or split_of(p.prompt) != split:
+        if (distinct and p.prompt in seen) or split_of(p.prompt) != split:
             continue
         seen.add(p.prompt)
         out.append(p)
