@@ -114,7 +114,30 @@ func jsonObject(_ text: String?) throws -> [String: Any] {
 struct Ember: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "ember", abstract: "Talk to an Ember server (JSON-RPC over HTTP, via libcurl).",
-        subcommands: [Info.self, Generate.self, Logprob.self, TrainStep.self, Checkpoint.self, Call.self])
+        subcommands: [Info.self, Generate.self, Logprob.self, TrainStep.self, Checkpoint.self, Call.self, Health.self])
+}
+
+struct Health: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "GET /healthz: exit 0 when the server answers 200 (no API key needed).")
+    @OptionGroup var connection: Connection
+    func run() throws {
+        guard let curl = curl_easy_init() else { fail("cannot initialise libcurl", Exit.transport) }
+        defer { curl_easy_cleanup(curl) }
+        var target = connection.resolvedURL
+        if target.hasPrefix("unix:") {
+            _ = ember_curl_set_string(curl, CURLOPT_UNIX_SOCKET_PATH, String(target.dropFirst(5)))
+            target = "http://localhost"
+        }
+        _ = ember_curl_set_string(curl, CURLOPT_URL, (target.hasSuffix("/") ? target : target + "/") + "healthz")
+        _ = ember_curl_set_long(curl, CURLOPT_TIMEOUT, min(connection.timeout, 10))
+        _ = ember_curl_set_write(curl) { _, size, count, _ in size * count }   // discard the body
+        let rc = curl_easy_perform(curl)
+        guard rc == CURLE_OK else { fail("cannot reach \(connection.resolvedURL): \(String(cString: curl_easy_strerror(rc)))", Exit.transport) }
+        var status = 0
+        _ = ember_curl_get_status(curl, &status)
+        guard status == 200 else { fail("unhealthy: HTTP \(status)", Exit.rpcError) }
+        print("ok")
+    }
 }
 
 struct Info: ParsableCommand {

@@ -84,7 +84,7 @@ def find_server_binary(explicit: Optional[str]) -> str:
 def start_server(args) -> (subprocess.Popen, str):
     exe = find_server_binary(args.ember_server)
     cmd = [exe, "--port", "0", "--checkpoint-dir", os.path.join(args.out, "checkpoints"), "--log-level", "warning",
-           "--threads", str(args.threads)]
+           "--threads", str(args.threads), "--slots", str(args.slots), "--max-seq-len", str(args.max_seq_len)]
     if args.model:
         cmd += ["--model", args.model]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
@@ -197,6 +197,8 @@ def parse_args(argv=None):
     ap.add_argument("--ember-server", help="path to the ember-server binary (default: the repo's release build)")
     ap.add_argument("--model", help="model folder for --start-server (default: the embedded model)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--slots", type=int, default=256, help="--start-server: sequences decoded together")
+    ap.add_argument("--max-seq-len", type=int, default=256, help="--start-server: KV-cache tokens per sequence")
     ap.add_argument("--api-key", default=None)
     ap.add_argument("--task", default="arithmetic", help=f"comma-separated, from: {', '.join(tasks.names())}")
     ap.add_argument("--steps", type=int, default=40)
@@ -257,6 +259,10 @@ def main(argv=None) -> int:
             metrics = [json.loads(l) for l in open(os.path.join(args.out, "metrics.jsonl"))][:start]
             evals = [json.loads(l) for l in open(os.path.join(args.out, "eval.jsonl"))]
             evals = [e for e in evals if e["step"] <= start]
+            # Steps after the checkpoint are redone: drop their records.
+            for f, rows in (("metrics.jsonl", metrics), ("eval.jsonl", evals)):
+                with open(os.path.join(args.out, f), "w") as fh:
+                    fh.writelines(json.dumps(r) + "\n" for r in rows)
             print(f"resumed at step {start} from checkpoint {state['checkpoint']}", file=sys.stderr)
         else:
             for f in ("metrics.jsonl", "eval.jsonl"):
