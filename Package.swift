@@ -1,4 +1,5 @@
 // swift-tools-version:6.0
+import Foundation
 import PackageDescription
 
 /// Release builds of the numeric code skip bounds checks inside kernels (they take unsafe
@@ -63,3 +64,14 @@ let package = Package(
         .testTarget(name: "EngineTests", dependencies: ["Engine", "Models", "Tokenizer", "TestSupport"]),
     ]
 )
+
+// libFuzzer harnesses (fuzz/): only with EMBER_FUZZ=1, which scripts/fuzz sets when it builds
+// them with -sanitize=fuzzer,address (they call libFuzzer's driver, absent from normal builds).
+if ProcessInfo.processInfo.environment["EMBER_FUZZ"] != nil {
+    for (name, deps) in [("http", ["Server"]), ("jsonrpc", ["RPC", "Models", "Kernels"]), ("safetensors", ["Weights"]),
+                         ("tokenizer", ["Tokenizer"])] {
+        package.targets.append(.executableTarget(name: "fuzz-\(name)", dependencies: deps.map { .target(name: $0) } + ["FuzzCommon"],
+                                                 path: "fuzz/\(name)"))
+    }
+    package.targets.append(.target(name: "FuzzCommon", path: "fuzz/Common"))
+}
