@@ -50,8 +50,10 @@ public enum HTTPParseError: Error, Equatable, CustomStringConvertible {
 public final class HTTPRequestParser {
     public let maxHeaderBytes: Int
     public let maxBodyBytes: Int
-    private var parser = http_parser()
-    private var settings = http_parser_settings()
+    // Heap-allocated so callbacks can read the parser's state while http_parser_execute holds it
+    // (a stored struct passed inout would be an overlapping access).
+    private let parser: UnsafeMutablePointer<http_parser> = .allocate(capacity: 1)
+    private let settings: UnsafeMutablePointer<http_parser_settings> = .allocate(capacity: 1)
     private var completed: [HTTPRequest] = []
     private var current = HTTPRequest(method: "", target: "", headers: [], body: Data(), keepAlive: true)
     private var field = "", value = "", lastWasValue = false
@@ -64,15 +66,22 @@ public final class HTTPRequestParser {
     public init(maxHeaderBytes: Int = 16 << 10, maxBodyBytes: Int = 64 << 20) {
         self.maxHeaderBytes = maxHeaderBytes
         self.maxBodyBytes = maxBodyBytes
-        http_parser_init(&parser, HTTP_REQUEST)
-        http_parser_settings_init(&settings)
-        settings.on_message_begin = { p in HTTPRequestParser.this(p).beginMessage(); return 0 }
-        settings.on_url = { p, at, n in HTTPRequestParser.this(p).url(at, n) }
-        settings.on_header_field = { p, at, n in HTTPRequestParser.this(p).headerField(at, n) }
-        settings.on_header_value = { p, at, n in HTTPRequestParser.this(p).headerValue(at, n) }
-        settings.on_headers_complete = { p in HTTPRequestParser.this(p).headersComplete() }
-        settings.on_body = { p, at, n in HTTPRequestParser.this(p).body(at, n) }
-        settings.on_message_complete = { p in HTTPRequestParser.this(p).messageComplete() }
+        parser.initialize(to: http_parser())
+        settings.initialize(to: http_parser_settings())
+        http_parser_init(parser, HTTP_REQUEST)
+        http_parser_settings_init(settings)
+        settings.pointee.on_message_begin = { p in HTTPRequestParser.this(p).beginMessage(); return 0 }
+        settings.pointee.on_url = { p, at, n in HTTPRequestParser.this(p).url(at, n) }
+        settings.pointee.on_header_field = { p, at, n in HTTPRequestParser.this(p).headerField(at, n) }
+        settings.pointee.on_header_value = { p, at, n in HTTPRequestParser.this(p).headerValue(at, n) }
+        settings.pointee.on_headers_complete = { p in HTTPRequestParser.this(p).headersComplete() }
+        settings.pointee.on_body = { p, at, n in HTTPRequestParser.this(p).body(at, n) }
+        settings.pointee.on_message_complete = { p in HTTPRequestParser.this(p).messageComplete() }
+    }
+
+    deinit {
+        parser.deallocate()
+        settings.deallocate()
     }
 
     private static func this(_ p: UnsafeMutablePointer<http_parser>?) -> HTTPRequestParser {
@@ -82,12 +91,12 @@ public final class HTTPRequestParser {
     /// Feeds bytes; returns the requests they completed. After an error the parser stays failed.
     public func feed(_ bytes: UnsafeRawBufferPointer) throws -> [HTTPRequest] {
         if let f = failure { throw f }
-        parser.data = Unmanaged.passUnretained(self).toOpaque()
+        parser.pointee.data = Unmanaged.passUnretained(self).toOpaque()
         let consumed = bytes.withMemoryRebound(to: CChar.self) { chars in
-            http_parser_execute(&parser, &settings, chars.baseAddress, chars.count)
+            http_parser_execute(parser, settings, chars.baseAddress, chars.count)
         }
         if let f = failure { throw f }
-        let errno = parser.http_errno
+        let errno = parser.pointee.http_errno
         if errno != 0 || consumed != bytes.count {
             let name = String(cString: http_errno_description(http_errno(rawValue: errno)))
             failure = .malformed(name)
@@ -139,9 +148,9 @@ public final class HTTPRequestParser {
 
     private func headersComplete() -> Int32 {
         if lastWasValue || !field.isEmpty { current.headers.append((field, value)) }
-        current.method = String(cString: http_method_str(http_method(rawValue: UInt32(parser.method))))
-        current.keepAlive = http_should_keep_alive(&parser) != 0
-        if parser.content_length != UInt64.max, parser.content_length > UInt64(maxBodyBytes) {
+        current.method = String(cString: http_method_str(http_method(rawValue: UInt32(parser.pointee.method))))
+        current.keepAlive = http_should_keep_alive(parser) != 0
+        if parser.pointee.content_length != UInt64.max, parser.pointee.content_length > UInt64(maxBodyBytes) {
             return fail(.bodyTooLarge(limit: maxBodyBytes))
         }
         if let e = current.header("Expect"), e.caseInsensitiveCompare("100-continue") == .orderedSame {
@@ -159,7 +168,7 @@ public final class HTTPRequestParser {
 
     private func messageComplete() -> Int32 {
         expectsContinue = false
-        current.keepAlive = http_should_keep_alive(&parser) != 0
+        current.keepAlive = http_should_keep_alive(parser) != 0
         completed.append(current)
         current = HTTPRequest(method: "", target: "", headers: [], body: Data(), keepAlive: true)
         headerBytes = 0

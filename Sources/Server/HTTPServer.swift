@@ -35,7 +35,8 @@ public enum Endpoint: Sendable, CustomStringConvertible {
 /// Answers one request, from any thread, exactly once: `respond` with a whole response, or
 /// `startStream`, any number of `send`, then `finish` (chunked transfer encoding).
 public final class HTTPResponder: @unchecked Sendable {
-    unowned let server: HTTPServer
+    /// Weak: an answer that arrives after the server is gone is dropped.
+    weak var server: HTTPServer?
     /// The connection the request came on (stable for its lifetime; used to cancel its work).
     public let connection: Int
     let seq: Int
@@ -46,14 +47,14 @@ public final class HTTPResponder: @unchecked Sendable {
     }
 
     public func respond(_ response: HTTPResponse) {
-        server.post(connection, seq, HTTPServer.serialize(response, keepAlive: keepAlive), final: true, keepAlive: keepAlive)
+        server?.post(connection, seq, HTTPServer.serialize(response, keepAlive: keepAlive), final: true, keepAlive: keepAlive)
     }
 
     public func startStream(status: Int = 200, contentType: String, headers: [(String, String)] = []) {
         var head = "HTTP/1.1 \(status) \(HTTPServer.reason(status))\r\nContent-Type: \(contentType)\r\n"
         for (k, v) in headers { head += "\(k): \(v)\r\n" }
         head += "Transfer-Encoding: chunked\r\nConnection: \(keepAlive ? "keep-alive" : "close")\r\n\r\n"
-        server.post(connection, seq, Data(head.utf8), final: false, keepAlive: keepAlive)
+        server?.post(connection, seq, Data(head.utf8), final: false, keepAlive: keepAlive)
     }
 
     public func send(_ chunk: Data) {
@@ -61,11 +62,11 @@ public final class HTTPResponder: @unchecked Sendable {
         var out = Data((String(chunk.count, radix: 16) + "\r\n").utf8)
         out.append(chunk)
         out.append(contentsOf: [13, 10])
-        server.post(connection, seq, out, final: false, keepAlive: keepAlive)
+        server?.post(connection, seq, out, final: false, keepAlive: keepAlive)
     }
 
     public func finish() {
-        server.post(connection, seq, Data("0\r\n\r\n".utf8), final: true, keepAlive: keepAlive)
+        server?.post(connection, seq, Data("0\r\n\r\n".utf8), final: true, keepAlive: keepAlive)
     }
 }
 
@@ -210,8 +211,10 @@ public final class HTTPServer: @unchecked Sendable {
     /// Stops accepting, lets responses already computed go out (at most `graceMs`), closes every
     /// connection and ends `run()`. Callable from any thread.
     public func stop() {
-        lock.lock(); stopping = true; lock.unlock()
-        uv_async_send(wakeup)
+        lock.lock()
+        defer { lock.unlock() }
+        stopping = true
+        if !wakeupClosed { uv_async_send(wakeup) }
     }
 
     /// Queues bytes of response `seq` on connection `conn` (any thread; on the loop thread itself
@@ -221,9 +224,11 @@ public final class HTTPServer: @unchecked Sendable {
             connections[conn]?.deliver(seq: seq, bytes: bytes, final: final, keepAlive: keepAlive)
             return
         }
+        // The lock also keeps the wake-up handle open while it is signalled.
         lock.lock()
+        defer { lock.unlock() }
+        guard !wakeupClosed else { return }
         outbox.append((conn, seq, bytes, final, keepAlive))
-        lock.unlock()
         uv_async_send(wakeup)
     }
 
@@ -282,11 +287,15 @@ public final class HTTPServer: @unchecked Sendable {
         if stopStarted && connections.isEmpty { finishStop() }
     }
 
+    /// Set (under the lock) when the wake-up handle is closed; posts after that are dropped.
     private var wakeupClosed = false
     /// Closes the wake-up handle once no connection is left (then `run()` returns).
     func finishStop() {
-        guard !wakeupClosed else { return }
+        lock.lock()
+        let already = wakeupClosed
         wakeupClosed = true
+        lock.unlock()
+        guard !already else { return }
         uv_close(UnsafeMutableRawPointer(wakeup).assumingMemoryBound(to: uv_handle_t.self), nil)
     }
 

@@ -15,7 +15,7 @@ final class LiveTests: XCTestCase {
         let server = try TestServer(model: "qwen2_tied", slots: 8, capacity: 64)
         defer { server.stop() }
         let clients = 6, rounds = 8
-        nonisolated(unsafe) var replies = [[HTTPReply]](repeating: [], count: clients)
+        let store = LockedReplies(count: clients)
         DispatchQueue.concurrentPerform(iterations: clients) { c in
             var requests = ""
             for r in 0..<rounds {
@@ -32,8 +32,9 @@ final class LiveTests: XCTestCase {
                     requests += httpPost(rpcBody("server.info", id: id))
                 }
             }
-            replies[c] = (try? LoopbackClient(port: server.server.port).replies(requests, count: rounds)) ?? []
+            store.set(c, (try? LoopbackClient(port: server.server.port).replies(requests, count: rounds)) ?? [])
         }
+        let replies = store.all
         var trainVersions: [Int] = []
         for c in 0..<clients {
             XCTAssertEqual(replies[c].count, rounds, "client \(c) lost a response")
@@ -115,6 +116,15 @@ final class LiveTests: XCTestCase {
         XCTAssertEqual((error?["data"] as? [String: Any])?["kind"] as? String, "shutting_down")
         XCTAssertEqual(reply.first?.json["id"] as? Int, 42)
     }
+}
+
+/// Replies gathered from several threads.
+final class LockedReplies: @unchecked Sendable {
+    private let lock = NSLock()
+    private var replies: [[HTTPReply]]
+    init(count: Int) { replies = Array(repeating: [], count: count) }
+    func set(_ i: Int, _ r: [HTTPReply]) { lock.lock(); replies[i] = r; lock.unlock() }
+    var all: [[HTTPReply]] { lock.lock(); defer { lock.unlock() }; return replies }
 }
 
 final class OpenAITests: XCTestCase {

@@ -1,0 +1,50 @@
+"""The embedded default model: it loads with its own tokenizer, reaches the base accuracy stated in
+models/ember-default/training.json on the same held-out problems (greedy, so exactly), and a
+short Lp-Reg run from it through the real server completes with finite metrics."""
+import json
+import math
+import os
+
+import pytest
+
+from conftest import ROOT, RunningServer
+from ember import Client, rl, tasks
+
+MODEL = os.path.join(ROOT, "models", "ember-default")
+
+
+@pytest.fixture(scope="module")
+def default_server():
+    s = RunningServer(MODEL)
+    yield s
+    assert s.stop() == 0
+
+
+def test_default_model_reaches_its_stated_base_accuracy(default_server):
+    stated = json.load(open(os.path.join(MODEL, "training.json")))
+    c = Client(default_server.url)
+    info = c.info()
+    assert info["model"]["model_type"] == "qwen2" and info["model"]["parameters"] <= 10_000_000
+    assert os.path.getsize(os.path.join(MODEL, "model.safetensors")) <= 25 << 20
+    size = stated["args"]["eval_size"]
+    for name, want in stated["heldout_greedy_pass@1"].items():
+        problems = tasks.sample(tasks.get(name), "heldout", size, 1000)
+        correct = 0
+        for i in range(0, size, 64):
+            chunk = problems[i:i + 64]
+            out = c.generate(prompts=[p.prompt for p in chunk], max_tokens=96, temperature=0.0, logprobs=False)
+            correct += sum(tasks.check(p, r["samples"][0]["text"]) for p, r in zip(chunk, out["results"]))
+        assert correct / size == pytest.approx(want, abs=1e-9), name
+        assert 0.05 <= want <= 0.7, f"{name}: the base model leaves room for RL"
+
+
+def test_short_lp_reg_run_from_the_default_model(default_server, tmp_path):
+    out = str(tmp_path / "run")
+    assert rl.main(["--server", default_server.url, "--task", "arithmetic", "--steps", "2", "--prompts", "8",
+                    "--samples", "4", "--max-tokens", "64", "--eval-every", "2", "--eval-size", "16", "--eval-k", "4",
+                    "--probes", "8", "--out", out]) == 0
+    metrics = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
+    assert metrics[1]["weights_version"] > metrics[0]["weights_version"]
+    assert all(math.isfinite(m[k]) for m in metrics for k in ("reward", "entropy", "loss", "grad_norm"))
+    evals = [json.loads(l) for l in open(os.path.join(out, "eval.jsonl"))]
+    assert 0 < evals[0]["spark_prob"] < 1, "spark-token probability is measured on held-out probes"
