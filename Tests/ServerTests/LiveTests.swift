@@ -57,11 +57,11 @@ final class LiveTests: XCTestCase {
 
     /// A client that closes its connection mid-generation has the generation cancelled.
     func testDisconnectCancelsGeneration() throws {
-        let server = try TestServer(model: "qwen2_tied", slots: 4, capacity: 8192)
+        let server = try TestServer(model: "qwen2_tied", slots: 4, capacity: 65536)
         defer { server.stop() }
         let client = LoopbackClient(port: server.server.port)
         let fd = try client.connectSocket()
-        LoopbackClient.send(fd, httpPost(rpcBody("generate", ["prompt_tokens": [[1, 2]], "max_tokens": 8000, "n": 4, "ignore_eos": true])))
+        LoopbackClient.send(fd, httpPost(rpcBody("generate", ["prompt_tokens": [[1, 2]], "max_tokens": 60000, "n": 4, "ignore_eos": true])))
         let deadline = Date().addingTimeInterval(10)
         while server.scheduler.gauges.running < 4 && Date() < deadline { usleep(500) }
         XCTAssertEqual(server.scheduler.gauges.running, 4)
@@ -71,7 +71,7 @@ final class LiveTests: XCTestCase {
         let g = server.scheduler.gauges
         XCTAssertEqual(g.running, 0)
         XCTAssertEqual(g.kvBytesInUse, 0)
-        XCTAssertLessThan(g.generatorSteps, 8000, "the generation stopped early")
+        XCTAssertLessThan(g.generatorSteps, 60000, "the generation stopped early")
         XCTAssertEqual(g.tokensGenerated, 0, "nothing was delivered")
     }
 
@@ -103,10 +103,10 @@ final class LiveTests: XCTestCase {
 
     /// SIGTERM path: stop() lets the answer to an in-flight call go out before the loop ends.
     func testGracefulStopAnswersInFlightCalls() throws {
-        let server = try TestServer(model: "qwen2_tied", slots: 2, capacity: 8192)
+        let server = try TestServer(model: "qwen2_tied", slots: 2, capacity: 65536)
         let fd = try LoopbackClient(port: server.server.port).connectSocket()
         defer { close(fd) }
-        LoopbackClient.send(fd, httpPost(rpcBody("generate", ["prompt_tokens": [[1, 2]], "max_tokens": 8000, "ignore_eos": true], id: 42)))
+        LoopbackClient.send(fd, httpPost(rpcBody("generate", ["prompt_tokens": [[1, 2]], "max_tokens": 60000, "ignore_eos": true], id: 42)))
         let deadline = Date().addingTimeInterval(10)
         while server.scheduler.gauges.running < 1 && Date() < deadline { usleep(500) }
         XCTAssertTrue(server.stop(), "the loop ends")

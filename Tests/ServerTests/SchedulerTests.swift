@@ -122,11 +122,11 @@ final class SchedulerTests: XCTestCase {
     /// `cancel` stops an in-flight generation (its caller gets `cancelled`, its slot is freed);
     /// a disconnected client's generations are cancelled the same way.
     func testCancelAndDisconnect() throws {
-        let s = try makeScheduler(slots: 4, capacity: 4096)
+        let s = try makeScheduler(slots: 4, capacity: 65536)
         let answers = Answers()
         s.start()
-        s.submit(method: "generate", params: generateParams([1, 2], tokens: 4000, seed: 1), id: .string("job-1"), owner: 1, completion: answers.callback("g"))
-        s.submit(method: "generate", params: generateParams([3, 4], tokens: 4000, seed: 2), id: .number("9"), owner: 2, completion: answers.callback("h"))
+        s.submit(method: "generate", params: generateParams([1, 2], tokens: 60000, seed: 1), id: .string("job-1"), owner: 1, completion: answers.callback("g"))
+        s.submit(method: "generate", params: generateParams([3, 4], tokens: 60000, seed: 2), id: .number("9"), owner: 2, completion: answers.callback("h"))
         let deadline = Date().addingTimeInterval(10)
         while s.gauges.running < 2 && Date() < deadline { usleep(500) }
         XCTAssertEqual(s.gauges.running, 2)
@@ -141,7 +141,7 @@ final class SchedulerTests: XCTestCase {
         while s.gauges.kvBytesInUse != 0 && Date() < settle { usleep(500) }
         XCTAssertEqual(s.gauges.running, 0)
         XCTAssertEqual(s.gauges.kvBytesInUse, 0, "cancelled sequences free their KV slots")
-        XCTAssertLessThan(s.gauges.generatorSteps, 4000)
+        XCTAssertLessThan(s.gauges.generatorSteps, 60000)
         let after = Answers()
         s.submit(method: "cancel", params: ["request_id": "job-1"], id: .number("3"), owner: 3, completion: after.callback("again"))
         s.submit(method: "cancel", params: [:], id: .number("4"), owner: 3, completion: after.callback("bad"))
@@ -153,10 +153,10 @@ final class SchedulerTests: XCTestCase {
 
     /// Stopping answers queued and in-flight calls with `shutting_down`; later calls too.
     func testStopAnswersEverything() throws {
-        let s = try makeScheduler(slots: 2, capacity: 4096)
+        let s = try makeScheduler(slots: 2, capacity: 65536)
         let answers = Answers()
         s.start()
-        s.submit(method: "generate", params: generateParams([1, 2], tokens: 4000, seed: 1), id: .number("1"), owner: 1, completion: answers.callback("g"))
+        s.submit(method: "generate", params: generateParams([1, 2], tokens: 60000, seed: 1), id: .number("1"), owner: 1, completion: answers.callback("g"))
         let deadline = Date().addingTimeInterval(10)
         while s.gauges.running < 1 && Date() < deadline { usleep(500) }
         s.stop()
