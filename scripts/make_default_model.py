@@ -7,8 +7,9 @@
 4. ember-server loads it; this script drives `cross_entropy` train_steps over the traces through
    the Python client (responses only: the prompt is context), with a cosine schedule, evaluating
    greedy held-out pass@1 as it goes and saving checkpoints.
-5. The checkpoint chosen (the last one whose greedy held-out pass@1 is inside --target) is copied
-   with the tokenizer files into the output folder, with a README stating its figures.
+5. The checkpoint chosen (the last one whose greedy held-out pass@1 is inside --target for every
+   task, so RL has room) is copied with the tokenizer files into the output folder, with
+   training.json stating its figures. `--select-only` redoes this step from an existing --work.
 
 Needs: .venv with tokenizers, numpy, safetensors; a release build of ember-server.
     .venv/bin/python scripts/make_default_model.py [--steps 3000] [--out models/ember-default]
@@ -146,7 +147,8 @@ def main():
     ap.add_argument("--vocab", type=int, default=512)
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--eval-size", type=int, default=200)
-    ap.add_argument("--target", default="0.25,0.55", help="pick the last checkpoint with held-out greedy pass@1 in this range")
+    ap.add_argument("--target", default="0.1,0.6", help="pick the last checkpoint whose every task's held-out greedy pass@1 is in this range")
+    ap.add_argument("--select-only", action="store_true", help="only choose and copy a checkpoint from an existing --work")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -154,6 +156,12 @@ def main():
 
     init = os.path.join(args.work, "init")
     ckpt = os.path.join(args.work, "checkpoints")
+    if not args.select_only:
+        train(args, init, ckpt)
+    select(args, init, ckpt, lo, hi)
+
+
+def train(args, init, ckpt):
     shutil.rmtree(args.work, ignore_errors=True)
     os.makedirs(init)
     os.makedirs(ckpt)
@@ -171,7 +179,6 @@ def main():
         client.configure_optimizer(lr=args.lr, betas=[0.9, 0.95], weight_decay=0.01, grad_clip=1.0,
                                    schedule={"type": "cosine", "warmup_steps": 100, "total_steps": args.steps,
                                              "min_lr": args.lr * 0.05})
-        evals = []
         t0 = time.time()
         for step in range(1, args.steps + 1):
             chunk = data[(step - 1) * args.batch: step * args.batch]
@@ -184,9 +191,7 @@ def main():
             if step % args.eval_every == 0 or step == args.steps:
                 accs = {name: evaluate(client, held[name]) for name in TASKS}
                 rec.update({f"heldout_{k}": v for k, v in accs.items()})
-                name = f"step{step}"
-                client.save_checkpoint(name)
-                evals.append((step, accs, name))
+                client.save_checkpoint(f"step{step}")
                 print(f"step {step}: loss {m['loss']:.3f} held-out greedy pass@1 "
                       + " ".join(f"{k} {v:.3f}" for k, v in accs.items()) + f" ({time.time() - t0:.0f} s)", flush=True)
             elif step % 50 == 0:
@@ -196,19 +201,29 @@ def main():
     finally:
         server.terminate()
         server.wait(timeout=30)
-    mean = lambda accs: sum(accs.values()) / len(accs)  # noqa: E731
-    inside = [e for e in evals if lo <= mean(e[1]) <= hi]
-    step, accs, name = (inside or sorted(evals, key=lambda e: abs(mean(e[1]) - (lo + hi) / 2))[:1])[-1]
-    src = os.path.realpath(os.path.join(ckpt, name))
+
+
+def select(args, init, ckpt, lo, hi):
+    rows = [json.loads(l) for l in open(os.path.join(args.work, "log.jsonl"))]
+    evals = [(r["step"], {t: r[f"heldout_{t}"] for t in TASKS}) for r in rows if f"heldout_{TASKS[0]}" in r]
+    inside = [e for e in evals if all(lo <= v <= hi for v in e[1].values())]
+    if inside:
+        step, accs = inside[-1]
+    else:
+        mid = (lo + hi) / 2
+        step, accs = min(evals, key=lambda e: sum(abs(v - mid) for v in e[1].values()))
+    src = os.path.realpath(os.path.join(ckpt, f"step{step}"))
     os.makedirs(args.out, exist_ok=True)
     for f in ["config.json", "model.safetensors"]:
         shutil.copy(os.path.join(src, f), os.path.join(args.out, f))
     for f in ["tokenizer.json", "tokenizer_config.json", "generation_config.json"]:
         shutil.copy(os.path.join(init, f), os.path.join(args.out, f))
+
     with open(os.path.join(args.out, "training.json"), "w") as f:
-        json.dump({"chosen_step": step, "heldout_greedy_pass@1": accs, "evals": [{"step": s, **a} for s, a, _ in evals],
-                   "args": vars(args), "parameters": params, "vocab": vocab}, f, indent=1)
-    print(f"chose {name}: held-out greedy pass@1 {accs}; written to {args.out}")
+        json.dump({"chosen_step": step, "heldout_greedy_pass@1": accs,
+                   "evals": [{"step": s, **a} for s, a in evals], "args": vars(args),
+                   "final_loss": rows[-1]["loss"], "train_seconds": rows[-1]["seconds"]}, f, indent=1)
+    print(f"chose step {step}: held-out greedy pass@1 {accs}; written to {args.out}")
 
 
 if __name__ == "__main__":
