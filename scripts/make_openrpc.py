@@ -273,13 +273,10 @@ if __name__ == "__main__":
     recorded = json.load(open(path)) if os.path.exists(path) else {}
     examples = {}
     for m in methods:
-        if m["example"] is None:
-            continue
-        params = m["example"][0]
         if m["name"] in recorded:
             examples[m["name"]] = (recorded[m["name"]]["params"], recorded[m["name"]]["result"])
-        else:
-            examples[m["name"]] = (params, None)
+        elif m["example"] is not None:
+            examples[m["name"]] = (m["example"][0], None)
     with open(os.path.join(ROOT, "Protocol", "openrpc.json"), "w") as f:
         json.dump(build(examples), f, indent=1)
         f.write("\n")

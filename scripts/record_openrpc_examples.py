@@ -47,6 +47,8 @@ def main():
         seq = {"tokens": prompt + response, "response_start": len(prompt)}
         params["logprob"] = {"sequences": [seq], "entropy": True}
         params["train_step"] = {"batch": [{**seq, "advantage": 1.0}], "loss": {"mode": "lp_reg"}, "dry_run": True}
+        params["checkpoint.save"] = {"name": "example"}
+        params["checkpoint.load"] = {"name": "example"}
         for method, ps in params.items():
             try:
                 recorded[method] = {"params": ps, "result": shorten(c.call(method, ps))}

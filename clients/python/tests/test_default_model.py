@@ -48,3 +48,15 @@ def test_short_lp_reg_run_from_the_default_model(default_server, tmp_path):
     assert all(math.isfinite(m[k]) for m in metrics for k in ("reward", "entropy", "loss", "grad_norm"))
     evals = [json.loads(l) for l in open(os.path.join(out, "eval.jsonl"))]
     assert 0 < evals[0]["spark_prob"] < 1, "spark-token probability is measured on held-out probes"
+
+
+def test_server_without_model_serves_the_embedded_default(tmp_path):
+    import subprocess
+    from conftest import SERVER
+    p = subprocess.Popen([SERVER, "--port", "0", "--log-level", "warning"], stdout=subprocess.PIPE, text=True, cwd=str(tmp_path))
+    try:
+        banner = p.stdout.readline()
+        assert "'ember-default'" in banner and "qwen2" in banner, banner
+    finally:
+        p.terminate()
+        assert p.wait(timeout=30) == 0
