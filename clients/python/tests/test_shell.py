@@ -37,3 +37,18 @@ def test_unix_socket(server):
     path = server.banner.split("unix:")[1].split(" ")[0]
     r = run("unix:" + path, "checkpoint.list")
     assert r.returncode == 0 and "names" in json.loads(r.stdout)
+
+
+def test_worked_shell_rlvr_loop(tmp_path):
+    """clients/sh/rlvr-loop.sh against the default model: each step samples, rewards, trains."""
+    from conftest import ROOT as R, RunningServer
+    s = RunningServer(os.path.join(R, "models", "ember-default"))
+    try:
+        r = subprocess.run([os.path.join(R, "clients", "sh", "rlvr-loop.sh"), "2"], capture_output=True, text=True,
+                           env=dict(os.environ, EMBER_URL=s.url), timeout=300)
+        assert r.returncode == 0, r.stderr
+        lines = r.stdout.strip().splitlines()
+        assert [l.split(":")[0] for l in lines] == ["step 1", "step 2"]
+        assert "weights_version 1," in lines[0] and "weights_version 2," in lines[1]
+    finally:
+        assert s.stop() == 0
