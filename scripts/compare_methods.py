@@ -24,7 +24,7 @@ def run(method, seed, args):
         return out
     cmd = [sys.executable, "-m", "ember.rl", "--start-server", "--model", os.path.join(ROOT, "models", "ember-default"),
            "--task", args.task, "--steps", str(args.steps), "--prompts", str(args.prompts), "--samples", str(args.samples),
-           "--max-tokens", str(args.max_tokens), "--method", method, "--lr", str(args.lr), "--seed", str(seed),
+           "--max-tokens", str(args.max_tokens), "--temperature", str(args.temperature), "--method", method, "--lr", str(args.lr), "--seed", str(seed),
            "--eval-every", str(args.eval_every), "--eval-size", str(args.eval_size), "--eval-k", str(args.eval_k),
            "--out", out]
     print(" ".join(cmd), flush=True)
@@ -97,14 +97,15 @@ def report(args, seeds):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--temperature", type=float, default=0.8)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--task", default="arithmetic")
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=80)
-    ap.add_argument("--lr", type=float, default=2e-5)
-    ap.add_argument("--eval-every", type=int, default=10)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--eval-every", type=int, default=20)
     ap.add_argument("--eval-size", type=int, default=500)
     ap.add_argument("--eval-k", type=int, default=8)
     ap.add_argument("--report-only", action="store_true")

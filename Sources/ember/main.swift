@@ -40,6 +40,16 @@ func call(_ method: String, _ params: [String: Any]?, _ c: Connection) throws {
     FileHandle.standardOutput.write(out + Data("\n".utf8))
 }
 
+/// Points `curl` at `path` on the server (through the Unix socket for unix:/path URLs).
+func setTarget(_ curl: UnsafeMutableRawPointer, _ c: Connection, path: String) {
+    var base = c.resolvedURL
+    if base.hasPrefix("unix:") {
+        _ = ember_curl_set_string(curl, CURLOPT_UNIX_SOCKET_PATH, String(base.dropFirst(5)))
+        base = "http://localhost"
+    }
+    _ = ember_curl_set_string(curl, CURLOPT_URL, (base.hasSuffix("/") ? base : base + "/") + path)
+}
+
 /// Sends one JSON-RPC call and returns its result; prints the error and exits on failure.
 func request(_ method: String, _ params: [String: Any]?, _ c: Connection) throws -> Any {
     var payload: [String: Any] = ["jsonrpc": "2.0", "method": method, "id": 1]
@@ -47,12 +57,7 @@ func request(_ method: String, _ params: [String: Any]?, _ c: Connection) throws
     let body = try JSONSerialization.data(withJSONObject: payload)
     guard let curl = curl_easy_init() else { fail("cannot initialise libcurl", Exit.transport) }
     defer { curl_easy_cleanup(curl) }
-    var target = c.resolvedURL
-    if target.hasPrefix("unix:") {
-        _ = ember_curl_set_string(curl, CURLOPT_UNIX_SOCKET_PATH, String(target.dropFirst(5)))
-        target = "http://localhost"
-    }
-    _ = ember_curl_set_string(curl, CURLOPT_URL, target.hasSuffix("/") ? target + "rpc" : target + "/rpc")
+    setTarget(curl, c, path: "rpc")
     var headers: UnsafeMutablePointer<curl_slist>? = curl_slist_append(nil, "Content-Type: application/json")
     if let key = c.resolvedKey, !key.isEmpty { headers = curl_slist_append(headers, "Authorization: Bearer \(key)") }
     defer { curl_slist_free_all(headers) }
@@ -123,12 +128,7 @@ struct Health: ParsableCommand {
     func run() throws {
         guard let curl = curl_easy_init() else { fail("cannot initialise libcurl", Exit.transport) }
         defer { curl_easy_cleanup(curl) }
-        var target = connection.resolvedURL
-        if target.hasPrefix("unix:") {
-            _ = ember_curl_set_string(curl, CURLOPT_UNIX_SOCKET_PATH, String(target.dropFirst(5)))
-            target = "http://localhost"
-        }
-        _ = ember_curl_set_string(curl, CURLOPT_URL, (target.hasSuffix("/") ? target : target + "/") + "healthz")
+        setTarget(curl, connection, path: "healthz")
         _ = ember_curl_set_long(curl, CURLOPT_TIMEOUT, min(connection.timeout, 10))
         _ = ember_curl_set_write(curl) { _, size, count, _ in size * count }   // discard the body
         let rc = curl_easy_perform(curl)
