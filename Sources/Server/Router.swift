@@ -184,24 +184,21 @@ extension Router {
         for (k, v) in m.seconds.sorted(by: { $0.key < $1.key }) {
             s += "ember_rpc_latency_seconds_sum{method=\"\(k)\"} \(v)\nember_rpc_latency_seconds_count{method=\"\(k)\"} \(m.requests[k] ?? 0)\n"
         }
-        family("ember_tokens_generated_total", "counter", "tokens sampled by generate")
-        s += "ember_tokens_generated_total \(g.tokensGenerated)\n"
-        family("ember_tokens_scored_total", "counter", "response tokens scored by logprob")
-        s += "ember_tokens_scored_total \(g.tokensScored)\n"
-        family("ember_train_steps_total", "counter", "optimizer steps taken")
-        s += "ember_train_steps_total \(g.trainSteps)\n"
-        family("ember_weights_version", "gauge", "weights version (+1 per optimizer step)")
-        s += "ember_weights_version \(g.weightsVersion)\n"
-        family("ember_queue_depth", "gauge", "calls and prompts waiting for the compute thread or a KV slot")
-        s += "ember_queue_depth \(g.queueDepth)\n"
-        family("ember_sequences_running", "gauge", "sequences being decoded")
-        s += "ember_sequences_running \(g.running)\n"
-        family("ember_kv_cache_bytes", "gauge", "KV cache bytes allocated")
-        s += "ember_kv_cache_bytes \(g.kvBytes)\n"
-        family("ember_kv_cache_bytes_in_use", "gauge", "KV cache bytes held by running sequences")
-        s += "ember_kv_cache_bytes_in_use \(g.kvBytesInUse)\n"
-        family("ember_rollout_store_bytes", "gauge", "bytes held by the rollout store")
-        s += "ember_rollout_store_bytes \(g.rolloutBytes)\n"
+        let gauges: [(String, String, String, Int)] = [
+            ("ember_tokens_generated_total", "counter", "tokens sampled by generate", g.tokensGenerated),
+            ("ember_tokens_scored_total", "counter", "response tokens scored by logprob", g.tokensScored),
+            ("ember_train_steps_total", "counter", "optimizer steps taken", g.trainSteps),
+            ("ember_weights_version", "gauge", "weights version (+1 per optimizer step)", g.weightsVersion),
+            ("ember_queue_depth", "gauge", "calls and prompts waiting for the compute thread or a KV slot", g.queueDepth),
+            ("ember_sequences_running", "gauge", "sequences being decoded", g.running),
+            ("ember_kv_cache_bytes", "gauge", "KV cache bytes allocated", g.kvBytes),
+            ("ember_kv_cache_bytes_in_use", "gauge", "KV cache bytes held by running sequences", g.kvBytesInUse),
+            ("ember_rollout_store_bytes", "gauge", "bytes held by the rollout store", g.rolloutBytes),
+        ]
+        for (name, type, help, value) in gauges {
+            family(name, type, help)
+            s += "\(name) \(value)\n"
+        }
         return s
     }
 }
