@@ -126,7 +126,11 @@ struct OpenAIRoutes: Sendable {
         }
         if request.maxTokens == 0 {
             // Echo only: score the prompts, generate nothing.
-            scheduler.read(owner: responder.connection, { d in try finish(d, nil, try prepare(d)) }, completion: completion)
+            scheduler.read(owner: responder.connection, { d in
+                let call = try prepare(d)
+                if request.stream { stream.echo(d, call.prompts, n: request.n) }
+                return try finish(d, nil, call)
+            }, completion: completion)
             return
         }
         let onEvent: (@Sendable (Dispatcher, TokenEvent) -> Void)? = request.stream ? { @Sendable d, e in

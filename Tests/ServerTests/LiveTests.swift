@@ -212,6 +212,10 @@ final class OpenAITests: XCTestCase {
         let want = ((scored.json["result"] as? [String: Any])?["results"] as? [[String: Any]])?[0]["logprobs"] as? [Double]
         XCTAssertEqual(values.dropFirst().map { $0 as? Double }, want?.map { Optional($0) })
         XCTAssertEqual((lp["text_offset"] as? [Int])?.first, 0)
+        // Streamed, the echo arrives as an event.
+        let streamed = try call("/v1/completions", ["prompt": "for i in range(10):", "max_tokens": 0, "echo": true, "stream": true])
+        XCTAssertTrue(streamed.body.contains(#""text":"for i in range(10):""#), streamed.body)
+        XCTAssertTrue(streamed.body.hasSuffix("data: [DONE]\n\n"))
     }
 
     func testErrorsInOpenAIShape() throws {
