@@ -336,8 +336,127 @@ func benchServerLatency() throws {
           "requests_per_s": Double(all.count) / wall])
 }
 
+/// A bounded load against a running server from this (second) process: `--connections`
+/// keep-alive clients, each cycling generate, logprob and server.info calls with unique ids for
+/// `--seconds`, plus one client sending a small train_step every `--train-every` seconds. Every
+/// answer must carry its own id and a result; anything else counts as an error, a missing
+/// answer as lost. Prints one JSON line: calls, errors, lost, p50/p99 per method, train steps.
+func benchLoad() throws {
+    let port = Int(option("--port", "8377"))!
+    let connections = Int(option("--connections", "64"))!
+    let seconds = Double(option("--seconds", "300"))!
+    let vocab = Int(option("--vocab", "96"))!
+    let trainEvery = Double(option("--train-every", "2"))!
+    final class Tally: @unchecked Sendable {
+        let lock = NSLock()
+        var latencies: [String: [Double]] = [:]
+        var errors: [String] = []
+        var lost = 0, trainSteps = 0, versions: [Int] = []
+        func add(_ m: String, _ t: Double) { lock.lock(); latencies[m, default: []].append(t); lock.unlock() }
+        func error(_ e: String) { lock.lock(); if errors.count < 20 { errors.append(e) }; lock.unlock() }
+    }
+    let tally = Tally()
+    let deadline = now() + seconds
+
+    @Sendable func connect() -> Int32? {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        var one: Int32 = 1
+        setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+        var tv = timeval(tv_sec: 120, tv_usec: 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        var addr = sockaddr_in()
+        addr.sin_family = sa_family_t(AF_INET)
+        addr.sin_port = in_port_t(UInt16(port).bigEndian)
+        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+        let rc = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Foundation.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
+        if rc != 0 { close(fd); return nil }
+        return fd
+    }
+    /// One call on a keep-alive socket: the decoded answer, or nil if the connection failed.
+    @Sendable func call(_ fd: Int32, _ body: [String: Any]) -> [String: Any]? {
+        let json = try! JSONSerialization.data(withJSONObject: body)
+        var request = Data("POST /rpc HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: \(json.count)\r\n\r\n".utf8)
+        request.append(json)
+        let sent = request.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, 0) }
+        if sent != request.count { return nil }
+        var got = [UInt8]()
+        var buf = [UInt8](repeating: 0, count: 65536)
+        var need = -1
+        while need < 0 || got.count < need {
+            let n = recv(fd, &buf, buf.count, 0)
+            if n <= 0 { return nil }
+            got += buf[0..<n]
+            if need < 0, let end = got.indices.first(where: { $0 + 3 < got.count && got[$0] == 13 && got[$0 + 1] == 10 && got[$0 + 2] == 13 && got[$0 + 3] == 10 }) {
+                let head = String(decoding: got[0..<end], as: UTF8.self).lowercased()
+                let len = head.components(separatedBy: "content-length:").dropFirst().first.flatMap { Int($0.prefix { $0 != "\r" }.trimmingCharacters(in: .whitespaces)) } ?? 0
+                need = end + 4 + len
+            }
+        }
+        let headEnd = got.indices.first(where: { got[$0] == 13 && got[$0 + 1] == 10 && got[$0 + 2] == 13 && got[$0 + 3] == 10 })!
+        return (try? JSONSerialization.jsonObject(with: Data(got[(headEnd + 4)...]))) as? [String: Any]
+    }
+
+    let group = DispatchGroup()
+    for c in 0...connections {
+        group.enter()
+        Thread.detachNewThread {
+            defer { group.leave() }
+            guard var fd = connect() else { tally.error("connect failed"); return }
+            var rng = SystemRandomNumberGenerator()
+            var i = 0
+            while now() < deadline {
+                i += 1
+                let id = "c\(c)-\(i)"
+                var method = ["generate", "logprob", "server.info"][i % 3]
+                var params: [String: Any] = [:]
+                let tokens = (0..<Int.random(in: 2...8, using: &rng)).map { _ in Int.random(in: 0..<vocab, using: &rng) }
+                if c == connections {
+                    // The training client.
+                    Thread.sleep(forTimeInterval: trainEvery)
+                    method = "train_step"
+                    params = ["batch": [["tokens": tokens + [1, 2], "response_start": 1, "advantage": 0.5]], "loss": ["mode": "lp_reg"],
+                              "optimizer": ["lr": 1e-6]]
+                } else if method == "generate" {
+                    params = ["prompt_tokens": [tokens], "max_tokens": 16, "n": 2, "temperature": 1.0, "ignore_eos": true]
+                } else if method == "logprob" {
+                    params = ["sequences": [["tokens": tokens + tokens, "response_start": tokens.count]], "entropy": true]
+                }
+                let t0 = now()
+                var body: [String: Any] = ["jsonrpc": "2.0", "id": id, "method": method]
+                if !params.isEmpty { body["params"] = params }
+                guard let answer = call(fd, body) else {
+                    tally.lock.lock(); tally.lost += 1; tally.lock.unlock()
+                    close(fd)
+                    guard let again = connect() else { tally.error("reconnect failed"); return }
+                    fd = again
+                    continue
+                }
+                if answer["id"] as? String != id || answer["result"] == nil {
+                    tally.error("\(method): \(answer)")
+                    continue
+                }
+                tally.add(method, now() - t0)
+                if method == "train_step", let v = (answer["result"] as? [String: Any])?["weights_version"] as? Int {
+                    tally.lock.lock(); tally.trainSteps += 1; tally.versions.append(v); tally.lock.unlock()
+                }
+            }
+            close(fd)
+        }
+    }
+    group.wait()
+    var out: [String: Any] = ["kind": "load", "connections": connections, "seconds": seconds, "lost": tally.lost,
+                              "errors": tally.errors.count, "error_samples": tally.errors, "train_steps": tally.trainSteps,
+                              "versions_increasing": tally.versions == tally.versions.sorted() && Set(tally.versions).count == tally.versions.count]
+    for (m, ts) in tally.latencies {
+        let s = ts.sorted()
+        out[m] = ["calls": s.count, "p50_ms": s[s.count / 2] * 1000, "p99_ms": s[min(s.count - 1, Int(Double(s.count) * 0.99))] * 1000]
+    }
+    emit(out)
+}
+
 do {
     switch args.first {
+    case "load": try benchLoad()
     case "server-latency": try benchServerLatency()
     case "tokenizer": try benchTokenizer()
     case "generate": try benchGenerate()
