@@ -116,7 +116,7 @@ def evaluate(client: Client, problems, max_tokens: int, k: int, seed: int) -> Di
     return result
 
 
-def spark_probability(client: Client, probes, spark_ids: Dict[str, List[int]]) -> float:
+def spark_probability(client: Client, probes) -> float:
     """Mean probability the policy gives the spark token where a reference trace takes it."""
     if not probes:
         return float("nan")
@@ -277,7 +277,7 @@ def main(argv=None) -> int:
             e = {"step": step, "weights_version": client.info()["weights_version"],
                  **evaluate(client, held, args.max_tokens, args.eval_k, seed=12345)}
             if probes:
-                e["spark_prob"] = spark_probability(client, probes, {})
+                e["spark_prob"] = spark_probability(client, probes)
             evals.append(e)
             elog.write(json.dumps(e) + "\n")
             elog.flush()
