@@ -340,7 +340,8 @@ func benchServerLatency() throws {
 /// keep-alive clients, each cycling generate, logprob and server.info calls with unique ids for
 /// `--seconds`, plus one client sending a small train_step every `--train-every` seconds. Every
 /// answer must carry its own id and a result; anything else counts as an error, a missing
-/// answer as lost. Prints one JSON line: calls, errors, lost, p50/p99 per method, train steps.
+/// answer as lost. Generated rollouts are released right away, as an orchestrator that does not
+/// train on them would. Prints one JSON line: calls, errors, lost, p50/p99 per method, train steps.
 func benchLoad() throws {
     let port = Int(option("--port", "8377"))!
     let connections = Int(option("--connections", "64"))!
@@ -436,6 +437,15 @@ func benchLoad() throws {
                     continue
                 }
                 tally.add(method, now() - t0)
+                if method == "generate" {
+                    // A well-behaved orchestrator frees the rollouts it will not train on.
+                    let ids = ((answer["result"] as? [String: Any])?["results"] as? [[String: Any]])?
+                        .flatMap { ($0["samples"] as? [[String: Any]] ?? []).compactMap { $0["rollout_id"] as? String } } ?? []
+                    let t1 = now()
+                    let released = call(fd, ["jsonrpc": "2.0", "id": id + "-r", "method": "rollouts.release", "params": ["rollout_ids": ids]])
+                    if (released?["result"] as? [String: Any])?["released"] as? Int != ids.count { tally.error("release: \(String(describing: released))") }
+                    else { tally.add("rollouts.release", now() - t1) }
+                }
                 if method == "train_step", let v = (answer["result"] as? [String: Any])?["weights_version"] as? Int {
                     tally.lock.lock(); tally.trainSteps += 1; tally.versions.append(v); tally.lock.unlock()
                 }
