@@ -201,6 +201,26 @@ public final class HTTPServer: @unchecked Sendable {
         Unmanaged<HTTPServer>.fromOpaque(data!).takeUnretainedValue()
     }
 
+    /// Calls `handler` (on a background queue) when one of `signals` arrives. libuv installs the
+    /// process-wide handler right away, so a signal sent as soon as this returns is not lost
+    /// (a Dispatch signal source registers asynchronously). Call before `run()`.
+    public func onSignals(_ signals: [Int32], _ handler: @escaping @Sendable () -> Void) {
+        signalHandler = handler
+        for sig in signals {
+            let h = UnsafeMutablePointer<uv_signal_t>.allocate(capacity: 1)
+            uv_signal_init(loop, h)
+            h.pointee.data = Unmanaged.passUnretained(self).toOpaque()
+            uv_signal_start(h, { h, _ in
+                let server = HTTPServer.from(h!.pointee.data)
+                if let f = server.signalHandler { DispatchQueue.global().async { f() } }
+            }, sig)
+            uv_unref(UnsafeMutableRawPointer(h).assumingMemoryBound(to: uv_handle_t.self))
+            signalHandles.append(h)
+        }
+    }
+    private var signalHandler: (@Sendable () -> Void)?
+    private var signalHandles: [UnsafeMutablePointer<uv_signal_t>] = []
+
     /// Runs the loop on the calling thread until `stop()`.
     public func run() {
         loopThread = pthread_self()
@@ -270,6 +290,8 @@ public final class HTTPServer: @unchecked Sendable {
         if stop && !stopStarted {
             stopStarted = true
             for l in listeners { uv_close(l.handle.assumingMemoryBound(to: uv_handle_t.self)) { $0?.deallocate() } }
+            for h in signalHandles { uv_close(UnsafeMutableRawPointer(h).assumingMemoryBound(to: uv_handle_t.self)) { $0?.deallocate() } }
+            signalHandles = []
             for p in unixPaths { unlink(p) }
             for c in Array(connections.values) { c.closeWhenDone() }
             // Whatever is still unanswered after the grace period is cut off.

@@ -92,17 +92,10 @@ struct EmberServer: ParsableCommand {
         scheduler.start()
 
         // Graceful shutdown on SIGINT / SIGTERM: stop accepting, answer in-flight calls, exit 0.
-        signal(SIGINT, SIG_IGN)
-        signal(SIGTERM, SIG_IGN)
-        let sources = [SIGINT, SIGTERM].map { sig -> DispatchSourceSignal in
-            let s = DispatchSource.makeSignalSource(signal: sig, queue: .global())
-            s.setEventHandler {
-                log.notice("shutting down")
-                scheduler.stop()
-                server.stop()
-            }
-            s.resume()
-            return s
+        server.onSignals([SIGINT, SIGTERM]) {
+            log.notice("shutting down")
+            scheduler.stop()
+            server.stop()
         }
         let addresses = endpoints.enumerated().map { i, e -> String in
             if case let .tcp(h, _) = e { return Endpoint.tcp(host: h, port: server.ports[i]).description }
@@ -115,7 +108,6 @@ struct EmberServer: ParsableCommand {
         log.info("model loaded", metadata: ["dir": "\(dir)", "kv_slots": "\(slots)", "max_seq_len": "\(capacity)",
                                             "kv_bytes": "\(dispatcher.generator.kvCacheBytes)"])
         server.run()
-        withExtendedLifetime(sources) {}
         FileHandle.standardOutput.write(Data("ember-server: stopped\n".utf8))
     }
 }
