@@ -5,12 +5,12 @@ import os
 import shutil
 import subprocess
 
-import pytest
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 RPC = os.path.join(ROOT, "clients", "sh", "ember-rpc")
 
-pytestmark = pytest.mark.skipif(not (shutil.which("jq") and shutil.which("curl")), reason="needs curl and jq")
+# scripts/setup installs curl and jq: their absence is a failure, not a skip.
+assert shutil.which("jq") and shutil.which("curl"), "clients/sh needs curl and jq (bash scripts/setup installs them)"
 
 
 def run(server_url, *args, env=None):

@@ -80,27 +80,21 @@ def evaluate(expr: str):
             return Fraction(int(tokens[pos - 1]))
         raise ValueError
 
-    def mul():
-        nonlocal pos
-        v = atom()
-        while pos < len(tokens) and tokens[pos] in "*/":
-            op = tokens[pos]
-            pos += 1
-            w = atom()
-            if op == "/" and w == 0:
-                raise ValueError
-            v = v * w if op == "*" else v / w
-        return v
+    apply = {"+": lambda v, w: v + w, "-": lambda v, w: v - w, "*": lambda v, w: v * w, "/": lambda v, w: v / w}
 
-    def add():
-        nonlocal pos
-        v = mul()
-        while pos < len(tokens) and tokens[pos] in "+-":
-            op = tokens[pos]
-            pos += 1
-            w = mul()
-            v = v + w if op == "+" else v - w
-        return v
+    def level(operand, ops):
+        """A left-associative chain of `operand` joined by the operators in `ops`."""
+        def parse():
+            nonlocal pos
+            v = operand()
+            while pos < len(tokens) and tokens[pos] in ops:
+                op = tokens[pos]
+                pos += 1
+                v = apply[op](v, operand())   # x/0 raises ZeroDivisionError
+            return v
+        return parse
+
+    add = level(level(atom, "*/"), "+-")
 
     try:
         v = add()
