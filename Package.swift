@@ -40,7 +40,7 @@ let package = Package(
         .target(name: "Engine", dependencies: ["Kernels", "Weights", "Models", "Tokenizer"],
                 swiftSettings: fastMath),
 
-        .target(name: "RPC", dependencies: ["Engine", "Models", "Kernels", "Tokenizer"], swiftSettings: fastMath),
+        .target(name: "RPC", dependencies: ["Engine", "Models", "Kernels", "Tokenizer", "Weights"], swiftSettings: fastMath),
         .target(name: "Server", dependencies: ["RPC", "CHTTPParser", "CLibUV", .product(name: "Logging", package: "swift-log")],
                 swiftSettings: fastMath),
 

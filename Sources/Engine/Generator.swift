@@ -92,6 +92,9 @@ public final class Generator: @unchecked Sendable {
     public var rolloutStore: RolloutStore?
     /// Reported with every rollout; the owner bumps it after each optimizer step.
     public var weightsVersion = 0
+    /// Most sequences (prompts × n) allowed to wait for a KV slot; a request beyond it is
+    /// refused as `overloaded` instead of queueing without bound.
+    public var maxQueuedSequences = Int.max
 
     private var freeSlots: [Int]
     private var waiting: [PromptGroup] = []
@@ -116,6 +119,8 @@ public final class Generator: @unchecked Sendable {
     public var isIdle: Bool { waiting.isEmpty && running.isEmpty }
     public var runningCount: Int { running.count }
     public var waitingCount: Int { waiting.count }
+    /// Sequences (prompts × n) waiting for a KV slot.
+    public var queuedSequences: Int { waiting.reduce(0) { $0 + $1.n } }
 
     // MARK: - Requests
 
@@ -161,6 +166,21 @@ public final class Generator: @unchecked Sendable {
             if needed > cache.capacity || (model.architecture.position == .learned && needed > model.architecture.maxPositions) {
                 throw GenerationError.contextOverflow(promptIndex: p, needed: needed,
                     capacity: min(cache.capacity, model.architecture.position == .learned ? model.architecture.maxPositions : Int.max))
+            }
+        }
+        let queued = queuedSequences
+        if queued + prompts.count * n > maxQueuedSequences {
+            throw GenerationError.overloaded("\(queued) sequences already wait for the \(cache.slots) KV-cache slots and this request adds "
+                + "\(prompts.count * n); the queue holds at most \(maxQueuedSequences) (--max-queued-sequences): retry later")
+        }
+        if let store = rolloutStore {
+            // Every sample becomes a rollout; a request whose own rollouts cannot fit in the store
+            // would see its first ones evicted before it could use them.
+            let perToken = 4 + 4 + (options.proxy == nil ? 0 : 4)
+            let need = prompts.reduce(0) { $0 + n * (Rollout.fixedBytes + $1.count * 4 + params.maxTokens * perToken) }
+            if need > store.budgetBytes {
+                throw GenerationError.overloaded("this request's rollouts may need \(need) bytes, more than the rollout store's budget of "
+                    + "\(store.budgetBytes) bytes (--rollout-budget-mb): lower n, max_tokens or the number of prompts")
             }
         }
         let id = nextRequestId

@@ -20,8 +20,10 @@ public struct Rollout: Sendable {
         self.weightsVersion = weightsVersion
     }
 
+    /// Bytes counted for a rollout beside its arrays.
+    public static let fixedBytes = 96
     /// Approximate bytes held.
-    public var byteCount: Int { 96 + tokens.count * 4 + logprobs.count * 4 + proxyLogprobs.count * 4 }
+    public var byteCount: Int { Self.fixedBytes + tokens.count * 4 + logprobs.count * 4 + proxyLogprobs.count * 4 }
 }
 
 public enum RolloutError: Error, CustomStringConvertible, Equatable {
@@ -90,6 +92,13 @@ public final class RolloutStore: @unchecked Sendable {
         var n = 0
         for id in ids {
             if let r = items.removeValue(forKey: id) { bytes -= r.byteCount; n += 1 }
+        }
+        // Released ids stay in `order` until eviction passes them; drop them once they dominate
+        // so a store that is released as it goes (and never evicts) does not grow.
+        let live = order.count - head
+        if live > 4096 && live > 2 * items.count {
+            order = order[head...].filter { items[$0] != nil }
+            head = 0
         }
         return n
     }

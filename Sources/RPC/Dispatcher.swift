@@ -7,6 +7,7 @@ import Foundation
 import Kernels
 import Models
 import Tokenizer
+import Weights
 
 public final class Dispatcher: @unchecked Sendable {
     public let model: TransformerModel
@@ -150,21 +151,61 @@ public final class Dispatcher: @unchecked Sendable {
         var version = 1
         if let prev = previous, let v = Int(prev.split(separator: "v").last ?? "") { version = v + 1 }
         let target = "\(name).v\(version)"
+        // A version folder a crash left unpublished is not a checkpoint: replace it.
+        try? fm.removeItem(atPath: dir + "/" + target)
         let tmp = dir + "/.tmp-\(UUID().uuidString)"
-        try fm.createDirectory(atPath: tmp, withIntermediateDirectories: true)
         do {
+            try fm.createDirectory(atPath: tmp, withIntermediateDirectories: true)
             try model.save(to: tmp)
             try trainer.saveState(to: tmp)
+            try Self.syncFolder(tmp)
             try fm.moveItem(atPath: tmp, toPath: dir + "/" + target)
             let tmpLink = dir + "/.tmp-link-\(UUID().uuidString)"
             try fm.createSymbolicLink(atPath: tmpLink, withDestinationPath: target)
-            guard rename(tmpLink, link) == 0 else { throw RPCError.internalError("cannot publish checkpoint \(name)") }
+            guard rename(tmpLink, link) == 0 else {
+                let reason = String(cString: strerror(errno))
+                try? fm.removeItem(atPath: tmpLink)
+                try? fm.removeItem(atPath: dir + "/" + target)
+                throw WeightsError.writeFailed(path: link, reason: reason)
+            }
+            try? Self.syncFolder(dir)
         } catch {
             try? fm.removeItem(atPath: tmp)
-            throw error
+            let kept = previous != nil ? "the previous checkpoint '\(name)' is unchanged" : "nothing was saved"
+            throw RPCError.domain(-32014, kind: "checkpoint_failed", message: "Checkpoint not saved", path: "params.name",
+                                  hint: "\(error); \(kept) and the server keeps its weights (free disk space, then save again)")
         }
         if let prev = previous { try? fm.removeItem(atPath: dir + "/" + prev) }
         return ["name": name, "weights_version": trainer.weightsVersion]
+    }
+
+    /// fsyncs a folder's files and the folder itself, so a published checkpoint survives a power cut.
+    static func syncFolder(_ path: String) throws {
+        for item in (try? FileManager.default.contentsOfDirectory(atPath: path)) ?? [] {
+            let fd = open(path + "/" + item, O_RDONLY)
+            if fd >= 0 { defer { close(fd) }; guard fsync(fd) == 0 else { throw WeightsError.writeFailed(path: path + "/" + item, reason: String(cString: strerror(errno))) } }
+        }
+        let fd = open(path, O_RDONLY | O_DIRECTORY)
+        if fd >= 0 { _ = fsync(fd); close(fd) }
+    }
+
+    /// Removes what an interrupted save leaves in the checkpoint folder: `.tmp-*` entries and
+    /// version folders no name links to. Returns the entries removed.
+    @discardableResult
+    public func cleanCheckpointDirectory() -> [String] {
+        guard let dir = checkpointDirectory else { return [] }
+        let fm = FileManager.default
+        let items = (try? fm.contentsOfDirectory(atPath: dir)) ?? []
+        let linked = Set(items.compactMap { try? fm.destinationOfSymbolicLink(atPath: dir + "/" + $0) })
+        var removed: [String] = []
+        for item in items {
+            let isLink = (try? fm.destinationOfSymbolicLink(atPath: dir + "/" + item)) != nil
+            let strayVersion = !isLink && item.range(of: #"\.v[0-9]+$"#, options: .regularExpression) != nil && !linked.contains(item)
+            if item.hasPrefix(".tmp-") || strayVersion {
+                if (try? fm.removeItem(atPath: dir + "/" + item)) != nil { removed.append(item) }
+            }
+        }
+        return removed
     }
 
     func checkpointLoad(_ p: Params) throws -> Any {

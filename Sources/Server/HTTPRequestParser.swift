@@ -59,6 +59,14 @@ public final class HTTPRequestParser {
     private var field = "", value = "", lastWasValue = false
     private var headerBytes = 0
     private var failure: HTTPParseError?
+    // Obsolete line folding (a header line continued on the next line that starts with a space)
+    // is refused, as RFC 9112 allows, rather than joined: a proxy in front may read it otherwise.
+    // The bytes between the header spans http_parser reports are checked for "\n" + SP/HTAB.
+    private var bufferStart: UnsafePointer<CChar>?
+    private var spanEnd: UnsafePointer<CChar>?
+    private var carriedLF = false
+    private var inHeaders = false
+    private var firstSpan = false
     /// True after the headers of a request with `Expect: 100-continue` arrived and its body has
     /// not: the connection should send `100 Continue` once.
     public private(set) var expectsContinue = false
@@ -92,8 +100,18 @@ public final class HTTPRequestParser {
     public func feed(_ bytes: UnsafeRawBufferPointer) throws -> [HTTPRequest] {
         if let f = failure { throw f }
         parser.pointee.data = Unmanaged.passUnretained(self).toOpaque()
-        let consumed = bytes.withMemoryRebound(to: CChar.self) { chars in
-            http_parser_execute(parser, settings, chars.baseAddress, chars.count)
+        let consumed = bytes.withMemoryRebound(to: CChar.self) { chars -> Int in
+            bufferStart = chars.baseAddress.map { UnsafePointer($0) }
+            spanEnd = nil
+            let consumed = http_parser_execute(parser, settings, chars.baseAddress, chars.count)
+            if inHeaders, !firstSpan, failure == nil, let base = bufferStart, chars.count > 0 {
+                // The unreported tail of this buffer: check it, and carry whether it ended in LF.
+                if !scanFold(spanEnd ?? base, base + chars.count) {
+                    failure = .malformed("obsolete line folding in a header")
+                }
+            }
+            bufferStart = nil; spanEnd = nil
+            return consumed
         }
         if let f = failure { throw f }
         let errno = parser.pointee.http_errno
@@ -121,9 +139,34 @@ public final class HTTPRequestParser {
         current = HTTPRequest(method: "", target: "", headers: [], body: Data(), keepAlive: true)
         field = ""; value = ""; lastWasValue = false; headerBytes = 1
         expectsContinue = false
+        inHeaders = true; carriedLF = false; firstSpan = true
+    }
+
+    /// Scans header bytes for a line feed followed by a space or tab; false on an obs-fold.
+    private func scanFold(_ from: UnsafePointer<CChar>, _ to: UnsafePointer<CChar>) -> Bool {
+        var p = from
+        while p < to {
+            let c = p.pointee
+            if carriedLF && (c == 32 || c == 9) { return false }
+            carriedLF = c == 10
+            p += 1
+        }
+        return true
+    }
+
+    /// Checks the bytes between the previous reported span and `at` (a span of `n` bytes).
+    private func checkGap(before at: UnsafePointer<CChar>?, count n: Int) -> Bool {
+        guard let at else { return true }
+        defer { spanEnd = at + n; carriedLF = false; firstSpan = false }
+        // Before a message's first span (its URL) lie the method and, in the same buffer, the
+        // previous message's bytes: nothing to check.
+        if firstSpan { return true }
+        guard scanFold(spanEnd ?? bufferStart ?? at, at) else { return false }
+        return !(carriedLF && n > 0 && (at.pointee == 32 || at.pointee == 9))
     }
 
     private func append(_ s: inout String, _ at: UnsafePointer<CChar>?, _ n: Int) -> Int32 {
+        guard checkGap(before: at, count: n) else { return fail(.malformed("obsolete line folding in a header")) }
         headerBytes += n
         if headerBytes > maxHeaderBytes { return fail(.headersTooLarge(limit: maxHeaderBytes)) }
         s += String(decoding: UnsafeRawBufferPointer(start: at, count: n), as: UTF8.self)
@@ -147,6 +190,7 @@ public final class HTTPRequestParser {
     }
 
     private func headersComplete() -> Int32 {
+        inHeaders = false
         if lastWasValue || !field.isEmpty { current.headers.append((field, value)) }
         current.method = String(cString: http_method_str(http_method(rawValue: UInt32(parser.pointee.method))))
         current.keepAlive = http_should_keep_alive(parser) != 0

@@ -397,19 +397,32 @@ final class Connection: @unchecked Sendable {
         timer.pointee.data = me
     }
 
-    /// (Re)arms the timer: the request timeout while a request is arriving, else the idle one.
+    /// When the request now arriving began (loop time, ms): the request timeout is a deadline
+    /// from there, so a client trickling a byte at a time (slow loris) cannot extend it.
+    var requestStartedMs: UInt64 = 0
+
+    /// (Re)arms the timer: what is left of the request deadline while a request is arriving,
+    /// else the idle timeout.
     func arm() {
-        let ms = parser.isMidRequest ? server.requestTimeoutMs : server.idleTimeoutMs
+        var ms = server.idleTimeoutMs
+        if parser.isMidRequest {
+            let elapsed = uv_now(server.loop) &- requestStartedMs
+            ms = elapsed >= server.requestTimeoutMs ? 1 : server.requestTimeoutMs - elapsed
+        }
         uv_timer_start(timer, { t in Connection.from(t!.pointee.data).timedOut() }, ms, 0)
     }
 
     func timedOut() {
         guard !closing else { return }
-        if nextToSend < nextSeq { arm(); return }      // a response is being computed: not idle
         if parser.isMidRequest {
+            // Answered 408 after the responses still owed; nothing more is read.
             let body = Data(#"{"error":"request not completed in time"}"#.utf8)
+            draining = true
+            uv_read_stop(stream)
             deliver(seq: nextSeq, bytes: HTTPServer.serialize(HTTPResponse(status: 408, body: body), keepAlive: false), final: true, keepAlive: false)
             nextSeq += 1
+        } else if nextToSend < nextSeq {
+            arm()                                   // a response is being computed: not idle
         } else {
             close()
         }
@@ -438,7 +451,9 @@ final class Connection: @unchecked Sendable {
         guard !closing, !draining else { return }
         defer { if !closing { arm() } }
         do {
+            let wasMid = parser.isMidRequest
             let requests = try parser.feed(bytes)
+            if parser.isMidRequest && (!wasMid || !requests.isEmpty) { requestStartedMs = uv_now(server.loop) }
             for r in requests {
                 server.dispatch(r, from: self, seq: nextSeq)
                 nextSeq += 1

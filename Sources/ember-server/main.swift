@@ -30,7 +30,9 @@ struct EmberServer: ParsableCommand {
     @Option(help: "Sequences decoded together (KV-cache slots).") var slots = 64
     @Option(name: .customLong("max-seq-len"), help: "Tokens per sequence (prompt + generated) the KV cache holds; default min(model positions, 2048).")
     var maxSeqLen: Int?
-    @Option(name: .customLong("rollout-budget-mb"), help: "Memory budget of the rollout store.") var rolloutBudgetMB = 256
+    @Option(name: .customLong("rollout-budget-mb"), help: "Memory budget of the rollout store (MB, fractions allowed).") var rolloutBudgetMB = 256.0
+    @Option(name: .customLong("max-queued-sequences"), help: "Sequences (prompts x n) that may wait for a KV slot; generate answers overloaded beyond.")
+    var maxQueuedSequences = 4096
     @Option(name: .customLong("max-request-tokens"), help: "Most tokens one call may carry or ask for.") var maxRequestTokens = 4 << 20
     @Option(name: .customLong("max-body-mb"), help: "Largest request body accepted (413 beyond).") var maxBodyMB = 64
     @Option(name: .customLong("max-connections"), help: "Open connections accepted (503 beyond).") var maxConnections = 256
@@ -67,14 +69,28 @@ struct EmberServer: ParsableCommand {
         }
         let a = loaded.architecture
         let capacity = maxSeqLen ?? min(a.maxPositions, 2048)
+        guard slots >= 1, capacity >= 2 else { throw ValidationError("--slots must be >= 1 and --max-seq-len >= 2") }
+        guard rolloutBudgetMB >= 0, rolloutBudgetMB.isFinite else { throw ValidationError("--rollout-budget-mb must be >= 0") }
+        // The KV cache is allocated up front; refuse a size the machine cannot hold rather than be
+        // killed for it later.
+        let kvBytes = Double(a.layers) * 2 * Double(slots) * Double(capacity) * Double(a.kvWidth) * 4
+        let physical = Double(ProcessInfo.processInfo.physicalMemory)
+        if kvBytes > 0.75 * physical {
+            throw ValidationError(String(format: "--slots %d x --max-seq-len %d needs %.1f GB of KV cache, more than 3/4 of this machine's %.1f GB; lower --slots or --max-seq-len",
+                                         slots, capacity, kvBytes / 1e9, physical / 1e9))
+        }
         let dispatcher = Dispatcher(model: loaded, tokenizer: tokenizer, slots: slots, capacity: capacity,
-                                    rolloutBudgetBytes: rolloutBudgetMB << 20)
+                                    rolloutBudgetBytes: Int(rolloutBudgetMB * 1_048_576))
         dispatcher.readOnly = readOnly
         dispatcher.maxRequestTokens = maxRequestTokens
+        dispatcher.generator.maxQueuedSequences = maxQueuedSequences
         if let cdir = checkpointDir {
             do { try FileManager.default.createDirectory(atPath: cdir, withIntermediateDirectories: true) }
             catch { throw ValidationError("--checkpoint-dir: \(error)") }
             dispatcher.checkpointDirectory = cdir
+            for item in dispatcher.cleanCheckpointDirectory() {
+                log.warning("removed the remains of an interrupted checkpoint save", metadata: ["entry": "\(cdir)/\(item)"])
+            }
         }
         let key = apiKey ?? ProcessInfo.processInfo.environment["EMBER_API_KEY"]
         let scheduler = Scheduler(dispatcher: dispatcher)

@@ -63,6 +63,25 @@ final class HTTPRequestParserTests: XCTestCase {
         XCTAssertEqual(status("POST / HTTP/1.1\r\nContent-Length: 2000000\r\n\r\n"), 413)
         XCTAssertEqual(status("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n400\r\n" + String(repeating: "x", count: 1024) + "\r\n",
                               maxBody: 1000), 413, "chunked body over the limit")
+        // Obsolete line folding is refused wherever the read boundaries fall; a body holding
+        // "\n " in a pipelined stream (not a header) is not mistaken for one.
+        for folded in ["POST / HTTP/1.1\r\nContent-Length:\r\n 3\r\n\r\nabc", "GET / HTTP/1.1\r\nX: a\r\n\tb\r\n\r\n",
+                       "GET / HTTP/1.1\r\nX: a\r\n  b\r\nY: c\r\n\r\n"] {
+            XCTAssertEqual(status(folded), 400, folded)
+            for cut in 1..<folded.utf8.count {
+                let p = HTTPRequestParser()
+                let bytes = Array(folded.utf8)
+                XCTAssertThrowsError(try { _ = try p.feed(Data(bytes[..<cut])); _ = try p.feed(Data(bytes[cut...])) }(), "cut at \(cut)")
+            }
+        }
+        let bodyWithFold = "POST / HTTP/1.1\r\nContent-Length: 4\r\n\r\n{\n }GET / HTTP/1.1\r\nX:  y \r\n\r\n"
+        for cut in 1..<bodyWithFold.utf8.count {
+            let p = HTTPRequestParser()
+            let bytes = Array(bodyWithFold.utf8)
+            let got = (try? p.feed(Data(bytes[..<cut])) + p.feed(Data(bytes[cut...]))) ?? []
+            XCTAssertEqual(got.count, 2, "cut at \(cut)")
+            XCTAssertEqual(got.last?.header("X"), "y ", "cut at \(cut)")
+        }
         // A failed parser stays failed.
         let p = HTTPRequestParser()
         XCTAssertThrowsError(try p.feed(Data("garbage\r\n\r\n".utf8)))
