@@ -56,6 +56,8 @@ public final class RolloutStore: @unchecked Sendable {
     }
 
     public var count: Int { lock.lock(); defer { lock.unlock() }; return items.count }
+    /// Ids the eviction order still tracks (stored plus released ones not yet compacted away).
+    public var trackedIds: Int { lock.lock(); defer { lock.unlock() }; return order.count - head }
 
     /// Stores a rollout and returns its new id, evicting the oldest ones beyond the budget.
     public func add(_ r: Rollout) -> String {

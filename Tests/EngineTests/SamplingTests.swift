@@ -316,6 +316,17 @@ final class SamplingTests: XCTestCase {
         XCTAssertEqual(store.release([ids[4], "r-nope-1"]), 1)
         XCTAssertThrowsError(try store.get(ids[4])) { e in XCTAssertEqual(e as? RolloutError, .unknown(ids[4])) }
 
+        // Released as it goes and never evicting, the store's bookkeeping stays bounded.
+        let roomy = RolloutStore(budgetBytes: 1 << 30)
+        var kept: [String] = []
+        for i in 0..<50_000 {
+            let id = roomy.add(r)
+            if i % 100 == 0 { kept.append(id) } else { roomy.release([id]) }
+        }
+        XCTAssertEqual(roomy.count, 500)
+        XCTAssertLessThanOrEqual(roomy.trackedIds, 2 * 500 + 4096 + 1)
+        for id in kept { XCTAssertEqual(try roomy.get(id).responseStart, 10) }
+
         // Generation records rollouts with their sampling-time statistics.
         let gen = Generator(model: try model(), tokenizer: nil, slots: 2, capacity: 16)
         gen.rolloutStore = RolloutStore(budgetBytes: 1 << 20)
