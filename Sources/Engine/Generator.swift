@@ -227,6 +227,10 @@ public final class Generator: @unchecked Sendable {
     /// every running sequence's last token, and samples one token per sequence. Returns the
     /// requests that completed.
     public func step() throws -> [GenerationResult] {
+        try Compute.spinning { try stepInScope() }
+    }
+
+    private func stepInScope() throws -> [GenerationResult] {
         var tokens: [Int32] = [], positions: [Int32] = [], slots: [Int32] = []
         var rows: [Int] = []
         var rowOwners: [RowOwner] = []

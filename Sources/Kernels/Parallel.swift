@@ -1,4 +1,5 @@
 import Dispatch
+import Foundation
 import COpenBLAS
 
 /// Process-wide compute settings: how many threads kernels and BLAS may use.
@@ -16,6 +17,47 @@ public enum Compute {
         threadCount = max(1, n)
         openblas_set_num_threads(Int32(threadCount))
     }
+
+    /// EMBER_DECODE_SPIN=0 turns the spinning scope off (every region through libdispatch).
+    static let spinEnabled = ProcessInfo.processInfo.environment["EMBER_DECODE_SPIN"] != "0"
+    nonisolated(unsafe) private static var pools: [Int: SpinPool] = [:]
+    private static let poolLock = NSLock()
+
+    static func pool() -> SpinPool? {
+        let n = threadCount
+        guard n > 1 else { return nil }
+        poolLock.lock(); defer { poolLock.unlock() }
+        if let p = pools[n] { return p }
+        let p = SpinPool(extra: n - 1)
+        pools[n] = p
+        return p
+    }
+
+    /// The pool whose scope is open, if any.
+    static var spinningPool: SpinPool? {
+        guard threadCount > 1 else { return nil }
+        poolLock.lock(); defer { poolLock.unlock() }
+        if let p = pools[threadCount], p.isSpinning { return p }
+        return nil
+    }
+
+    /// Runs `body` with worker threads that spin between parallel regions (for decode steps:
+    /// many short regions). Outside such a scope regions go through libdispatch.
+    public static func spinning<T>(_ body: () throws -> T) rethrows -> T {
+        guard spinEnabled, let p = pool() else { return try body() }
+        p.enter()
+        p.wake()
+        defer { p.leave() }
+        return try body()
+    }
+}
+
+/// Runs `workers` copies of `body` through the spinning pool when its scope is open, else
+/// through libdispatch.
+@inline(__always)
+func fanOut(_ workers: Int, _ body: @escaping @Sendable (Int) -> Void) {
+    if let p = Compute.spinningPool, p.run(workers: workers, body) { return }
+    DispatchQueue.concurrentPerform(iterations: workers, execute: body)
 }
 
 /// Runs `body(i)` for i in 0..<count, spread over `Compute.threads` workers in contiguous
@@ -29,7 +71,7 @@ public func parallelFor(_ count: Int, minPerThread: Int = 1, _ body: (Int) -> Vo
     }
     withoutActuallyEscaping(body) { body in
         let box = UncheckedBox(body)
-        DispatchQueue.concurrentPerform(iterations: workers) { w in
+        fanOut(workers) { w in
             let lo = count * w / workers, hi = count * (w + 1) / workers
             for i in lo..<hi { box.value(i) }
         }
@@ -46,7 +88,7 @@ public func parallelRanges(_ count: Int, minPerThread: Int = 1, _ body: (Int, In
     }
     withoutActuallyEscaping(body) { body in
         let box = UncheckedBox(body)
-        DispatchQueue.concurrentPerform(iterations: workers) { w in
+        fanOut(workers) { w in
             box.value(w, count * w / workers, count * (w + 1) / workers)
         }
     }

@@ -130,7 +130,7 @@ public final class HTTPServer: @unchecked Sendable {
                 }
             }
         } catch {
-            for l in listeners { uv_close(l.handle.assumingMemoryBound(to: uv_handle_t.self), nil) }
+            for l in listeners { uv_close(l.handle.assumingMemoryBound(to: uv_handle_t.self)) { $0?.deallocate() } }
             uv_close(UnsafeMutableRawPointer(wakeup).assumingMemoryBound(to: uv_handle_t.self), nil)
             uv_run(loop, UV_RUN_DEFAULT)
             uv_loop_close(loop)
@@ -226,6 +226,12 @@ public final class HTTPServer: @unchecked Sendable {
         loopThread = pthread_self()
         uv_run(loop, UV_RUN_DEFAULT)
         uv_loop_close(loop)
+    }
+
+    deinit {
+        // Every handle is closed by now (run() returned, or init failed after closing them).
+        wakeup.deallocate()
+        loop.deallocate()
     }
 
     /// Stops accepting, lets responses already computed go out (at most `graceMs`), closes every
