@@ -133,7 +133,7 @@ public final class HTTPServer: @unchecked Sendable {
             for l in listeners { uv_close(l.handle.assumingMemoryBound(to: uv_handle_t.self)) { $0?.deallocate() } }
             uv_close(UnsafeMutableRawPointer(wakeup).assumingMemoryBound(to: uv_handle_t.self), nil)
             uv_run(loop, UV_RUN_DEFAULT)
-            uv_loop_close(loop)
+            loopClosed = uv_loop_close(loop) == 0
             throw error
         }
     }
@@ -225,13 +225,23 @@ public final class HTTPServer: @unchecked Sendable {
     public func run() {
         loopThread = pthread_self()
         uv_run(loop, UV_RUN_DEFAULT)
-        uv_loop_close(loop)
+        // Handles still closing (uv_close callbacks pending) need one more turn before the loop
+        // can be closed and its memory freed.
+        var turns = 0
+        while uv_loop_close(loop) == UV_EBUSY.rawValue && turns < 100 { uv_run(loop, UV_RUN_NOWAIT); turns += 1 }
+        loopClosed = turns < 100
     }
 
+    /// False while a handle is still open in the loop (then its memory is not freed).
+    private var loopClosed = false
+
     deinit {
-        // Every handle is closed by now (run() returned, or init failed after closing them).
-        wakeup.deallocate()
-        loop.deallocate()
+        // run() returned with every handle closed (or init failed after closing them); a server
+        // never run keeps its loop's memory rather than free it under open handles.
+        if loopClosed {
+            wakeup.deallocate()
+            loop.deallocate()
+        }
     }
 
     /// Stops accepting, lets responses already computed go out (at most `graceMs`), closes every
@@ -308,13 +318,15 @@ public final class HTTPServer: @unchecked Sendable {
                 let server = HTTPServer.from(t!.pointee.data)
                 for c in Array(server.connections.values) { c.close() }
                 server.finishStop()
-                uv_close(UnsafeMutableRawPointer(t!).assumingMemoryBound(to: uv_handle_t.self)) { $0?.deallocate() }
             }, 5_000, 0)
             uv_unref(UnsafeMutableRawPointer(grace).assumingMemoryBound(to: uv_handle_t.self))
+            graceTimer = grace
         }
         if stopStarted && connections.isEmpty { finishStop() }
     }
 
+    /// The grace-period timer of a stop in progress (loop thread).
+    private var graceTimer: UnsafeMutablePointer<uv_timer_t>?
     /// Set (under the lock) when the wake-up handle is closed; posts after that are dropped.
     private var wakeupClosed = false
     /// Closes the wake-up handle once no connection is left (then `run()` returns).
@@ -324,6 +336,12 @@ public final class HTTPServer: @unchecked Sendable {
         wakeupClosed = true
         lock.unlock()
         guard !already else { return }
+        if let g = graceTimer {
+            // Closed with the rest, so run() returns with no handle open and the loop is freed.
+            uv_timer_stop(g)
+            uv_close(UnsafeMutableRawPointer(g).assumingMemoryBound(to: uv_handle_t.self)) { $0?.deallocate() }
+            graceTimer = nil
+        }
         uv_close(UnsafeMutableRawPointer(wakeup).assumingMemoryBound(to: uv_handle_t.self), nil)
     }
 

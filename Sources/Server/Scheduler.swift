@@ -138,7 +138,11 @@ public final class Scheduler: @unchecked Sendable {
         stopping = true
         cond.signal()
         cond.unlock()
-        if wasRunning { finished.wait() }
+        if wasRunning {
+            finished.wait()
+            // The Thread keeps its closure (and so this scheduler) alive: let both go.
+            cond.lock(); thread = nil; cond.unlock()
+        }
     }
 
     // MARK: - Submitting (any thread)
@@ -278,7 +282,14 @@ public final class Scheduler: @unchecked Sendable {
                 }
                 runScores(scores)
                 scores = []
-                run(job) { try self.dispatcher.call(method, params) }
+                // Figures are published before the answer goes out: a client that reads
+                // /metrics after its answer sees the call counted.
+                let outcome = Result { try self.dispatcher.call(method, params) }
+                publish()
+                switch outcome {
+                case let .success(v): job.completion(.success(v))
+                case let .failure(e): job.completion(.failure(Self.rpcError(e)))
+                }
             }
         }
         pending = keep
@@ -307,7 +318,9 @@ public final class Scheduler: @unchecked Sendable {
             scoreForwards += 1
             do {
                 let results = try dispatcher.score(g.map(\.1))
-                for (i, (job, call)) in g.enumerated() { job.completion(.success(dispatcher.logprobResult(results[i], call))) }
+                let values = g.enumerated().map { i, item in dispatcher.logprobResult(results[i], item.1) }
+                publish()
+                for (i, (job, _)) in g.enumerated() { job.completion(.success(values[i])) }
             } catch {
                 for (job, _) in g { job.completion(.failure(Self.rpcError(error))) }
             }
@@ -331,9 +344,17 @@ public final class Scheduler: @unchecked Sendable {
         for e in dispatcher.generator.takeEvents() {
             if let f = inFlight[e.requestId], let sink = f.generate.onEvent { sink(dispatcher, e) }
         }
+        var answers: [(Job, Result<Any, Error>)] = []
         for result in done {
             guard let f = inFlight.removeValue(forKey: result.requestId) else { continue }
-            run(f.job) { try f.generate.finish(self.dispatcher, result, f.call) }
+            answers.append((f.job, Result { try f.generate.finish(self.dispatcher, result, f.call) }))
+        }
+        if !answers.isEmpty { publish() }
+        for (job, outcome) in answers {
+            switch outcome {
+            case let .success(v): job.completion(.success(v))
+            case let .failure(e): job.completion(.failure(Self.rpcError(e)))
+            }
         }
     }
 
