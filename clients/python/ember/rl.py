@@ -69,6 +69,8 @@ class Progress:
 def find_server_binary(explicit: Optional[str]) -> str:
     if explicit:
         return explicit
+    if os.environ.get("EMBER_SERVER"):
+        return os.environ["EMBER_SERVER"]
     here = os.path.dirname(os.path.abspath(__file__))
     for up in range(1, 6):
         root = os.path.abspath(os.path.join(here, *[".."] * up))

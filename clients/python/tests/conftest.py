@@ -16,7 +16,8 @@ sys.path.insert(0, os.path.join(ROOT, "clients", "python"))
 
 from ember import Client  # noqa: E402
 
-SERVER = os.path.join(ROOT, ".build", "release", "ember-server")
+# EMBER_SERVER points the suite at another build (scripts/sanitize runs it against a sanitized one).
+SERVER = os.environ.get("EMBER_SERVER") or os.path.join(ROOT, ".build", "release", "ember-server")
 
 
 def write_safetensors(path, tensors):
