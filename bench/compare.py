@@ -12,8 +12,9 @@ EMBER = os.path.join(ROOT, ".build", "release", "ember-bench")
 TORCH = [os.path.join(ROOT, ".venv", "bin", "python"), os.path.join(ROOT, "bench", "torch_bench.py")]
 
 
-def run(cmd):
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+def run(cmd, env=None):
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True,
+                         env=None if env is None else {**os.environ, **env}).stdout
     return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
 
@@ -51,17 +52,20 @@ def engine(quick):
 
 def sampling(quick):
     """Decode tok/s at batch 1, 8, 32, 64 (greedy, 16-token prompts) against Hugging Face
-    generate, and scoring tok/s against a PyTorch forward + log-softmax, same shapes."""
-    print(f"\n{'shape':6} {'metric':18} {'ember':>10} {'pytorch':>10} {'ratio':>7}")
+    generate, and scoring tok/s against a PyTorch forward + log-softmax, same shapes. Decode is
+    also run with EMBER_DECODE_SPIN=0 (every parallel region through libdispatch) to show what
+    the spinning worker pool of decode steps brings."""
+    print(f"\n{'shape':6} {'metric':18} {'ember':>10} {'pytorch':>10} {'ratio':>7}  {'no-spin':>8} {'ratio':>7}")
     rows = []
     for shape in (["tiny"] if quick else ["tiny", "0.5b"]):
         new = "128" if shape == "tiny" else "32"
         for b in ["1", "8", "32", "64"]:
             e = run([EMBER, "generate", "--shape", shape, "--batch", b, "--new", new])[0]
             t = run(TORCH + ["generate", "--shape", shape, "--batch", b, "--new", new])[0]
+            n = run([EMBER, "generate", "--shape", shape, "--batch", b, "--new", new], env={"EMBER_DECODE_SPIN": "0"})[0]
             print(f"{shape:6} {'decode b=' + b + ' tok/s':18} {e['decode_tok_s']:10.1f} {t['decode_tok_s']:10.1f} "
-                  f"{e['decode_tok_s'] / t['decode_tok_s']:6.2f}x")
-            rows.append({"ember": e, "pytorch": t})
+                  f"{e['decode_tok_s'] / t['decode_tok_s']:6.2f}x  {n['decode_tok_s']:8.1f} {n['decode_tok_s'] / t['decode_tok_s']:6.2f}x")
+            rows.append({"ember": e, "pytorch": t, "ember_no_spin": n})
         e = run([EMBER, "score", "--shape", shape])[0]
         t = run(TORCH + ["score", "--shape", shape])[0]
         print(f"{shape:6} {'scoring tok/s':18} {e['score_tok_s']:10.1f} {t['score_tok_s']:10.1f} "

@@ -71,6 +71,11 @@ def report(args, seeds):
     for m, _, f1, b1, fk, bk, ent, spark in rows:
         lines.append(f"| {LABELS[m]} | {fmt(f1)} | {fmt(b1)} | {fmt(fk)} | {fmt(bk)} | {ent[0]:.3f} ± {ent[1]:.3f} | "
                      f"{spark[0]:.4f} ± {spark[1]:.4f} |")
+    # Per seed: final pass@1 (pass@k) of every method, to show the seed-to-seed spread.
+    lines += ["", "| Method | " + " | ".join(f"seed {s_}" for s_ in seeds) + " |", "|---|" + "---|" * len(seeds)]
+    for m in METHODS:
+        cells = [f"{100 * e[-1]['pass@1']:.1f} ({100 * e[-1].get(f'pass@{k}', float('nan')):.1f})" for _, e in runs[m]]
+        lines.append(f"| {LABELS[m]} | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
 
     def curve(name, get, ylabel, source):
