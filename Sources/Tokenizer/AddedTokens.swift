@@ -16,6 +16,9 @@ struct AddedToken: Sendable {
         guard let id = json["id"] as? Int, let content = json["content"] as? String, !content.isEmpty else {
             throw TokenizerError.malformed(path: path, reason: "an added token lacks an id or content")
         }
+        guard id >= 0, id < 1 << 24 else {
+            throw TokenizerError.malformed(path: path, reason: "added token '\(content)' has id \(id), outside 0..<\(1 << 24)")
+        }
         self.id = Int32(id)
         self.content = content
         isSpecial = json["special"] as? Bool ?? false

@@ -34,9 +34,12 @@ final class BPE: @unchecked Sendable {
         }
         var vocab: [String: Int32] = [:]
         var maxId = -1
+        // Ids index an array: they must fit Int32 and be dense enough that a hostile file cannot
+        // make the id table huge (Hugging Face vocabularies are dense, 0..<count).
+        let idLimit = min(Int(Int32.max), 2 * vocabJSON.count + 65_536)
         for (token, idAny) in vocabJSON {
-            guard let id = idAny as? Int, id >= 0 else {
-                throw TokenizerError.malformed(path: path, reason: "vocab entry '\(token)' has no non-negative id")
+            guard let id = idAny as? Int, id >= 0, id < idLimit else {
+                throw TokenizerError.malformed(path: path, reason: "vocab entry '\(token)' needs an id in 0..<\(idLimit) (ids of a \(vocabJSON.count)-entry vocabulary)")
             }
             vocab[token] = Int32(id)
             maxId = max(maxId, id)

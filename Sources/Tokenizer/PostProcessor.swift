@@ -29,13 +29,17 @@ indirect enum PostProcessor: Sendable {
                         throw TokenizerError.unsupported(component: "post_processor.TemplateProcessing token \(name)",
                                                          hint: "missing from special_tokens")
                     }
+                    guard ids.allSatisfy({ $0 >= 0 && $0 < 1 << 24 }) else {
+                        throw TokenizerError.unsupported(component: "post_processor.TemplateProcessing", hint: "special token ids must be in 0..<\(1 << 24)")
+                    }
                     if seenSequence { after += ids.map(Int32.init) } else { before += ids.map(Int32.init) }
                 }
             }
             self = .template(before: before, after: after)
         case "BertProcessing", "RobertaProcessing":
             guard let cls = json["cls"] as? [Any], cls.count == 2, let clsId = cls[1] as? Int,
-                  let sep = json["sep"] as? [Any], sep.count == 2, let sepId = sep[1] as? Int else {
+                  let sep = json["sep"] as? [Any], sep.count == 2, let sepId = sep[1] as? Int,
+                  (0..<(1 << 24)).contains(clsId), (0..<(1 << 24)).contains(sepId) else {
                 throw TokenizerError.unsupported(component: "post_processor.\(type)", hint: "needs cls and sep")
             }
             self = .template(before: [Int32(clsId)], after: [Int32(sepId)])

@@ -43,6 +43,17 @@ final class ComponentTests: XCTestCase {
         expectUnsupported(["model": ["type": "BPE", "vocab": vocab, "merges": [], "byte_fallback": true] as [String: Any]],
                           naming: "byte_fallback")
         XCTAssertThrowsError(try Tokenizer(tokenizerJSON: Data("{".utf8)))
+        // Ids that would size an array or overflow Int32 are errors, not an out-of-memory or a
+        // trap (found by the tokenizer fuzzer: a vocab id of 10^12).
+        for id in [1_000_000_000_000, 3_000_000_000, -1] {
+            var v = vocab
+            v["ab"] = id
+            XCTAssertThrowsError(try make(["model": ["type": "BPE", "vocab": v, "merges": []] as [String: Any]]), "vocab id \(id)") { e in
+                guard case .malformed = e as? TokenizerError else { return XCTFail("\(e)") }
+            }
+            XCTAssertThrowsError(try make([:], added: [["id": id, "content": "<x>", "special": true]]), "added id \(id)")
+        }
+        XCTAssertThrowsError(try make(["post_processor": ["type": "BertProcessing", "cls": ["[CLS]", 5_000_000_000], "sep": ["[SEP]", 1]]]))
         XCTAssertThrowsError(try Tokenizer(directory: "/nonexistent")) { e in XCTAssertTrue("\(e)".contains("/nonexistent")) }
     }
 
