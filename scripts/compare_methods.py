@@ -18,15 +18,20 @@ LABELS = {"grpo": "GRPO", "grpo_entropy": "GRPO + entropy bonus", "clip_higher":
           "kl_cov": "KL-Cov", "lp_reg": "Lp-Reg"}
 
 
+def run_dir(method, seed, args):
+    suffix = f"-mb{args.mini_batches}" if args.mini_batches > 1 else ""
+    return os.path.join(ROOT, "runs", "compare", f"{method}-s{seed}{suffix}")
+
+
 def run(method, seed, args):
-    out = os.path.join(ROOT, "runs", "compare", f"{method}-s{seed}")
+    out = run_dir(method, seed, args)
     if os.path.exists(os.path.join(out, "summary.json")) and not args.force:
         return out
     cmd = [sys.executable, "-m", "ember.rl", "--start-server", "--model", os.path.join(ROOT, "models", "ember-default"),
            "--task", args.task, "--steps", str(args.steps), "--prompts", str(args.prompts), "--samples", str(args.samples),
            "--max-tokens", str(args.max_tokens), "--temperature", str(args.temperature), "--method", method, "--lr", str(args.lr), "--seed", str(seed),
            "--eval-every", str(args.eval_every), "--eval-size", str(args.eval_size), "--eval-k", str(args.eval_k),
-           "--out", out]
+           "--mini-batches", str(args.mini_batches), "--out", out]
     print(" ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=os.path.join(ROOT, "clients", "python"))
     return out
@@ -52,7 +57,7 @@ def report(args, seeds):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     os.makedirs(os.path.join(ROOT, "docs", "results"), exist_ok=True)
-    runs = {m: [load(os.path.join(ROOT, "runs", "compare", f"{m}-s{s}")) for s in seeds] for m in METHODS}
+    runs = {m: [load(run_dir(m, s, args)) for s in seeds] for m in METHODS}
     k = args.eval_k
     rows = []
     for m in METHODS:
@@ -90,7 +95,8 @@ def report(args, seeds):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(os.path.join(ROOT, "docs", "results", name + ".png"), dpi=100)
+        suffix = f"-mb{args.mini_batches}" if args.mini_batches > 1 else ""
+        fig.savefig(os.path.join(ROOT, "docs", "results", name + suffix + ".png"), dpi=100)
         plt.close(fig)
 
     curve("pass1", lambda e: e["pass@1"], "held-out pass@1 (greedy)", lambda r: r[1])
@@ -113,6 +119,8 @@ def main():
     ap.add_argument("--eval-every", type=int, default=20)
     ap.add_argument("--eval-size", type=int, default=500)
     ap.add_argument("--eval-k", type=int, default=8)
+    ap.add_argument("--mini-batches", type=int, default=1,
+                    help="optimizer steps per batch; > 1 writes runs/compare/METHOD-sSEED-mbN (and docs/results/*-mbN.png)")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--force", action="store_true")
     args = ap.parse_args()
@@ -123,7 +131,8 @@ def main():
                 run(m, seed, args)
     table = report(args, seeds)
     print(table)
-    with open(os.path.join(ROOT, "runs", "compare", "table.md"), "w") as f:
+    suffix = f"-mb{args.mini_batches}" if args.mini_batches > 1 else ""
+    with open(os.path.join(ROOT, "runs", "compare", f"table{suffix}.md"), "w") as f:
         f.write(table + "\n")
 
 

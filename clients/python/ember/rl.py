@@ -214,6 +214,8 @@ def parse_args(argv=None):
     ap.add_argument("--loss-options", default="{}", help="JSON merged into the loss options")
     ap.add_argument("--entropy-coef", type=float)
     ap.add_argument("--advantage", default="grpo", choices=["grpo", "dr_grpo", "rloo"])
+    ap.add_argument("--mini-batches", type=int, default=1,
+                    help="optimizer steps per sampled batch (> 1 reuses the batch, so the importance ratio leaves 1 and clipping acts)")
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--eval-every", type=int, default=10)
     ap.add_argument("--eval-size", type=int, default=200)
@@ -309,7 +311,8 @@ def main(argv=None) -> int:
                     sparks += any(w in s["text"] for w in task.spark_words)
                     refs.append({"rollout_id": s["rollout_id"], "reward": reward, "group": f"{step}-{i}"})
             t1 = time.time()
-            result = client.train_step(loss=loss, rollouts=refs, advantage_estimator=args.advantage)
+            result = client.train_step(loss=loss, rollouts=refs, advantage_estimator=args.advantage,
+                                       mini_batches=args.mini_batches if args.mini_batches > 1 else None)
             client.release_rollouts([r["rollout_id"] for r in refs])
             m = result["metrics"]
             rec = {"step": step, "task": name, "weights_version": result["weights_version"],

@@ -33,3 +33,15 @@ def test_rl_smoke_run_and_resume(server, tmp_path, capsys):
     metrics = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
     assert metrics[3]["weights_version"] > metrics[2]["weights_version"]
+
+
+def test_mini_batches_take_one_optimizer_step_each(server, tmp_path):
+    out = str(tmp_path / "mb")
+    from ember import Client
+    v0 = Client(server.url).info()["weights_version"]
+    args = ["--server", server.url, "--task", "arithmetic", "--steps", "2", "--prompts", "4", "--samples", "2",
+            "--max-tokens", "8", "--eval-every", "10", "--eval-size", "4", "--eval-k", "1", "--probes", "2", "--out", out,
+            "--method", "clip_higher", "--mini-batches", "2"]
+    assert rl.main(args) == 0
+    metrics = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
+    assert [m["weights_version"] for m in metrics] == [v0 + 2, v0 + 4], "two optimizer steps per batch"
