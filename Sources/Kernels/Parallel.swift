@@ -1,5 +1,6 @@
 import Dispatch
 import Foundation
+import Synchronization
 import COpenBLAS
 
 /// Process-wide compute settings: how many threads kernels and BLAS may use.
@@ -33,9 +34,13 @@ public enum Compute {
         return p
     }
 
+    /// Scopes open in any pool: outside decode steps a parallel region pays one atomic load here,
+    /// not the lock below.
+    private static let openScopes = Atomic<Int>(0)
+
     /// The pool whose scope is open, if any.
     static var spinningPool: SpinPool? {
-        guard threadCount > 1 else { return nil }
+        guard threadCount > 1, openScopes.load(ordering: .relaxed) > 0 else { return nil }
         poolLock.lock(); defer { poolLock.unlock() }
         if let p = pools[threadCount], p.isSpinning { return p }
         return nil
@@ -45,9 +50,10 @@ public enum Compute {
     /// many short regions). Outside such a scope regions go through libdispatch.
     public static func spinning<T>(_ body: () throws -> T) rethrows -> T {
         guard spinEnabled, let p = pool() else { return try body() }
+        openScopes.add(1, ordering: .relaxed)
         p.enter()
         p.wake()
-        defer { p.leave() }
+        defer { p.leave(); openScopes.subtract(1, ordering: .relaxed) }
         return try body()
     }
 }

@@ -23,7 +23,7 @@ final class SpinPool: @unchecked Sendable {
 
     init(extra: Int) {
         self.extra = extra
-        for w in 1...max(1, extra) where extra > 0 {
+        for w in stride(from: 1, through: extra, by: 1) {
             let t = Thread { [unowned self] in self.work(w) }
             t.stackSize = 1 << 20
             t.start()

@@ -227,9 +227,12 @@ public final class HTTPServer: @unchecked Sendable {
         uv_run(loop, UV_RUN_DEFAULT)
         // Handles still closing (uv_close callbacks pending) need one more turn before the loop
         // can be closed and its memory freed.
-        var turns = 0
-        while uv_loop_close(loop) == UV_EBUSY.rawValue && turns < 100 { uv_run(loop, UV_RUN_NOWAIT); turns += 1 }
-        loopClosed = turns < 100
+        var rc = uv_loop_close(loop), turns = 0
+        while rc == UV_EBUSY.rawValue && turns < 100 {
+            uv_run(loop, UV_RUN_NOWAIT)
+            rc = uv_loop_close(loop); turns += 1
+        }
+        loopClosed = rc == 0
     }
 
     /// False while a handle is still open in the loop (then its memory is not freed).
