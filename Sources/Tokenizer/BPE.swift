@@ -1,7 +1,9 @@
 // tokenizer.json `model` of type BPE: vocabulary, ranked merges ("a b" strings or ["a", "b"]
 // pairs), `ignore_merges` (Llama 3: a word already in the vocabulary is one token). A word is
 // split into characters and the lowest-ranked adjacent pair (leftmost on ties) is merged until
-// none remains, as the Rust implementation's merge heap does. Results are cached per word.
+// none remains, as the Rust implementation does: a min-heap of candidate pairs over a linked
+// list of symbols, so a word of n characters costs O(n log n), not O(n^2) (a one-word 1 MB
+// prompt stays cheap). Results are cached per word.
 import Foundation
 
 final class BPE: @unchecked Sendable {
@@ -12,6 +14,8 @@ final class BPE: @unchecked Sendable {
     let ignoreMerges: Bool
     private var cache: [String: [Int32]] = [:]
     private let lock = NSLock()
+    /// Longer words are not cached, so the cache's memory stays bounded (as Hugging Face's).
+    static let longestCachedWord = 256
 
     struct PairKey: Hashable {
         let a: Int32, b: Int32
@@ -85,19 +89,92 @@ final class BPE: @unchecked Sendable {
             guard let id = vocab[String(s)] else { throw TokenizerError.unknownToken(String(s)) }
             symbols.append(id)
         }
-        while symbols.count > 1 {
-            var best = Int32.max, at = -1
-            for i in 0..<(symbols.count - 1) {
-                if let r = ranks[PairKey(a: symbols[i], b: symbols[i + 1])], r < best { best = r; at = i }
-            }
-            if at < 0 { break }
-            symbols[at] = merged[PairKey(a: symbols[at], b: symbols[at + 1])]!
-            symbols.remove(at: at + 1)
+        symbols = merge(symbols)
+        if word.utf8.count <= Self.longestCachedWord {
+            lock.lock()
+            if cache.count > 200_000 { cache.removeAll(keepingCapacity: true) }
+            cache[word] = symbols
+            lock.unlock()
         }
-        lock.lock()
-        if cache.count > 200_000 { cache.removeAll(keepingCapacity: true) }
-        cache[word] = symbols
-        lock.unlock()
         out.append(contentsOf: symbols)
+    }
+
+    /// Applies merges to `symbols` until no adjacent pair has a rank. Heap entries pack
+    /// (rank, position) into one UInt64, so the smallest is the lowest rank, leftmost on ties;
+    /// an entry whose left symbol was absorbed or whose pair has changed since is skipped.
+    func merge(_ symbols: [Int32]) -> [Int32] {
+        let n = symbols.count
+        if n < 2 { return symbols }
+        var id = symbols
+        var next = [Int32](unsafeUninitializedCapacity: n) { buf, count in
+            for i in 0..<n { buf[i] = Int32(i + 1) }
+            buf[n - 1] = -1
+            count = n
+        }
+        var prev = [Int32](unsafeUninitializedCapacity: n) { buf, count in
+            for i in 0..<n { buf[i] = Int32(i - 1) }
+            count = n
+        }
+        var alive = [Bool](repeating: true, count: n)
+        var heap = MinHeap()
+        func push(_ left: Int32) {
+            let right = next[Int(left)]
+            guard right >= 0, let r = ranks[PairKey(a: id[Int(left)], b: id[Int(right)])] else { return }
+            heap.push(UInt64(UInt32(r)) << 32 | UInt64(UInt32(left)))
+        }
+        for i in 0..<(n - 1) { push(Int32(i)) }
+        while let top = heap.pop() {
+            let rank = Int32(truncatingIfNeeded: top >> 32), pos = Int(UInt32(truncatingIfNeeded: top))
+            guard alive[pos] else { continue }
+            let right = Int(next[pos])
+            guard right >= 0 else { continue }
+            let key = PairKey(a: id[pos], b: id[right])
+            guard ranks[key] == rank else { continue }
+            id[pos] = merged[key]!
+            alive[right] = false
+            let after = next[right]
+            next[pos] = after
+            if after >= 0 { prev[Int(after)] = Int32(pos) }
+            if prev[pos] >= 0 { push(prev[pos]) }
+            push(Int32(pos))
+        }
+        var out: [Int32] = []
+        var i: Int32 = 0
+        while i >= 0 { out.append(id[Int(i)]); i = next[Int(i)] }
+        return out
+    }
+}
+
+/// A binary min-heap of UInt64.
+struct MinHeap {
+    private var items: [UInt64] = []
+
+    mutating func push(_ x: UInt64) {
+        items.append(x)
+        var i = items.count - 1
+        while i > 0 {
+            let parent = (i - 1) / 2
+            if items[parent] <= items[i] { break }
+            items.swapAt(parent, i)
+            i = parent
+        }
+    }
+
+    mutating func pop() -> UInt64? {
+        guard let last = items.popLast() else { return nil }
+        guard !items.isEmpty else { return last }
+        let top = items[0]
+        items[0] = last
+        var i = 0
+        while true {
+            let l = 2 * i + 1, r = l + 1
+            var m = i
+            if l < items.count && items[l] < items[m] { m = l }
+            if r < items.count && items[r] < items[m] { m = r }
+            if m == i { break }
+            items.swapAt(m, i)
+            i = m
+        }
+        return top
     }
 }

@@ -68,6 +68,46 @@ final class ComponentTests: XCTestCase {
         XCTAssertEqual(try seq.decode(try seq.encode("AB", addSpecialTokens: false)), "xab")
     }
 
+    /// The heap-based merge against the definition (repeatedly merge the lowest-ranked adjacent
+    /// pair, leftmost on ties) on random merge tables over a 3-letter alphabet, where chains,
+    /// overlaps ("aaa") and ties are frequent; and a one-word 300,000-character text.
+    func testMergesFollowTheDefinitionOnLongWords() throws {
+        var rng = SeededRandom(seed: 7)
+        for trial in 0..<40 {
+            var tokens = ["a", "b", "c"]
+            var merges: [(String, String)] = []
+            var seen = Set<String>()
+            while merges.count < 12 {
+                let l = tokens[Int(rng.next() % UInt64(tokens.count))], r = tokens[Int(rng.next() % UInt64(tokens.count))]
+                guard (l + r).count <= 6, seen.insert(l + " " + r).inserted else { continue }
+                merges.append((l, r))
+                if !tokens.contains(l + r) { tokens.append(l + r) }
+            }
+            var vocab: [String: Int] = [:]
+            for (i, s) in ByteLevel.byteToScalar.enumerated() { vocab[String(s)] = i }
+            for t in tokens where vocab[t] == nil { vocab[t] = vocab.count }
+            let t = try make(["pre_tokenizer": ["type": "ByteLevel", "add_prefix_space": false, "use_regex": false],
+                              "model": ["type": "BPE", "vocab": vocab, "merges": merges.map { "\($0.0) \($0.1)" }] as [String: Any]])
+            for _ in 0..<5 {
+                let word = String((0..<(1 + Int(rng.next() % 200))).map { _ in "abc".randomElement(using: &rng)! })
+                var pieces = word.map { String($0) }
+                while true {
+                    var best = Int.max, at = -1
+                    for i in 0..<max(0, pieces.count - 1) {
+                        if let r = merges.firstIndex(where: { $0 == (pieces[i], pieces[i + 1]) }), r < best { best = r; at = i }
+                    }
+                    if at < 0 { break }
+                    pieces[at] += pieces[at + 1]
+                    pieces.remove(at: at + 1)
+                }
+                XCTAssertEqual(try t.encode(word, addSpecialTokens: false), pieces.map { Int32(vocab[$0]!) }, "trial \(trial): \(word)")
+            }
+        }
+        let t = try make(["pre_tokenizer": ["type": "ByteLevel", "add_prefix_space": false, "use_regex": false]])
+        let long = String(repeating: "ab", count: 150_000)
+        XCTAssertEqual(try t.encode(long, addSpecialTokens: false), [Int32](repeating: 256, count: 150_000))
+    }
+
     func testAddedTokenOptions() throws {
         let added: [[String: Any]] = [
             ["id": 300, "content": "<s>", "special": true, "normalized": false],
