@@ -32,40 +32,135 @@ public struct AttentionShape: Sendable {
 
 /// out[T, NH·HS] = softmax(q·Kᵀ·scale)·V per row and head; lse[T, NH] saved when given.
 /// q row t starts at q + t·qStride (heads at h·HS); `span(t)` gives row t's keys/values;
-/// `maxKeys` bounds every span's count.
+/// `maxKeys` bounds every span's count. The query heads that share a KV head are processed two
+/// at a time, so each key and value row is read once per pair; every element's chain is the
+/// one `scoreRow` and `weightedSum` compute for a single head.
 public func attentionForward(_ out: UnsafeMutablePointer<Float>, _ lse: UnsafeMutablePointer<Float>?,
                              q: UnsafePointer<Float>, qStride: Int, rows: Int, shape: AttentionShape,
                              maxKeys: Int, span: (Int) -> KeyValueSpan) {
-    let NH = shape.heads, HS = shape.headSize, group = NH / shape.kvHeads
-    let work = rows * NH
+    let NH = shape.heads, NKV = shape.kvHeads, HS = shape.headSize, group = NH / NKV
+    let work = rows * NKV
     let workers = max(1, min(Compute.threads, work))
     let stride = max(8, (maxKeys + 7) & ~7)
-    let scratch = UnsafeMutablePointer<Float>.allocate(capacity: workers * stride)
+    let scratch = UnsafeMutablePointer<Float>.allocate(capacity: workers * 2 * stride)
     defer { scratch.deallocate() }
     // Items per thread worth a wake-up: about 64k multiply-adds.
-    let minItems = max(1, 65536 / max(1, maxKeys * HS * 2))
+    let minItems = max(1, 65536 / max(1, maxKeys * HS * 2 * group))
     parallelRanges(work, minPerThread: minItems) { w, lo, hi in
-        let scores = scratch + w * stride
+        let scores = scratch + w * 2 * stride, scores2 = scores + stride
         var lastRow = -1
         var s = KeyValueSpan(keys: q, values: q, rowStride: 0, count: 0)
         for item in lo..<hi {
-            let t = item / NH, h = item % NH
+            let t = item / NKV, g = item % NKV
             if t != lastRow { s = span(t); lastRow = t }
-            let qh = q + t * qStride + h * HS
-            let kvOff = (h / group) * HS
-            let o = out + t * NH * HS + h * HS
-            if s.count == 0 {
-                o.update(repeating: 0, count: HS)
-                lse?[t * NH + h] = -.infinity
-                continue
+            let kvOff = g * HS
+            var h = g * group
+            while h < (g + 1) * group {
+                let pair = h + 1 < (g + 1) * group
+                let qh = q + t * qStride + h * HS
+                let o = out + t * NH * HS + h * HS
+                if s.count == 0 {
+                    o.update(repeating: 0, count: (pair ? 2 : 1) * HS)
+                    lse?[t * NH + h] = -.infinity
+                    if pair { lse?[t * NH + h + 1] = -.infinity }
+                } else if pair {
+                    scoreRowPair(scores, scores2, qh, qh + HS, s.keys + kvOff, rowStride: s.rowStride, count: s.count,
+                                 headSize: HS, scale: shape.scale)
+                    let m = maxElement(scores, s.count), m2 = maxElement(scores2, s.count)
+                    let sum = expShiftSum(scores, scores, s.count, shift: m)
+                    let sum2 = expShiftSum(scores2, scores2, s.count, shift: m2)
+                    weightedSumPair(o, o + HS, scores, scores2, s.values + kvOff, rowStride: s.rowStride, count: s.count,
+                                    headSize: HS, scale: 1 / sum, 1 / sum2)
+                    lse?[t * NH + h] = m + logf(sum)
+                    lse?[t * NH + h + 1] = m2 + logf(sum2)
+                } else {
+                    scoreRow(scores, qh, s.keys + kvOff, rowStride: s.rowStride, count: s.count, headSize: HS, scale: shape.scale)
+                    let m = maxElement(scores, s.count)
+                    let sum = expShiftSum(scores, scores, s.count, shift: m)
+                    weightedSum(o, scores, s.values + kvOff, rowStride: s.rowStride, count: s.count, headSize: HS,
+                                scale: 1 / sum)
+                    lse?[t * NH + h] = m + logf(sum)
+                }
+                h += pair ? 2 : 1
             }
-            scoreRow(scores, qh, s.keys + kvOff, rowStride: s.rowStride, count: s.count, headSize: HS, scale: shape.scale)
-            let m = maxElement(scores, s.count)
-            let sum = expShiftSum(scores, scores, s.count, shift: m)
-            weightedSum(o, scores, s.values + kvOff, rowStride: s.rowStride, count: s.count, headSize: HS,
-                        scale: 1 / sum)
-            lse?[t * NH + h] = m + logf(sum)
         }
+    }
+}
+
+/// `scoreRow` for two query heads against the same keys: each score is the same chain.
+@inline(__always)
+func scoreRowPair(_ scores: UnsafeMutablePointer<Float>, _ scores2: UnsafeMutablePointer<Float>,
+                  _ q: UnsafePointer<Float>, _ q2: UnsafePointer<Float>, _ keys: UnsafePointer<Float>,
+                  rowStride: Int, count: Int, headSize HS: Int, scale: Float) {
+    guard HS % 8 == 0 else {
+        scoreRow(scores, q, keys, rowStride: rowStride, count: count, headSize: HS, scale: scale)
+        scoreRow(scores2, q2, keys, rowStride: rowStride, count: count, headSize: HS, scale: scale)
+        return
+    }
+    var j = 0
+    while j + 4 <= count {
+        let k0 = keys + j * rowStride, k1 = k0 + rowStride, k2 = k1 + rowStride, k3 = k2 + rowStride
+        var a0 = SIMD8<Float>(), a1 = SIMD8<Float>(), a2 = SIMD8<Float>(), a3 = SIMD8<Float>()
+        var b0 = SIMD8<Float>(), b1 = SIMD8<Float>(), b2 = SIMD8<Float>(), b3 = SIMD8<Float>()
+        var d = 0
+        while d < HS {
+            let qv = UnsafeRawPointer(q + d).loadUnaligned(as: SIMD8<Float>.self)
+            let qv2 = UnsafeRawPointer(q2 + d).loadUnaligned(as: SIMD8<Float>.self)
+            let v0 = UnsafeRawPointer(k0 + d).loadUnaligned(as: SIMD8<Float>.self)
+            let v1 = UnsafeRawPointer(k1 + d).loadUnaligned(as: SIMD8<Float>.self)
+            a0.addProduct(qv, v0); b0.addProduct(qv2, v0)
+            a1.addProduct(qv, v1); b1.addProduct(qv2, v1)
+            let v2 = UnsafeRawPointer(k2 + d).loadUnaligned(as: SIMD8<Float>.self)
+            let v3 = UnsafeRawPointer(k3 + d).loadUnaligned(as: SIMD8<Float>.self)
+            a2.addProduct(qv, v2); b2.addProduct(qv2, v2)
+            a3.addProduct(qv, v3); b3.addProduct(qv2, v3)
+            d += 8
+        }
+        scores[j] = a0.sum() * scale; scores[j + 1] = a1.sum() * scale
+        scores[j + 2] = a2.sum() * scale; scores[j + 3] = a3.sum() * scale
+        scores2[j] = b0.sum() * scale; scores2[j + 1] = b1.sum() * scale
+        scores2[j + 2] = b2.sum() * scale; scores2[j + 3] = b3.sum() * scale
+        j += 4
+    }
+    while j < count {
+        scores[j] = dot(q, keys + j * rowStride, HS) * scale
+        scores2[j] = dot(q2, keys + j * rowStride, HS) * scale
+        j += 1
+    }
+}
+
+/// `weightedSum` for two heads' weights over the same values: each element is the same chain.
+@inline(__always)
+func weightedSumPair(_ o: UnsafeMutablePointer<Float>, _ o2: UnsafeMutablePointer<Float>,
+                     _ w: UnsafePointer<Float>, _ w2: UnsafePointer<Float>, _ values: UnsafePointer<Float>,
+                     rowStride: Int, count: Int, headSize HS: Int, scale: Float, _ scale2: Float) {
+    guard HS % 32 == 0 else {
+        weightedSum(o, w, values, rowStride: rowStride, count: count, headSize: HS, scale: scale)
+        weightedSum(o2, w2, values, rowStride: rowStride, count: count, headSize: HS, scale: scale2)
+        return
+    }
+    var d = 0
+    while d < HS {
+        var a0 = SIMD8<Float>(), a1 = SIMD8<Float>(), a2 = SIMD8<Float>(), a3 = SIMD8<Float>()
+        var b0 = SIMD8<Float>(), b1 = SIMD8<Float>(), b2 = SIMD8<Float>(), b3 = SIMD8<Float>()
+        for j in 0..<count {
+            let v = values + j * rowStride + d
+            let p = SIMD8<Float>(repeating: w[j]), p2 = SIMD8<Float>(repeating: w2[j])
+            let v0 = UnsafeRawPointer(v).loadUnaligned(as: SIMD8<Float>.self)
+            let v1 = UnsafeRawPointer(v + 8).loadUnaligned(as: SIMD8<Float>.self)
+            a0.addProduct(p, v0); b0.addProduct(p2, v0)
+            a1.addProduct(p, v1); b1.addProduct(p2, v1)
+            let v2 = UnsafeRawPointer(v + 16).loadUnaligned(as: SIMD8<Float>.self)
+            let v3 = UnsafeRawPointer(v + 24).loadUnaligned(as: SIMD8<Float>.self)
+            a2.addProduct(p, v2); b2.addProduct(p2, v2)
+            a3.addProduct(p, v3); b3.addProduct(p2, v3)
+        }
+        let sc = SIMD8<Float>(repeating: scale), sc2 = SIMD8<Float>(repeating: scale2)
+        store8(o + d, a0 * sc, 8); store8(o + d + 8, a1 * sc, 8)
+        store8(o + d + 16, a2 * sc, 8); store8(o + d + 24, a3 * sc, 8)
+        store8(o2 + d, b0 * sc2, 8); store8(o2 + d + 8, b1 * sc2, 8)
+        store8(o2 + d + 16, b2 * sc2, 8); store8(o2 + d + 24, b3 * sc2, 8)
+        d += 32
     }
 }
 

@@ -94,7 +94,11 @@ public func project(_ y: UnsafeMutablePointer<Float>, _ x: UnsafePointer<Float>,
     // A thread wake-up pays off above ~1M multiply-adds, or when the weights alone are large
     // enough that reading them (decoding) takes longer than the wake-up.
     let threads = (m * n * k < (1 << 20) && n * k < (1 << 16)) ? 1 : Compute.threads
-    let workers = max(1, min(threads, splitRows ? (m + rowBlock - 1) / rowBlock : groups))
+    // With packed weights a small M splits by panels instead of column groups, so that a
+    // 256-column projection (one group) still keeps every thread busy.
+    let panelCount = (n + panelWidth - 1) / panelWidth
+    let splitPanels = !splitRows && packed != nil && groups < threads
+    let workers = max(1, min(threads, splitRows ? (m + rowBlock - 1) / rowBlock : splitPanels ? panelCount : groups))
     let scratch = packed == nil ? UnsafeMutablePointer<Float>.allocate(capacity: workers * columnGroup * k) : nil
     defer { scratch?.deallocate() }
 
@@ -128,8 +132,29 @@ public func project(_ y: UnsafeMutablePointer<Float>, _ x: UnsafePointer<Float>,
         }
     }
 
+    /// Panels p0..<p1 (of the packed matrix) for every row.
+    func runPanels(_ p0: Int, _ p1: Int) {
+        let panels = UnsafePointer(packed!.panels)
+        var b0 = 0
+        while b0 < m {
+            let b1 = min(m, b0 + rowBlock)
+            for p in p0..<p1 {
+                let j = p * panelWidth, cols = min(panelWidth, n - j)
+                var r = b0
+                while r < b1 {
+                    microTile(x + r * k, rows: min(6, b1 - r), panels + p * k * panelWidth, k: k,
+                              y + r * n + j, ldc: n, cols: cols)
+                    r += 6
+                }
+            }
+            b0 = b1
+        }
+    }
+
     if workers == 1 {
         for g in 0..<groups { run(group: g, rows: 0, m, worker: 0) }
+    } else if splitPanels {
+        parallelRanges(panelCount) { _, lo, hi in runPanels(lo, hi) }
     } else if splitRows {
         let blocks = (m + rowBlock - 1) / rowBlock
         parallelRanges(blocks, minPerThread: 1) { worker, lo, hi in
