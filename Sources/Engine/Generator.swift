@@ -95,6 +95,9 @@ public final class Generator: @unchecked Sendable {
     /// Most sequences (prompts × n) allowed to wait for a KV slot; a request beyond it is
     /// refused as `overloaded` instead of queueing without bound.
     public var maxQueuedSequences = Int.max
+    /// Logits per thread below which a step's rows are sampled on one thread (a row's draw,
+    /// statistics and stop checks are the same whichever thread runs them).
+    public var parallelSamplingMinLogits = 16_384
 
     private var freeSlots: [Int]
     private var waiting: [PromptGroup] = []
@@ -264,21 +267,28 @@ public final class Generator: @unchecked Sendable {
         var finished: [Running] = []
         var admitted: [Running] = []
         model.withLogitChunks(hidden: acts.hidden.pointer, rows: rows, chunkRows: model.defaultChunkRows()) { range, logits in
-            for (i, r) in range.enumerated() {
+            // Rows are independent (each sample owns its random stream, its statistics and its
+            // cache slot), so they are drawn in parallel; a row's result does not depend on the split.
+            parallelFor(range.count, minPerThread: max(1, parallelSamplingMinLogits / V)) { i in
                 let row = logits + i * V
-                switch rowOwners[r] {
+                switch rowOwners[range.lowerBound + i] {
                 case let .prefill(members, source):
                     for m in members where m.slot != source {
                         cache.copyPrefix(from: source, to: m.slot, count: m.group.prompt.count)
                     }
                     let dist = RowDistribution(scaling: row, count: V, temperature: members[0].group.params.temperature)
+                    for m in members { m.accept(dist) }
+                case let .decode(m):
+                    m.accept(RowDistribution(scaling: row, count: V, temperature: m.group.params.temperature))
+                }
+            }
+            for r in range {
+                switch rowOwners[r] {
+                case let .prefill(members, _):
                     for m in members {
-                        m.accept(dist)
                         if m.finish != nil { finished.append(m) } else { admitted.append(m) }
                     }
                 case let .decode(m):
-                    let dist = RowDistribution(scaling: row, count: V, temperature: m.group.params.temperature)
-                    m.accept(dist)
                     if m.finish != nil { finished.append(m) }
                 }
             }

@@ -135,7 +135,8 @@ final class SamplingTests: XCTestCase {
     }
 
     /// A seeded request alone on one thread, then again with other requests around it (one of
-    /// them arriving mid-generation) on two threads: identical tokens and identical log-probs.
+    /// them arriving mid-generation) on two threads, rows sampled in parallel: identical tokens
+    /// and identical log-probs.
     func testSeededSamplingIgnoresBatchMatesAndThreads() throws {
         var params = SamplingParams()
         params.temperature = 0.9
@@ -152,6 +153,7 @@ final class SamplingTests: XCTestCase {
 
         Compute.setThreads(2)
         let gen = Generator(model: try model(), tokenizer: nil, slots: 8, capacity: 40)
+        gen.parallelSamplingMinLogits = 1
         var other = params
         other.seed = 7
         other.temperature = 1.2
