@@ -50,29 +50,48 @@ def engine(quick):
         json.dump({"machine": machine(), "sgemm": sg, "runs": rows}, f, indent=1)
 
 
-def sampling(quick):
+def sampling(quick, repeat=1):
     """Decode tok/s at batch 1, 8, 32, 64 (greedy, 16-token prompts) against Hugging Face
     generate, and scoring tok/s against a PyTorch forward + log-softmax, same shapes. Decode is
     also run with EMBER_DECODE_SPIN=0 (every parallel region through libdispatch) to show what
-    the spinning worker pool of decode steps brings."""
-    print(f"\n{'shape':6} {'metric':18} {'ember':>10} {'pytorch':>10} {'ratio':>7}  {'no-spin':>8} {'ratio':>7}")
+    the spinning worker pool of decode steps brings. With --repeat N every measurement is taken
+    N times, interleaved (Ember, PyTorch, no-spin, Ember, ...), and the medians are printed with
+    the median of the N per-round ratios and their range: this machine is shared and noisy."""
+    def median(xs):
+        xs = sorted(xs)
+        return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
+
+    def line(shape, metric, e, t, n=None):
+        ratios = [a / b for a, b in zip(e, t)]
+        spread = f"  [{min(ratios):.2f}-{max(ratios):.2f}]" if len(ratios) > 1 else ""
+        text = f"{shape:6} {metric:18} {median(e):10.1f} {median(t):10.1f} {median(ratios):6.2f}x"
+        if n is not None:
+            text += f"  {median(n):8.1f} {median([a / b for a, b in zip(n, t)]):6.2f}x"
+        print(text + spread)
+
+    print(f"\n{'shape':6} {'metric':18} {'ember':>10} {'pytorch':>10} {'ratio':>7}  {'no-spin':>8} {'ratio':>7}"
+          + ("  [ratio range]" if repeat > 1 else ""))
     rows = []
     for shape in (["tiny"] if quick else ["tiny", "0.5b"]):
         new = "128" if shape == "tiny" else "32"
         for b in ["1", "8", "32", "64"]:
-            e = run([EMBER, "generate", "--shape", shape, "--batch", b, "--new", new])[0]
-            t = run(TORCH + ["generate", "--shape", shape, "--batch", b, "--new", new])[0]
-            n = run([EMBER, "generate", "--shape", shape, "--batch", b, "--new", new], env={"EMBER_DECODE_SPIN": "0"})[0]
-            print(f"{shape:6} {'decode b=' + b + ' tok/s':18} {e['decode_tok_s']:10.1f} {t['decode_tok_s']:10.1f} "
-                  f"{e['decode_tok_s'] / t['decode_tok_s']:6.2f}x  {n['decode_tok_s']:8.1f} {n['decode_tok_s'] / t['decode_tok_s']:6.2f}x")
-            rows.append({"ember": e, "pytorch": t, "ember_no_spin": n})
-        e = run([EMBER, "score", "--shape", shape])[0]
-        t = run(TORCH + ["score", "--shape", shape])[0]
-        print(f"{shape:6} {'scoring tok/s':18} {e['score_tok_s']:10.1f} {t['score_tok_s']:10.1f} "
-              f"{e['score_tok_s'] / t['score_tok_s']:6.2f}x")
-        rows.append({"ember": e, "pytorch": t})
+            es, ts, ns = [], [], []
+            for _ in range(repeat):
+                e = run([EMBER, "generate", "--shape", shape, "--batch", b, "--new", new])[0]
+                t = run(TORCH + ["generate", "--shape", shape, "--batch", b, "--new", new])[0]
+                n = run([EMBER, "generate", "--shape", shape, "--batch", b, "--new", new], env={"EMBER_DECODE_SPIN": "0"})[0]
+                es.append(e["decode_tok_s"]); ts.append(t["decode_tok_s"]); ns.append(n["decode_tok_s"])
+                rows.append({"ember": e, "pytorch": t, "ember_no_spin": n})
+            line(shape, f"decode b={b} tok/s", es, ts, ns)
+        es, ts = [], []
+        for _ in range(repeat):
+            e = run([EMBER, "score", "--shape", shape])[0]
+            t = run(TORCH + ["score", "--shape", shape])[0]
+            es.append(e["score_tok_s"]); ts.append(t["score_tok_s"])
+            rows.append({"ember": e, "pytorch": t})
+        line(shape, "scoring tok/s", es, ts)
     with open(os.path.join(ROOT, "bench", "out", "sampling.json"), "w") as f:
-        json.dump({"machine": machine(), "runs": rows}, f, indent=1)
+        json.dump({"machine": machine(), "repeat": repeat, "runs": rows}, f, indent=1)
 
 
 def train(quick):
@@ -158,11 +177,12 @@ def tokenizer():
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    what = [a for a in args if not a.startswith("--")] or ["engine", "tokenizer", "sampling", "train", "json", "server"]
+    what = [a for i, a in enumerate(args) if not a.startswith("--") and (i == 0 or args[i - 1] != "--repeat")] or ["engine", "tokenizer", "sampling", "train", "json", "server"]
     if "engine" in what:
         engine("--quick" in args)
     if "sampling" in what:
-        sampling("--quick" in args)
+        repeat = int(args[args.index("--repeat") + 1]) if "--repeat" in args else 1
+        sampling("--quick" in args, repeat)
     if "tokenizer" in what:
         tokenizer()
     if "train" in what:
