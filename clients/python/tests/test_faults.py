@@ -211,8 +211,11 @@ def test_kv_cache_beyond_the_machine_is_refused_at_start(model_dir):
 
 
 def test_disconnect_mid_generation_frees_the_kv_cache(model_dir):
+    # ignore_eos: a sample that drew EOS early would finish (and free its slot) before the
+    # polling below saw it, on a loaded machine.
     server = RunningServer(model_dir, ["--slots", "4"])
-    socks = [send_raw(server.url, "generate", {"prompts": ["abc"], "n": 2, "max_tokens": 240, "temperature": 1.0}, rpc_id=i)
+    socks = [send_raw(server.url, "generate", {"prompts": ["abc"], "n": 2, "max_tokens": 240, "temperature": 1.0,
+                                                 "ignore_eos": True}, rpc_id=i)
              for i in range(2)]
     deadline = time.time() + 10
     while metric(server.url, "ember_sequences_running") < 4 and time.time() < deadline:
