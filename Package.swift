@@ -45,7 +45,7 @@ let package = Package(
                 swiftSettings: fastMath),
 
         // MARK: - Executables
-        .executableTarget(name: "ember-server", dependencies: ["Server", "RPC", "Models", "Kernels", "Tokenizer",
+        .executableTarget(name: "ember-server", dependencies: ["Server", "RPC", "Models", "Kernels", "Tokenizer", "Weights",
                                                           .product(name: "ArgumentParser", package: "swift-argument-parser"),
                                                           .product(name: "Logging", package: "swift-log")],
                           swiftSettings: fastMath),
@@ -60,7 +60,7 @@ let package = Package(
         .testTarget(name: "ModelsTests", dependencies: ["Models", "Engine", "TestSupport"]),
         .testTarget(name: "TokenizerTests", dependencies: ["Tokenizer", "TestSupport"]),
         .testTarget(name: "ServerTests", dependencies: ["Server", "RPC", "Engine", "Models", "Tokenizer", "Kernels", "TestSupport"]),
-        .testTarget(name: "RPCTests", dependencies: ["RPC", "Engine", "Models", "Tokenizer", "TestSupport"]),
+        .testTarget(name: "RPCTests", dependencies: ["RPC", "Engine", "Models", "Tokenizer", "Weights", "TestSupport"]),
         .testTarget(name: "EngineTests", dependencies: ["Engine", "Models", "Tokenizer", "TestSupport"]),
     ]
 )

@@ -1,7 +1,16 @@
-"""Writes Protocol/openrpc.json (OpenRPC 1.3) from the tables below, so that the shared schemas
-(token lists, per-token arrays, errors) are written once. Run: python3 scripts/make_openrpc.py"""
+"""Writes Protocol/openrpc.json (OpenRPC 1.3) and clients/python/ember/protocol.py.
+
+The server's own tables are the source: `ember-server --protocol` prints every method with its
+traits (scheduling, mutates, retry_safe, large_bodies), every error kind with its code, message and
+HTTP status, the loss options' defaults and the version. This script adds what only a document
+needs (summaries, parameter schemas, examples) and refuses to run when its method list and the
+server's differ. Tests compare the outputs with the server's tables, so a method added on one
+side only fails the suite.
+Run: swift build -c release --product ember-server && python3 scripts/make_openrpc.py"""
 import json
 import os
+import subprocess
+import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -57,23 +66,23 @@ schemas = {
              "description": "Loss mode and options (../shared/docs/lp-reg.md states every loss exactly). Defaults follow the paper's recipe.",
              "properties": {
                  "mode": {"enum": ["lp_reg", "ppo", "gspo", "clip_cov", "kl_cov", "high_entropy", "cispo", "cross_entropy"]},
-                 "eps_low": {"type": "number", "minimum": 0, "description": "ppo 0.2, lp_reg 1.0, gspo 3e-4, cispo 1.0"},
-                 "eps_high": {"type": "number", "minimum": 0, "description": "ppo 0.2 (Clip-Higher raises it), lp_reg 9.0, gspo 4e-4, cispo 0.2"},
+                 "eps_low": {"type": "number", "minimum": 0, "description": "Lower clip range: the ratio is clipped below at 1 - eps_low."},
+                 "eps_high": {"type": "number", "minimum": 0, "description": "Upper clip range (Clip-Higher raises it)."},
                  "dual_clip": {"type": "number", "minimum": 1, "description": "Dual-clip constant c (off when absent)."},
-                 "min_p": {"type": "number", "minimum": 0, "maximum": 1, "description": "lp_reg proxy kappa (0.02)."},
+                 "min_p": {"type": "number", "minimum": 0, "maximum": 1, "description": "lp_reg proxy kappa."},
                  "threshold": {"type": "number", "minimum": 0, "maximum": 1, "description": "lp_reg fixed proxy threshold instead of min_p."},
-                 "rho": {"type": "number", "minimum": 0, "maximum": 1, "description": "lp_reg: fraction of negative-advantage tokens regularised (0.01)."},
-                 "rho_pos": {"type": "number", "minimum": 0, "maximum": 1, "description": "lp_reg: same for positive-advantage tokens (0)."},
-                 "beta": {"type": "number", "description": "lp_reg KL coefficient (1.0)."},
+                 "rho": {"type": "number", "minimum": 0, "maximum": 1, "description": "lp_reg: fraction of negative-advantage tokens regularised."},
+                 "rho_pos": {"type": "number", "minimum": 0, "maximum": 1, "description": "lp_reg: same for positive-advantage tokens."},
+                 "beta": {"type": "number", "description": "lp_reg KL coefficient."},
                  "kl": {"enum": ["k3", "full"], "description": "lp_reg: k3 estimator on the sampled token, or the full-vocabulary KL."},
                  "selection": {"enum": ["batch", "micro_batch"]},
                  "percentile_over": {"enum": ["negative", "all"]},
-                 "skip_k_le_1": {"type": "boolean", "description": "Reference-code quirk: no selection when the quota k <= 1 (true)."},
-                 "fraction": {"type": "number", "minimum": 0, "maximum": 1, "description": "high_entropy: top-entropy fraction trained (0.2)."},
-                 "ratio": {"type": "number", "minimum": 0, "maximum": 1, "description": "clip_cov / kl_cov: fraction of tokens (2e-4)."},
+                 "skip_k_le_1": {"type": "boolean", "description": "Reference-code quirk: no selection when the quota k <= 1."},
+                 "fraction": {"type": "number", "minimum": 0, "maximum": 1, "description": "high_entropy: top-entropy fraction trained."},
+                 "ratio": {"type": "number", "minimum": 0, "maximum": 1, "description": "clip_cov / kl_cov: fraction of tokens."},
                  "cov_low": NUM, "cov_high": NUM, "coef": NUM,
                  "agg": {"enum": ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]},
-                 "temperature": {"type": "number", "minimum": 0, "description": "Temperature of the trained log-probabilities (1)."},
+                 "temperature": {"type": "number", "minimum": 0, "description": "Temperature of the trained log-probabilities."},
                  "entropy_coef": NUM, "kl_coef": {"type": "number", "minimum": 0, "description": "KL to the reference snapshot."},
                  "kl_type": {"enum": ["k1", "k2", "k3"]}}},
     "TrainItem": {"type": "object", "required": ["tokens", "response_start"], "additionalProperties": False,
@@ -99,26 +108,27 @@ schemas = {
                   "properties": {"kind": {"type": "string"}, "path": {"type": "string"}, "hint": {"type": "string"}}},
 }
 
-errors = {
-    "ParseError": {"code": -32700, "message": "Parse error", "data": {"kind": "parse_error"}},
-    "InvalidRequest": {"code": -32600, "message": "Invalid Request", "data": {"kind": "invalid_request"}},
-    "MethodNotFound": {"code": -32601, "message": "Method not found", "data": {"kind": "method_not_found", "path": "method"}},
-    "InvalidParams": {"code": -32602, "message": "Invalid params", "data": {"kind": "invalid_params", "path": "params.max_tokens", "hint": "expected an integer"}},
-    "Internal": {"code": -32603, "message": "Internal error", "data": {"kind": "internal_error"}},
-    "ContextOverflow": {"code": -32001, "message": "Context overflow", "data": {"kind": "context_overflow", "path": "params.prompts[0]"}},
-    "Overloaded": {"code": -32002, "message": "Overloaded", "data": {"kind": "overloaded"}},
-    "UnknownRollout": {"code": -32003, "message": "Unknown rollout", "data": {"kind": "unknown_rollout or evicted_rollout", "path": "params.rollouts[0].rollout_id"}},
-    "NonFinite": {"code": -32004, "message": "Non-finite step refused", "data": {"kind": "non_finite"}},
-    "NoTokenizer": {"code": -32005, "message": "No tokenizer", "data": {"kind": "no_tokenizer"}},
-    "Unauthorized": {"code": -32010, "message": "Unauthorized", "data": {"kind": "unauthorized"}},
-    "ReadOnly": {"code": -32011, "message": "Read-only server", "data": {"kind": "read_only", "path": "method"}},
-    "CheckpointsDisabled": {"code": -32012, "message": "Checkpoints disabled", "data": {"kind": "checkpoints_disabled"}},
-    "CheckpointNotFound": {"code": -32013, "message": "Checkpoint not found", "data": {"kind": "checkpoint_not_found", "path": "params.name"}},
-    "CheckpointFailed": {"code": -32014, "message": "Checkpoint not saved", "data": {"kind": "checkpoint_failed", "path": "params.name"}},
-    "ShuttingDown": {"code": -32015, "message": "Server shutting down", "data": {"kind": "shutting_down"}},
-    "Cancelled": {"code": -32016, "message": "Cancelled", "data": {"kind": "cancelled"}},
-    "RequestTooLarge": {"code": -32017, "message": "Request too large", "data": {"kind": "request_too_large"}},
-}
+# Example paths shown in the spec's error entries (documentation only).
+ERROR_EXAMPLE_PATHS = {"method_not_found": "method", "invalid_params": "params.max_tokens", "context_overflow": "params.prompts[0]",
+                       "unknown_rollout": "params.rollouts[0].rollout_id", "evicted_rollout": "params.rollouts[0].rollout_id",
+                       "read_only": "method", "checkpoint_not_found": "params.name", "checkpoint_failed": "params.name",
+                       "request_too_large": "params.max_tokens", "model_not_found": "model"}
+
+
+def error_name(kind):
+    return "".join(part.capitalize() for part in kind.split("_"))
+
+
+def make_errors(table):
+    out = {}
+    for e in table["errors"]:
+        data = {"kind": e["kind"]}
+        if e["kind"] in ERROR_EXAMPLE_PATHS:
+            data["path"] = ERROR_EXAMPLE_PATHS[e["kind"]]
+        out[error_name(e["kind"])] = {"code": e["code"], "message": e["message"], "data": data,
+                                      "x-ember-http-status": e["http_status"]}
+    return out
+
 
 def eref(name):
     return {"$ref": f"#/components/errors/{name}"}
@@ -129,7 +139,7 @@ def p(name, schema, description="", required=False):
 def obj(props, required=()):
     return {"type": "object", "required": list(required), "additionalProperties": False, "properties": props}
 
-COMMON = ["InvalidParams", "Internal", "Unauthorized", "ShuttingDown"]
+COMMON = ["InvalidParams", "InternalError", "Unauthorized", "ShuttingDown"]
 sampling_outputs = [
     p("logprobs", {"type": "boolean", "default": True}, "Report each sampled token's log-probability."),
     p("top_logprobs", {"type": "integer", "minimum": 0, "maximum": 20, "default": 0}, "Top alternatives per token."),
@@ -146,7 +156,9 @@ methods = [
                    "properties": {"model_type": {"type": "string"}, "parameters": INT, "layers": INT, "hidden_size": INT,
                                   "vocab_size": INT, "max_position_embeddings": INT, "heads": INT, "kv_heads": INT, "head_dim": INT,
                                   "tied_embeddings": {"type": "boolean"}}},
-         "capabilities": {"type": "array", "items": {"type": "string"}, "description": "The methods served."}},
+         "capabilities": {"type": "array", "items": {"type": "string"}, "description": "The methods served."},
+         "loss_defaults": {"type": "object", "description": "Every loss mode's options and their defaults (null: off unless given): "
+                                                            "{common: {...}, modes: {mode: {...}}}. Clients read defaults here."}},
          ["name", "version", "weights_version", "model", "capabilities"])},
      "errors": ["Unauthorized"],
      "example": ({}, None)},
@@ -210,7 +222,7 @@ methods = [
                 p("micro_batch_tokens", {"type": "integer", "minimum": 1}, "Token budget per forward/backward; the update equals one big batch."),
                 p("dry_run", {"type": "boolean", "default": False})],
      "result": {"name": "step", "schema": obj({"weights_version": ref("WeightsVersion"), "metrics": ref("Metrics")}, ["weights_version", "metrics"])},
-     "errors": COMMON + ["ReadOnly", "NonFinite", "UnknownRollout", "RequestTooLarge"],
+     "errors": COMMON + ["ReadOnly", "NonFinite", "UnknownRollout", "EvictedRollout", "RequestTooLarge"],
      "example": ({"batch": [{"tokens": [1, 2, 3, 4, 5], "response_start": 2, "advantage": 1.0}], "loss": {"mode": "lp_reg"},
                   "optimizer": {"lr": 1e-5}}, None)},
     {"name": "optimizer.configure", "summary": "AdamW settings and learning-rate schedule for later steps.",
@@ -246,11 +258,41 @@ methods = [
      "errors": COMMON, "example": ({"request_id": "gen-17"}, None)},
 ]
 
-def build(examples):
+def server_table():
+    """The server's tables (`ember-server --protocol`); EMBER_SERVER names another binary."""
+    binary = os.environ.get("EMBER_SERVER", os.path.join(ROOT, ".build", "release", "ember-server"))
+    return json.loads(subprocess.run([binary, "--protocol"], check=True, capture_output=True, text=True).stdout)
+
+
+def loss_schema(table):
+    """The Loss schema with each option's defaults per mode taken from the server's table."""
+    loss = json.loads(json.dumps(schemas["Loss"]))
+    d = table["loss_defaults"]
+    loss["properties"]["mode"]["enum"] = list(d["modes"].keys())
+    for key, prop in loss["properties"].items():
+        per_mode = [f"{mode} {json.dumps(opts[key])}" for mode, opts in d["modes"].items() if key in opts and opts[key] is not None]
+        if key in d["common"]:
+            per_mode = [json.dumps(d["common"][key])]
+        if per_mode:
+            prop["description"] = (prop.get("description", "") + " Default: " + ", ".join(per_mode) + ".").strip()
+    loss["x-ember-defaults"] = d
+    return loss
+
+
+def build(examples, table):
+    served = [m["name"] for m in table["methods"]]
+    documented = [m["name"] for m in methods]
+    if served != documented:
+        sys.exit(f"make_openrpc: the server's methods {served} differ from this script's {documented}: document every method")
+    traits = {m["name"]: {k: m[k] for k in ("scheduling", "mutates", "retry_safe", "large_bodies")} for m in table["methods"]}
+    errors = make_errors(table)
     out = []
     for m in methods:
+        for e in m["errors"]:
+            if e not in errors:
+                sys.exit(f"make_openrpc: {m['name']} lists error {e}, which the server's table lacks")
         entry = {"name": m["name"], "summary": m["summary"], "paramStructure": "by-name", "params": m["params"],
-                 "result": m["result"], "errors": [eref(e) for e in m["errors"]]}
+                 "result": m["result"], "errors": [eref(e) for e in m["errors"]], "x-ember": traits[m["name"]]}
         if "description" in m:
             entry["description"] = m["description"]
         ex = examples.get(m["name"])
@@ -261,12 +303,38 @@ def build(examples):
         out.append(entry)
     return {
         "openrpc": "1.3.2",
-        "info": {"title": "Ember", "version": "0.1.0",
+        "info": {"title": "Ember", "version": table["version"],
                  "description": "JSON-RPC 2.0 over HTTP/1.1 (POST /rpc). See Protocol/README.md for transport, auth, weight versions and token positions."},
         "servers": [{"name": "local", "url": "http://127.0.0.1:8377/rpc"}],
         "methods": out,
-        "components": {"schemas": schemas, "errors": errors},
+        "components": {"schemas": {**schemas, "Loss": loss_schema(table)}, "errors": errors},
     }
+
+def python_module(table):
+    """clients/python/ember/protocol.py: the server's tables as Python constants."""
+    methods_py = {m["name"]: {k: m[k] for k in ("scheduling", "mutates", "retry_safe", "large_bodies")} for m in table["methods"]}
+    lines = ['"""The protocol\'s tables as the server states them (`ember-server --protocol`). Generated by',
+             'scripts/make_openrpc.py: do not edit; tests compare it with Protocol/openrpc.json."""',
+             "",
+             f"VERSION = {table['version']!r}",
+             "",
+             "#: Every method with its traits: scheduling, mutates (refused by --read-only), retry_safe",
+             "#: (changes nothing, may be resent after a dropped connection), large_bodies.",
+             "METHODS = " + json.dumps(methods_py, indent=4).replace("true", "True").replace("false", "False"),
+             "",
+             "#: Methods a client may resend after a dropped connection.",
+             "RETRY_SAFE = frozenset(name for name, t in METHODS.items() if t[\"retry_safe\"])",
+             "",
+             "#: Error kind (data.kind) -> JSON-RPC code.",
+             "ERROR_CODES = " + json.dumps({e["kind"]: e["code"] for e in table["errors"]}, indent=4),
+             ""]
+    return "\n".join(lines)
+
+
+def write_python(table):
+    with open(os.path.join(ROOT, "clients", "python", "ember", "protocol.py"), "w") as f:
+        f.write(python_module(table))
+
 
 if __name__ == "__main__":
     # Example results are real answers from a fixture model (scripts/record_openrpc_examples.py fills them).
@@ -278,9 +346,11 @@ if __name__ == "__main__":
             examples[m["name"]] = (recorded[m["name"]]["params"], recorded[m["name"]]["result"])
         elif m["example"] is not None:
             examples[m["name"]] = (m["example"][0], None)
+    table = server_table()
     with open(os.path.join(ROOT, "Protocol", "openrpc.json"), "w") as f:
-        json.dump(build(examples), f, indent=1)
+        json.dump(build(examples, table), f, indent=1)
         f.write("\n")
+    write_python(table)
     with open(os.path.join(ROOT, "Protocol", "example_params.json"), "w") as f:
         json.dump({m["name"]: m["example"][0] for m in methods if m["example"]}, f, indent=1)
         f.write("\n")

@@ -84,20 +84,19 @@ public enum GenerationError: Error, CustomStringConvertible, Equatable {
     }
 }
 
-public final class Generator: @unchecked Sendable {
+/// Not Sendable: one thread drives it (the server's compute thread).
+public final class Generator {
     public let model: TransformerModel
     public let tokenizer: Tokenizer?
     public let cache: KVCache
     /// Where finished samples are recorded (and get their rollout ids), if anywhere.
-    public var rolloutStore: RolloutStore?
-    /// Reported with every rollout; the owner bumps it after each optimizer step.
-    public var weightsVersion = 0
+    public let rolloutStore: RolloutStore?
     /// Most sequences (prompts × n) allowed to wait for a KV slot; a request beyond it is
     /// refused as `overloaded` instead of queueing without bound.
-    public var maxQueuedSequences = Int.max
+    public let maxQueuedSequences: Int
     /// Logits per thread below which a step's rows are sampled on one thread (a row's draw,
     /// statistics and stop checks are the same whichever thread runs them).
-    public var parallelSamplingMinLogits = 16_384
+    public let parallelSamplingMinLogits: Int
 
     private var freeSlots: [Int]
     private var waiting: [PromptGroup] = []
@@ -107,9 +106,13 @@ public final class Generator: @unchecked Sendable {
     private var events: [TokenEvent] = []
 
     /// `slots` sequences of at most `capacity` tokens (prompt + generated) at once.
-    public init(model: TransformerModel, tokenizer: Tokenizer?, slots: Int, capacity: Int) {
+    public init(model: TransformerModel, tokenizer: Tokenizer?, slots: Int, capacity: Int, rolloutStore: RolloutStore? = nil,
+                maxQueuedSequences: Int = .max, parallelSamplingMinLogits: Int = 16_384) {
         self.model = model
         self.tokenizer = tokenizer
+        self.rolloutStore = rolloutStore
+        self.maxQueuedSequences = maxQueuedSequences
+        self.parallelSamplingMinLogits = parallelSamplingMinLogits
         cache = KVCache(architecture: model.architecture, slots: slots, capacity: capacity)
         freeSlots = Array((0..<slots).reversed())
         model.cachesPackedWeights = true
@@ -128,8 +131,9 @@ public final class Generator: @unchecked Sendable {
     // MARK: - Requests
 
     /// Queues a request; its prompts join the running batch at the next steps with free slots.
+    /// `weightsVersion` is recorded with its rollouts (the weights cannot change while it runs).
     public func submit(prompts: [[Int32]], n: Int = 1, params: SamplingParams,
-                       options: GenerationOptions = GenerationOptions()) throws -> Int {
+                       options: GenerationOptions = GenerationOptions(), weightsVersion: Int = 0) throws -> Int {
         guard !prompts.isEmpty else { throw GenerationError.invalidParameter(name: "prompts", reason: "at least one prompt") }
         guard n >= 1 else { throw GenerationError.invalidParameter(name: "n", reason: "must be at least 1") }
         guard n <= cache.slots else {
@@ -192,7 +196,7 @@ public final class Generator: @unchecked Sendable {
         requests[id] = RequestState(results: prompts.map { _ in Array(repeating: nil, count: n) }, prompts: prompts)
         for (p, prompt) in prompts.enumerated() {
             waiting.append(PromptGroup(requestId: id, promptIndex: p, prompt: prompt, n: n, params: params,
-                                       options: options, seed: baseSeed))
+                                       options: options, seed: baseSeed, weightsVersion: weightsVersion))
         }
         return id
     }
@@ -315,7 +319,7 @@ public final class Generator: @unchecked Sendable {
                 result.rolloutId = store.add(Rollout(tokens: f.group.prompt + f.generated, responseStart: f.group.prompt.count,
                                                      logprobs: f.logprobs, proxyLogprobs: f.proxyLogprobs,
                                                      temperature: f.group.params.temperature, proxy: f.group.options.proxy,
-                                                     weightsVersion: weightsVersion))
+                                                     weightsVersion: f.group.weightsVersion))
             }
             state.results[f.group.promptIndex][f.sampleIndex] = result
             requests[f.requestId] = state
@@ -338,6 +342,7 @@ public final class Generator: @unchecked Sendable {
         let params: SamplingParams
         let options: GenerationOptions
         let seed: UInt64
+        let weightsVersion: Int
     }
 
     private struct RequestState {

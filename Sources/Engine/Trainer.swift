@@ -77,13 +77,21 @@ public struct TrainMetrics: Sendable {
 
 public enum TrainError: Error, CustomStringConvertible, Equatable {
     case invalid(path: String, reason: String)
-    public var description: String { switch self { case let .invalid(p, r): "\(p): \(r)" } }
+    /// `rollouts[index]` could not be fetched from the rollout store.
+    case rollout(index: Int, RolloutError)
+    public var description: String {
+        switch self {
+        case let .invalid(p, r): "\(p): \(r)"
+        case let .rollout(i, e): "rollouts[\(i)].rollout_id: \(e)"
+        }
+    }
 }
 
-public final class Trainer: @unchecked Sendable {
+/// Not Sendable: one thread drives it (the server's compute thread).
+public final class Trainer {
     public let model: TransformerModel
     public let optimizer: AdamW
-    public var schedule: LRSchedule = .constant
+    public private(set) var schedule: LRSchedule = .constant
     /// +1 per optimizer step; 0 when the model was loaded.
     public private(set) var weightsVersion = 0
     /// Frozen copy of the weights for the KL-to-reference term (`snapshotReference`).
@@ -104,8 +112,11 @@ public final class Trainer: @unchecked Sendable {
         reference = copy
     }
 
-    /// Restores the counters after loading a checkpoint.
-    public func restore(weightsVersion: Int) { self.weightsVersion = weightsVersion }
+    /// Sets the optimizer's settings and, when given, the learning-rate schedule (`optimizer.configure`).
+    public func configure(_ settings: AdamWSettings, schedule: LRSchedule? = nil) {
+        optimizer.settings = settings
+        if let schedule { self.schedule = schedule }
+    }
 
     /// Runs one train_step. Throws before changing anything on invalid input; a non-finite loss or
     /// gradient refuses that optimizer step (earlier mini-batches of the same call stay applied).
@@ -242,7 +253,8 @@ public final class Trainer: @unchecked Sendable {
         lastSelection = plan.selected
         var seconds = (forward: Date().timeIntervalSince(tf), backward: 0.0)
 
-        // Pass 2: gradients, micro-batch by micro-batch.
+        // Pass 2: gradients, micro-batch by micro-batch, through the gradient-accumulation path
+        // the golden gradient tests check.
         model.parameters.zeroGradients()
         var loss = 0.0
         for group in micro {
@@ -250,15 +262,15 @@ public final class Trainer: @unchecked Sendable {
             let batch = PackedBatch(group.map { items[$0].tokens })
             let (rows, _) = Scoring.responseRows(batch, responseStarts: group.map { items[$0].responseStart })
             let base = starts[group[0]]   // first token of the micro-batch in plan order
-            let acts = try kept ?? model.forward(tokens: batch.tokens, positions: batch.positions,
-                                                 context: .packed(sequenceStarts: batch.sequenceStarts), saving: true)
-            let dHidden = FloatBuffer(zeros: batch.tokens.count * model.architecture.hiddenSize)
-            model.withLogitChunks(hidden: acts.hidden.pointer, rows: rows, chunkRows: model.defaultChunkRows(),
-                                  dHidden: dHidden.pointer) { range, logits in
-                for (i, r) in range.enumerated() { loss += plan.apply(row: logits + i * V, vocab: V, token: base + r) }
+            let result = try Training.accumulateGradients(model: model, batch: batch, outputRows: rows, zeroGradients: false,
+                                                          activations: kept) { chunk in
+                var sum = 0.0
+                for i in 0..<chunk.rows.count {
+                    sum += plan.apply(row: chunk.logits + i * V, vocab: V, token: base + chunk.rows.lowerBound + i)
+                }
+                return sum
             }
-            guard loss.isFinite else { throw NonFiniteError(what: "the loss") }
-            model.backward(acts, dHidden: dHidden.pointer)
+            loss += result.loss
             seconds.backward += Date().timeIntervalSince(tb)
         }
         return (MiniBatchResult(loss: loss, plan: plan, logprobs: current, entropies: entropies), seconds)
@@ -374,8 +386,8 @@ extension Trainer {
             guard r.reward.isFinite else {
                 throw TrainError.invalid(path: "rollouts[\(i)].reward", reason: "not a finite number")
             }
-            do { fetched.append(try store.get(r.rolloutId)) } catch {
-                throw TrainError.invalid(path: "rollouts[\(i)].rollout_id", reason: "\(error)")
+            do { fetched.append(try store.get(r.rolloutId)) } catch let e as RolloutError {
+                throw TrainError.rollout(index: i, e)
             }
         }
         let groups = zip(rollouts, fetched).map { r, f in
@@ -421,8 +433,10 @@ extension Trainer {
         try data.write(to: URL(fileURLWithPath: directory + "/trainer_state.json"))
     }
 
-    /// Restores what `saveState` wrote (after the weights were loaded from the same folder).
-    public func loadState(from directory: String) throws {
+    /// Restores a checkpoint: `weights` (loaded and checked from the same folder) and what
+    /// `saveState` wrote. Everything is read and checked first; the live weights, moments,
+    /// settings and counters change only once nothing can fail.
+    public func loadState(from directory: String, weights: TransformerModel) throws {
         let path = directory + "/trainer_state.json"
         guard let data = FileManager.default.contents(atPath: path),
               let s = (try? JSONSerialization.jsonObject(with: data)) as? [String: Any],
@@ -431,18 +445,26 @@ extension Trainer {
             throw TrainError.invalid(path: path, reason: "missing or malformed trainer state")
         }
         let store = model.parameters
-        guard count == store.count else {
+        guard count == store.count, weights.parameters.count == store.count else {
             throw TrainError.invalid(path: path, reason: "optimizer state has \(count) parameters, the model \(store.count)")
         }
         let file = try SafetensorsFile(path: directory + "/optimizer.safetensors")
-        try file.read("exp_avg", shape: [count], into: store.firstMoment)
-        try file.read("exp_avg_sq", shape: [count], into: store.secondMoment)
+        var m = [Float](repeating: 0, count: count), v = [Float](repeating: 0, count: count)
+        try m.withUnsafeMutableBufferPointer { try file.read("exp_avg", shape: [count], into: $0.baseAddress!) }
+        try v.withUnsafeMutableBufferPointer { try file.read("exp_avg_sq", shape: [count], into: $0.baseAddress!) }
         func f(_ k: String) -> Float? { (s[k] as? Double).map(Float.init) }
+        var settings = optimizer.settings
         if let lr = f("lr"), let b1 = f("beta1"), let b2 = f("beta2"), let eps = f("eps"), let wd = f("weight_decay"),
            let clip = f("grad_clip") {
-            optimizer.settings = AdamWSettings(lr: lr, beta1: b1, beta2: b2, eps: eps, weightDecay: wd, gradClip: clip)
+            settings = AdamWSettings(lr: lr, beta1: b1, beta2: b2, eps: eps, weightDecay: wd, gradClip: clip)
         }
+        // Commit.
+        store.values.update(from: weights.parameters.values, count: count)
+        store.markModified()
+        m.withUnsafeBufferPointer { store.firstMoment.update(from: $0.baseAddress!, count: count) }
+        v.withUnsafeBufferPointer { store.secondMoment.update(from: $0.baseAddress!, count: count) }
+        optimizer.settings = settings
         optimizer.restore(stepCount: steps)
-        restore(weightsVersion: version)
+        weightsVersion = version
     }
 }

@@ -48,13 +48,15 @@ public struct GradientResult: Sendable {
 public enum Training {
     /// Adds d(loss)/d(parameters) into the model's gradient buffer (zeroing it first when
     /// `zeroGradients`) for `loss` evaluated on the logits of `outputRows` (token indices of
-    /// `batch` whose next-token distribution the loss uses).
+    /// `batch` whose next-token distribution the loss uses). `activations`, when given, are a
+    /// saved forward of this very batch on the current weights (the trainer keeps the one it
+    /// took for the loss plan). Every gradient `train_step` computes goes through here.
     public static func accumulateGradients(model: TransformerModel, batch: PackedBatch, outputRows: [Int],
-                                           chunkRows: Int? = nil, zeroGradients: Bool = true,
+                                           chunkRows: Int? = nil, zeroGradients: Bool = true, activations: Activations? = nil,
                                            loss: LossFunction) throws -> GradientResult {
         if zeroGradients { model.parameters.zeroGradients() }
-        let acts = try model.forward(tokens: batch.tokens, positions: batch.positions,
-                                     context: .packed(sequenceStarts: batch.sequenceStarts), saving: true)
+        let acts = try activations ?? model.forward(tokens: batch.tokens, positions: batch.positions,
+                                                    context: .packed(sequenceStarts: batch.sequenceStarts), saving: true)
         let C = model.architecture.hiddenSize
         let dHidden = FloatBuffer(zeros: batch.tokens.count * C)
         var total = 0.0

@@ -24,53 +24,6 @@ public struct JSONValue: @unchecked Sendable {
     public init(_ value: Any?) { self.value = value }
 }
 
-/// A JSON-RPC error: standard codes, or domain errors (-32000...-32099) with `data.kind`.
-public struct RPCError: Error, Sendable, Equatable, CustomStringConvertible {
-    public let code: Int
-    public let message: String
-    /// Stable machine-readable kind (e.g. `invalid_params`, `unknown_rollout`, `overloaded`).
-    public let kind: String
-    /// The parameter at fault, as a path (`params.sequences[2].response_start`), if any.
-    public let path: String?
-    /// A human hint on how to fix the call.
-    public let hint: String?
-
-    public init(code: Int, message: String, kind: String, path: String? = nil, hint: String? = nil) {
-        self.code = code; self.message = message; self.kind = kind; self.path = path; self.hint = hint
-    }
-
-    public static func parse(_ detail: String) -> RPCError {
-        RPCError(code: -32700, message: "Parse error", kind: "parse_error", hint: detail)
-    }
-    public static func invalidRequest(_ detail: String) -> RPCError {
-        RPCError(code: -32600, message: "Invalid Request", kind: "invalid_request", hint: detail)
-    }
-    public static func methodNotFound(_ method: String) -> RPCError {
-        RPCError(code: -32601, message: "Method not found", kind: "method_not_found", path: "method",
-                 hint: "unknown method '\(method)'")
-    }
-    public static func invalidParams(path: String, _ detail: String) -> RPCError {
-        RPCError(code: -32602, message: "Invalid params", kind: "invalid_params", path: path, hint: detail)
-    }
-    public static func internalError(_ detail: String) -> RPCError {
-        RPCError(code: -32603, message: "Internal error", kind: "internal_error", hint: detail)
-    }
-    /// A domain error (-32000...-32099).
-    public static func domain(_ code: Int = -32000, kind: String, message: String, path: String? = nil,
-                              hint: String? = nil) -> RPCError {
-        RPCError(code: code, message: message, kind: kind, path: path, hint: hint)
-    }
-
-    public var description: String { "\(code) \(message) [\(kind)]\(path.map { " at \($0)" } ?? ""): \(hint ?? "")" }
-
-    var json: [String: Any] {
-        var data: [String: Any] = ["kind": kind]
-        if let path { data["path"] = path }
-        if let hint { data["hint"] = hint }
-        return ["code": code, "message": message, "data": data]
-    }
-}
-
 /// One decoded call.
 public struct RPCRequest: @unchecked Sendable {
     public let method: String

@@ -48,7 +48,7 @@ struct OpenAIRoutes: Sendable {
         try p.only(Self.accepted)
         if p.has("model") {
             let m = try p.string("model")
-            guard m == modelName else { throw RPCError.domain(-32020, kind: "model_not_found", message: "The model `\(m)` does not exist", path: "model", hint: "GET /v1/models lists `\(modelName)`") }
+            guard m == modelName else { throw RPCError(.modelNotFound, path: "model", hint: "the model `\(m)` does not exist; GET /v1/models lists `\(modelName)`") }
         }
         var r = Request()
         switch obj["prompt"] {
@@ -83,8 +83,7 @@ struct OpenAIRoutes: Sendable {
     }
 
     static func httpError(_ e: RPCError) -> HTTPResponse {
-        let kind = e.kind
-        let status = kind == "overloaded" ? 503 : kind == "model_not_found" ? 404 : kind == "shutting_down" ? 503 : (e.code == -32603 ? 500 : 400)
+        let status = e.kind.httpStatus
         var message = e.message
         if let hint = e.hint { message += ": \(hint)" }
         var param = e.path

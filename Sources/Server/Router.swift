@@ -65,9 +65,8 @@ public enum Router {
                                                "bytes": "\(request.body.count)", "connection": "\(responder.connection)"])
             if let key = apiKey, request.path != "/healthz", !authorized(request, key: key) {
                 logger.notice("unauthorized request", metadata: ["path": "\(request.path)", "connection": "\(responder.connection)"])
-                let e = RPCError.domain(-32010, kind: "unauthorized", message: "Unauthorized",
-                                        hint: "send Authorization: Bearer <api key>")
-                responder.respond(HTTPResponse(status: 401, body: JSONRPC.encode(JSONRPC.response(id: nil, error: e)),
+                let e = RPCError(.unauthorized, hint: "send Authorization: Bearer <api key>")
+                responder.respond(HTTPResponse(status: e.kind.httpStatus, body: JSONRPC.encode(JSONRPC.response(id: nil, error: e)),
                                                headers: [("WWW-Authenticate", "Bearer")]))
                 return
             }
@@ -111,14 +110,8 @@ public enum Router {
         case let .success(r):
             let t0 = Date()
             // Only known method names become metric labels.
-            let label = Scheduler.methods.contains(r.method) ? r.method : "unknown"
+            let label = RPCMethod(rawValue: r.method)?.name ?? "unknown"
             let rid = r.id
-            // server.info is answered on the spot (it reads nothing the compute thread changes).
-            if r.method == "server.info", (try? Params(r.params).object.isEmpty) == true {
-                metrics.record(label, seconds: Date().timeIntervalSince(t0), failed: false)
-                answer(rid.map { JSONRPC.response(id: $0, result: s.serverInfo()) })
-                return
-            }
             s.submit(method: r.method, params: r.params, id: rid, owner: owner) { result in
                 let seconds = Date().timeIntervalSince(t0)
                 switch result {
@@ -127,7 +120,7 @@ public enum Router {
                     answer(rid.map { JSONRPC.response(id: $0, result: value) })
                 case let .failure(e):
                     metrics.record(label, seconds: seconds, failed: true)
-                    if e.code == -32603 { metrics.logger.error("internal error", metadata: ["method": "\(label)", "error": "\(e)"]) }
+                    if e.kind == .internalError { metrics.logger.error("internal error", metadata: ["method": "\(label)", "error": "\(e)"]) }
                     else { metrics.logger.debug("call failed", metadata: ["method": "\(label)", "error": "\(e)"]) }
                     answer(rid.map { JSONRPC.response(id: $0, error: e) })
                 }
@@ -141,10 +134,9 @@ public enum Router {
         case let .failure(e):
             responder.respond(HTTPResponse(status: 200, body: JSONRPC.encode(JSONRPC.response(id: nil, error: e))))
         case let .single(call, id):
-            let large: Set<String> = ["generate", "logprob", "tokenize", "detokenize"]
-            let method = (try? call.get())?.method ?? ""
+            let large = (try? call.get()).flatMap { RPCMethod(rawValue: $0.method) }?.traits.largeBodies ?? false
             run(call, id: id, s, m, owner: owner) { answer in
-                guard large.contains(method) else {
+                guard large else {
                     responder.respond(answer.map { HTTPResponse(status: 200, body: JSONRPC.encode($0)) } ?? HTTPResponse(status: 204))
                     return
                 }

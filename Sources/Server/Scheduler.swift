@@ -1,19 +1,22 @@
 // The scheduler between the I/O side and the model: one compute thread owns the Dispatcher (model,
-// generator, trainer, rollout store). Calls arrive from any thread into a locked inbox; the thread
-// works in passes. Each pass takes the calls in arrival order:
-//   - `generate` is parsed and queued on the generator, whose continuous batching decodes every
-//     client's sequences together, one step per pass;
-//   - `logprob` calls with the same temperature and options are scored in one packed forward;
-//   - state-changing calls (`train_step`, `optimizer.configure`, `reference.snapshot`,
-//     `checkpoint.*`, `rollouts.release`) run exclusively at a step boundary once the
-//     generations and scores queued before them are done, so no sample spans a weights change;
-//     calls behind them wait (read-only calls such as `server.info` never wait);
-//   - `cancel` and client disconnects stop in-flight generations and free their KV slots.
+// generator, trainer, rollout store), which is handed over at construction and reachable only
+// here. Calls arrive from any thread into a locked inbox; the thread works in passes. Each pass
+// takes the calls in arrival order and runs each as the protocol table (`RPCMethod.traits`) says:
+//   - batched: `generate` is parsed and queued on the generator, whose continuous batching
+//     decodes every client's sequences together, one step per pass; `logprob` calls with the
+//     same temperature and options are scored in one packed forward;
+//   - exclusive: run alone at a step boundary once the generations and scores queued before
+//     them are done, so no sample spans a weights change; calls behind them wait;
+//   - read: run at the next pass whatever is queued (they never wait);
+//   - control: `cancel` (and client disconnects) stop queued or in-flight generations and free
+//     their KV slots.
 // Completions run on the compute thread; callers hop elsewhere to encode and write.
 import Engine
 import Foundation
 import RPC
 
+/// Sendable by hand: the inbox, the disconnect list and the published figures are read and
+/// written under `cond`; everything else (the dispatcher above all) only on the compute thread.
 public final class Scheduler: @unchecked Sendable {
     public typealias Completion = @Sendable (Result<Any, RPCError>) -> Void
     public typealias EventSink = @Sendable (TokenEvent) -> Void
@@ -35,7 +38,7 @@ public final class Scheduler: @unchecked Sendable {
         case generate(GenerateWork)
         case score(Params)
         /// Changes state: waits for a step boundary with nothing queued before it.
-        case exclusive(String, Any?)
+        case exclusive(RPCMethod, Any?)
         /// Reads state: runs at the next pass whatever is queued.
         case read(@Sendable (Dispatcher) throws -> Any)
         case cancel(Any?)
@@ -54,7 +57,7 @@ public final class Scheduler: @unchecked Sendable {
         let generate: GenerateWork
     }
 
-    public let dispatcher: Dispatcher
+    private let dispatcher: Dispatcher
     private let cond = NSCondition()
     private var inbox: [Job] = []
     private var disconnected: [Int] = []
@@ -93,18 +96,18 @@ public final class Scheduler: @unchecked Sendable {
     private var pending: [Job] = []
     private var inFlight: [Int: InFlight] = [:]
 
-    /// Methods that change state (run exclusively, in order).
-    static let exclusiveMethods: Set<String> = ["train_step", "optimizer.configure", "reference.snapshot", "checkpoint.save",
-                                                "checkpoint.load", "rollouts.release"]
-
-    public init(dispatcher: Dispatcher) {
+    /// Takes the dispatcher over: from here on only the compute thread touches it.
+    public init(dispatcher: sending Dispatcher) {
         self.dispatcher = dispatcher
+        staticInfo = dispatcher.serverInfo()
+        kvCacheBytes = dispatcher.generator.kvCacheBytes
     }
 
-    public static var methods: [String] { Dispatcher.methods }
+    /// Bytes of the KV cache, allocated at construction.
+    public let kvCacheBytes: Int
 
-    /// `server.info` without a trip to the compute thread: the model's description does not change
-    /// (a checkpoint must hold the same model) and the weights version comes from the gauges.
+    /// `server.info` (scheduled on the loop): the model's description does not change (a
+    /// checkpoint must hold the same model) and the weights version comes from the gauges.
     /// Returned pre-encoded (re-encoded when the version changes).
     public func serverInfo() -> RawJSON {
         let version = gauges.weightsVersion
@@ -116,12 +119,11 @@ public final class Scheduler: @unchecked Sendable {
         infoCache = (version, text)
         return text
     }
-    private var staticInfo: [String: Any] = [:]
+    private let staticInfo: [String: Any]
     private var infoCache: (Int, RawJSON)?
 
     /// Starts the compute thread.
     public func start() {
-        staticInfo = (try? dispatcher.call("server.info", nil)) as? [String: Any] ?? [:]
         publish()
         let t = Thread { [self] in loop() }
         t.name = "ember.compute"
@@ -147,23 +149,33 @@ public final class Scheduler: @unchecked Sendable {
 
     // MARK: - Submitting (any thread)
 
-    /// Queues one JSON-RPC call from connection `owner`; `completion` runs once, on the compute thread.
-    public func submit(method: String, params: Any?, id: RequestID?, owner: Int, completion: @escaping Completion) {
+    /// Queues one JSON-RPC call from connection `owner`; `completion` runs once, on the compute
+    /// thread (or at once for an unknown method or a call answered on the loop).
+    public func submit(method name: String, params: Any?, id: RequestID?, owner: Int, completion: @escaping Completion) {
+        let method: RPCMethod
+        do { method = try RPCMethod.named(name) } catch { completion(.failure(Dispatcher.translate(error))); return }
         let box = JSONValue(params)
         let work: Work
-        switch method {
-        case "generate":
+        switch (method.traits.scheduling, method) {
+        case (.loop, _):
+            cond.lock(); let stopped = stopping; cond.unlock()
+            do {
+                guard !stopped else { throw Self.shuttingDown }
+                try Params(params).only([])
+                completion(.success(serverInfo()))
+            } catch { completion(.failure(Dispatcher.translate(error))) }
+            return
+        case (.batched, .generate):
             work = .generate(GenerateWork(
                 prepare: { d in try d.prepareGenerate(try Params(box.value)) },
                 finish: { d, out, call in d.generateResult(out, call) }))
-        case "logprob":
-            do { work = .score(try Params(params)) } catch let e as RPCError { completion(.failure(e)); return }
-            catch { completion(.failure(.internalError("\(error)"))); return }
-        case "cancel":
+        case (.batched, _):
+            do { work = .score(try Params(params)) } catch { completion(.failure(Dispatcher.translate(error))); return }
+        case (.control, _):
             work = .cancel(params)
-        case _ where Self.exclusiveMethods.contains(method):
+        case (.exclusive, _):
             work = .exclusive(method, params)
-        default:
+        case (.read, _):
             work = .read { d in try d.call(method, box.value) }
         }
         enqueue(Job(work: work, owner: owner, rpcId: id, completion: completion))
@@ -199,10 +211,8 @@ public final class Scheduler: @unchecked Sendable {
         cond.unlock()
     }
 
-    static let shuttingDown = RPCError.domain(-32015, kind: "shutting_down", message: "Server shutting down",
-                                              hint: "the server is stopping; retry against a running server")
-    static let cancelled = RPCError.domain(-32016, kind: "cancelled", message: "Cancelled",
-                                           hint: "the generation was cancelled (by `cancel` or because its client disconnected)")
+    static let shuttingDown = RPCError(.shuttingDown, hint: "the server is stopping; retry against a running server")
+    static let cancelled = RPCError(.cancelled, hint: "the generation was cancelled (by `cancel` or because its client disconnected)")
 
     // MARK: - Compute thread
 
@@ -300,9 +310,7 @@ public final class Scheduler: @unchecked Sendable {
         do { job.completion(.success(try body())) } catch { job.completion(.failure(Self.rpcError(error))) }
     }
 
-    static func rpcError(_ error: Error) -> RPCError {
-        (error as? RPCError) ?? Dispatcher.translate(error)
-    }
+    static func rpcError(_ error: Error) -> RPCError { Dispatcher.translate(error) }
 
     /// Scores queued `logprob` calls, one packed forward per distinct (temperature, options).
     private func runScores(_ scores: [(Job, Dispatcher.ScoreCall)]) {

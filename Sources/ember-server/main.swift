@@ -8,6 +8,7 @@ import Models
 import RPC
 import Server
 import Tokenizer
+import Weights
 
 @main
 struct EmberServer: ParsableCommand {
@@ -39,6 +40,8 @@ struct EmberServer: ParsableCommand {
     @Option(name: .customLong("request-timeout"), help: "Seconds a request may take to arrive (408 beyond).") var requestTimeout = 10.0
     @Option(name: .customLong("idle-timeout"), help: "Seconds an idle keep-alive connection stays open.") var idleTimeout = 60.0
     @Option(name: .customLong("log-level"), help: "trace, debug, info, notice, warning, error or critical.") var logLevel = "info"
+    @Flag(name: .customLong("protocol"), help: "Print the protocol's method and error tables as JSON and exit (scripts/make_openrpc.py reads them).")
+    var printProtocol = false
 
     func validate() throws {
         guard (0...65535).contains(port) else { throw ValidationError("--port must be in 0...65535") }
@@ -48,6 +51,13 @@ struct EmberServer: ParsableCommand {
     }
 
     func run() throws {
+        if printProtocol {
+            var table = RPCMethod.describe()
+            table["version"] = EmberVersion.string
+            table["loss_defaults"] = LossDefaults.json
+            FileHandle.standardOutput.write(JSONRPC.encode(table) + Data("\n".utf8))
+            return
+        }
         let level = Logger.Level(rawValue: logLevel)!
         LoggingSystem.bootstrap { label in
             var h = StreamLogHandler.standardError(label: label)
@@ -79,21 +89,24 @@ struct EmberServer: ParsableCommand {
             throw ValidationError(String(format: "--slots %d x --max-seq-len %d needs %.1f GB of KV cache, more than 3/4 of this machine's %.1f GB; lower --slots or --max-seq-len",
                                          slots, capacity, kvBytes / 1e9, physical / 1e9))
         }
-        let dispatcher = Dispatcher(model: loaded, tokenizer: tokenizer, slots: slots, capacity: capacity,
-                                    rolloutBudgetBytes: Int(rolloutBudgetMB * 1_048_576))
-        dispatcher.readOnly = readOnly
-        dispatcher.maxRequestTokens = maxRequestTokens
-        dispatcher.generator.maxQueuedSequences = maxQueuedSequences
+        var config = Dispatcher.Configuration()
+        config.slots = slots
+        config.capacity = capacity
+        config.rolloutBudgetBytes = Int(rolloutBudgetMB * 1_048_576)
+        config.readOnly = readOnly
+        config.maxRequestTokens = maxRequestTokens
+        config.maxQueuedSequences = maxQueuedSequences
         if let cdir = checkpointDir {
-            do { try FileManager.default.createDirectory(atPath: cdir, withIntermediateDirectories: true) }
-            catch { throw ValidationError("--checkpoint-dir: \(error)") }
-            dispatcher.checkpointDirectory = cdir
-            for item in dispatcher.cleanCheckpointDirectory() {
+            let store: CheckpointStore
+            do { store = try CheckpointStore.open(directory: cdir) } catch { throw ValidationError("--checkpoint-dir: \(error)") }
+            for item in store.clean() {
                 log.warning("removed the remains of an interrupted checkpoint save", metadata: ["entry": "\(cdir)/\(item)"])
             }
+            config.checkpoints = store
         }
         let key = apiKey ?? ProcessInfo.processInfo.environment["EMBER_API_KEY"]
-        let scheduler = Scheduler(dispatcher: dispatcher)
+        let parameterCount = loaded.parameterCount, hasTokenizer = tokenizer != nil
+        let scheduler = Scheduler(dispatcher: Dispatcher(model: loaded, tokenizer: tokenizer, configuration: config))
         let name = servedModelName ?? URL(fileURLWithPath: dir).standardizedFileURL.lastPathComponent
         var endpoints: [Endpoint] = [.tcp(host: host, port: port)]
         if let path = unixSocket { endpoints.append(.unix(path: path)) }
@@ -117,12 +130,12 @@ struct EmberServer: ParsableCommand {
             if case let .tcp(h, _) = e { return Endpoint.tcp(host: h, port: server.ports[i]).description }
             return e.description
         }
-        let banner = "ember-server \(Dispatcher.version): \(a.modelType) '\(name)', \(loaded.parameterCount) parameters, \(a.layers) layers, "
-            + "hidden \(a.hiddenSize), vocab \(a.vocabSize)\(tokenizer == nil ? ", no tokenizer" : "") | listening on "
+        let banner = "ember-server \(EmberVersion.string): \(a.modelType) '\(name)', \(parameterCount) parameters, \(a.layers) layers, "
+            + "hidden \(a.hiddenSize), vocab \(a.vocabSize)\(hasTokenizer ? "" : ", no tokenizer") | listening on "
             + addresses.joined(separator: " and ") + " | \(threads) threads\(readOnly ? " | read-only" : "")\(key != nil ? " | API key required" : "")"
         FileHandle.standardOutput.write(Data((banner + "\n").utf8))
         log.info("model loaded", metadata: ["dir": "\(dir)", "kv_slots": "\(slots)", "max_seq_len": "\(capacity)",
-                                            "kv_bytes": "\(dispatcher.generator.kvCacheBytes)"])
+                                            "kv_bytes": "\(scheduler.kvCacheBytes)"])
         server.run()
         FileHandle.standardOutput.write(Data("ember-server: stopped\n".utf8))
     }

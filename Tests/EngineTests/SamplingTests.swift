@@ -152,8 +152,7 @@ final class SamplingTests: XCTestCase {
             .generate(prompts: [[5, 6, 7]], n: 3, params: params, options: options)
 
         Compute.setThreads(2)
-        let gen = Generator(model: try model(), tokenizer: nil, slots: 8, capacity: 40)
-        gen.parallelSamplingMinLogits = 1
+        let gen = Generator(model: try model(), tokenizer: nil, slots: 8, capacity: 40, parallelSamplingMinLogits: 1)
         var other = params
         other.seed = 7
         other.temperature = 1.2
@@ -330,8 +329,7 @@ final class SamplingTests: XCTestCase {
         for id in kept { XCTAssertEqual(try roomy.get(id).responseStart, 10) }
 
         // Generation records rollouts with their sampling-time statistics.
-        let gen = Generator(model: try model(), tokenizer: nil, slots: 2, capacity: 16)
-        gen.rolloutStore = RolloutStore(budgetBytes: 1 << 20)
+        let gen = Generator(model: try model(), tokenizer: nil, slots: 2, capacity: 16, rolloutStore: RolloutStore(budgetBytes: 1 << 20))
         var params = SamplingParams(); params.maxTokens = 4; params.seed = 1
         var options = GenerationOptions(); options.proxy = .threshold(0.01)
         let out = try gen.generate(prompts: [[4, 5]], params: params, options: options).results[0][0]

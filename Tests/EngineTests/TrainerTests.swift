@@ -147,7 +147,7 @@ final class TrainerTests: XCTestCase {
                                               optimizer: AdamWSettings(lr: -1))) { e in
             XCTAssertTrue("\(e)".contains("optimizer"))
         }
-        trainer.schedule = .linearWarmup(warmupSteps: 10)
+        trainer.configure(trainer.optimizer.settings, schedule: .linearWarmup(warmupSteps: 10))
         let warm = try trainer.step(items: batch, config: LossConfig(mode: .ppo(ClipOptions())))
         XCTAssertEqual(warm.lr, 2e-4, accuracy: 1e-10, "second optimizer step of a 10-step warm-up")
     }
@@ -183,9 +183,9 @@ final class TrainerStateTests: XCTestCase {
         try trainer.saveState(to: dir)
         for _ in 0..<2 { _ = try trainer.step(items: batch, config: config) }
 
-        let resumedModel = try TransformerModel.load(directory: dir)
+        let resumedModel = try TransformerModel(config: model.configJSON)
         let resumed = Trainer(model: resumedModel)
-        try resumed.loadState(from: dir)
+        try resumed.loadState(from: dir, weights: try TransformerModel.load(directory: dir))
         XCTAssertEqual(resumed.weightsVersion, 2)
         XCTAssertEqual(resumed.optimizer.settings, trainer.optimizer.settings)
         for _ in 0..<2 { _ = try resumed.step(items: batch, config: config) }
@@ -195,9 +195,8 @@ final class TrainerStateTests: XCTestCase {
 
     func testRolloutsBecomeItemsWithAdvantages() throws {
         let model = try TransformerModel.load(directory: fixtureModel("qwen2_tied"))
-        let gen = Generator(model: model, tokenizer: nil, slots: 4, capacity: 24)
         let store = RolloutStore(budgetBytes: 1 << 20)
-        gen.rolloutStore = store
+        let gen = Generator(model: model, tokenizer: nil, slots: 4, capacity: 24, rolloutStore: store)
         var params = SamplingParams(); params.maxTokens = 6; params.seed = 3
         var options = GenerationOptions(); options.proxy = .minP(0.02)
         let out = try gen.generate(prompts: [[1, 2], [3, 4]], n: 2, params: params, options: options)

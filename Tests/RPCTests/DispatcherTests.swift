@@ -8,6 +8,7 @@ import Models
 import RPC
 import TestSupport
 import Tokenizer
+import Weights
 import XCTest
 
 final class DispatcherTests: XCTestCase {
@@ -17,7 +18,10 @@ final class DispatcherTests: XCTestCase {
         Compute.setThreads(2)
         let model = try TransformerModel.load(directory: fixtureModel("qwen2_tied"))
         let tok = try Tokenizer(directory: fixturesDirectory + "/tokenizers/qwen2")
-        dispatcher = Dispatcher(model: model, tokenizer: tok, slots: 8, capacity: 64)
+        var config = Dispatcher.Configuration()
+        config.slots = 8
+        config.capacity = 64
+        dispatcher = Dispatcher(model: model, tokenizer: tok, configuration: config)
     }
 
     /// Calls a method through a full JSON round trip (request encoded, response decoded).
@@ -34,7 +38,7 @@ final class DispatcherTests: XCTestCase {
                      file: StaticString = #filePath, line: UInt = #line) {
         XCTAssertThrowsError(try dispatcher.call(method, params), file: file, line: line) { e in
             guard let r = e as? RPCError else { return XCTFail("\(e)", file: file, line: line) }
-            XCTAssertEqual(r.kind, kind, "\(r)", file: file, line: line)
+            XCTAssertEqual(r.kind.rawValue, kind, "\(r)", file: file, line: line)
             if let path { XCTAssertEqual(r.path, path, "\(r)", file: file, line: line) }
         }
     }
@@ -89,7 +93,34 @@ final class DispatcherTests: XCTestCase {
         XCTAssertEqual(dry["weights_version"] as? Int, 1)
         let released = try call("rollouts.release", ["rollout_ids": [rollouts[0]["rollout_id"]!]])
         XCTAssertEqual(released["released"] as? Int, 1)
-        expectError("train_step", ["rollouts": [rollouts[0]], "loss": ["mode": "ppo"]], kind: "unknown_rollout")
+        expectError("train_step", ["rollouts": [rollouts[0]], "loss": ["mode": "ppo"]], kind: "unknown_rollout",
+                    path: "params.rollouts[0].rollout_id")
+    }
+
+    /// Error kinds travel as types from the engine to the wire: an evicted rollout is
+    /// `evicted_rollout` because the store said so, and no message text decides a kind.
+    func testErrorKindsAreTypedNotReadFromMessages() throws {
+        var config = Dispatcher.Configuration()
+        config.rolloutBudgetBytes = 400    // room for about two short rollouts
+        let d = Dispatcher(model: try TransformerModel.load(directory: fixtureModel("qwen2_tied")), tokenizer: nil, configuration: config)
+        var ids: [Any] = []
+        for seed in 0..<4 {
+            let r = try d.call("generate", ["prompt_tokens": [[1, 2]], "max_tokens": 3, "seed": seed]) as! [String: Any]
+            ids.append(((r["results"] as! [[String: Any]])[0]["samples"] as! [[String: Any]])[0]["rollout_id"]!)
+        }
+        XCTAssertThrowsError(try d.call("train_step", ["rollouts": [["rollout_id": ids[0], "reward": 1.0]], "loss": ["mode": "ppo"]])) { e in
+            XCTAssertEqual((e as? RPCError)?.kind, .evictedRollout)
+            XCTAssertEqual((e as? RPCError)?.path, "params.rollouts[0].rollout_id")
+        }
+        // Messages that mention rollouts or eviction do not change a kind.
+        let worded = Dispatcher.translate(TrainError.invalid(path: "rollouts[0]", reason: "this rollout was evicted"))
+        XCTAssertEqual(worded.kind, .invalidParams)
+        XCTAssertEqual(Dispatcher.translate(TrainError.rollout(index: 2, .unknown("r"))).kind, .unknownRollout)
+        XCTAssertEqual(Dispatcher.translate(TrainError.rollout(index: 2, .evicted("r"))).path, "params.rollouts[2].rollout_id")
+        XCTAssertEqual(Dispatcher.translate(CheckpointStoreError.notFound("x")).kind, .checkpointNotFound)
+        XCTAssertEqual(Dispatcher.translate(GenerationError.overloaded("busy")).kind, .overloaded)
+        // A direct call to cancel is refused: cancellation lives in the scheduler alone.
+        XCTAssertThrowsError(try d.call("cancel", ["request_id": 1])) { XCTAssertEqual(($0 as? RPCError)?.kind, .invalidRequest) }
     }
 
     func testBadCallsNameTheParameter() throws {
@@ -109,12 +140,15 @@ final class DispatcherTests: XCTestCase {
         expectError("train_step", ["batch": [["tokens": [1, 2, 3], "response_start": 1, "advantage": 1]],
                                    "loss": ["mode": "ppo", "kl_coef": 0.1]], kind: "invalid_params", path: "params.loss.kl_coef")
         expectError("optimizer.configure", ["lr": -1], kind: "invalid_params", path: "params.lr")
-        dispatcher.maxRequestTokens = 10
+        let full = dispatcher
+        var small = Dispatcher.Configuration()
+        small.maxRequestTokens = 10
+        dispatcher = Dispatcher(model: try TransformerModel.load(directory: fixtureModel("qwen2_tied")), tokenizer: nil, configuration: small)
         expectError("generate", ["prompt_tokens": [[1, 2]], "max_tokens": 5, "n": 2], kind: "request_too_large", path: "params.max_tokens")
         expectError("logprob", ["sequences": [["tokens": Array(repeating: 1, count: 11), "response_start": 1]]], kind: "request_too_large")
         expectError("train_step", ["batch": [["tokens": Array(repeating: 1, count: 11), "response_start": 1, "advantage": 1]],
                                    "loss": ["mode": "ppo"]], kind: "request_too_large", path: "params.batch")
-        dispatcher.maxRequestTokens = 4 << 20
+        dispatcher = full
         XCTAssertEqual(dispatcher.trainer.weightsVersion, 0, "refused calls change nothing")
         let cfg = try call("optimizer.configure", ["lr": 0.01, "betas": [0.9, 0.95], "schedule": ["type": "linear_warmup", "warmup_steps": 5]])
         XCTAssertEqual((cfg["betas"] as! [NSNumber]).map { $0.floatValue }, [0.9, 0.95])
@@ -127,13 +161,17 @@ final class CheckpointAndReadOnlyTests: XCTestCase {
         let dir = NSTemporaryDirectory() + "ember-ckpt-\(UUID().uuidString)"
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: dir) }
-        let model = try TransformerModel.load(directory: fixtureModel("llama_gqa"))
-        let d = Dispatcher(model: model, tokenizer: nil, slots: 2, capacity: 32)
+        var config = Dispatcher.Configuration()
+        config.slots = 2
+        config.capacity = 32
+        let off = Dispatcher(model: try TransformerModel.load(directory: fixtureModel("llama_gqa")), tokenizer: nil, configuration: config)
+        XCTAssertThrowsError(try off.call("checkpoint.save", ["name": "a"])) { XCTAssertEqual(($0 as? RPCError)?.kind, .checkpointsDisabled) }
+        config.checkpoints = CheckpointStore(directory: dir)
+        var d = Dispatcher(model: try TransformerModel.load(directory: fixtureModel("llama_gqa")), tokenizer: nil, configuration: config)
+        var model: TransformerModel { d.model }
         func err(_ m: String, _ p: [String: Any]) -> RPCError? {
             do { _ = try d.call(m, p); return nil } catch { return error as? RPCError }
         }
-        XCTAssertEqual(err("checkpoint.save", ["name": "a"])?.kind, "checkpoints_disabled")
-        d.checkpointDirectory = dir
         let batch: [[String: Any]] = [["tokens": [1, 2, 3, 4, 5], "response_start": 2, "advantage": 1.0]]
         _ = try d.call("train_step", ["batch": batch, "loss": ["mode": "ppo"], "optimizer": ["lr": 0.01]])
         _ = try d.call("checkpoint.save", ["name": "step-1"])
@@ -150,12 +188,13 @@ final class CheckpointAndReadOnlyTests: XCTestCase {
         for bad in ["../escape", "/etc/passwd", "a/b", "..", ".hidden", "x.v3", ""] {
             XCTAssertEqual(err("checkpoint.save", ["name": bad])?.path, "params.name", bad)
         }
-        XCTAssertEqual(err("checkpoint.load", ["name": "missing"])?.kind, "checkpoint_not_found")
+        XCTAssertEqual(err("checkpoint.load", ["name": "missing"])?.kind.rawValue, "checkpoint_not_found")
 
-        d.readOnly = true
+        config.readOnly = true
+        d = Dispatcher(model: try TransformerModel.load(directory: fixtureModel("llama_gqa")), tokenizer: nil, configuration: config)
         let before = model.parameters.checksum()
         for m in ["train_step", "optimizer.configure", "reference.snapshot", "checkpoint.save", "checkpoint.load"] {
-            XCTAssertEqual(err(m, m == "train_step" ? ["batch": batch, "loss": ["mode": "ppo"]] : ["name": "step-1"])?.kind, "read_only", m)
+            XCTAssertEqual(err(m, m == "train_step" ? ["batch": batch, "loss": ["mode": "ppo"]] : ["name": "step-1"])?.kind.rawValue, "read_only", m)
         }
         XCTAssertNoThrow(try d.call("train_step", ["batch": batch, "loss": ["mode": "ppo"], "dry_run": true]))
         XCTAssertNoThrow(try d.call("logprob", ["sequences": [["tokens": [1, 2, 3], "response_start": 1]]]))

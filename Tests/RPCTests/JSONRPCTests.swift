@@ -91,10 +91,10 @@ final class OpenRPCDocumentTests: XCTestCase {
         let doc = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: path))) as! [String: Any]
         XCTAssertEqual(doc["openrpc"] as? String, "1.3.2")
         let methods = doc["methods"] as! [[String: Any]]
-        XCTAssertEqual(Set(methods.map { $0["name"] as! String }), Set(Dispatcher.methods))
+        XCTAssertEqual(Set(methods.map { $0["name"] as! String }), Set(RPCMethod.names))
         // Every documented parameter is accepted (no unknown-parameter error names it).
         let model = try TransformerModel.load(directory: fixtureModel("qwen2_tied"))
-        let d = Dispatcher(model: model, tokenizer: nil, slots: 2, capacity: 32)
+        let d = Dispatcher(model: model, tokenizer: nil)
         for m in methods {
             let name = m["name"] as! String
             for param in m["params"] as! [[String: Any]] {

@@ -37,7 +37,10 @@ final class Answers: @unchecked Sendable {
 
     func result(_ tag: String) -> [String: Any]? {
         lock.lock(); defer { lock.unlock() }
-        if case let .success(v)? = values[tag] { return v as? [String: Any] }
+        guard case let .success(v)? = values[tag] else { return nil }
+        // Calls answered on the loop come pre-encoded.
+        if let raw = v as? RawJSON { return (try? JSONSerialization.jsonObject(with: Data(raw.text.utf8))) as? [String: Any] }
+        return v as? [String: Any]
         return nil
     }
 
@@ -54,7 +57,10 @@ final class SchedulerTests: XCTestCase {
     func makeScheduler(slots: Int = 8, capacity: Int = 64) throws -> Scheduler {
         Compute.setThreads(2)
         let model = try TransformerModel.load(directory: fixtureModel("qwen2_tied"))
-        return Scheduler(dispatcher: Dispatcher(model: model, tokenizer: nil, slots: slots, capacity: capacity))
+        var config = Dispatcher.Configuration()
+        config.slots = slots
+        config.capacity = capacity
+        return Scheduler(dispatcher: Dispatcher(model: model, tokenizer: nil, configuration: config))
     }
 
     func generateParams(_ prompt: [Int], tokens: Int, seed: Int) -> [String: Any] {
@@ -133,8 +139,8 @@ final class SchedulerTests: XCTestCase {
         s.submit(method: "cancel", params: ["request_id": "job-1"], id: .number("2"), owner: 3, completion: answers.callback("c"))
         s.disconnected(owner: 2)
         XCTAssertTrue(answers.wait(for: ["g", "h", "c"]))
-        XCTAssertEqual(answers.error("g")?.kind, "cancelled")
-        XCTAssertEqual(answers.error("h")?.kind, "cancelled")
+        XCTAssertEqual(answers.error("g")?.kind.rawValue, "cancelled")
+        XCTAssertEqual(answers.error("h")?.kind.rawValue, "cancelled")
         XCTAssertEqual(answers.result("c")?["cancelled"] as? Int, 1)
         // Gauges are published after the pass that cancelled.
         let settle = Date().addingTimeInterval(5)
@@ -162,7 +168,7 @@ final class SchedulerTests: XCTestCase {
         s.stop()
         s.submit(method: "server.info", params: nil, id: .number("2"), owner: 1, completion: answers.callback("late"))
         XCTAssertTrue(answers.wait(for: ["g", "late"]))
-        XCTAssertEqual(answers.error("g")?.kind, "shutting_down")
-        XCTAssertEqual(answers.error("late")?.kind, "shutting_down")
+        XCTAssertEqual(answers.error("g")?.kind.rawValue, "shutting_down")
+        XCTAssertEqual(answers.error("late")?.kind.rawValue, "shutting_down")
     }
 }

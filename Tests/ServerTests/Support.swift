@@ -10,7 +10,6 @@ import Tokenizer
 
 /// A running server; `stop()` ends the scheduler and the loop.
 final class TestServer: @unchecked Sendable {
-    let dispatcher: Dispatcher
     let scheduler: Scheduler
     let server: HTTPServer
     let thread: Thread
@@ -18,12 +17,13 @@ final class TestServer: @unchecked Sendable {
     init(model: String, modelDirectory: String? = nil, tokenizer: String? = nil, slots: Int = 2, capacity: Int = 16, apiKey: String? = nil,
          endpoints: [Endpoint] = [.tcp(host: "127.0.0.1", port: 0)], requestTimeoutMs: UInt64 = 10_000,
          idleTimeoutMs: UInt64 = 60_000, maxConnections: Int = 256, maxBodyBytes: Int = 64 << 20,
-         configure: (Dispatcher) -> Void = { _ in }) throws {
+         configuration: Dispatcher.Configuration = Dispatcher.Configuration()) throws {
         let m = try TransformerModel.load(directory: modelDirectory ?? fixtureModel(model))
         let tok = try tokenizer.map { try Tokenizer(directory: fixturesDirectory + "/tokenizers/" + $0) }
-        dispatcher = Dispatcher(model: m, tokenizer: tok, slots: slots, capacity: capacity)
-        configure(dispatcher)
-        scheduler = Scheduler(dispatcher: dispatcher)
+        var config = configuration
+        config.slots = slots
+        config.capacity = capacity
+        scheduler = Scheduler(dispatcher: Dispatcher(model: m, tokenizer: tok, configuration: config))
         server = try HTTPServer(endpoints: endpoints, maxBodyBytes: maxBodyBytes, requestTimeoutMs: requestTimeoutMs,
                                 idleTimeoutMs: idleTimeoutMs, maxConnections: maxConnections,
                                 handler: Router.makeHandler(scheduler: scheduler, apiKey: apiKey, modelName: "test-model"))

@@ -9,12 +9,15 @@ import RPC
 
 let fixture = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("../../Tests/Fixtures/models/qwen2_tied").path
 Compute.setThreads(1)
-let dispatcher: Dispatcher = {
-    let d = Dispatcher(model: try! TransformerModel.load(directory: fixture), tokenizer: nil, slots: 2, capacity: 32,
-                       rolloutBudgetBytes: 1 << 20)
-    d.maxRequestTokens = 128
-    d.readOnly = true   // state-changing calls are refused early: each input sees the same model
-    return d
+// libFuzzer calls the harness on one thread.
+nonisolated(unsafe) let dispatcher: Dispatcher = {
+    var config = Dispatcher.Configuration()
+    config.slots = 2
+    config.capacity = 32
+    config.rolloutBudgetBytes = 1 << 20
+    config.maxRequestTokens = 128
+    config.readOnly = true   // state-changing calls are refused early: each input sees the same model
+    return Dispatcher(model: try! TransformerModel.load(directory: fixture), tokenizer: nil, configuration: config)
 }()
 
 runFuzzer { data, size in

@@ -5,6 +5,6 @@
     out = c.generate(prompts=["2+2="], n=4, max_tokens=8, temperature=1.0)
 """
 from .client import Client, EmberError, TransportError
+from .protocol import VERSION as __version__
 
 __all__ = ["Client", "EmberError", "TransportError"]
-__version__ = "0.1.0"

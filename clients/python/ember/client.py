@@ -38,8 +38,10 @@ class TransportError(Exception):
         super().__init__(message if status is None else f"{message} (HTTP {status}: {body[:200]})")
 
 
-#: Calls that change no state: safe to retry after a dropped connection.
-READ_ONLY = {"server.info", "tokenize", "detokenize", "logprob", "checkpoint.list"}
+from .protocol import RETRY_SAFE
+
+#: Calls that change no state: safe to retry after a dropped connection (the server's table).
+READ_ONLY = RETRY_SAFE
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -127,7 +129,7 @@ class Client:
         payload = {"jsonrpc": "2.0", "method": method, "id": rid}
         if params:
             payload["params"] = {k: v for k, v in params.items() if v is not None}
-        status, body = self.request("POST", "/rpc", json.dumps(payload).encode(), retry=method in READ_ONLY)
+        status, body = self.request("POST", "/rpc", json.dumps(payload).encode(), retry=method in RETRY_SAFE)
         return self._result(status, body)
 
     @staticmethod
@@ -204,6 +206,11 @@ class Client:
 
     def info(self) -> dict:
         return self.call("server.info")
+
+    def loss_defaults(self) -> dict:
+        """Every loss mode's options and defaults as the server applies them:
+        {"common": {...}, "modes": {mode: {option: default or None}}}."""
+        return self.info()["loss_defaults"]
 
     def tokenize(self, text: Optional[str] = None, texts: Optional[Sequence[str]] = None, add_special_tokens: bool = True):
         r = self.call("tokenize", {"text": text, "texts": list(texts) if texts is not None else None,

@@ -239,9 +239,6 @@ def main(argv=None) -> int:
     options.update(json.loads(args.loss_options))
     loss = {"mode": args.loss or mode, **options,
             "entropy_coef": args.entropy_coef if args.entropy_coef is not None else entropy}
-    proxy = None
-    if loss["mode"] == "lp_reg":
-        proxy = {"threshold": loss["threshold"]} if "threshold" in loss else {"min_p": loss.get("min_p", 0.02)}
 
     server = None
     if args.start_server:
@@ -253,6 +250,12 @@ def main(argv=None) -> int:
     try:
         client.wait_until_healthy(60)
         info = client.info()
+        # Sample with the proxy the loss will use, so train_step reuses the sampling-time proxy
+        # log-probabilities; the default kappa is the server's.
+        proxy = None
+        if loss["mode"] == "lp_reg":
+            proxy = {"threshold": loss["threshold"]} if "threshold" in loss else \
+                {"min_p": loss.get("min_p", info["loss_defaults"]["modes"]["lp_reg"]["min_p"])}
         start = 0
         metrics: List[dict] = []
         evals: List[dict] = []

@@ -1,11 +1,14 @@
-"""Live answers validate against Protocol/openrpc.json's result schemas, and the methods served
-are exactly the methods documented."""
+"""Live answers validate against Protocol/openrpc.json's result schemas, the methods served are
+exactly the methods documented, and the client's generated protocol module states the same tables
+as the spec and the server."""
 import json
 import os
 
+import jsonschema  # a test dependency (scripts/setup-python installs it): missing means failing, not skipping
 import pytest
 
-jsonschema = pytest.importorskip("jsonschema")
+import ember
+from ember import protocol
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 DOC = json.load(open(os.path.join(ROOT, "Protocol", "openrpc.json")))
@@ -20,7 +23,28 @@ def validate(schema, value):
 
 
 def test_served_methods_are_documented(client):
-    assert set(client.info()["capabilities"]) == set(METHODS)
+    assert client.info()["capabilities"] == list(METHODS)
+
+
+def test_client_protocol_module_matches_the_spec_and_the_server(client):
+    assert list(protocol.METHODS) == list(METHODS)
+    for name, traits in protocol.METHODS.items():
+        assert METHODS[name]["x-ember"] == traits, name
+    assert protocol.ERROR_CODES == {e["data"]["kind"]: e["code"] for e in DOC["components"]["errors"].values()}
+    assert protocol.VERSION == DOC["info"]["version"] == client.info()["version"] == ember.__version__
+    # The retry set is the table's: exactly the methods that change nothing.
+    assert protocol.RETRY_SAFE == {n for n, m in METHODS.items() if m["x-ember"]["retry_safe"]}
+    assert protocol.RETRY_SAFE == {"server.info", "tokenize", "detokenize", "logprob", "checkpoint.list"}
+
+
+def test_loss_defaults_come_from_the_server(client):
+    defaults = client.loss_defaults()
+    assert defaults == DOC["components"]["schemas"]["Loss"]["x-ember-defaults"]
+    assert defaults["modes"]["lp_reg"]["min_p"] == 0.02 and defaults["modes"]["ppo"]["eps_high"] == 0.2
+    with pytest.raises(ember.EmberError) as e:
+        client.train_step(loss={"mode": "ppo", "eps_hihg": 0.28}, batch=[{"tokens": [1, 2, 3], "response_start": 1, "advantage": 1.0}],
+                          dry_run=True)
+    assert e.value.path == "params.loss.eps_hihg", "a misspelt loss option is refused, never ignored"
 
 
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
