@@ -2,41 +2,50 @@
 // for i < HS/2, (x_i, x_{i+HS/2}) is rotated by angle pos · invFreq[i].
 import Foundation
 
-/// Inverse frequencies and their scaling (`rope_scaling` of config.json).
+/// Inverse frequencies and their scaling (`rope_scaling` of config.json). Every table is computed
+/// as transformers computes it: in fp32, one rounding per operation, in the same order (its
+/// tables are part of the model's definition; a float64 transformers run keeps them too). A
+/// table computed more exactly differs from it by an ulp here and there, and at a few hundred
+/// positions that moves log-probabilities by more than fp32's own error.
 public struct RopeFrequencies: Sendable, Equatable {
     public let invFreq: [Float]   // [HS/2]
 
-    /// Plain RoPE: invFreq[i] = 1 / theta^(2i / dim), computed in fp32 as transformers does.
+    /// Plain RoPE: `inv_freq = 1.0 / (base ** (arange(0, dim, 2).float() / dim))`: the exponent
+    /// in fp32, the power rounded to fp32 (correctly rounded here; PyTorch's vectorized powf is
+    /// within one ulp of it), then its reciprocal in fp32.
     public init(headDim: Int, theta: Double) {
         let dim = Float(headDim)
+        let base = Double(Float(theta))
         invFreq = (0..<(headDim / 2)).map { i in
-            Float(1.0 / pow(theta, Double(Float(2 * i) / dim)))
+            let exponent = Float(2 * i) / dim
+            return 1 / Float(Foundation.pow(base, Double(exponent)))
         }
     }
 
     public init(invFreq: [Float]) { self.invFreq = invFreq }
 
-    /// `rope_type: linear`: positions divided by `factor`.
+    /// `rope_type: linear`: positions divided by `factor` (`inv_freq / factor` in fp32).
     public func linear(factor: Double) -> RopeFrequencies {
-        RopeFrequencies(invFreq: invFreq.map { Float(Double($0) / factor) })
+        let f = Float(factor)
+        return RopeFrequencies(invFreq: invFreq.map { $0 / f })
     }
 
-    /// `rope_type: llama3` (Llama 3.1+): low frequencies divided by `factor`, high kept,
-    /// a smooth blend between (transformers `_compute_llama3_parameters`).
+    /// `rope_type: llama3` (Llama 3.1+): low frequencies divided by `factor`, high ones kept, a
+    /// smooth blend between (transformers `_compute_llama3_parameters`, op for op in fp32).
     public func llama3(factor: Double, lowFreqFactor: Double, highFreqFactor: Double,
                        originalMaxPositions: Double) -> RopeFrequencies {
-        let lowWavelen = originalMaxPositions / lowFreqFactor
-        let highWavelen = originalMaxPositions / highFreqFactor
-        return RopeFrequencies(invFreq: invFreq.map { f32 in
-            let f = Double(f32)
-            let wavelen = 2 * Double.pi / f
-            var scaled = wavelen > lowWavelen ? f / factor : f
+        let lowWavelen = Float(originalMaxPositions / lowFreqFactor)
+        let highWavelen = Float(originalMaxPositions / highFreqFactor)
+        let factor32 = Float(factor), low32 = Float(lowFreqFactor), span = Float(highFreqFactor - lowFreqFactor)
+        let twoPi = Float(2 * Double.pi), context = Float(originalMaxPositions)
+        return RopeFrequencies(invFreq: invFreq.map { f in
+            // `scalar / tensor` is `tensor.reciprocal() * scalar` in PyTorch.
+            let wavelen = (1 / f) * twoPi
+            let kept = wavelen > lowWavelen ? f / factor32 : f
+            let smooth = ((1 / wavelen) * context - low32) / span
+            let smoothed = (1 - smooth) * kept / factor32 + smooth * kept
             let isMedium = !(wavelen < highWavelen) && !(wavelen > lowWavelen)
-            if isMedium {
-                let smooth = (originalMaxPositions / wavelen - lowFreqFactor) / (highFreqFactor - lowFreqFactor)
-                scaled = (1 - smooth) * scaled / factor + smooth * scaled
-            }
-            return Float(scaled)
+            return isMedium ? smoothed : kept
         })
     }
 
