@@ -1,47 +1,70 @@
-// Llama 2 / Llama 3 (incl. llama3 RoPE scaling). Mirrors transformers
-// `models/llama/modeling_llama.py` and mlx-swift-lm `Llama.swift`.
+// Llama 2 / Llama 3 (with llama3 RoPE scaling) and Mistral, one implementation. Mistral is
+// Llama's layout with two differences, written out below: a sliding attention window on every
+// layer, and its own config defaults. Mirrors transformers `models/llama/modeling_llama.py` and
+// `models/mistral/modeling_mistral.py`, and mlx-swift-lm `Llama.swift` (which serves both).
 import Foundation
 import Kernels
 
 public enum Llama: ModelFamily {
-    public static let modelTypes = ["llama"]
+    public static let modelTypes = ["llama", "mistral"]
     public static let optionalPrefix = "model."
 
-    /// config.json fields; absent ones take transformers' `LlamaConfig` defaults below.
+    /// config.json fields; absent ones take the defaults of transformers' `LlamaConfig` or
+    /// `MistralConfig` (`Defaults`).
     struct Config: Decodable {
+        var modelType: String?
         var vocabSize, hiddenSize, intermediateSize, numHiddenLayers, numAttentionHeads: Int?
-        var numKeyValueHeads, headDim, maxPositionEmbeddings: Int?
+        var numKeyValueHeads, headDim, maxPositionEmbeddings, slidingWindow: Int?
         var rmsNormEps, ropeTheta: Double?
         var ropeScaling, ropeParameters: RopeConfig?
         var attentionBias, mlpBias, tieWordEmbeddings: Bool?
         var hiddenAct: String?
 
         enum CodingKeys: String, CodingKey {
+            case modelType = "model_type"
             case vocabSize = "vocab_size", hiddenSize = "hidden_size", intermediateSize = "intermediate_size"
             case numHiddenLayers = "num_hidden_layers", numAttentionHeads = "num_attention_heads"
             case numKeyValueHeads = "num_key_value_heads", headDim = "head_dim"
-            case maxPositionEmbeddings = "max_position_embeddings", rmsNormEps = "rms_norm_eps"
-            case ropeTheta = "rope_theta", ropeScaling = "rope_scaling", ropeParameters = "rope_parameters"
+            case maxPositionEmbeddings = "max_position_embeddings", slidingWindow = "sliding_window"
+            case rmsNormEps = "rms_norm_eps", ropeTheta = "rope_theta"
+            case ropeScaling = "rope_scaling", ropeParameters = "rope_parameters"
             case attentionBias = "attention_bias", mlpBias = "mlp_bias"
             case tieWordEmbeddings = "tie_word_embeddings", hiddenAct = "hidden_act"
         }
     }
 
+    /// Values of fields a config.json may omit.
+    struct Defaults {
+        let vocabSize: Int, kvHeads: Int?, intermediateSize: Int, maxPositions: Int
+    }
+    static let llamaDefaults = Defaults(vocabSize: 32000, kvHeads: nil, intermediateSize: 11008, maxPositions: 2048)
+    static let mistralDefaults = Defaults(vocabSize: 32000, kvHeads: 8, intermediateSize: 14336, maxPositions: 131072)
+
     public static func architecture(config: Data) throws -> Architecture {
         let c = try JSONDecoder().decode(Config.self, from: config)
+        let isMistral = c.modelType == "mistral"
+        let d = isMistral ? mistralDefaults : llamaDefaults
         try requireSilu(c.hiddenAct)
         let hidden = c.hiddenSize ?? 4096, heads = c.numAttentionHeads ?? 32, layers = c.numHiddenLayers ?? 32
         let headDim = try resolveHeadDim(c.headDim, hidden: hidden, heads: heads)
         let rope = try RopeConfig.frequencies(parameters: c.ropeParameters, legacyTheta: c.ropeTheta,
                                               legacyScaling: c.ropeScaling, defaultTheta: 10000, headDim: headDim)
+        // Mistral: every layer attends within `sliding_window` tokens; an absent key means
+        // MistralConfig's 4096, an explicit null means no window. Llama attends to the whole prefix.
+        var window = 0
+        if isMistral {
+            let raw = (try? JSONSerialization.jsonObject(with: config)) as? [String: Any] ?? [:]
+            window = raw.keys.contains("sliding_window") ? (c.slidingWindow ?? 0) : 4096
+            if window < 0 { throw ModelError.invalidConfig(field: "sliding_window", reason: "must be positive or null") }
+        }
         let attentionBias = c.attentionBias ?? false
         return Architecture(
-            modelType: "llama", vocabSize: c.vocabSize ?? 32000, hiddenSize: hidden, layers: layers,
-            heads: heads, kvHeads: c.numKeyValueHeads ?? heads, headDim: headDim,
-            intermediateSize: c.intermediateSize ?? 11008, maxPositions: c.maxPositionEmbeddings ?? 2048,
+            modelType: isMistral ? "mistral" : "llama", vocabSize: c.vocabSize ?? d.vocabSize, hiddenSize: hidden, layers: layers,
+            heads: heads, kvHeads: c.numKeyValueHeads ?? d.kvHeads ?? heads, headDim: headDim,
+            intermediateSize: c.intermediateSize ?? d.intermediateSize, maxPositions: c.maxPositionEmbeddings ?? d.maxPositions,
             norm: .rms, normEps: Float(c.rmsNormEps ?? 1e-6), position: .rope(rope), mlp: .swiglu,
             qkvBias: attentionBias, outputBias: attentionBias, mlpBias: c.mlpBias ?? false, qkNorm: false,
-            tiedEmbeddings: c.tieWordEmbeddings ?? false, layerWindows: Array(repeating: 0, count: max(0, layers)))
+            tiedEmbeddings: c.tieWordEmbeddings ?? false, layerWindows: Array(repeating: window, count: max(0, layers)))
     }
 
     public static func bindings(_ arch: Architecture) -> [TensorBinding] {

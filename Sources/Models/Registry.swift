@@ -22,7 +22,7 @@ public struct TensorBinding: Sendable, Equatable {
 }
 
 /// A model family: decodes its config and names its tensors.
-public protocol ModelFamily {
+public protocol ModelFamily: Sendable {
     static var modelTypes: [String] { get }
     /// Decodes and validates config.json.
     static func architecture(config: Data) throws -> Architecture
@@ -33,7 +33,7 @@ public protocol ModelFamily {
 }
 
 public enum ModelRegistry {
-    public static let families: [any ModelFamily.Type] = [Llama.self, Mistral.self, Qwen2.self, Qwen3.self, GPT2.self]
+    public static let families: [any ModelFamily.Type] = [Llama.self, Qwen.self, GPT2.self]
 
     public static var supportedTypes: [String] { families.flatMap { $0.modelTypes }.sorted() }
 

@@ -34,10 +34,16 @@ public enum InputError: Error, CustomStringConvertible, Equatable {
     }
 }
 
-/// Offsets of one layer's slots in the flat parameter buffer (-1 where a family has none).
+/// Offsets of one layer's slots in the flat parameter buffer; nil where the family has none.
 struct LayerOffsets {
-    var attnNormW = -1, attnNormB = -1, qkvW = -1, qkvB = -1, qNormW = -1, kNormW = -1
-    var oW = -1, oB = -1, mlpNormW = -1, mlpNormB = -1, mlpInW = -1, mlpInB = -1, mlpOutW = -1, mlpOutB = -1
+    let attnNormW: Int, attnNormB: Int?
+    let qkvW: Int, qkvB: Int?
+    /// Per-head q and k RMSNorm weights (Qwen3).
+    let qNormW: Int?, kNormW: Int?
+    let oW: Int, oB: Int?
+    let mlpNormW: Int, mlpNormB: Int?
+    let mlpInW: Int, mlpInB: Int?
+    let mlpOutW: Int, mlpOutB: Int?
 }
 
 /// What the backward pass needs from one layer's forward.
@@ -101,9 +107,11 @@ public final class TransformerModel: @unchecked Sendable {
 
     let layerOffsets: [LayerOffsets]
     let embedOffset: Int
-    let positionEmbedOffset: Int
+    /// Learned position embeddings (GPT-2); nil with RoPE.
+    let positionEmbedOffset: Int?
     let finalNormW: Int
-    let finalNormB: Int
+    /// LayerNorm's bias; nil with RMSNorm.
+    let finalNormB: Int?
     /// Offset of the unembedding matrix [V, C]: the embedding itself when tied.
     let headOffset: Int
 
@@ -148,30 +156,27 @@ public final class TransformerModel: @unchecked Sendable {
         let C = arch.hiddenSize
         var layout = ParameterLayout()
         embedOffset = layout.add(Slot.embed, [arch.vocabSize, C])
-        positionEmbedOffset = arch.position == .learned ? layout.add(Slot.positionEmbed, [arch.maxPositions, C]) : -1
+        positionEmbedOffset = arch.position == .learned ? layout.add(Slot.positionEmbed, [arch.maxPositions, C]) : nil
         var offsets: [LayerOffsets] = []
         for i in 0..<arch.layers {
-            var o = LayerOffsets()
-            o.attnNormW = layout.add(Slot.layer(i, "attn_norm.weight"), [C])
-            if arch.norm == .layer { o.attnNormB = layout.add(Slot.layer(i, "attn_norm.bias"), [C]) }
-            o.qkvW = layout.add(Slot.layer(i, "qkv.weight"), [arch.qkvWidth, C])
-            if arch.qkvBias { o.qkvB = layout.add(Slot.layer(i, "qkv.bias"), [arch.qkvWidth]) }
-            if arch.qkNorm {
-                o.qNormW = layout.add(Slot.layer(i, "q_norm.weight"), [arch.headDim])
-                o.kNormW = layout.add(Slot.layer(i, "k_norm.weight"), [arch.headDim])
+            // Slots in layout order (the order of the flat buffer).
+            func add(_ name: String, _ shape: [Int], if present: Bool = true) -> Int? {
+                present ? layout.add(Slot.layer(i, name), shape) : nil
             }
-            o.oW = layout.add(Slot.layer(i, "o.weight"), [C, arch.attentionWidth])
-            if arch.outputBias { o.oB = layout.add(Slot.layer(i, "o.bias"), [C]) }
-            o.mlpNormW = layout.add(Slot.layer(i, "mlp_norm.weight"), [C])
-            if arch.norm == .layer { o.mlpNormB = layout.add(Slot.layer(i, "mlp_norm.bias"), [C]) }
-            o.mlpInW = layout.add(Slot.layer(i, "mlp_in.weight"), [arch.mlpInWidth, C])
-            if arch.mlpBias { o.mlpInB = layout.add(Slot.layer(i, "mlp_in.bias"), [arch.mlpInWidth]) }
-            o.mlpOutW = layout.add(Slot.layer(i, "mlp_out.weight"), [C, arch.intermediateSize])
-            if arch.mlpBias { o.mlpOutB = layout.add(Slot.layer(i, "mlp_out.bias"), [C]) }
-            offsets.append(o)
+            let layerNorm = arch.norm == .layer
+            let attnNormW = add("attn_norm.weight", [C])!, attnNormB = add("attn_norm.bias", [C], if: layerNorm)
+            let qkvW = add("qkv.weight", [arch.qkvWidth, C])!, qkvB = add("qkv.bias", [arch.qkvWidth], if: arch.qkvBias)
+            let qNormW = add("q_norm.weight", [arch.headDim], if: arch.qkNorm), kNormW = add("k_norm.weight", [arch.headDim], if: arch.qkNorm)
+            let oW = add("o.weight", [C, arch.attentionWidth])!, oB = add("o.bias", [C], if: arch.outputBias)
+            let mlpNormW = add("mlp_norm.weight", [C])!, mlpNormB = add("mlp_norm.bias", [C], if: layerNorm)
+            let mlpInW = add("mlp_in.weight", [arch.mlpInWidth, C])!, mlpInB = add("mlp_in.bias", [arch.mlpInWidth], if: arch.mlpBias)
+            let mlpOutW = add("mlp_out.weight", [C, arch.intermediateSize])!, mlpOutB = add("mlp_out.bias", [C], if: arch.mlpBias)
+            offsets.append(LayerOffsets(attnNormW: attnNormW, attnNormB: attnNormB, qkvW: qkvW, qkvB: qkvB, qNormW: qNormW,
+                                        kNormW: kNormW, oW: oW, oB: oB, mlpNormW: mlpNormW, mlpNormB: mlpNormB,
+                                        mlpInW: mlpInW, mlpInB: mlpInB, mlpOutW: mlpOutW, mlpOutB: mlpOutB))
         }
         finalNormW = layout.add(Slot.finalNormWeight, [C])
-        finalNormB = arch.norm == .layer ? layout.add(Slot.finalNormBias, [C]) : -1
+        finalNormB = arch.norm == .layer ? layout.add(Slot.finalNormBias, [C]) : nil
         headOffset = arch.tiedEmbeddings ? embedOffset : layout.add(Slot.lmHead, [arch.vocabSize, C])
         layerOffsets = offsets
         parameters = ParameterStore(layout: layout)
@@ -314,7 +319,7 @@ public final class TransformerModel: @unchecked Sendable {
         let kvW = a.kvWidth
         let w = parameters.values
         let shape = AttentionShape(heads: NH, kvHeads: NKV, headSize: HS, scale: 1 / Float(HS).squareRoot())
-        let opt = { (o: Int) -> UnsafeMutablePointer<Float>? in o >= 0 ? w + o : nil }
+        let opt = { (o: Int?) -> UnsafeMutablePointer<Float>? in o.map { w + $0 } }
 
         let x = FloatBuffer(T * C)
         let xn = FloatBuffer(T * C), proj = FloatBuffer(T * C), h = FloatBuffer(T * I)
@@ -365,12 +370,12 @@ public final class TransformerModel: @unchecked Sendable {
             let qkv = act?.qkv.pointer ?? scratchQKV!.pointer
             linearForward(qkv, xn.pointer, w + o.qkvW, opt(o.qkvB), rows: T, inFeatures: C, outFeatures: Q,
                           packed: packed(o.qkvW, rows: Q, columns: C))
-            if a.qkNorm {
+            if let qNormW = o.qNormW, let kNormW = o.kNormW {
                 if let act { act.qkvRaw.pointer.update(from: qkv, count: T * Q) }
                 let rstd = act?.headRstd.pointer
-                headRMSNormForward(qkv, rstd, qkv, w + o.qNormW, rows: T, rowStride: Q, heads: NH,
+                headRMSNormForward(qkv, rstd, qkv, w + qNormW, rows: T, rowStride: Q, heads: NH,
                                    headSize: HS, eps: a.normEps)
-                headRMSNormForward(qkv + A, rstd.map { $0 + T * NH }, qkv + A, w + o.kNormW, rows: T,
+                headRMSNormForward(qkv + A, rstd.map { $0 + T * NH }, qkv + A, w + kNormW, rows: T,
                                    rowStride: Q, heads: NKV, headSize: HS, eps: a.normEps)
             }
             if case .rope = a.position {
@@ -433,13 +438,14 @@ public final class TransformerModel: @unchecked Sendable {
 
     @inline(__always)
     private func norm(_ out: UnsafeMutablePointer<Float>, mean: UnsafeMutablePointer<Float>,
-                      rstd: UnsafeMutablePointer<Float>, _ x: UnsafePointer<Float>, _ wOff: Int, _ bOff: Int, rows: Int) {
+                      rstd: UnsafeMutablePointer<Float>, _ x: UnsafePointer<Float>, _ wOff: Int, _ bOff: Int?, rows: Int) {
         let w = parameters.values, a = architecture
         switch a.norm {
         case .rms:
             rmsNormForward(out, rstd, x, w + wOff, rows: rows, channels: a.hiddenSize, eps: a.normEps)
         case .layer:
-            layerNormForward(out, mean, rstd, x, w + wOff, w + bOff, rows: rows, channels: a.hiddenSize, eps: a.normEps)
+            // A LayerNorm layout always has the bias slot.
+            layerNormForward(out, mean, rstd, x, w + wOff, w + bOff!, rows: rows, channels: a.hiddenSize, eps: a.normEps)
         }
     }
 
@@ -499,7 +505,7 @@ public final class TransformerModel: @unchecked Sendable {
         let M = a.mlpInWidth, I = a.intermediateSize, NH = a.heads, NKV = a.kvHeads, HS = a.headDim
         let w = parameters.values, g = parameters.gradients
         let shape = AttentionShape(heads: NH, kvHeads: NKV, headSize: HS, scale: 1 / Float(HS).squareRoot())
-        let opt = { (o: Int) -> UnsafeMutablePointer<Float>? in o >= 0 ? g + o : nil }
+        let opt = { (o: Int?) -> UnsafeMutablePointer<Float>? in o.map { g + $0 } }
 
         let dx = FloatBuffer(T * C)          // d(loss)/d(residual stream)
         let xn = FloatBuffer(T * C), dxn = FloatBuffer(T * C)
@@ -538,11 +544,11 @@ public final class TransformerModel: @unchecked Sendable {
                 ropeBackward(dqkv.pointer, rows: T, rowStride: Q, heads: NH + NKV, headSize: HS,
                              cos: acts.cos.pointer, sin: acts.sin.pointer)
             }
-            if a.qkNorm {
-                headRMSNormBackward(dqkv.pointer, g + o.qNormW, dqkv.pointer, act.qkvRaw.pointer, w + o.qNormW,
+            if let qNormW = o.qNormW, let kNormW = o.kNormW {
+                headRMSNormBackward(dqkv.pointer, g + qNormW, dqkv.pointer, act.qkvRaw.pointer, w + qNormW,
                                     act.headRstd.pointer, rows: T, rowStride: Q, heads: NH, headSize: HS)
-                headRMSNormBackward(dqkv.pointer + A, g + o.kNormW, dqkv.pointer + A, act.qkvRaw.pointer + A,
-                                    w + o.kNormW, act.headRstd.pointer + T * NH, rows: T, rowStride: Q,
+                headRMSNormBackward(dqkv.pointer + A, g + kNormW, dqkv.pointer + A, act.qkvRaw.pointer + A,
+                                    w + kNormW, act.headRstd.pointer + T * NH, rows: T, rowStride: Q,
                                     heads: NKV, headSize: HS)
             }
             linearBackward(dxn.pointer, g + o.qkvW, opt(o.qkvB), dqkv.pointer, xn.pointer, w + o.qkvW,
@@ -554,23 +560,23 @@ public final class TransformerModel: @unchecked Sendable {
         acts.tokens.withUnsafeBufferPointer { ids in
             embeddingBackward(g + embedOffset, dx.pointer, ids: ids.baseAddress!, rows: T, channels: C)
         }
-        if positionEmbedOffset >= 0 {
+        if let positionEmbed = positionEmbedOffset {
             acts.positions.withUnsafeBufferPointer { pos in
-                embeddingBackward(g + positionEmbedOffset, dx.pointer, ids: pos.baseAddress!, rows: T, channels: C)
+                embeddingBackward(g + positionEmbed, dx.pointer, ids: pos.baseAddress!, rows: T, channels: C)
             }
         }
     }
 
     @inline(__always)
     private func normBackward(_ dx: UnsafeMutablePointer<Float>, accumulate: Bool, _ dOut: UnsafePointer<Float>,
-                              _ x: UnsafePointer<Float>, _ wOff: Int, _ bOff: Int,
+                              _ x: UnsafePointer<Float>, _ wOff: Int, _ bOff: Int?,
                               mean: UnsafePointer<Float>, rstd: UnsafePointer<Float>, rows: Int) {
         let w = parameters.values, g = parameters.gradients, C = architecture.hiddenSize
         switch architecture.norm {
         case .rms:
             rmsNormBackward(dx, g + wOff, dOut, x, w + wOff, rstd, rows: rows, channels: C, accumulateInput: accumulate)
         case .layer:
-            layerNormBackward(dx, g + wOff, g + bOff, dOut, x, w + wOff, mean, rstd, rows: rows, channels: C,
+            layerNormBackward(dx, g + wOff, g + bOff!, dOut, x, w + wOff, mean, rstd, rows: rows, channels: C,
                               accumulateInput: accumulate)
         }
     }
