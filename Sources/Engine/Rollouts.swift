@@ -38,7 +38,8 @@ public enum RolloutError: Error, CustomStringConvertible, Equatable {
     }
 }
 
-public final class RolloutStore: @unchecked Sendable {
+/// Not Sendable: one thread owns it (the server's compute thread, through the dispatcher).
+public final class RolloutStore {
     public let budgetBytes: Int
     private var items: [String: Rollout] = [:]
     private var order: [String] = []          // insertion order (oldest first)
@@ -47,7 +48,6 @@ public final class RolloutStore: @unchecked Sendable {
     private var evictedOrder: [String] = []
     private var next: UInt64 = 1
     private let prefix: String
-    private let lock = NSLock()
     public private(set) var bytes = 0
 
     public init(budgetBytes: Int) {
@@ -55,13 +55,12 @@ public final class RolloutStore: @unchecked Sendable {
         prefix = String(UInt32.random(in: 0...UInt32.max), radix: 36)
     }
 
-    public var count: Int { lock.lock(); defer { lock.unlock() }; return items.count }
+    public var count: Int { return items.count }
     /// Ids the eviction order still tracks (stored plus released ones not yet compacted away).
-    public var trackedIds: Int { lock.lock(); defer { lock.unlock() }; return order.count - head }
+    public var trackedIds: Int { return order.count - head }
 
     /// Stores a rollout and returns its new id, evicting the oldest ones beyond the budget.
     public func add(_ r: Rollout) -> String {
-        lock.lock(); defer { lock.unlock() }
         let id = "r-\(prefix)-\(next)"
         next += 1
         items[id] = r
@@ -82,7 +81,6 @@ public final class RolloutStore: @unchecked Sendable {
     }
 
     public func get(_ id: String) throws -> Rollout {
-        lock.lock(); defer { lock.unlock() }
         if let r = items[id] { return r }
         throw evictedIds.contains(id) ? RolloutError.evicted(id) : RolloutError.unknown(id)
     }
@@ -90,7 +88,6 @@ public final class RolloutStore: @unchecked Sendable {
     /// Frees rollouts; returns how many were present.
     @discardableResult
     public func release(_ ids: [String]) -> Int {
-        lock.lock(); defer { lock.unlock() }
         var n = 0
         for id in ids {
             if let r = items.removeValue(forKey: id) { bytes -= r.byteCount; n += 1 }

@@ -3,7 +3,7 @@
 // cost a page fault and a clear each (13% of a tiny-model step before the pool).
 import Foundation
 
-public final class FloatBuffer: @unchecked Sendable {
+public final class FloatBuffer {
     public let pointer: UnsafeMutablePointer<Float>
     public let count: Int
     private let capacity: Int
@@ -26,6 +26,7 @@ public final class FloatBuffer: @unchecked Sendable {
 }
 
 /// Free buffers by size class, up to `limitBytes` in all (oldest released first beyond it).
+/// Sendable by hand: every thread takes and gives buffers; the lists live under `lock`.
 public final class BufferPool: @unchecked Sendable {
     public static let shared = BufferPool()
 
@@ -34,7 +35,7 @@ public final class BufferPool: @unchecked Sendable {
     private var order: [(Int, UnsafeMutablePointer<Float>)] = []
     private var pooled = 0
     /// Bytes the pool may keep while unused.
-    public var limitBytes = 6 << 30
+    public let limitBytes = 6 << 30
 
     /// Sizes are rounded up to a class at most 12.5% larger, so similar shapes share buffers.
     static func sizeClass(_ n: Int) -> Int {

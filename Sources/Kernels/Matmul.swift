@@ -41,7 +41,7 @@ let rowBlock = 96
 /// A weight matrix W[N, K] re-laid as panels of 16 columns: panel p holds W[16p..<16p+16, k]
 /// for k = 0..<K, lane-contiguous (zero-padded past N). Built once per weights version for
 /// decoding; `project` packs on the fly otherwise.
-public final class PackedMatrix: @unchecked Sendable {
+public final class PackedMatrix {
     public let rows: Int      // N (output features)
     public let columns: Int   // K (input features)
     let panels: UnsafeMutablePointer<Float>

@@ -7,6 +7,8 @@
 import Foundation
 import Synchronization
 
+/// Sendable by hand: workers and the caller meet through atomics and a condition; each region's
+/// closure writes disjoint outputs.
 final class SpinPool: @unchecked Sendable {
     /// Worker threads besides the caller.
     let extra: Int

@@ -2,7 +2,7 @@
 // NKV·HS keys and the same of values, contiguous so a query reads them with one stride.
 import Kernels
 
-public final class KVCache: @unchecked Sendable {
+public final class KVCache {
     public let layers: Int
     public let slots: Int
     public let capacity: Int

@@ -97,7 +97,7 @@ public final class Activations {
     }
 }
 
-public final class TransformerModel: @unchecked Sendable {
+public final class TransformerModel {
     public let architecture: Architecture
     public let family: any ModelFamily.Type
     public let parameters: ParameterStore

@@ -18,13 +18,15 @@ public enum RequestID: Sendable, Equatable, Hashable {
     }
 }
 
-/// A decoded JSON value handed between threads (JSONSerialization's trees are immutable once built).
+/// A decoded JSON value handed between threads.
+/// Sendable by hand: JSONSerialization's trees are immutable once built.
 public struct JSONValue: @unchecked Sendable {
     public let value: Any?
     public init(_ value: Any?) { self.value = value }
 }
 
 /// One decoded call.
+/// Sendable by hand: `params` is an immutable JSONSerialization tree.
 public struct RPCRequest: @unchecked Sendable {
     public let method: String
     /// `params` as sent: an object, an array, or absent (nil).

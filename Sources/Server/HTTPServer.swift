@@ -34,6 +34,7 @@ public enum Endpoint: Sendable, CustomStringConvertible {
 
 /// Answers one request, from any thread, exactly once: `respond` with a whole response, or
 /// `startStream`, any number of `send`, then `finish` (chunked transfer encoding).
+/// Sendable by hand: its fields are constants; what it sends goes through the server's locked outbox.
 public final class HTTPResponder: @unchecked Sendable {
     /// Weak: an answer that arrives after the server is gone is dropped.
     weak var server: HTTPServer?
@@ -70,6 +71,8 @@ public final class HTTPResponder: @unchecked Sendable {
     }
 }
 
+/// Sendable by hand: libuv handles are touched on the loop thread only; other threads reach it
+/// through `post` (a locked outbox and one uv_async_t) and `stop`.
 public final class HTTPServer: @unchecked Sendable {
     public typealias Handler = @Sendable (HTTPRequest, HTTPResponder) -> Void
 
@@ -391,7 +394,8 @@ public enum ServerError: Error, CustomStringConvertible {
     public var description: String { switch self { case let .bind(s): s } }
 }
 
-/// One client connection (loop thread only).
+/// One client connection.
+/// Sendable by hand: created, read and freed on the loop thread only (libuv callbacks).
 final class Connection: @unchecked Sendable {
     unowned let server: HTTPServer
     let id: Int

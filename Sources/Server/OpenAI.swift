@@ -204,8 +204,8 @@ struct OpenAIRoutes: Sendable {
     }
 }
 
-/// The server-sent-event side of one streaming completion (touched from the compute thread and
-/// the completion; a lock keeps it simple).
+/// The server-sent-event side of one streaming completion.
+/// Sendable by hand: the compute thread and the completion both touch it; `started` is under `lock`.
 final class StreamState: @unchecked Sendable {
     let responder: HTTPResponder
     let id: String, created: Int, model: String

@@ -7,7 +7,8 @@ import Foundation
 import Logging
 import RPC
 
-/// Request counts and latency by method (any thread).
+/// Request counts and latency by method.
+/// Sendable by hand: every thread records; the tallies live under `lock`.
 final class RequestMetrics: @unchecked Sendable {
     let logger: Logger
     init(logger: Logger) { self.logger = logger }
@@ -30,6 +31,7 @@ final class RequestMetrics: @unchecked Sendable {
 }
 
 /// Collects the answers of a JSON-RPC batch; the last one sends the response.
+/// Sendable by hand: answers arrive from several threads; the slots live under `lock`.
 final class BatchCollector: @unchecked Sendable {
     private let lock = NSLock()
     private var answers: [[String: Any]?]

@@ -6,7 +6,7 @@
 // prompt stays cheap). Results are cached per word.
 import Foundation
 
-final class BPE: @unchecked Sendable {
+final class BPE {
     let vocab: [String: Int32]
     let idToToken: [String]
     private let ranks: [PairKey: Int32]       // (left id, right id) -> rank

@@ -4,7 +4,7 @@
 // tokens are requested. Decoding maps tokens back to bytes and then to UTF-8.
 import Foundation
 
-public final class Tokenizer: @unchecked Sendable {
+public final class Tokenizer {
     let model: BPE
     let normalizer: Normalizer?
     let preTokenizer: PreTokenizer?

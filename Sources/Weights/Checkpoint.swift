@@ -3,7 +3,7 @@
 import Foundation
 
 /// Read access to every tensor of a model folder, whichever file holds it.
-public final class CheckpointReader: @unchecked Sendable {
+public final class CheckpointReader {
     public let directory: String
     private var files: [String: SafetensorsFile] = [:]
     private var location: [String: String] = [:]   // tensor -> file name

@@ -36,7 +36,7 @@ public struct ParameterLayout: Sendable {
 }
 
 /// Owns the flat buffers. Gradients and moments are allocated on first use.
-public final class ParameterStore: @unchecked Sendable {
+public final class ParameterStore {
     public let layout: ParameterLayout
     public let values: UnsafeMutablePointer<Float>
     public private(set) var gradientsIfAllocated: UnsafeMutablePointer<Float>?

@@ -44,7 +44,7 @@ public struct TensorInfo: Sendable, Equatable {
 }
 
 /// A memory-mapped safetensors file.
-public final class SafetensorsFile: @unchecked Sendable {
+public final class SafetensorsFile {
     public let path: String
     public let tensors: [String: TensorInfo]
     public let metadata: [String: String]

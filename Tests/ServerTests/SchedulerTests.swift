@@ -41,7 +41,6 @@ final class Answers: @unchecked Sendable {
         // Calls answered on the loop come pre-encoded.
         if let raw = v as? RawJSON { return (try? JSONSerialization.jsonObject(with: Data(raw.text.utf8))) as? [String: Any] }
         return v as? [String: Any]
-        return nil
     }
 
     func error(_ tag: String) -> RPCError? {
