@@ -1,10 +1,13 @@
 // Advantage estimators from scalar rewards grouped by prompt (verl `core_algos.py` names):
-//   grpo     A = (r − mean_g) / (std_g + 1e-6), std unbiased (n−1); a group of one gets A = r − 0
-//            normalized by 1, as verl does (mean 0, std 1)
+//   grpo     A = (r − mean_g) / (std_g + 1e-6), std unbiased (n−1)
 //   dr_grpo  A = r − mean_g (Dr. GRPO: no std normalization)
-//   rloo     A = n/(n−1) · (r − mean_g) = r − mean of the other samples; 0 for a group of one
+//   rloo     A = n/(n−1) · (r − mean_g) = r − mean of the other samples
 // A group whose rewards are all equal gets A = 0 under every estimator (no signal); callers may
-// drop such groups instead.
+// drop such groups instead. A group of one is such a group: with no other sample there is no
+// baseline, so its advantage is 0 under every estimator (verl's GRPO would instead pass the raw
+// reward through, normalising by mean 0 and std 1). The Python client's estimators
+// (clients/python/ember/advantages.py) follow the same rules; Tests/Fixtures/advantages.json
+// holds cases both test suites check.
 
 public enum AdvantageEstimator: String, Sendable, CaseIterable, Codable {
     case grpo
@@ -27,17 +30,15 @@ public enum Advantages {
             let idx = members[g]!
             let n = Double(idx.count)
             let values = idx.map { rewards[$0] }
-            if values.allSatisfy({ $0 == values[0] }) && idx.count > 1 { continue }   // no signal
-            let mean = idx.count > 1 ? values.reduce(0, +) / n : 0
+            if values.allSatisfy({ $0 == values[0] }) { continue }   // no signal (a group of one included)
+            let mean = values.reduce(0, +) / n
             switch estimator {
             case .grpo:
-                let std = idx.count > 1
-                    ? (values.map { ($0 - mean) * ($0 - mean) }.reduce(0, +) / (n - 1)).squareRoot() : 1
+                let std = (values.map { ($0 - mean) * ($0 - mean) }.reduce(0, +) / (n - 1)).squareRoot()
                 for i in idx { out[i] = (rewards[i] - mean) / (std + 1e-6) }
             case .drGRPO:
                 for i in idx { out[i] = rewards[i] - mean }
             case .rloo:
-                guard idx.count > 1 else { continue }
                 for i in idx { out[i] = n / (n - 1) * (rewards[i] - mean) }
             }
         }

@@ -1,6 +1,8 @@
 """Advantage estimators over groups of samples of the same prompt (the server computes the same
 ones when train_step is given rollouts and rewards; these are for orchestrators that upload
-batches, and for checking)."""
+batches, and for checking). The rules are the server's (Sources/Engine/Advantages.swift): a group
+whose rewards are all equal, a group of one included, gets 0 under every estimator;
+Tests/Fixtures/advantages.json holds cases both test suites check."""
 from __future__ import annotations
 
 import math

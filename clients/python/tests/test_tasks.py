@@ -74,3 +74,16 @@ def test_verifier_registry_and_advantages():
     assert g[0] == pytest.approx(0.5 / (0.5773502691896258 + 1e-6)) and g[4] == 0.0
     assert advantages.rloo([1, 0, 0], ["a"] * 3) == pytest.approx([1.0, -0.5, -0.5])
     assert advantages.dr_grpo([1, 0], ["a", "a"]) == pytest.approx([0.5, -0.5])
+
+
+def test_advantages_agree_with_the_servers_rules():
+    """The cases the Swift suite checks the server's estimators on (Tests/Fixtures/advantages.json)."""
+    import json
+    import os
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "..", "Tests", "Fixtures", "advantages.json")
+    cases = json.load(open(path))
+    assert any(len(set(c["groups"])) < len(c["groups"]) for c in cases)
+    for c in cases:
+        for name, expected in c["expected"].items():
+            assert advantages.ESTIMATORS[name](c["rewards"], c["groups"]) == pytest.approx(expected, abs=1e-12), name
+    assert advantages.grpo([0.5], ["solo"]) == [0.0], "a group of one has no baseline"
