@@ -192,7 +192,14 @@ methods = [
                 p("seed", {"type": "integer", "minimum": 0}),
                 p("stop", {"type": "array", "items": {"type": "string", "minLength": 1}}, "Stop strings (also across token boundaries); the text ends before the match."),
                 p("stop_token_ids", ref("TokenList")),
-                p("ignore_eos", {"type": "boolean", "default": False})] + sampling_outputs,
+                p("ignore_eos", {"type": "boolean", "default": False}),
+                p("presence_penalty", {"type": "number", "minimum": -2, "maximum": 2, "default": 0},
+                  "Subtracted once from the raw logit of every token this sample has produced (as vLLM). Shapes the draw only: "
+                  "reported log-probabilities stay the model's."),
+                p("frequency_penalty", {"type": "number", "minimum": -2, "maximum": 2, "default": 0},
+                  "Subtracted from a token's raw logit once per time this sample has produced it."),
+                p("logit_bias", {"type": "object", "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}},
+                  "Token id (as a string key) -> bias added to its raw logit; -100 bans it.")] + sampling_outputs,
      "result": {"name": "generation", "schema": obj({
          "weights_version": ref("WeightsVersion"),
          "results": {"type": "array", "items": obj({"prompt_index": NONNEG, "prompt_tokens": ref("TokenList"),

@@ -146,6 +146,19 @@ public final class Generator {
         guard params.topP > 0, params.topP <= 1 else { throw GenerationError.invalidParameter(name: "top_p", reason: "must be in (0, 1]") }
         guard params.minP >= 0, params.minP <= 1 else { throw GenerationError.invalidParameter(name: "min_p", reason: "must be in [0, 1]") }
         guard params.topK >= 0 else { throw GenerationError.invalidParameter(name: "top_k", reason: "must be >= 0") }
+        for (name, value) in [("presence_penalty", params.presencePenalty), ("frequency_penalty", params.frequencyPenalty)]
+        where !(value >= -2 && value <= 2) {
+            throw GenerationError.invalidParameter(name: name, reason: "must be in [-2, 2]")
+        }
+        let V0 = model.architecture.vocabSize
+        for (token, bias) in params.logitBias {
+            guard token >= 0, Int(token) < V0 else {
+                throw GenerationError.invalidParameter(name: "logit_bias", reason: "token \(token) is outside the vocabulary (0..<\(V0))")
+            }
+            guard bias >= -100, bias <= 100 else {
+                throw GenerationError.invalidParameter(name: "logit_bias.\(token)", reason: "must be in [-100, 100]")
+            }
+        }
         guard options.topLogprobs >= 0, options.topLogprobs <= 20 else {
             throw GenerationError.invalidParameter(name: "top_logprobs", reason: "must be in 0...20")
         }
@@ -367,6 +380,9 @@ public final class Generator {
         var entropies: [Float] = []
         var proxyLogprobs: [Float] = []
         var tops: [[TokenLogprob]] = []
+        /// Times each token was produced, and a row to shift (penalties and logit bias only).
+        var counts: [Int32: Int] = [:]
+        var shiftedRow: [Float] = []
         var finish: FinishReason?
         var stream: StreamingDecoder?
         var text = ""
@@ -386,7 +402,18 @@ public final class Generator {
 
         /// Samples the next token from `dist` and records its statistics and finish state.
         func accept(_ dist: RowDistribution) {
-            let token = Sampler.draw(dist, group.params, &rng)
+            let params = group.params
+            let token: Int32
+            if params.shiftsLogits {
+                if shiftedRow.count != dist.count { shiftedRow = [Float](repeating: 0, count: dist.count) }
+                token = shiftedRow.withUnsafeMutableBufferPointer { row in
+                    params.shifted(dist.z, count: dist.count, counts: counts, into: row.baseAddress!)
+                    return Sampler.draw(RowDistribution(scaling: row.baseAddress!, count: dist.count, temperature: 1), params, &rng)
+                }
+                counts[token, default: 0] += 1
+            } else {
+                token = Sampler.draw(dist, params, &rng)
+            }
             generated.append(token)
             let o = group.options
             logprobs.append(dist.logprob(Int(token)))

@@ -1,8 +1,11 @@
-// Drawing a token from one logits row: temperature, then top-k, top-p and min-p truncation (in
-// that order, as transformers' logits processors), renormalization and an inverse-CDF draw with
-// the sequence's own generator. Every step uses only the row's bits and the sequence's random
-// state, so a seeded sequence gives the same tokens whatever shares its batch and whatever the
-// thread count.
+// Drawing a token from one logits row: logit bias and presence/frequency penalties (on the raw
+// logits, as vLLM applies them), temperature, then top-k, top-p and min-p truncation (in that
+// order, as transformers' logits processors), renormalization and an inverse-CDF draw with the
+// sequence's own generator. Every step uses only the row's bits, the sequence's own history and
+// its random state, so a seeded sequence gives the same tokens whatever shares its batch and
+// whatever the thread count. Reported log-probabilities stay those of the model at the sampling
+// temperature: biases, penalties and truncation shape the draw, not the statistics that training
+// compares against.
 import Foundation
 import Kernels
 
@@ -17,8 +20,29 @@ public struct SamplingParams: Sendable, Equatable {
     public var stopTokenIds: [Int32] = []
     public var seed: UInt64? = nil
     public var ignoreEOS = false
+    /// Subtracted once from the logit of every token the sample has already produced (OpenAI, vLLM).
+    public var presencePenalty: Float = 0
+    /// Subtracted from a token's logit once per time the sample has produced it.
+    public var frequencyPenalty: Float = 0
+    /// Added to the logits of these tokens (OpenAI `logit_bias`, -100...100).
+    public var logitBias: [Int32: Float] = [:]
 
     public init() {}
+
+    /// Whether the draw needs the sample's history or a bias (a shifted copy of the row).
+    public var shiftsLogits: Bool { presencePenalty != 0 || frequencyPenalty != 0 || !logitBias.isEmpty }
+
+    /// Writes into `out` the row `z` (logits already divided by the temperature) with the bias and
+    /// the penalties for `counts` (token -> times produced) applied to the raw logits, i.e. scaled
+    /// by 1/temperature here.
+    public func shifted(_ z: UnsafePointer<Float>, count: Int, counts: [Int32: Int], into out: UnsafeMutablePointer<Float>) {
+        out.update(from: z, count: count)
+        let scale: Float = temperature > 0 ? 1 / temperature : 1
+        for (token, bias) in logitBias where Int(token) < count { out[Int(token)] += bias * scale }
+        for (token, n) in counts where Int(token) < count {
+            out[Int(token)] -= (frequencyPenalty * Float(n) + presencePenalty) * scale
+        }
+    }
 }
 
 /// xoshiro256** seeded through SplitMix64: small, fast, and the same stream on every platform.

@@ -36,7 +36,8 @@ extension Dispatcher {
 
     public func prepareGenerate(_ p: Params) throws -> GenerateCall {
         try p.only(["prompts", "prompt_tokens", "n", "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop",
-                    "stop_token_ids", "logprobs", "top_logprobs", "entropy", "proxy", "ignore_eos"])
+                    "stop_token_ids", "logprobs", "top_logprobs", "entropy", "proxy", "ignore_eos", "presence_penalty",
+                    "frequency_penalty", "logit_bias"])
         var prompts: [[Int32]]
         if p.has("prompt_tokens") {
             prompts = try p.tokenLists("prompt_tokens")
@@ -56,6 +57,7 @@ extension Dispatcher {
         if p.has("stop") { s.stop = try p.strings("stop") }
         if p.has("stop_token_ids") { s.stopTokenIds = try p.tokens("stop_token_ids") }
         s.ignoreEOS = try p.bool("ignore_eos", false)
+        try Self.readPenalties(p, into: &s)
         let call = GenerateCall(prompts: prompts, n: try p.int("n", 1, min: 1), params: s, options: try options(p))
         try limit(prompts.reduce(0) { $0 + $1.count + call.n * s.maxTokens }, "params.max_tokens")
         return call
@@ -154,5 +156,20 @@ extension Dispatcher {
     func logprob(_ p: Params) throws -> Any {
         let call = try prepareLogprob(p)
         return logprobResult(try score([call])[0], call)
+    }
+
+    /// `presence_penalty`, `frequency_penalty` (each in [-2, 2]) and `logit_bias` ({token id as a
+    /// string or number: bias in [-100, 100]}), as OpenAI and vLLM take them.
+    public static func readPenalties(_ p: Params, into s: inout SamplingParams) throws {
+        s.presencePenalty = try p.float("presence_penalty", 0, min: -2, max: 2)
+        s.frequencyPenalty = try p.float("frequency_penalty", 0, min: -2, max: 2)
+        if let bias = try p.object("logit_bias") {
+            for key in bias.object.keys.sorted() {
+                guard let token = Int32(key), token >= 0 else {
+                    throw RPCError.invalidParams(path: "\(bias.path).\(key)", "keys are token ids")
+                }
+                s.logitBias[token] = try bias.float(key, min: -100, max: 100)
+            }
+        }
     }
 }

@@ -1,17 +1,22 @@
 // An OpenAI-compatible subset for evaluation harnesses and the OpenAI SDK: `GET /v1/models` and
 // `POST /v1/completions` (legacy completions). Prompt as a string, strings, token ids or lists of
 // token ids; max_tokens (0 with echo scores the prompt only, as lm-evaluation-harness does),
-// temperature, top_p, n, stop, seed, logprobs (top alternatives, up to 20), echo, and streaming as
-// server-sent events. Extensions as in vLLM: top_k, min_p. Log-probabilities are under the full
-// softmax at the sampling temperature (temperature 0 reports at 1), as in the JSON-RPC protocol.
+// temperature, top_p, n, best_of (the n of best_of samples with the highest cumulative
+// log-probability, as vLLM ranks them), stop, seed, logprobs (top alternatives, up to 20), echo,
+// presence_penalty, frequency_penalty and logit_bias (on the raw logits of the sample's own
+// output, as vLLM), `user` (written to the request log), and streaming as server-sent events.
+// Extensions as in vLLM: top_k, min_p. Log-probabilities are under the full softmax at the
+// sampling temperature (temperature 0 reports at 1), as in the JSON-RPC protocol.
 // Errors use OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
 import Engine
 import Foundation
+import Logging
 import RPC
 
 struct OpenAIRoutes: Sendable {
     let scheduler: Scheduler
     let modelName: String
+    let logger: Logger
 
     static let accepted: Set<String> = ["model", "prompt", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "logprobs",
                                         "echo", "stream", "stream_options", "user", "top_k", "min_p", "presence_penalty",
@@ -32,6 +37,9 @@ struct OpenAIRoutes: Sendable {
         var prompts: [[Int32]]?
         var texts: [String]?
         var n = 1
+        /// Samples drawn per prompt; the best `n` are returned.
+        var bestOf = 1
+        var user: String?
         var maxTokens = 16
         var sampling = SamplingParams()
         var logprobs: Int?
@@ -60,7 +68,8 @@ struct OpenAIRoutes: Sendable {
         }
         guard (r.texts?.count ?? r.prompts?.count ?? 0) >= 1 else { throw RPCError.invalidParams(path: "prompt", "give at least one prompt") }
         r.n = try p.int("n", 1, min: 1, max: 128)
-        if p.has("best_of") { _ = try p.int("best_of", min: r.n, max: r.n) }
+        r.bestOf = try p.int("best_of", r.n, min: r.n, max: 128)
+        if p.has("user") { r.user = try p.string("user") }
         r.maxTokens = try p.int("max_tokens", 16, min: 0)
         r.sampling.maxTokens = max(1, r.maxTokens)
         r.sampling.temperature = try p.float("temperature", 1, min: 0, max: 2)
@@ -70,13 +79,13 @@ struct OpenAIRoutes: Sendable {
         if p.has("seed") { r.sampling.seed = UInt64(bitPattern: Int64(try p.int("seed"))) }
         if obj["stop"] is String { r.sampling.stop = [try p.string("stop")] } else if p.has("stop") { r.sampling.stop = try p.strings("stop") }
         if p.has("logprobs") { r.logprobs = try p.int("logprobs", min: 0, max: 20) }
-        for k in ["presence_penalty", "frequency_penalty"] where p.has(k) { _ = try p.float(k, min: 0, max: 0) }
-        if p.has("logit_bias"), let b = obj["logit_bias"] as? [String: Any], !b.isEmpty {
-            throw RPCError.invalidParams(path: "logit_bias", "not supported")
-        }
-        if p.has("suffix") { throw RPCError.invalidParams(path: "suffix", "not supported") }
+        try Dispatcher.readPenalties(p, into: &r.sampling)
+        if p.has("suffix") { throw RPCError.invalidParams(path: "suffix", "not supported (insertion needs a model trained for it)") }
         r.echo = try p.bool("echo", false)
         r.stream = try p.bool("stream", false)
+        if r.stream && r.bestOf > r.n {
+            throw RPCError.invalidParams(path: "best_of", "cannot stream when best_of > n: the best samples are known only at the end")
+        }
         if let so = try p.object("stream_options") { r.includeUsage = try so.bool("include_usage", false) }
         if r.maxTokens == 0 && !r.echo { throw RPCError.invalidParams(path: "max_tokens", "0 is only meaningful with echo") }
         return r
@@ -96,6 +105,9 @@ struct OpenAIRoutes: Sendable {
         do { request = try parse(http.body) } catch let e as RPCError {
             responder.respond(Self.httpError(e)); return
         } catch { responder.respond(Self.error(400, "\(error)")); return }
+        if let user = request.user {
+            logger.info("completion", metadata: ["user": "\(user)", "connection": "\(responder.connection)"])
+        }
         let id = "cmpl-" + UUID().uuidString.replacingOccurrences(of: "-", with: "").lowercased().prefix(24)
         let created = Int(Date().timeIntervalSince1970)
         let model = modelName
@@ -109,7 +121,7 @@ struct OpenAIRoutes: Sendable {
             }
             var options = GenerationOptions()
             options.topLogprobs = request.logprobs ?? 0
-            return Dispatcher.GenerateCall(prompts: prompts, n: request.n, params: request.sampling, options: options)
+            return Dispatcher.GenerateCall(prompts: prompts, n: request.bestOf, params: request.sampling, options: options)
         }
         let finish: @Sendable (Dispatcher, GenerationResult?, Dispatcher.GenerateCall) throws -> Any = { d, out, call in
             try Self.body(d, out, call, request, id: String(id), created: created, model: model, stream: stream)
@@ -144,13 +156,24 @@ struct OpenAIRoutes: Sendable {
         }, finish: { d, out, call in try finish(d, out, call) }, onEvent: onEvent), owner: responder.connection, completion: completion)
     }
 
+    /// Indices of the `n` samples to return: all of them in order when no more were drawn, else
+    /// the `n` with the highest cumulative log-probability (ties: the earlier sample), best first.
+    /// nil entries when nothing was generated (echo only).
+    static func best(_ samples: [SampleResult]?, n: Int) -> [Int?] {
+        guard let samples else { return Array(repeating: nil, count: n) }
+        guard samples.count > n else { return Array(samples.indices) }
+        let score = samples.map { $0.logprobs.reduce(0.0) { $0 + Double($1) } }
+        return Array(samples.indices.sorted { score[$0] > score[$1] || (score[$0] == score[$1] && $0 < $1) }.prefix(n))
+    }
+
     /// The response body (or, when streaming, the final usage figures).
     static func body(_ d: Dispatcher, _ out: GenerationResult?, _ call: Dispatcher.GenerateCall, _ r: Request,
                      id: String, created: Int, model: String, stream: StreamState) throws -> Any {
         let tok = d.tokenizer
         func piece(_ t: Int32) -> String { (try? tok?.decode([t])) ?? nil ?? "<\(t)>" }
         let promptCount = call.prompts.reduce(0) { $0 + $1.count }
-        var completionCount = 0
+        // Every drawn token counts (best_of's unreturned samples too, as OpenAI bills them).
+        let completionCount = out?.results.joined().reduce(0) { $0 + $1.tokens.count } ?? 0
         // Prompt log-probabilities for echo + logprobs (the first token has none).
         var promptScores: [ScoreResult]?
         if r.echo, r.logprobs != nil {
@@ -161,13 +184,12 @@ struct OpenAIRoutes: Sendable {
         }
         var choices: [[String: Any]] = []
         for (p, prompt) in call.prompts.enumerated() {
-            for s in 0..<call.n {
-                let sample = out?.results[p][s]
-                completionCount += sample?.tokens.count ?? 0
+            for (s, drawn) in Self.best(out?.results[p], n: r.n).enumerated() {
+                let sample = drawn.map { out!.results[p][$0] }
                 var text = sample?.text ?? ""
                 let promptText = r.echo ? ((try? tok?.decode(prompt)) ?? nil ?? "") : ""
                 if r.echo && !r.stream { text = promptText + text }
-                var choice: [String: Any] = ["index": p * call.n + s, "text": text,
+                var choice: [String: Any] = ["index": p * r.n + s, "text": text,
                                              "finish_reason": sample.map { $0.finishReason == .length ? "length" : "stop" } ?? "length"]
                 if let k = r.logprobs, !r.stream {
                     var tokens: [String] = [], lps: [Any] = [], tops: [Any] = [], offsets: [Int] = []

@@ -61,7 +61,7 @@ public enum Router {
     public static func makeHandler(scheduler: Scheduler, apiKey: String? = nil, modelName: String = "ember",
                                    logger: Logger = Logger(label: "ember.server")) -> HTTPServer.Handler {
         let metrics = RequestMetrics(logger: logger)
-        let openAI = OpenAIRoutes(scheduler: scheduler, modelName: modelName)
+        let openAI = OpenAIRoutes(scheduler: scheduler, modelName: modelName, logger: logger)
         return { request, responder in
             logger.debug("request", metadata: ["method": "\(request.method)", "path": "\(request.path)",
                                                "bytes": "\(request.body.count)", "connection": "\(responder.connection)"])

@@ -74,12 +74,12 @@ def tiny_model(folder, vocab=8192, hidden=32, layers=2, heads=4, kv_heads=2, int
 
 
 class RunningServer:
-    def __init__(self, model, extra=(), env=None, prefix=()):
+    def __init__(self, model, extra=(), env=None, prefix=(), stderr=None, log_level="warning"):
         if not os.path.exists(SERVER):
             pytest.fail(f"{SERVER} is missing: build with `swift build -c release` first")
-        cmd = [*prefix, SERVER, "--model", model, "--port", "0", "--threads", "2", "--log-level", "warning",
+        cmd = [*prefix, SERVER, "--model", model, "--port", "0", "--threads", "2", "--log-level", log_level,
                "--slots", "32", "--max-seq-len", "256", *extra]
-        self.process = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
+        self.process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
         line = self.process.stdout.readline()
         m = re.search(r"listening on http://([^ |]+)", line)
         if not m:

@@ -4,6 +4,7 @@ import time
 
 import pytest
 
+from conftest import RunningServer
 from ember import Client, EmberError, TransportError
 
 
@@ -120,9 +121,11 @@ def test_checkpoints_round_trip(client):
 
 
 def test_metrics(client):
+    before = client.metrics().get('ember_rpc_requests_total{method="server.info"}', 0)
+    info = client.info()
     m = client.metrics()
-    assert m["ember_weights_version"] >= 0
-    assert any(k.startswith("ember_rpc_requests_total") for k in m)
+    assert m["ember_weights_version"] == info["weights_version"]
+    assert m['ember_rpc_requests_total{method="server.info"}'] == before + 1
 
 
 def test_openai_sdk(server):
@@ -134,3 +137,37 @@ def test_openai_sdk(server):
     streamed = "".join(ch.choices[0].text for ch in c.completions.create(model=model, prompt="def f(x):", max_tokens=6,
                                                                            seed=3, stream=True) if ch.choices)
     assert streamed == r.choices[0].text
+
+
+def test_openai_penalties_best_of_and_user(model_dir, tmp_path):
+    """presence/frequency penalties and logit_bias act on the draw (greedy paths change; a -100
+    bias bans a token), best_of returns the samples with the highest cumulative log-probability of
+    those the same seed draws with n = best_of, and `user` reaches the request log."""
+    import openai
+    log = open(tmp_path / "server.log", "w+")
+    s = RunningServer(model_dir, stderr=log, log_level="info")
+    try:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="unused")
+        model = c.models.list().data[0].id
+        greedy = dict(model=model, prompt="def f(x):", max_tokens=16, temperature=0, logprobs=0)
+        plain = c.completions.create(**greedy).choices[0]
+        penalized = c.completions.create(**greedy, presence_penalty=2.0, frequency_penalty=2.0).choices[0]
+        assert penalized.text != plain.text
+        first = Client(s.url).tokenize(text=plain.logprobs.tokens[0], add_special_tokens=False)[0]
+        banned = c.completions.create(**greedy, logit_bias={str(first): -100}).choices[0]
+        assert banned.logprobs.tokens[0] != plain.logprobs.tokens[0]
+
+        drawn = c.completions.create(model=model, prompt="x = ", max_tokens=8, n=4, seed=11, logprobs=0)
+        best = c.completions.create(model=model, prompt="x = ", max_tokens=8, n=2, best_of=4, seed=11, logprobs=0)
+        ranked = sorted(drawn.choices, key=lambda ch: (-sum(ch.logprobs.token_logprobs), ch.index))
+        assert [ch.text for ch in best.choices] == [ch.text for ch in ranked[:2]]
+        assert best.usage.completion_tokens == drawn.usage.completion_tokens, "every drawn token is counted"
+        with pytest.raises(openai.BadRequestError):
+            c.completions.create(model=model, prompt="x", max_tokens=2, n=1, best_of=2, stream=True)
+        with pytest.raises(openai.BadRequestError):
+            c.completions.create(model=model, prompt="x", max_tokens=2, presence_penalty=3)
+        c.completions.create(model=model, prompt="x", max_tokens=2, user="evaluator-7")
+    finally:
+        assert s.stop() == 0
+    log.seek(0)
+    assert "evaluator-7" in log.read()
