@@ -1,4 +1,4 @@
-"""Load test (issue 9): ember-server on the default model, and ember-bench load in a second
+"""Load test: ember-server on the default model, and ember-bench load in a second
 process with 64 keep-alive connections mixing generate, logprob and server.info while one more
 client sends a train_step every 2 s. Samples the server's resident memory every second and fits
 a line to the samples after warm-up (the first 20% of the run): MB per minute.

@@ -1,4 +1,4 @@
-"""The comparison of issue 8: GRPO, GRPO + entropy bonus, Clip-Higher, 80/20, KL-Cov and Lp-Reg,
+"""The six-method comparison (docs/results.md): GRPO, GRPO + entropy bonus, Clip-Higher, 80/20, KL-Cov and Lp-Reg,
 on-policy, same budget and seeds, from the embedded default model. Each run is
 `python -m ember.rl --start-server ...` into runs/compare/METHOD-sSEED; then this script writes
 docs/results.md (a table shaped like the paper's Table 1) and docs/results/*.png.

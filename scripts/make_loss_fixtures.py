@@ -3,7 +3,7 @@
 per-token advantages, old and proxy log-probabilities, each loss mode's value and
 d(loss)/d(logits) by autograd. Writes Tests/Fixtures/losses/cases.json.
 
-Semantics follow ../shared/docs/lp-reg.md:
+Semantics follow docs/lp-reg.md:
   ppo     max(-A r, -A clip(r, 1-eps_low, 1+eps_high)); dual clip caps A<0 tokens at -A c
   lp_reg  selected tokens: -A r + beta * clamp(k3, -10, 10), k3 = e^d - d - 1, d = lp_proxy - lp;
           others: the clipped term with lp_reg's eps. Selection "negative": the floor(N_neg rho)

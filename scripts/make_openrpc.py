@@ -63,7 +63,7 @@ schemas = {
                  "properties": {"type": {"enum": ["constant", "linear_warmup", "cosine"]}, "warmup_steps": NONNEG,
                                 "total_steps": {"type": "integer", "minimum": 1}, "min_lr": {"type": "number", "minimum": 0}}},
     "Loss": {"type": "object", "required": ["mode"], "additionalProperties": False,
-             "description": "Loss mode and options (../shared/docs/lp-reg.md states every loss exactly). Defaults follow the paper's recipe.",
+             "description": "Loss mode and options (docs/lp-reg.md states every loss exactly). Defaults follow the paper's recipe where it has one.",
              "properties": {
                  "mode": {"enum": ["lp_reg", "ppo", "gspo", "clip_cov", "kl_cov", "high_entropy", "cispo", "cross_entropy"]},
                  "eps_low": {"type": "number", "minimum": 0, "description": "Lower clip range: the ratio is clipped below at 1 - eps_low."},

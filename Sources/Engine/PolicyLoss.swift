@@ -1,4 +1,4 @@
-// Policy-gradient losses over response tokens (../shared docs: lp-reg.md): clipped PPO/GRPO
+// Policy-gradient losses over response tokens (docs/lp-reg.md states each): clipped PPO/GRPO
 // (asymmetric clip, dual clip), Lp-Reg, and supervised cross-entropy, with verl's aggregation
 // modes. A loss is planned from the batch's current log-probabilities (Lp-Reg selects tokens
 // across the whole batch), then applied row by row to logits chunks, turning each row into
@@ -12,47 +12,49 @@ public struct ClipOptions: Sendable, Equatable {
     public var epsHigh: Float
     /// Dual clip c (> 1): for A < 0 the loss is capped at −A·c. nil: off.
     public var dualClip: Float?
-    public init(epsLow: Float = 0.2, epsHigh: Float = 0.2, dualClip: Float? = nil) {
+    /// Defaults: `ppo`'s (LossDefaults).
+    public init(epsLow: Float = LossDefaults.number("ppo", "eps_low"), epsHigh: Float = LossDefaults.number("ppo", "eps_high"),
+                dualClip: Float? = nil) {
         self.epsLow = epsLow; self.epsHigh = epsHigh; self.dualClip = dualClip
     }
 }
 
-/// Lp-Reg options; defaults are the paper recipe and the reference code's semantics.
+/// Lp-Reg options; defaults (LossDefaults) are the paper recipe and the reference code's semantics.
 public struct LpRegOptions: Sendable, Equatable {
     public enum PercentileOver: String, Sendable { case negative, all }
-    public var clip = ClipOptions(epsLow: 1.0, epsHigh: 9.0)
-    public var proxy: ProxySpec = .minP(0.02)
+    public var clip = LossDefaults.clip("lp_reg")
+    public var proxy: ProxySpec = .minP(LossDefaults.number("lp_reg", "min_p"))
     /// Fraction of negative-advantage tokens considered (lowest probability first).
-    public var rho: Float = 0.01
+    public var rho = LossDefaults.number("lp_reg", "rho")
     /// The same for positive-advantage tokens (0: off).
-    public var rhoPos: Float = 0
-    public var beta: Float = 1
+    public var rhoPos = LossDefaults.number("lp_reg", "rho_pos")
+    public var beta = LossDefaults.number("lp_reg", "beta")
     /// `negative` (reference code): the lowest-lp floor(N_neg·rho) tokens among A < 0, kept when
     /// lp < lp_proxy. `all` (paper): the lowest-lp floor(N·rho) tokens of the batch, kept when
     /// A < 0 and the proxy keeps the token.
-    public var percentileOver: PercentileOver = .negative
+    public var percentileOver = PercentileOver(rawValue: LossDefaults.text("lp_reg", "percentile_over"))!
     /// Reference-code quirk: nothing is selected when k <= 1.
-    public var skipWhenKAtMostOne = true
+    public var skipWhenKAtMostOne = LossDefaults.flag("lp_reg", "skip_k_le_1")
     public enum KL: String, Sendable { case k3, full }
     /// `k3`: the reference code's estimator on the sampled token. `full`: the exact
     /// KL(proxy ‖ policy) over the vocabulary at selected positions, the proxy taken from the row
     /// being trained (the sampling policy when on-policy; a detached target either way).
-    public var kl: KL = .k3
+    public var kl = KL(rawValue: LossDefaults.text("lp_reg", "kl"))!
     public enum Selection: String, Sendable { case batch, microBatch = "micro_batch" }
     /// `batch` (default): select across the whole mini-batch. `micro_batch`: within each
     /// micro-batch, as the reference code does.
-    public var selection: Selection = .batch
+    public var selection = Selection(rawValue: LossDefaults.text("lp_reg", "selection"))!
     public init() {}
 }
 
 /// Clip-Cov options (Cui et al., "The Entropy Mechanism of RL for Reasoning LMs").
 public struct ClipCovOptions: Sendable, Equatable {
-    public var clip = ClipOptions()
+    public var clip = LossDefaults.clip("clip_cov")
     /// Fraction of tokens whose gradient is dropped (at least one).
-    public var ratio: Float = 0.0002
+    public var ratio = LossDefaults.number("clip_cov", "ratio")
     /// Candidates have covariance strictly inside (covLow, covHigh).
-    public var covLow: Float = 1
-    public var covHigh: Float = 5
+    public var covLow = LossDefaults.number("clip_cov", "cov_low")
+    public var covHigh = LossDefaults.number("clip_cov", "cov_high")
     /// Seed of the random choice among candidates.
     public var seed: UInt64 = 0
     public init() {}
@@ -60,8 +62,8 @@ public struct ClipCovOptions: Sendable, Equatable {
 
 /// KL-Cov options: the top `ratio` tokens by covariance get −A·r + coef·|lp − lp_old|.
 public struct KLCovOptions: Sendable, Equatable {
-    public var ratio: Float = 0.0002
-    public var coef: Float = 1
+    public var ratio = LossDefaults.number("kl_cov", "ratio")
+    public var coef = LossDefaults.number("kl_cov", "coef")
     public init() {}
 }
 
@@ -92,14 +94,14 @@ public enum ReferenceKL: String, Sendable, CaseIterable {
 /// Everything that defines a train_step loss besides the data.
 public struct LossConfig: Sendable, Equatable {
     public var mode: LossMode
-    public var aggregation: Aggregation = .tokenMean
+    public var aggregation = Aggregation(rawValue: LossDefaults.text("common", "agg"))!
     /// Log-probabilities are taken of softmax(logits / temperature), as at sampling time.
-    public var temperature: Float = 1
+    public var temperature = LossDefaults.number("common", "temperature")
     /// Subtracts entropyCoef × aggregated entropy.
-    public var entropyCoef: Float = 0
+    public var entropyCoef = LossDefaults.number("common", "entropy_coef")
     /// Adds klCoef × aggregated KL to the reference (needs reference log-probs).
-    public var klCoef: Float = 0
-    public var klType: ReferenceKL = .k3
+    public var klCoef = LossDefaults.number("common", "kl_coef")
+    public var klType = ReferenceKL(rawValue: LossDefaults.text("common", "kl_type"))!
     public init(mode: LossMode) { self.mode = mode }
 }
 

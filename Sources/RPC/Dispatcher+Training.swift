@@ -1,67 +1,8 @@
 // train_step and optimizer.configure: parameters to a Trainer call, metrics to JSON. Loss options
-// and their defaults live in one table (`LossDefaults`): the parser reads its defaults there and
-// server.info reports it, so clients never keep their own copy.
+// and their defaults live in one table (Engine's `LossDefaults`): the parser reads its defaults
+// there and server.info reports it, so clients never keep their own copy.
 import Engine
 import Foundation
-
-/// A loss option's default: a number, a name, a flag, or no default (the option is off unless given).
-public enum LossDefault: Sendable, Equatable {
-    case number(Double)
-    case text(String)
-    case flag(Bool)
-    case unset
-
-    var json: Any {
-        switch self {
-        case let .number(x): x
-        case let .text(s): s
-        case let .flag(b): b
-        case .unset: NSNull()
-        }
-    }
-}
-
-/// Loss modes, the options each accepts, and their defaults (the paper's recipe where it has one;
-/// docs/lp-reg.md states every loss).
-public enum LossDefaults {
-    /// Options of every mode.
-    public static let common: [(String, LossDefault)] = [
-        ("agg", .text("token-mean")), ("temperature", .number(1)), ("entropy_coef", .number(0)),
-        ("kl_coef", .number(0)), ("kl_type", .text("k3")),
-    ]
-    static func clip(_ low: Double, _ high: Double) -> [(String, LossDefault)] {
-        [("eps_low", .number(low)), ("eps_high", .number(high)), ("dual_clip", .unset)]
-    }
-    /// Per mode, in the protocol's order.
-    public static let modes: [(String, [(String, LossDefault)])] = [
-        ("lp_reg", clip(1.0, 9.0) + [("min_p", .number(0.02)), ("threshold", .unset), ("rho", .number(0.01)),
-                                     ("rho_pos", .number(0)), ("beta", .number(1)), ("kl", .text("k3")),
-                                     ("selection", .text("batch")), ("percentile_over", .text("negative")),
-                                     ("skip_k_le_1", .flag(true))]),
-        ("ppo", clip(0.2, 0.2)),
-        ("gspo", clip(0.0003, 0.0004)),
-        ("clip_cov", clip(0.2, 0.2) + [("ratio", .number(0.0002)), ("cov_low", .number(1)), ("cov_high", .number(5))]),
-        ("kl_cov", [("ratio", .number(0.0002)), ("coef", .number(1))]),
-        ("high_entropy", clip(0.2, 0.2) + [("fraction", .number(0.2))]),
-        ("cispo", clip(1.0, 0.2)),
-        ("cross_entropy", []),
-    ]
-
-    public static var modeNames: [String] { modes.map(\.0) }
-
-    /// The options `mode` accepts (its own and the common ones) with their defaults.
-    static func options(_ mode: String) -> [String: LossDefault] {
-        var d = Dictionary(uniqueKeysWithValues: common)
-        for (k, v) in modes.first(where: { $0.0 == mode })?.1 ?? [] { d[k] = v }
-        return d
-    }
-
-    /// `{"common": {...}, "modes": {mode: {...}}}` as server.info reports it.
-    public static var json: [String: Any] {
-        ["common": Dictionary(uniqueKeysWithValues: common.map { ($0.0, $0.1.json) }),
-         "modes": Dictionary(uniqueKeysWithValues: modes.map { m in (m.0, Dictionary(uniqueKeysWithValues: m.1.map { ($0.0, $0.1.json) })) })]
-    }
-}
 
 /// Reads one loss object's options against the table.
 struct LossOptionReader {

@@ -4,6 +4,7 @@
 // the read-only check read this table; Protocol/openrpc.json carries the same traits under
 // `x-ember` (scripts/make_openrpc.py writes them from `ember-server --protocol`, and a test
 // compares), and the Python client's retry set is generated from that file.
+import Engine
 
 /// How the scheduler runs a method.
 public enum Scheduling: String, Sendable, CaseIterable {
@@ -78,9 +79,11 @@ public enum RPCMethod: String, CaseIterable, Sendable {
     /// Every method's name, in table order (`server.info`'s `capabilities`).
     public static var names: [String] { allCases.map(\.rawValue) }
 
-    /// The table as JSON (`ember-server --protocol`; scripts/make_openrpc.py writes it into the spec).
+    /// The tables as JSON (`ember-server --protocol`; scripts/make_openrpc.py writes them into the
+    /// spec and the Python client): methods, errors, loss defaults and the version.
     public static func describe() -> [String: Any] {
-        ["methods": allCases.map { m -> [String: Any] in
+        ["version": EmberVersion.string, "loss_defaults": LossDefaults.json,
+         "methods": allCases.map { m -> [String: Any] in
             let t = m.traits
             return ["name": m.rawValue, "scheduling": t.scheduling.rawValue, "mutates": t.mutates,
                     "retry_safe": t.retrySafe, "large_bodies": t.largeBodies]

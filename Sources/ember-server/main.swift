@@ -52,10 +52,7 @@ struct EmberServer: ParsableCommand {
 
     func run() throws {
         if printProtocol {
-            var table = RPCMethod.describe()
-            table["version"] = EmberVersion.string
-            table["loss_defaults"] = LossDefaults.json
-            FileHandle.standardOutput.write(JSONRPC.encode(table) + Data("\n".utf8))
+            FileHandle.standardOutput.write(JSONRPC.encode(RPCMethod.describe()) + Data("\n".utf8))
             return
         }
         let level = Logger.Level(rawValue: logLevel)!

@@ -2,6 +2,7 @@
 // generated module must state the same methods, traits, errors, loss defaults and version as the
 // server's tables (scripts/make_openrpc.py writes both from `ember-server --protocol`). A method or
 // an error kind added on one side only fails here.
+import Engine
 import Foundation
 import RPC
 import TestSupport

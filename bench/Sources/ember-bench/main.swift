@@ -32,7 +32,7 @@ func option(_ name: String, _ fallback: String) -> String {
 let threads = Int(option("--threads", "2")) ?? 2
 Compute.setThreads(threads)
 
-/// Shapes from the engine issue: (a) tiny qwen2, (b) Qwen2.5-0.5B.
+/// Benchmark shapes: (a) tiny qwen2, (b) Qwen2.5-0.5B.
 struct Shape {
     let name: String, config: [String: Any], batch: Int, seqLen: Int
     static func named(_ n: String) -> Shape {

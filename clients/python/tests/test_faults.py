@@ -1,4 +1,4 @@
-"""Fault injection against the real server process (issue 9): kill -9 in the middle of
+"""Fault injection against the real server process: kill -9 in the middle of
 checkpoint.save, a full disk during save, non-finite steps, memory budgets, disconnects."""
 import hashlib
 import json

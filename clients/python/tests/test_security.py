@@ -1,4 +1,4 @@
-"""Security sweep against the real server process (issue 9): API keys on every route, read-only
+"""Security sweep against the real server process: API keys on every route, read-only
 mode against every mutating method, checkpoint-name traversal, request smuggling, size limits,
 slow clients and hostile JSON."""
 import json
