@@ -1,3 +1,4 @@
+// Long on purpose (~480 lines): the continuous-batching state (waiting groups, running samples, slots) is private to one type, and splitting it would make that state internal.
 // Batched generation with continuous batching: every `step()` admits waiting prompts into free KV
 // slots (prefilled in the same forward pass as the running sequences' next tokens), then samples
 // one token for every running sequence. The prompt of an `n`-sample request is prefilled once and

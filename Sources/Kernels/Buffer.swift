@@ -75,16 +75,4 @@ public final class BufferPool: @unchecked Sendable {
         lock.unlock()
         for r in release { r.deallocate() }
     }
-
-    /// Releases every pooled buffer.
-    public func trim() {
-        lock.lock()
-        let all = free.values.flatMap { $0 }
-        free = [:]; order = []; pooled = 0
-        lock.unlock()
-        for p in all { p.deallocate() }
-    }
-
-    /// Bytes currently kept for reuse.
-    public var pooledBytes: Int { lock.lock(); defer { lock.unlock() }; return pooled }
 }

@@ -1,3 +1,4 @@
+// Long on purpose (~580 lines): the shared forward and backward sit in one file so each op's pair reads side by side, as llm.c keeps them.
 // The decoder-only transformer shared by every family: parameter layout, loading and saving
 // through the family's tensor table, forward over a packed batch or against a KV cache, and the
 // backward of every op. Families differ only through `Architecture` flags.
@@ -135,12 +136,6 @@ public final class TransformerModel {
         let p = PackedMatrix(parameters.values + offset, rows: rows, columns: columns)
         packedCache[offset] = p
         return p
-    }
-
-    /// Bytes held by packed weight copies.
-    public var packedBytes: Int {
-        packedLock.lock(); defer { packedLock.unlock() }
-        return packedCache.values.reduce(0) { $0 + $1.byteCount }
     }
 
     // MARK: - Construction

@@ -1,3 +1,4 @@
+// Long on purpose (~570 lines): the libuv callbacks, the connection state machine and the outbox share state only the loop thread touches, kept private to this file.
 // The libuv side of the server: one loop thread does all I/O (accept, read, parse, write) on TCP
 // (IPv4, IPv6) and Unix-socket listeners. Complete requests go to a handler queue off the loop
 // thread; responses (whole, or streamed in chunks) come back through a locked outbox and one

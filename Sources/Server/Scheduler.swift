@@ -1,3 +1,4 @@
+// Slightly over 400 lines on purpose: the passes, cancellation and shutdown all read the same private queues of the compute thread.
 // The scheduler between the I/O side and the model: one compute thread owns the Dispatcher (model,
 // generator, trainer, rollout store), which is handed over at construction and reachable only
 // here. Calls arrive from any thread into a locked inbox; the thread works in passes. Each pass
@@ -19,7 +20,6 @@ import RPC
 /// written under `cond`; everything else (the dispatcher above all) only on the compute thread.
 public final class Scheduler: @unchecked Sendable {
     public typealias Completion = @Sendable (Result<Any, RPCError>) -> Void
-    public typealias EventSink = @Sendable (TokenEvent) -> Void
 
     /// A generation from another front end (the OpenAI routes): parse and format run on the
     /// compute thread, because the tokenizer and the model belong to it.

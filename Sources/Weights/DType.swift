@@ -11,8 +11,6 @@ public enum DType: String, Sendable, CaseIterable {
         case .f64, .i64: 8
         }
     }
-
-    public var isFloatingPoint: Bool { self != .i32 && self != .i64 }
 }
 
 /// bfloat16 bits → Float (exact).

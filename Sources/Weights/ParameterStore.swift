@@ -87,24 +87,8 @@ public final class ParameterStore {
 
     public func zeroGradients() { gradients.update(repeating: 0, count: count) }
 
-    /// Frees gradients and moments (an inference-only server never allocates them).
-    public func releaseTrainingState() {
-        gradientsIfAllocated?.deallocate(); gradientsIfAllocated = nil
-        firstMomentIfAllocated?.deallocate(); firstMomentIfAllocated = nil
-        secondMomentIfAllocated?.deallocate(); secondMomentIfAllocated = nil
-    }
-
     public func pointer(_ name: String) -> UnsafeMutablePointer<Float>? {
         layout.slot(name).map { values + $0.offset }
-    }
-    public func gradientPointer(_ name: String) -> UnsafeMutablePointer<Float>? {
-        layout.slot(name).map { gradients + $0.offset }
-    }
-
-    /// Bytes held by the buffers currently allocated.
-    public var allocatedBytes: Int {
-        let n = [gradientsIfAllocated, firstMomentIfAllocated, secondMomentIfAllocated].compactMap { $0 }.count
-        return (1 + n) * count * 4
     }
 
     /// FNV-1a over the parameter bits: a cheap fingerprint to prove weights did not change.

@@ -1,3 +1,4 @@
+// Long on purpose (~540 lines): one executable whose subcommands (engine, generate, train, json, server, projections) share setup code.
 // ember-bench: the Swift side of `bench/run`. Prints one JSON object per measurement so the
 // driver can set figures side by side with PyTorch's.
 //

@@ -38,10 +38,8 @@ class TransportError(Exception):
         super().__init__(message if status is None else f"{message} (HTTP {status}: {body[:200]})")
 
 
+#: Calls that change no state, safe to resend after a dropped connection: the server's table.
 from .protocol import RETRY_SAFE
-
-#: Calls that change no state: safe to retry after a dropped connection (the server's table).
-READ_ONLY = RETRY_SAFE
 
 
 class _UnixConnection(http.client.HTTPConnection):
