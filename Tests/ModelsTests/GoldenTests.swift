@@ -68,6 +68,38 @@ final class GoldenTests: XCTestCase {
         }
     }
 
+    /// Production train_step, not a test-only path: `Trainer.step` with the cross-entropy loss over
+    /// every next token (split into micro-batches) leaves transformers' gradients in the model,
+    /// and five real steps follow torch's AdamW trajectory.
+    func testTrainStepComputesTheGoldenGradientsAndSteps() throws {
+        for name in Self.families {
+            let dir = fixtureModel(name)
+            let golden = try Golden(dir)
+            let items = (0..<golden.batch.sequenceCount).map { b -> TrainItem in
+                let tokens = Array(golden.batch.tokens[golden.batch.range(b)])
+                return TrainItem(tokens: tokens, responseStart: 1, advantages: Array(repeating: 0, count: tokens.count - 1))
+            }
+            let model = try TransformerModel.load(directory: dir)
+            let trainer = Trainer(model: model)
+            let m = try trainer.step(items: items, config: LossConfig(mode: .crossEntropy), microBatchTokens: 8, dryRun: true)
+            assertClose([Float(m.loss)], try golden.file.floats("loss"), name + " train_step loss")
+            for b in model.bindings {
+                assertClose(model.checkpointTensor(b, from: model.parameters.gradients), try golden.file.floats("grad." + b.checkpointName),
+                            "\(name) train_step grad \(b.checkpointName)")
+            }
+            XCTAssertEqual(trainer.weightsVersion, 0, "a dry run changes nothing")
+            let adam = Trainer(model: model, optimizer: AdamW(settings: AdamWSettings(lr: 1e-2, beta1: 0.9, beta2: 0.95, eps: 1e-3,
+                                                                                     weightDecay: 0.1, gradClip: 1.0)))
+            var losses: [Float] = []
+            for _ in 0..<5 { losses.append(Float(try adam.step(items: items, config: LossConfig(mode: .crossEntropy)).loss)) }
+            assertClose(losses, try golden.file.floats("adam_losses"), name + " train_step AdamW losses")
+            for b in model.bindings {
+                assertClose(model.checkpointTensor(b, from: model.parameters.values),
+                            try golden.file.floats("final." + b.checkpointName), "\(name) train_step after 5 steps: \(b.checkpointName)")
+            }
+        }
+    }
+
     func testAdamWTrajectoryMatchesTorch() throws {
         for name in Self.families {
             let dir = fixtureModel(name)
