@@ -91,7 +91,7 @@ public final class HTTPServer: @unchecked Sendable {
     /// Connections beyond this are answered 503 and closed.
     let maxConnections: Int
     /// Called on the loop thread when a connection closes (its pending work can be cancelled).
-    public var onDisconnect: (@Sendable (Int) -> Void)?
+    let onDisconnect: (@Sendable (Int) -> Void)?
     private let lock = NSLock()
     private var outbox: [(conn: Int, seq: Int, bytes: Data, final: Bool, keepAlive: Bool)] = []
     private var stopping = false
@@ -112,10 +112,13 @@ public final class HTTPServer: @unchecked Sendable {
                       idleTimeoutMs: idleTimeoutMs, maxConnections: maxConnections, handler: handler)
     }
 
-    /// Binds every endpoint; `run()` then serves them all until `stop()`.
+    /// Binds every endpoint; `run()` then serves them all until `stop()`. `onDisconnect` is
+    /// called on the loop thread when a connection closes, with its id.
     public init(endpoints: [Endpoint], maxBodyBytes: Int = 64 << 20, requestTimeoutMs: UInt64 = 10_000,
-                idleTimeoutMs: UInt64 = 60_000, maxConnections: Int = 256, handler: @escaping Handler) throws {
+                idleTimeoutMs: UInt64 = 60_000, maxConnections: Int = 256, onDisconnect: (@Sendable (Int) -> Void)? = nil,
+                handler: @escaping Handler) throws {
         self.handler = handler
+        self.onDisconnect = onDisconnect
         self.maxBodyBytes = maxBodyBytes
         self.requestTimeoutMs = requestTimeoutMs
         self.idleTimeoutMs = idleTimeoutMs

@@ -111,10 +111,9 @@ struct EmberServer: ParsableCommand {
         do {
             server = try HTTPServer(endpoints: endpoints, maxBodyBytes: maxBodyMB << 20,
                                     requestTimeoutMs: UInt64(requestTimeout * 1000), idleTimeoutMs: UInt64(idleTimeout * 1000),
-                                    maxConnections: maxConnections,
+                                    maxConnections: maxConnections, onDisconnect: { scheduler.disconnected(owner: $0) },
                                     handler: Router.makeHandler(scheduler: scheduler, apiKey: key, modelName: name, logger: log))
         } catch { throw ValidationError("\(error)") }
-        server.onDisconnect = { scheduler.disconnected(owner: $0) }
         scheduler.start()
 
         // Graceful shutdown on SIGINT / SIGTERM: stop accepting, answer in-flight calls, exit 0.

@@ -23,12 +23,12 @@ final class TestServer: @unchecked Sendable {
         var config = configuration
         config.slots = slots
         config.capacity = capacity
-        scheduler = Scheduler(dispatcher: Dispatcher(model: m, tokenizer: tok, configuration: config))
+        let sched = Scheduler(dispatcher: Dispatcher(model: m, tokenizer: tok, configuration: config))
+        scheduler = sched
         server = try HTTPServer(endpoints: endpoints, maxBodyBytes: maxBodyBytes, requestTimeoutMs: requestTimeoutMs,
                                 idleTimeoutMs: idleTimeoutMs, maxConnections: maxConnections,
-                                handler: Router.makeHandler(scheduler: scheduler, apiKey: apiKey, modelName: "test-model"))
-        let sched = scheduler
-        server.onDisconnect = { sched.disconnected(owner: $0) }
+                                onDisconnect: { sched.disconnected(owner: $0) },
+                                handler: Router.makeHandler(scheduler: sched, apiKey: apiKey, modelName: "test-model"))
         scheduler.start()
         let s = server
         thread = Thread { s.run() }
