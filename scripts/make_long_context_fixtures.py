@@ -25,6 +25,8 @@ from transformers import (AutoModelForCausalLM, GPT2Config, LlamaConfig, Mistral
                           Qwen3Config)
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
+from make_fixtures import randomize  # the golden fixtures' weight scales
+
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "Tests", "Fixtures")
 T = 320
 COMMON = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -74,17 +76,6 @@ def families():
         "gpt2": GPT2Config(vocab_size=96, n_embd=64, n_layer=2, n_head=2, n_positions=512, n_inner=None,
                            activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
     }
-
-
-def randomize(model, gen):
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1 and ("norm" in name or "ln_" in name) and not name.endswith("bias"):
-                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
-            elif p.dim() == 1:
-                p.copy_(0.2 * torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) / (p.shape[-1] ** 0.5) * 1.5)
 
 
 def next_token_logprobs(model, tokens):
