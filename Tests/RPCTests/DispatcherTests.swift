@@ -140,6 +140,24 @@ final class DispatcherTests: XCTestCase {
         expectError("train_step", ["batch": [["tokens": [1, 2, 3], "response_start": 1, "advantage": 1]],
                                    "loss": ["mode": "ppo", "kl_coef": 0.1]], kind: "invalid_params", path: "params.loss.kl_coef")
         expectError("optimizer.configure", ["lr": -1], kind: "invalid_params", path: "params.lr")
+        // Nothing is silently ignored or accepted out of range.
+        expectError("optimizer.configure", ["betas": [1.5, 0.9]], kind: "invalid_params", path: "params.betas")
+        expectError("optimizer.configure", ["eps": 0], kind: "invalid_params", path: "params.eps")
+        expectError("optimizer.configure", ["schedule": ["type": "cosine", "total_steps": 5, "warmup": 2]], kind: "invalid_params",
+                    path: "params.schedule.warmup")
+        expectError("train_step", ["batch": [["tokens": [1, 2, 3], "response_start": 1, "advantage": 1]],
+                                   "loss": ["mode": "ppo", "eps_hihg": 0.28]], kind: "invalid_params", path: "params.loss.eps_hihg")
+        expectError("train_step", ["batch": [["tokens": [1, 2, 3], "response_start": 1, "advantage": 1]],
+                                   "loss": ["mode": "ppo", "rho": 0.1]], kind: "invalid_params", path: "params.loss.rho")
+        expectError("train_step", ["batch": [["tokens": [1, 2, 3], "response_start": 1, "advantage": 1]],
+                                   "loss": ["mode": "ppo"], "optimizer": ["learning_rate": 0.1]], kind: "invalid_params",
+                    path: "params.optimizer.learning_rate")
+        expectError("server.info", ["verbose": true], kind: "invalid_params", path: "params.verbose")
+        expectError("checkpoint.list", ["all": true], kind: "invalid_params", path: "params.all")
+        expectError("reference.snapshot", ["name": "x"], kind: "invalid_params", path: "params.name")
+        expectError("generate", ["prompt_tokens": [[1, 2]], "presence_penalty": 2.5], kind: "invalid_params", path: "params.presence_penalty")
+        expectError("generate", ["prompt_tokens": [[1, 2]], "logit_bias": ["x": 1]], kind: "invalid_params", path: "params.logit_bias.x")
+        expectError("generate", ["prompt_tokens": [[1, 2]], "logit_bias": ["999999": 1]], kind: "invalid_params", path: "params.logit_bias")
         let full = dispatcher
         var small = Dispatcher.Configuration()
         small.maxRequestTokens = 10
@@ -189,6 +207,15 @@ final class CheckpointAndReadOnlyTests: XCTestCase {
             XCTAssertEqual(err("checkpoint.save", ["name": bad])?.path, "params.name", bad)
         }
         XCTAssertEqual(err("checkpoint.load", ["name": "missing"])?.kind.rawValue, "checkpoint_not_found")
+        // A checkpoint whose optimizer state is damaged is refused before anything changes.
+        _ = try d.call("checkpoint.save", ["name": "torn"])
+        let tornFolder = try CheckpointStore(directory: dir).folder("torn")
+        try Data("not safetensors".utf8).write(to: URL(fileURLWithPath: tornFolder + "/optimizer.safetensors"))
+        _ = try d.call("train_step", ["batch": batch, "loss": ["mode": "ppo"]])
+        let live = model.parameters.checksum(), liveVersion = d.trainer.weightsVersion
+        XCTAssertNotNil(err("checkpoint.load", ["name": "torn"]))
+        XCTAssertEqual(model.parameters.checksum(), live, "weights untouched by a failed load")
+        XCTAssertEqual(d.trainer.weightsVersion, liveVersion)
 
         config.readOnly = true
         d = Dispatcher(model: try TransformerModel.load(directory: fixtureModel("llama_gqa")), tokenizer: nil, configuration: config)
