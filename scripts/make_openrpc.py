@@ -158,7 +158,10 @@ methods = [
                                   "tied_embeddings": {"type": "boolean"}}},
          "capabilities": {"type": "array", "items": {"type": "string"}, "description": "The methods served."},
          "loss_defaults": {"type": "object", "description": "Every loss mode's options and their defaults (null: off unless given): "
-                                                            "{common: {...}, modes: {mode: {...}}}. Clients read defaults here."}},
+                                                            "{common: {...}, modes: {mode: {...}}}. Clients read defaults here."},
+         "kernels": {"type": "object", "description": "The kernel sets in use: Ember's projection kernel and the OpenBLAS kernel set "
+                                                      "that runs the backward's GEMMs.",
+                     "properties": {"projection": {"type": "string"}, "blas": {"type": "string"}}}},
          ["name", "version", "weights_version", "model", "capabilities"])},
      "errors": ["Unauthorized"],
      "example": ({}, None)},

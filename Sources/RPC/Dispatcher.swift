@@ -158,7 +158,8 @@ public final class Dispatcher {
                 "model": ["model_type": a.modelType, "parameters": model.parameterCount, "layers": a.layers,
                           "hidden_size": a.hiddenSize, "vocab_size": a.vocabSize, "max_position_embeddings": a.maxPositions,
                           "heads": a.heads, "kv_heads": a.kvHeads, "head_dim": a.headDim, "tied_embeddings": a.tiedEmbeddings],
-                "capabilities": RPCMethod.names, "loss_defaults": LossDefaults.json]
+                "capabilities": RPCMethod.names, "loss_defaults": LossDefaults.json,
+                "kernels": ["projection": "avx2-fma", "blas": "OpenBLAS " + BLASCore.name]]
     }
 
     // MARK: - Tokenizer

@@ -55,6 +55,8 @@ struct EmberServer: ParsableCommand {
             FileHandle.standardOutput.write(JSONRPC.encode(RPCMethod.describe()) + Data("\n".utf8))
             return
         }
+        // Before anything else: OpenBLAS can only be told its kernel set at load time.
+        BLASCore.restartIfMisdetected()
         let level = Logger.Level(rawValue: logLevel)!
         LoggingSystem.bootstrap { label in
             var h = StreamLogHandler.standardError(label: label)
@@ -128,7 +130,7 @@ struct EmberServer: ParsableCommand {
         }
         let banner = "ember-server \(EmberVersion.string): \(a.modelType) '\(name)', \(parameterCount) parameters, \(a.layers) layers, "
             + "hidden \(a.hiddenSize), vocab \(a.vocabSize)\(hasTokenizer ? "" : ", no tokenizer") | listening on "
-            + addresses.joined(separator: " and ") + " | \(threads) threads\(readOnly ? " | read-only" : "")\(key != nil ? " | API key required" : "")"
+            + addresses.joined(separator: " and ") + " | \(threads) threads, OpenBLAS \(BLASCore.name)\(readOnly ? " | read-only" : "")\(key != nil ? " | API key required" : "")"
         FileHandle.standardOutput.write(Data((banner + "\n").utf8))
         log.info("model loaded", metadata: ["dir": "\(dir)", "kv_slots": "\(slots)", "max_seq_len": "\(capacity)",
                                             "kv_bytes": "\(scheduler.kvCacheBytes)"])

@@ -25,6 +25,7 @@ func emit(_ dict: [String: Any]) {
     FileHandle.standardOutput.write(data + Data([0x0A]))
 }
 
+BLASCore.restartIfMisdetected()
 let args = Array(CommandLine.arguments.dropFirst())
 func option(_ name: String, _ fallback: String) -> String {
     if let i = args.firstIndex(of: name), i + 1 < args.count { return args[i + 1] }

@@ -1,4 +1,5 @@
 """The typed client against a live server."""
+import os
 import threading
 import time
 
@@ -171,3 +172,23 @@ def test_openai_penalties_best_of_and_user(model_dir, tmp_path):
         assert s.stop() == 0
     log.seek(0)
     assert "evaluator-7" in log.read()
+
+
+def test_openblas_kernel_set_is_reported_and_never_an_old_one_on_an_avx2_cpu(model_dir):
+    """server.info names the kernel sets; where OpenBLAS falls back to a pre-AVX2 set on a CPU
+    with AVX2 and FMA, the server restarts itself with the Haswell set; a user's own
+    OPENBLAS_CORETYPE stands."""
+    flags = next((l for l in open("/proc/cpuinfo") if l.startswith("flags")), "").split()
+    s = RunningServer(model_dir)
+    try:
+        kernels = Client(s.url).info()["kernels"]
+        assert kernels["projection"] == "avx2-fma"
+        if "avx2" in flags and "fma" in flags:
+            assert kernels["blas"].split()[-1] in {"Haswell", "Zen", "SkylakeX", "Cooperlake", "SapphireRapids"}, kernels
+    finally:
+        assert s.stop() == 0
+    s = RunningServer(model_dir, env={**os.environ, "OPENBLAS_CORETYPE": "Prescott"})
+    try:
+        assert Client(s.url).info()["kernels"]["blas"] == "OpenBLAS Prescott"
+    finally:
+        assert s.stop() == 0
