@@ -34,7 +34,7 @@ def engine(quick):
     rows = []
     print(f"machine: {machine()}")
     sg = run([EMBER, "sgemm"])[0]
-    print(f"sgemm 2048^3, 2 threads: OpenBLAS {sg['openblas_gflops']:.0f} GFLOP/s, "
+    print(f"sgemm 2048^3, 2 threads: OpenBLAS ({sg['openblas_core']} kernels) {sg['openblas_gflops']:.0f} GFLOP/s, "
           f"Ember row-invariant kernel {sg['ember_project_gflops']:.0f} GFLOP/s")
     shapes = ["tiny"] if quick else ["tiny", "0.5b"]
     print(f"\n{'shape':6} {'metric':16} {'ember':>10} {'pytorch':>10} {'ratio':>7}  ember GFLOP/s")

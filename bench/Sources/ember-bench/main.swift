@@ -226,7 +226,7 @@ func benchSgemm() {
         ours.append(now() - t0)
     }
     let flops = 2 * Double(n * n * n)
-    emit(["kind": "sgemm", "threads": threads, "size": n, "openblas_gflops": flops / blas.min()! / 1e9,
+    emit(["kind": "sgemm", "threads": threads, "size": n, "openblas_core": BLASCore.name, "openblas_gflops": flops / blas.min()! / 1e9,
           "ember_project_gflops": flops / ours.min()! / 1e9])
 }
 
