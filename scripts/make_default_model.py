@@ -151,7 +151,12 @@ def main():
     ap.add_argument("--select-only", action="store_true", help="only choose and copy a checkpoint from an existing --work")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tasks", default=",".join(TASKS),
+                    help="task families whose traces the model learns (the rare-spark study's model: arithmetic_rare)")
     args = ap.parse_args()
+    TASKS[:] = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    for t in TASKS:
+        tasks.get(t)
     lo, hi = map(float, args.target.split(","))
 
     init = os.path.join(args.work, "init")

@@ -21,7 +21,7 @@ def test_clean_traces_are_accepted(name):
     t = tasks.get(name)
     rng = random.Random(0)
     for p in tasks.sample(t, "heldout", 200, seed=1):
-        clean = t.trace(p, rng, **({"slip_rate": 0.0} if name == "arithmetic" else {}))
+        clean = t.trace(p, rng, **({"slip_rate": 0.0} if name.startswith("arithmetic") else {}))
         assert t.check(p, clean), (p.prompt, clean)
         assert t.check(p, t.probe_trace(p, rng))
 
@@ -87,3 +87,18 @@ def test_advantages_agree_with_the_servers_rules():
         for name, expected in c["expected"].items():
             assert advantages.ESTIMATORS[name](c["rewards"], c["groups"]) == pytest.approx(expected, abs=1e-12), name
     assert advantages.grpo([0.5], ["solo"]) == [0.0], "a group of one has no baseline"
+
+
+def test_rare_check_arithmetic_makes_the_spark_rare_and_useful():
+    """The rare-spark task: checks at ~0.5% of steps in base traces, and a trace that checks every
+    step is always right while one that never checks is right ~0.78^steps of the time."""
+    t = tasks.get("arithmetic_rare")
+    rng = random.Random(3)
+    problems = tasks.sample(t, "train", 400, seed=2, distinct=False)
+    steps = sum(len(p.info["ops"]) for p in problems)
+    checks = sum(t.trace(p, rng).count(" check ") for p in problems for _ in range(5))
+    assert 0.002 < checks / (5 * steps) < 0.01
+    assert all(t.check(p, t.trace(p, rng, check_rate=1.0)) for p in problems)
+    plain = sum(t.check(p, t.trace(p, rng, check_rate=0.0)) for p in problems) / len(problems)
+    assert 0.15 < plain < 0.45
+    assert min(len(p.info["ops"]) for p in problems) >= 4

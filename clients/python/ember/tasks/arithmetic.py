@@ -78,3 +78,32 @@ class Arithmetic:
 
 
 register(Arithmetic())
+
+
+class RareCheckArithmetic(Arithmetic):
+    """The rare-spark setting of the long-horizon study (docs/results.md, "Study 2"): longer
+    chains (4 to 6 steps) that slip more often, and a check move the base traces take at only
+    0.5% of steps, so a model trained on them checks with probability well under 0.01 where it
+    matters, while a check still repairs the slip it catches. Without checks a 5-step chain is
+    right with probability 0.78^5 = 0.29; a sample may check one step and slip at another, so
+    checks also appear in failing samples."""
+    name = "arithmetic_rare"
+    slip_rate = 0.22
+    check_rate = 0.005
+
+    def problem(self, rng) -> Problem:
+        steps = rng.choice([4, 5, 5, 6])
+        values = [rng.randint(2, 99)]
+        ops = []
+        for i in range(steps):
+            op = rng.choice(["+", "-", "+", "-", "*"] if i == 0 else ["+", "-"])
+            values.append(rng.randint(2, 9) if op == "*" else rng.randint(2, 99))
+            ops.append(op)
+        acc = values[0]
+        for op, b in zip(ops, values[1:]):
+            acc = _apply(acc, op, b)
+        expr = str(values[0]) + "".join(f"{op}{b}" for op, b in zip(ops, values[1:]))
+        return Problem(self.name, f"calc {expr}=", acc, {"values": values, "ops": ops})
+
+
+register(RareCheckArithmetic())
