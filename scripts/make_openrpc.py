@@ -102,6 +102,11 @@ schemas = {
                                "clipfrac_low": NUM, "clipfrac_high": NUM, "ppo_kl": NUM_OR_NULL, "kl_ref": NUM_OR_NULL,
                                "grad_norm": NUM_OR_NULL, "lr": NUM, "tokens": NONNEG, "lp_reg_selected": NONNEG,
                                "lp_reg_regularized": NONNEG, "lp_reg_threshold": NUM_OR_NULL,
+                               "lp_reg_tokens": {"type": "object", "additionalProperties": NONNEG,
+                                                 "description": "lp_reg: which tokens were regularised, token id -> count."},
+                               "lp_reg_probability_buckets": {"type": "array", "items": NONNEG, "minItems": 5, "maxItems": 5,
+                                                              "description": "lp_reg: the regularised tokens by current probability, "
+                                                                             "counts in [0, 1e-4), [1e-4, 1e-3), [1e-3, 1e-2), [1e-2, 0.1), [0.1, 1]."},
                                "logprob_max_abs_diff": NUM_OR_NULL, "optimizer_steps": NONNEG,
                                "seconds_forward": NUM, "seconds_backward": NUM, "seconds_optimizer": NUM}},
     "ErrorData": {"type": "object", "required": ["kind"],

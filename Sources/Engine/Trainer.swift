@@ -67,6 +67,13 @@ public struct TrainMetrics: Sendable {
     public var lpRegRegularized = 0
     /// Probability of the highest-probability token in Lp-Reg's candidate set (the cutoff).
     public var lpRegThreshold: Double?
+    /// Which tokens Lp-Reg regularised: token id -> count.
+    public var lpRegTokens: [Int32: Int] = [:]
+    /// The same tokens by their current probability: counts in [0, 1e-4), [1e-4, 1e-3),
+    /// [1e-3, 1e-2), [1e-2, 1e-1), [1e-1, 1].
+    public var lpRegProbabilityBuckets = [0, 0, 0, 0, 0]
+    /// Upper edges of `lpRegProbabilityBuckets` but the last.
+    public static let probabilityBucketEdges: [Float] = [1e-4, 1e-3, 1e-2, 1e-1]
     /// max |provided old log-prob − recomputed log-prob| (sampler/trainer agreement).
     public var logprobMaxAbsDiff = 0.0
     public var optimizerSteps = 0
@@ -303,6 +310,11 @@ public final class Trainer {
         }
         if case let .lpReg(o) = config.mode {
             m.lpRegRegularized += plan.selected.filter { $0 }.count
+            for i in 0..<t.count where plan.selected[i] {
+                m.lpRegTokens[t.targets[i], default: 0] += 1
+                let p = expf(r.logprobs[i])
+                m.lpRegProbabilityBuckets[TrainMetrics.probabilityBucketEdges.firstIndex { p < $0 } ?? 4] += 1
+            }
             let negatives = t.advantages.filter { $0 < 0 }.count
             let k = Int((Float(o.percentileOver == .negative ? negatives : t.count) * o.rho).rounded(.down))
             m.lpRegSelected += (k == 0 || (o.skipWhenKAtMostOne && k <= 1)) ? 0 : k

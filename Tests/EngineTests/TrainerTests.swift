@@ -52,6 +52,12 @@ final class TrainerTests: XCTestCase {
         XCTAssertEqual(split.lpRegRegularized, whole.lpRegRegularized)
         XCTAssertEqual(whole.logprobMaxAbsDiff, 0, "on-policy: the trainer recomputes the sampler's log-probs exactly")
         XCTAssertGreaterThan(whole.lpRegRegularized, 0)
+        // Which tokens: counted by id and by probability bucket, both summing to the regularised count.
+        XCTAssertEqual(whole.lpRegTokens.values.reduce(0, +), whole.lpRegRegularized)
+        XCTAssertEqual(whole.lpRegProbabilityBuckets.reduce(0, +), whole.lpRegRegularized)
+        XCTAssertEqual(split.lpRegTokens, whole.lpRegTokens)
+        let targets = Set(batch.flatMap { $0.tokens[$0.responseStart...] })
+        XCTAssertTrue(whole.lpRegTokens.keys.allSatisfy { targets.contains($0) })
     }
 
     /// Per-micro-batch selection (reference code) differs from batch-wide selection only in which

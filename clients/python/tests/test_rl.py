@@ -21,6 +21,8 @@ def test_rl_smoke_run_and_resume(server, tmp_path, capsys):
         for k in ("reward", "entropy", "loss", "grad_norm"):
             assert math.isfinite(m[k]), (k, m)
         assert m["logprob_max_abs_diff"] == 0.0, "sampler and trainer agree exactly on-policy"
+        assert m["step_seconds"] >= m["train_seconds"] > 0
+        assert sum(m["lp_reg_probability_buckets"]) == m["lp_reg_regularized"] == sum(m["lp_reg_tokens"].values())
     assert metrics[0]["task"] == "arithmetic" and metrics[1]["task"] == "countdown"
     evals = [json.loads(l) for l in open(os.path.join(out, "eval.jsonl"))]
     assert [e["step"] for e in evals] == [0, 2, 3] and all("pass@2" in e for e in evals)
