@@ -102,6 +102,12 @@ schemas = {
                                "clipfrac_low": NUM, "clipfrac_high": NUM, "ppo_kl": NUM_OR_NULL, "kl_ref": NUM_OR_NULL,
                                "grad_norm": NUM_OR_NULL, "lr": NUM, "tokens": NONNEG, "lp_reg_selected": NONNEG,
                                "lp_reg_regularized": NONNEG, "lp_reg_threshold": NUM_OR_NULL,
+                               "proxy_noise_mass": {"type": "number", "minimum": 0, "maximum": 1,
+                                                    "description": "Mean over response tokens of the probability the proxy (Lp-Reg's, "
+                                                                   "else the default min-p) drops as noise."},
+                               "low_prob_proxy_kept": {"type": "number", "minimum": 0, "maximum": 1,
+                                                       "description": "Of the lowest-probability rho share of negative-advantage tokens, "
+                                                                      "the fraction the proxy keeps (absent when there were none)."},
                                "lp_reg_tokens": {"type": "object", "additionalProperties": NONNEG,
                                                  "description": "lp_reg: which tokens were regularised, token id -> count."},
                                "lp_reg_probability_buckets": {"type": "array", "items": NONNEG, "minItems": 5, "maxItems": 5,

@@ -58,6 +58,19 @@ public struct RowDistribution {
         return acc.sum() + tail
     }
 
+    /// The proxy's view of this row: whether it keeps `token`, and the probability mass of the
+    /// tokens it drops as noise (under this distribution).
+    public func proxyFilter(_ token: Int, _ spec: ProxySpec) -> (keeps: Bool, noiseMass: Float) {
+        let cut: Float
+        switch spec {
+        case let .minP(kappa): cut = maxElement(z, count) + logf(max(kappa, .leastNonzeroMagnitude))
+        case let .threshold(tau): cut = lse + logf(max(tau, .leastNonzeroMagnitude))
+        }
+        var mass: Float = 0
+        for i in 0..<count where z[i] < cut { mass += exp1(z[i] - lse) }
+        return (z[token] >= cut, mass)
+    }
+
     /// Log-probability of `token` under the proxy distribution; −infinity when the filter drops it.
     public func proxyLogprob(_ token: Int, _ spec: ProxySpec) -> Float {
         // Kept set in z-space: z >= cut.

@@ -72,6 +72,13 @@ public struct TrainMetrics: Sendable {
     /// The same tokens by their current probability: counts in [0, 1e-4), [1e-4, 1e-3),
     /// [1e-3, 1e-2), [1e-2, 1e-1), [1e-1, 1].
     public var lpRegProbabilityBuckets = [0, 0, 0, 0, 0]
+    /// Mean over response tokens of the probability mass the proxy drops as noise (Lp-Reg's
+    /// proxy, or the default min-p proxy under other losses).
+    public var proxyNoiseMass = 0.0
+    /// The lowest-probability `rho` share of negative-advantage tokens (at least one; Lp-Reg's
+    /// rho, else its default), and how many of them the proxy keeps.
+    public var lowProbabilityTokens = 0
+    public var lowProbabilityProxyKept = 0
     /// Upper edges of `lpRegProbabilityBuckets` but the last.
     public static let probabilityBucketEdges: [Float] = [1e-4, 1e-3, 1e-2, 1e-1]
     /// max |provided old log-prob − recomputed log-prob| (sampler/trainer agreement).
@@ -192,7 +199,7 @@ public final class Trainer {
             }
             metrics.secondsOptimizer += Date().timeIntervalSince(t1)
         }
-        for key in [\TrainMetrics.loss, \.pgLoss, \.entropy, \.clipFracLow, \.clipFracHigh, \.ppoKL, \.refKL] {
+        for key in [\TrainMetrics.loss, \.pgLoss, \.entropy, \.clipFracLow, \.clipFracHigh, \.ppoKL, \.refKL, \.proxyNoiseMass] {
             metrics[keyPath: key] /= Double(max(1, totalTokens))
         }
         metrics.tokens = totalTokens
@@ -206,6 +213,9 @@ public final class Trainer {
         var plan: PolicyLossPlan
         var logprobs: [Float]
         var entropies: [Float]
+        /// Per token: whether the proxy keeps it, and the mass the proxy drops at its position.
+        var proxyKeeps: [Bool]
+        var proxyNoiseMass: [Float]
     }
 
     /// Plans the loss over the whole mini-batch, then accumulates gradients micro-batch by micro-batch.
@@ -216,7 +226,10 @@ public final class Trainer {
         let tf = Date()
         // Pass 1: every token's current log-probability and entropy. With one micro-batch the
         // body runs once (activations kept for pass 2); otherwise each micro-batch runs twice.
-        var current: [Float] = [], entropies: [Float] = []
+        var current: [Float] = [], entropies: [Float] = [], proxyKeeps: [Bool] = [], noiseMass: [Float] = []
+        // The proxy the analyses use: the loss's own for lp_reg, the default min-p otherwise.
+        var analysisProxy = ProxySpec.minP(LossDefaults.number("lp_reg", "min_p"))
+        if case let .lpReg(o) = config.mode { analysisProxy = o.proxy }
         var kept: Activations?
         for group in micro {
             let batch = PackedBatch(group.map { items[$0].tokens })
@@ -229,6 +242,9 @@ public final class Trainer {
                     let dist = RowDistribution(scaling: logits + i * V, count: V, temperature: config.temperature)
                     current.append(dist.logprob(Int(targets[r])))
                     entropies.append(dist.entropy())
+                    let filter = dist.proxyFilter(Int(targets[r]), analysisProxy)
+                    proxyKeeps.append(filter.keeps)
+                    noiseMass.append(filter.noiseMass)
                 }
             }
         }
@@ -280,7 +296,8 @@ public final class Trainer {
             loss += result.loss
             seconds.backward += Date().timeIntervalSince(tb)
         }
-        return (MiniBatchResult(loss: loss, plan: plan, logprobs: current, entropies: entropies), seconds)
+        return (MiniBatchResult(loss: loss, plan: plan, logprobs: current, entropies: entropies, proxyKeeps: proxyKeeps,
+                                proxyNoiseMass: noiseMass), seconds)
     }
 
     private func accumulateMetrics(_ m: inout TrainMetrics, _ r: MiniBatchResult, items: [TrainItem],
@@ -308,6 +325,14 @@ public final class Trainer {
             }
             if first { m.logprobMaxAbsDiff = max(m.logprobMaxAbsDiff, Double(abs(lp - old))) }
         }
+        m.proxyNoiseMass += r.proxyNoiseMass.reduce(0.0) { $0 + Double($1) }
+        var rho = LossDefaults.number("lp_reg", "rho")
+        if case let .lpReg(o) = config.mode { rho = o.rho }
+        let negatives = (0..<t.count).filter { t.advantages[$0] < 0 }
+            .sorted { r.logprobs[$0] < r.logprobs[$1] || (r.logprobs[$0] == r.logprobs[$1] && $0 < $1) }
+        let lowest = negatives.prefix(max(1, Int((Float(negatives.count) * rho).rounded(.down))))
+        m.lowProbabilityTokens += lowest.count
+        m.lowProbabilityProxyKept += lowest.filter { r.proxyKeeps[$0] }.count
         if case let .lpReg(o) = config.mode {
             m.lpRegRegularized += plan.selected.filter { $0 }.count
             for i in 0..<t.count where plan.selected[i] {

@@ -162,6 +162,10 @@ extension Dispatcher {
             "seconds_forward": m.secondsForward, "seconds_backward": m.secondsBackward, "seconds_optimizer": m.secondsOptimizer,
         ]
         if let t = m.lpRegThreshold { metrics["lp_reg_threshold"] = t }
+        metrics["proxy_noise_mass"] = m.proxyNoiseMass
+        if m.lowProbabilityTokens > 0 {
+            metrics["low_prob_proxy_kept"] = Double(m.lowProbabilityProxyKept) / Double(m.lowProbabilityTokens)
+        }
         if case .lpReg = config.mode {
             metrics["lp_reg_tokens"] = Dictionary(uniqueKeysWithValues: m.lpRegTokens.map { (String($0.key), $0.value) })
             metrics["lp_reg_probability_buckets"] = m.lpRegProbabilityBuckets

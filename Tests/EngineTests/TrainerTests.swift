@@ -60,6 +60,36 @@ final class TrainerTests: XCTestCase {
         XCTAssertTrue(whole.lpRegTokens.keys.allSatisfy { targets.contains($0) })
     }
 
+    /// The analysis metrics against a recomputation from the model's own distributions: the mass
+    /// the default min-p proxy drops, and the share of the lowest-probability negative tokens it keeps.
+    func testProxyAnalysisMetricsMatchARecomputation() throws {
+        let model = try TransformerModel.load(directory: fixtureModel("llama_gqa"))
+        let batch = try items(model, count: 8)
+        let m = try Trainer(model: model).step(items: batch, config: LossConfig(mode: .ppo(ClipOptions())), dryRun: true)
+        let kappa = 0.02
+        var massSum = 0.0, n = 0
+        var negatives: [(lp: Double, kept: Bool)] = []
+        let V = model.architecture.vocabSize
+        for item in batch {
+            let T = item.tokens.count
+            let logits = try model.logits(tokens: item.tokens, positions: (0..<Int32(T)).map { $0 },
+                                          context: .packed(sequenceStarts: [0, T]), rows: Array((item.responseStart - 1)..<(T - 1)))
+            for (k, target) in item.tokens[item.responseStart...].enumerated() {
+                let row = logits[(k * V)..<((k + 1) * V)].map(Double.init)
+                let mx = row.max()!, lse = mx + log(row.map { exp($0 - mx) }.reduce(0, +))
+                let cut = mx + log(kappa)
+                massSum += row.filter { $0 < cut }.map { exp($0 - lse) }.reduce(0, +)
+                n += 1
+                if item.advantages[k] < 0 { negatives.append((row[Int(target)] - lse, row[Int(target)] >= cut)) }
+            }
+        }
+        XCTAssertEqual(m.proxyNoiseMass, massSum / Double(n), accuracy: 1e-5)
+        XCTAssertGreaterThan(m.proxyNoiseMass, 0)
+        let lowest = negatives.sorted { $0.lp < $1.lp }.prefix(max(1, Int(Double(negatives.count) * 0.01)))
+        XCTAssertEqual(m.lowProbabilityTokens, lowest.count)
+        XCTAssertEqual(m.lowProbabilityProxyKept, lowest.filter(\.kept).count)
+    }
+
     /// Per-micro-batch selection (reference code) differs from batch-wide selection only in which
     /// tokens are regularized; with one micro-batch they coincide.
     func testLpRegSelectionScopes() throws {

@@ -324,7 +324,8 @@ def main(argv=None) -> int:
                    "grad_norm": m["grad_norm"], "clipfrac_low": m["clipfrac_low"], "clipfrac_high": m["clipfrac_high"],
                    "lp_reg_selected": m["lp_reg_selected"], "lp_reg_regularized": m["lp_reg_regularized"],
                    "logprob_max_abs_diff": m["logprob_max_abs_diff"], "sample_seconds": t1 - t0,
-                   "train_seconds": time.time() - t1, "step_seconds": time.time() - t0}
+                   "train_seconds": time.time() - t1, "step_seconds": time.time() - t0,
+                   "proxy_noise_mass": m["proxy_noise_mass"], "low_prob_proxy_kept": m.get("low_prob_proxy_kept")}
             if "lp_reg_tokens" in m:
                 rec["lp_reg_tokens"] = m["lp_reg_tokens"]
                 rec["lp_reg_probability_buckets"] = m["lp_reg_probability_buckets"]

@@ -22,6 +22,7 @@ def test_rl_smoke_run_and_resume(server, tmp_path, capsys):
             assert math.isfinite(m[k]), (k, m)
         assert m["logprob_max_abs_diff"] == 0.0, "sampler and trainer agree exactly on-policy"
         assert m["step_seconds"] >= m["train_seconds"] > 0
+        assert 0 <= m["proxy_noise_mass"] <= 1 and (m["low_prob_proxy_kept"] is None or 0 <= m["low_prob_proxy_kept"] <= 1)
         assert sum(m["lp_reg_probability_buckets"]) == m["lp_reg_regularized"] == sum(m["lp_reg_tokens"].values())
     assert metrics[0]["task"] == "arithmetic" and metrics[1]["task"] == "countdown"
     evals = [json.loads(l) for l in open(os.path.join(out, "eval.jsonl"))]
