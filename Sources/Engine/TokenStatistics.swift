@@ -66,9 +66,20 @@ public struct RowDistribution {
         case let .minP(kappa): cut = maxElement(z, count) + logf(max(kappa, .leastNonzeroMagnitude))
         case let .threshold(tau): cut = lse + logf(max(tau, .leastNonzeroMagnitude))
         }
-        var mass: Float = 0
-        for i in 0..<count where z[i] < cut { mass += exp1(z[i] - lse) }
-        return (z[token] >= cut, mass)
+        // Summed in 8 lanes, as `entropy` sums its terms.
+        var acc = SIMD8<Float>()
+        let shift = SIMD8<Float>(repeating: lse), c = SIMD8<Float>(repeating: cut)
+        var i = 0
+        while i + 8 <= count {
+            let v = UnsafeRawPointer(z + i).loadUnaligned(as: SIMD8<Float>.self)
+            var e = exp8(v - shift)
+            e.replace(with: 0, where: v .>= c)
+            acc += e
+            i += 8
+        }
+        var tail: Float = 0
+        while i < count { if z[i] < cut { tail += exp1(z[i] - lse) }; i += 1 }
+        return (z[token] >= cut, acc.sum() + tail)
     }
 
     /// Log-probability of `token` under the proxy distribution; −infinity when the filter drops it.
