@@ -58,14 +58,18 @@ public struct RowDistribution {
         return acc.sum() + tail
     }
 
+    /// The proxy's kept set in z-space: tokens with z >= the returned cut.
+    func proxyCut(_ spec: ProxySpec) -> Float {
+        switch spec {
+        case let .minP(kappa): maxElement(z, count) + logf(max(kappa, .leastNonzeroMagnitude))
+        case let .threshold(tau): lse + logf(max(tau, .leastNonzeroMagnitude))
+        }
+    }
+
     /// The proxy's view of this row: whether it keeps `token`, and the probability mass of the
     /// tokens it drops as noise (under this distribution).
     public func proxyFilter(_ token: Int, _ spec: ProxySpec) -> (keeps: Bool, noiseMass: Float) {
-        let cut: Float
-        switch spec {
-        case let .minP(kappa): cut = maxElement(z, count) + logf(max(kappa, .leastNonzeroMagnitude))
-        case let .threshold(tau): cut = lse + logf(max(tau, .leastNonzeroMagnitude))
-        }
+        let cut = proxyCut(spec)
         // Summed in 8 lanes, as `entropy` sums its terms.
         var acc = SIMD8<Float>()
         let shift = SIMD8<Float>(repeating: lse), c = SIMD8<Float>(repeating: cut)
@@ -84,12 +88,7 @@ public struct RowDistribution {
 
     /// Log-probability of `token` under the proxy distribution; −infinity when the filter drops it.
     public func proxyLogprob(_ token: Int, _ spec: ProxySpec) -> Float {
-        // Kept set in z-space: z >= cut.
-        let cut: Float
-        switch spec {
-        case let .minP(kappa): cut = maxElement(z, count) + logf(max(kappa, .leastNonzeroMagnitude))
-        case let .threshold(tau): cut = lse + logf(max(tau, .leastNonzeroMagnitude))
-        }
+        let cut = proxyCut(spec)
         if z[token] < cut { return -.infinity }
         // Log-sum-exp over kept tokens, in the same fixed order as logSumExp.
         let m = maxElement(z, count)

@@ -25,9 +25,10 @@ class Arithmetic:
     spark_words = ["check"]
     slip_rate = 0.18     # probability that a step in a base trace is wrong
     check_rate = 0.12    # probability that a step in a base trace is checked
+    step_counts = [2, 3, 3, 4]
 
     def problem(self, rng) -> Problem:
-        steps = rng.choice([2, 3, 3, 4])
+        steps = rng.choice(self.step_counts)
         values = [rng.randint(2, 99)]
         ops = []
         for i in range(steps):
@@ -90,20 +91,7 @@ class RareCheckArithmetic(Arithmetic):
     name = "arithmetic_rare"
     slip_rate = 0.22
     check_rate = 0.005
-
-    def problem(self, rng) -> Problem:
-        steps = rng.choice([4, 5, 5, 6])
-        values = [rng.randint(2, 99)]
-        ops = []
-        for i in range(steps):
-            op = rng.choice(["+", "-", "+", "-", "*"] if i == 0 else ["+", "-"])
-            values.append(rng.randint(2, 9) if op == "*" else rng.randint(2, 99))
-            ops.append(op)
-        acc = values[0]
-        for op, b in zip(ops, values[1:]):
-            acc = _apply(acc, op, b)
-        expr = str(values[0]) + "".join(f"{op}{b}" for op, b in zip(ops, values[1:]))
-        return Problem(self.name, f"calc {expr}=", acc, {"values": values, "ops": ops})
+    step_counts = [4, 5, 5, 6]
 
 
 register(RareCheckArithmetic())
