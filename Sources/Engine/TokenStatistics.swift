@@ -70,20 +70,7 @@ public struct RowDistribution {
     /// tokens it drops as noise (under this distribution).
     public func proxyFilter(_ token: Int, _ spec: ProxySpec) -> (keeps: Bool, noiseMass: Float) {
         let cut = proxyCut(spec)
-        // Summed in 8 lanes, as `entropy` sums its terms.
-        var acc = SIMD8<Float>()
-        let shift = SIMD8<Float>(repeating: lse), c = SIMD8<Float>(repeating: cut)
-        var i = 0
-        while i + 8 <= count {
-            let v = UnsafeRawPointer(z + i).loadUnaligned(as: SIMD8<Float>.self)
-            var e = exp8(v - shift)
-            e.replace(with: 0, where: v .>= c)
-            acc += e
-            i += 8
-        }
-        var tail: Float = 0
-        while i < count { if z[i] < cut { tail += exp1(z[i] - lse) }; i += 1 }
-        return (z[token] >= cut, acc.sum() + tail)
+        return (z[token] >= cut, expSum(minus: lse, keeping: cut, below: true))
     }
 
     /// Log-probability of `token` under the proxy distribution; −infinity when the filter drops it.
@@ -92,19 +79,25 @@ public struct RowDistribution {
         if z[token] < cut { return -.infinity }
         // Log-sum-exp over kept tokens, in the same fixed order as logSumExp.
         let m = maxElement(z, count)
+        return z[token] - (m + logf(expSum(minus: m, keeping: cut, below: false)))
+    }
+
+    /// Σ exp(z − shift) over the tokens with z < cut (`below`) or z ≥ cut, summed in 8 lanes and
+    /// then the tail, a fixed order whatever the row.
+    func expSum(minus shift: Float, keeping cut: Float, below: Bool) -> Float {
         var acc = SIMD8<Float>()
-        let shift = SIMD8<Float>(repeating: m), c = SIMD8<Float>(repeating: cut)
+        let s = SIMD8<Float>(repeating: shift), c = SIMD8<Float>(repeating: cut)
         var i = 0
         while i + 8 <= count {
             let v = UnsafeRawPointer(z + i).loadUnaligned(as: SIMD8<Float>.self)
-            var e = exp8(v - shift)
-            e.replace(with: 0, where: v .< c)
+            var e = exp8(v - s)
+            e.replace(with: 0, where: below ? v .>= c : v .< c)
             acc += e
             i += 8
         }
         var tail: Float = 0
-        while i < count { if z[i] >= cut { tail += exp1(z[i] - m) }; i += 1 }
-        return z[token] - (m + logf(acc.sum() + tail))
+        while i < count { if (z[i] < cut) == below { tail += exp1(z[i] - shift) }; i += 1 }
+        return acc.sum() + tail
     }
 
     /// The k most likely tokens with their log-probabilities (ties: lower id first).
