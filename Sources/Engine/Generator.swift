@@ -55,6 +55,8 @@ public struct SampleResult: Sendable {
     public var proxyLogprobs: [Float]?
     public var topLogprobs: [[TokenLogprob]]?
     public var finishReason: FinishReason
+    /// The weights every token of the sample was drawn under.
+    public var weightsVersion: Int
 }
 
 public struct TokenLogprob: Sendable, Equatable {
@@ -473,7 +475,7 @@ public final class Generator {
                                 logprobs: logprobs, entropies: group.options.entropy ? entropies : nil,
                                 proxyLogprobs: group.options.proxy != nil ? proxyLogprobs : nil,
                                 topLogprobs: group.options.topLogprobs > 0 ? tops : nil,
-                                finishReason: finish ?? .length)
+                                finishReason: finish ?? .length, weightsVersion: group.weightsVersion)
         }
     }
 }

@@ -79,7 +79,8 @@ extension Dispatcher {
                     ["prompt_index": i, "prompt_tokens": out.promptTokens[i].map(Int.init),
                      "samples": samples.map { sample -> [String: Any] in
                          var d: [String: Any] = ["rollout_id": sample.rolloutId ?? NSNull(), "tokens": sample.tokens.map(Int.init),
-                                                 "text": sample.text, "finish_reason": sample.finishReason.rawValue]
+                                                 "text": sample.text, "finish_reason": sample.finishReason.rawValue,
+                                                 "weights_version": sample.weightsVersion]
                          if call.options.logprobs { d["logprobs"] = sample.logprobs }
                          if let e = sample.entropies { d["entropies"] = e }
                          if let x = sample.proxyLogprobs { d["proxy_logprobs"] = x }

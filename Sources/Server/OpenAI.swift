@@ -173,7 +173,8 @@ struct OpenAIRoutes: Sendable {
         func piece(_ t: Int32) -> String { (try? tok?.decode([t])) ?? nil ?? "<\(t)>" }
         let promptCount = call.prompts.reduce(0) { $0 + $1.count }
         // Every drawn token counts (best_of's unreturned samples too, as OpenAI bills them).
-        let completionCount = out?.results.joined().reduce(0) { $0 + $1.tokens.count } ?? 0
+        var completionCount = 0
+        for samples in out?.results ?? [] { for sample in samples { completionCount += sample.tokens.count } }
         // Prompt log-probabilities for echo + logprobs (the first token has none).
         var promptScores: [ScoreResult]?
         if r.echo, r.logprobs != nil {

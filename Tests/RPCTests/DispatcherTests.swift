@@ -71,6 +71,7 @@ final class DispatcherTests: XCTestCase {
                 sequences.append(["tokens": prompt + (s["tokens"] as! [Int]), "response_start": prompt.count])
                 sampled.append(floats(s["logprobs"]))
                 XCTAssertEqual((s["top_logprobs"] as! [Any]).count, (s["tokens"] as! [Any]).count)
+                XCTAssertEqual(s["weights_version"] as? Int, 0, "every sample names the weights it was drawn under")
                 rollouts.append(["rollout_id": s["rollout_id"] as! String, "reward": Double(k)])
             }
         }
@@ -85,6 +86,9 @@ final class DispatcherTests: XCTestCase {
         let metrics = step["metrics"] as! [String: Any]
         XCTAssertEqual(metrics["logprob_max_abs_diff"] as? Double, 0)
         XCTAssertEqual((try call("server.info", [:]))["weights_version"] as? Int, 1)
+        let after = try call("generate", ["prompt_tokens": [[1, 2, 3]], "max_tokens": 2, "seed": 1])
+        let afterSample = ((after["results"] as! [[String: Any]])[0]["samples"] as! [[String: Any]])[0]
+        XCTAssertEqual(afterSample["weights_version"] as? Int, 1)
         // Explicit batch items with per-sequence advantages and the sampled log-probs, dry run.
         let batch = zip(sequences, sampled).map { s, lp -> [String: Any] in
             var b = s; b["advantage"] = 1.0; b["old_logprobs"] = lp.map(Double.init); return b
