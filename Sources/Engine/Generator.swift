@@ -405,17 +405,16 @@ public final class Generator {
 
         /// Samples the next token from `dist` and records its statistics and finish state.
         func accept(_ dist: RowDistribution) {
-            let params = group.params
             let token: Int32
-            if params.shiftsLogits {
+            if group.params.shiftsLogits {
                 if shiftedRow.count != dist.count { shiftedRow = [Float](repeating: 0, count: dist.count) }
                 token = shiftedRow.withUnsafeMutableBufferPointer { row in
-                    params.shifted(dist.z, count: dist.count, counts: counts, into: row.baseAddress!)
-                    return Sampler.draw(RowDistribution(scaling: row.baseAddress!, count: dist.count, temperature: 1), params, &rng)
+                    group.params.shifted(dist.z, count: dist.count, counts: counts, into: row.baseAddress!)
+                    return Sampler.draw(RowDistribution(scaling: row.baseAddress!, count: dist.count, temperature: 1), group.params, &rng)
                 }
                 counts[token, default: 0] += 1
             } else {
-                token = Sampler.draw(dist, params, &rng)
+                token = Sampler.draw(dist, group.params, &rng)
             }
             generated.append(token)
             let o = group.options

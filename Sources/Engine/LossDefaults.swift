@@ -48,7 +48,8 @@ public enum LossDefaults {
 
     public static var modeNames: [String] { modes.map(\.0) }
 
-    /// The options `mode` accepts (its own and the common ones) with their defaults.
+    /// The options `mode` accepts (its own and the common ones) with their defaults; a name that
+    /// is no mode (the accessors below use "common") gets the common ones only.
     public static func options(_ mode: String) -> [String: LossDefault] {
         var d = Dictionary(uniqueKeysWithValues: common)
         for (k, v) in modes.first(where: { $0.0 == mode })?.1 ?? [] { d[k] = v }

@@ -278,12 +278,12 @@ public final class Scheduler: @unchecked Sendable {
                     let id = try dispatcher.submit(c)
                     inFlight[id] = InFlight(job: job, call: c, generate: g)
                 } catch {
-                    job.completion(.failure(Self.rpcError(error)))
+                    job.completion(.failure(Dispatcher.translate(error)))
                 }
             case let .score(params):
                 if blocked { keep.append(job); continue }
                 do { scores.append((job, try dispatcher.prepareLogprob(params))) }
-                catch { job.completion(.failure(Self.rpcError(error))) }
+                catch { job.completion(.failure(Dispatcher.translate(error))) }
             case let .exclusive(method, params):
                 if blocked || !dispatcher.generator.isIdle {
                     blocked = true
@@ -298,7 +298,7 @@ public final class Scheduler: @unchecked Sendable {
                 publish()
                 switch outcome {
                 case let .success(v): job.completion(.success(v))
-                case let .failure(e): job.completion(.failure(Self.rpcError(e)))
+                case let .failure(e): job.completion(.failure(Dispatcher.translate(e)))
                 }
             }
         }
@@ -307,10 +307,8 @@ public final class Scheduler: @unchecked Sendable {
     }
 
     private func run(_ job: Job, _ body: () throws -> Any) {
-        do { job.completion(.success(try body())) } catch { job.completion(.failure(Self.rpcError(error))) }
+        do { job.completion(.success(try body())) } catch { job.completion(.failure(Dispatcher.translate(error))) }
     }
-
-    static func rpcError(_ error: Error) -> RPCError { Dispatcher.translate(error) }
 
     /// Scores queued `logprob` calls, one packed forward per distinct (temperature, options).
     private func runScores(_ scores: [(Job, Dispatcher.ScoreCall)]) {
@@ -330,7 +328,7 @@ public final class Scheduler: @unchecked Sendable {
                 publish()
                 for (i, (job, _)) in g.enumerated() { job.completion(.success(values[i])) }
             } catch {
-                for (job, _) in g { job.completion(.failure(Self.rpcError(error))) }
+                for (job, _) in g { job.completion(.failure(Dispatcher.translate(error))) }
             }
         }
     }
@@ -344,7 +342,7 @@ public final class Scheduler: @unchecked Sendable {
             // A failed step fails every generation in it (their slots are released).
             for (id, f) in inFlight {
                 dispatcher.generator.cancel(id)
-                f.job.completion(.failure(Self.rpcError(error)))
+                f.job.completion(.failure(Dispatcher.translate(error)))
             }
             inFlight = [:]
             return
@@ -361,7 +359,7 @@ public final class Scheduler: @unchecked Sendable {
         for (job, outcome) in answers {
             switch outcome {
             case let .success(v): job.completion(.success(v))
-            case let .failure(e): job.completion(.failure(Self.rpcError(e)))
+            case let .failure(e): job.completion(.failure(Dispatcher.translate(e)))
             }
         }
     }
