@@ -121,7 +121,7 @@ def start_server(model, ckpt, threads):
     return p, Client(f"http://127.0.0.1:{m.group(1)}")
 
 
-def evaluate(client, problems, max_tokens=96):
+def evaluate(client, problems, max_tokens=128):
     """Greedy pass@1 on `problems` (fraction correct)."""
     correct = 0
     for i in range(0, len(problems), 64):
@@ -149,6 +149,8 @@ def main():
     ap.add_argument("--eval-size", type=int, default=200)
     ap.add_argument("--target", default="0.1,0.6", help="pick the last checkpoint whose every task's held-out greedy pass@1 is in this range")
     ap.add_argument("--select-only", action="store_true", help="only choose and copy a checkpoint from an existing --work")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue an interrupted run in --work from its last saved checkpoint (same arguments)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tasks", default=",".join(TASKS),
@@ -162,30 +164,52 @@ def main():
     init = os.path.join(args.work, "init")
     ckpt = os.path.join(args.work, "checkpoints")
     if not args.select_only:
-        train(args, init, ckpt)
+        train(args, init, ckpt, resume=args.resume and os.path.exists(os.path.join(args.work, "log.jsonl")))
     select(args, init, ckpt, lo, hi)
 
 
-def train(args, init, ckpt):
-    shutil.rmtree(args.work, ignore_errors=True)
-    os.makedirs(init)
-    os.makedirs(ckpt)
+def train(args, init, ckpt, resume=False):
     data = traces(args.steps * args.batch, args.seed)
-    tok = make_tokenizer([p + t for p, t in data[:50000]], init, args.vocab)
+    first = 1
+    kept = []
+    if resume:
+        # The traces are a function of the seed; the tokenizer and initial weights are reused from
+        # --work. Training restarts after the last checkpoint the log records (weights, AdamW state
+        # and schedule position come back with checkpoint.load); later log lines are dropped.
+        from tokenizers import Tokenizer
+        tok = Tokenizer.from_file(os.path.join(init, "tokenizer.json"))
+        rows = [json.loads(l) for l in open(os.path.join(args.work, "log.jsonl")) if l.strip()]
+        saved = [r["step"] for r in rows if f"heldout_{TASKS[0]}" in r
+                 and os.path.isdir(os.path.join(ckpt, f"step{r['step']}"))]
+        if saved:
+            first = saved[-1] + 1
+            kept = [r for r in rows if r["step"] < first]
+    else:
+        shutil.rmtree(args.work, ignore_errors=True)
+        os.makedirs(init)
+        os.makedirs(ckpt)
+        tok = make_tokenizer([p + t for p, t in data[:50000]], init, args.vocab)
     eos = tok.token_to_id(EOS)
     vocab = tok.get_vocab_size()
-    params = make_model(init, vocab, eos, args, args.seed)
-    print(f"tokenizer: {vocab} tokens; model: {params} parameters; {len(data)} traces", flush=True)
+    if not resume:
+        params = make_model(init, vocab, eos, args, args.seed)
+        print(f"tokenizer: {vocab} tokens; model: {params} parameters; {len(data)} traces", flush=True)
 
     server, client = start_server(init, ckpt, args.threads)
     log = open(os.path.join(args.work, "log.jsonl"), "w")
+    for r in kept:
+        log.write(json.dumps(r) + "\n")
+    log.flush()
     try:
         held = {name: tasks.sample(tasks.get(name), "heldout", args.eval_size, 1000) for name in TASKS}
         client.configure_optimizer(lr=args.lr, betas=[0.9, 0.95], weight_decay=0.01, grad_clip=1.0,
                                    schedule={"type": "cosine", "warmup_steps": 100, "total_steps": args.steps,
                                              "min_lr": args.lr * 0.05})
-        t0 = time.time()
-        for step in range(1, args.steps + 1):
+        if first > 1:
+            client.load_checkpoint(f"step{first - 1}")
+            print(f"resumed after step {first - 1}", flush=True)
+        t0 = time.time() - (kept[-1]["seconds"] if kept else 0.0)
+        for step in range(first, args.steps + 1):
             chunk = data[(step - 1) * args.batch: step * args.batch]
             prompts = tok.encode_batch([p for p, _ in chunk], add_special_tokens=False)
             responses = tok.encode_batch([t for _, t in chunk], add_special_tokens=False)

@@ -58,8 +58,10 @@ public enum Scoring {
     }
 
     /// Scores every sequence in one packed forward pass. Temperature 0 reports at temperature 1.
+    /// `adapters`, when given, holds each sequence's LoRA adapter (nil: the base).
     public static func score(model: TransformerModel, sequences: [ScoredSequence], temperature: Float = 1,
-                             options: GenerationOptions = GenerationOptions()) throws -> [ScoreResult] {
+                             options: GenerationOptions = GenerationOptions(),
+                             adapters: [LoRAAdapter?]? = nil) throws -> [ScoreResult] {
         let a = model.architecture
         try validate(sequences, vocabSize: a.vocabSize, maxPositions: a.position == .learned ? a.maxPositions : nil)
         guard temperature >= 0, temperature.isFinite else {
@@ -76,8 +78,11 @@ public enum Scoring {
         var owner: [Int] = []
         for (b, s) in sequences.enumerated() { owner += Array(repeating: b, count: s.tokens.count - s.responseStart) }
         if rows.isEmpty { return results }
+        let rowAdapters = adapters.flatMap { list in
+            AdapterRows(perToken: zip(sequences, list).flatMap { s, a in Array(repeating: a, count: s.tokens.count) })
+        }
         let acts = try model.forward(tokens: batch.tokens, positions: batch.positions,
-                                     context: .packed(sequenceStarts: batch.sequenceStarts))
+                                     context: .packed(sequenceStarts: batch.sequenceStarts), adapters: rowAdapters)
         let V = a.vocabSize
         model.withLogitChunks(hidden: acts.hidden.pointer, rows: rows, chunkRows: model.defaultChunkRows()) { range, logits in
             for (i, r) in range.enumerated() {

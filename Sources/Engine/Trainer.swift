@@ -104,22 +104,39 @@ public enum TrainError: Error, CustomStringConvertible, Equatable {
 /// Not Sendable: one thread drives it (the server's compute thread).
 public final class Trainer {
     public let model: TransformerModel
+    /// The LoRA adapter this trainer updates (the base stays frozen); nil trains every weight.
+    public let adapter: LoRAAdapter?
     public let optimizer: AdamW
     public private(set) var schedule: LRSchedule = .constant
     /// +1 per optimizer step; 0 when the model was loaded.
     public internal(set) var weightsVersion = 0
     /// Frozen copy of the weights for the KL-to-reference term (`snapshotReference`).
     public private(set) var reference: TransformerModel?
+    /// Adapter training: the frozen copy is of the adapter (the base never changes under it).
+    public private(set) var referenceAdapter: LoRAAdapter?
     /// The last mini-batch's per-token choice (Lp-Reg: regularized tokens), in response-token order.
     public private(set) var lastSelection: [Bool] = []
 
-    public init(model: TransformerModel, optimizer: AdamW = AdamW()) {
+    public init(model: TransformerModel, adapter: LoRAAdapter? = nil, optimizer: AdamW = AdamW()) {
         self.model = model
+        self.adapter = adapter
         self.optimizer = optimizer
+    }
+
+    /// The weights this trainer updates: the adapter's, or the model's.
+    public var trainable: ParameterStore { adapter?.parameters ?? model.parameters }
+
+    /// Each sequence's adapter for scoring (nil when training the full model).
+    private func adapterList(_ count: Int, _ a: LoRAAdapter?) -> [LoRAAdapter?]? {
+        a.map { Array(repeating: $0, count: count) }
     }
 
     /// Freezes the current weights as the reference policy.
     public func snapshotReference() throws {
+        if let adapter {
+            referenceAdapter = try adapter.copy(model: model)
+            return
+        }
         let copy = try TransformerModel(config: model.configJSON)
         copy.parameters.values.update(from: model.parameters.values, count: model.parameters.count)
         copy.parameters.markModified()
@@ -160,18 +177,18 @@ public final class Trainer {
             var opts = GenerationOptions()
             opts.proxy = proxySpec
             let scored = try Scoring.score(model: model, sequences: items.map { ScoredSequence(tokens: $0.tokens, responseStart: $0.responseStart) },
-                                           temperature: config.temperature, options: opts)
+                                           temperature: config.temperature, options: opts, adapters: adapterList(items.count, adapter))
             for i in items.indices {
                 if items[i].oldLogprobs == nil { items[i].oldLogprobs = scored[i].logprobs }
                 if needProxy && items[i].proxyLogprobs == nil { items[i].proxyLogprobs = scored[i].proxyLogprobs }
             }
         }
         if config.klCoef != 0 && items.contains(where: { $0.refLogprobs == nil }) {
-            guard let ref = reference else {
+            guard let ref = adapter == nil ? reference : model, adapter == nil || referenceAdapter != nil else {
                 throw TrainError.invalid(path: "loss.kl_coef", reason: "no reference policy: call reference.snapshot first or send ref_logprobs")
             }
             let scored = try Scoring.score(model: ref, sequences: items.map { ScoredSequence(tokens: $0.tokens, responseStart: $0.responseStart) },
-                                           temperature: config.temperature)
+                                           temperature: config.temperature, adapters: adapterList(items.count, referenceAdapter))
             for i in items.indices where items[i].refLogprobs == nil { items[i].refLogprobs = scored[i].logprobs }
         }
         metrics.secondsForward += Date().timeIntervalSince(t0)
@@ -187,13 +204,13 @@ public final class Trainer {
             totalTokens += n
             accumulateMetrics(&metrics, result, items: mini, config: config, tokens: n, first: m == 0)
             let t1 = Date()
-            let norm = AdamW.gradientNorm(model.parameters)
+            let norm = AdamW.gradientNorm(trainable)
             guard norm.isFinite else { throw NonFiniteError(what: "the gradient norm") }
             metrics.gradNorm = norm
             let lr = schedule.rate(optimizer.settings.lr, step: optimizer.stepCount + 1)
             metrics.lr = lr
             if !dryRun {
-                try optimizer.step(model.parameters, lr: lr, gradientNorm: norm)
+                try optimizer.step(trainable, lr: lr, gradientNorm: norm)
                 weightsVersion += 1
                 metrics.optimizerSteps += 1
             }
@@ -235,7 +252,8 @@ public final class Trainer {
             let batch = PackedBatch(group.map { items[$0].tokens })
             let (rows, targets) = Scoring.responseRows(batch, responseStarts: group.map { items[$0].responseStart })
             let acts = try model.forward(tokens: batch.tokens, positions: batch.positions,
-                                         context: .packed(sequenceStarts: batch.sequenceStarts), saving: micro.count == 1)
+                                         context: .packed(sequenceStarts: batch.sequenceStarts), saving: micro.count == 1,
+                                         adapters: adapter.map { AdapterRows($0, tokens: batch.tokens.count) })
             if micro.count == 1 { kept = acts }
             model.withLogitChunks(hidden: acts.hidden.pointer, rows: rows, chunkRows: model.defaultChunkRows()) { range, logits in
                 for (i, r) in range.enumerated() {
@@ -278,7 +296,7 @@ public final class Trainer {
 
         // Pass 2: gradients, micro-batch by micro-batch, through the gradient-accumulation path
         // the golden gradient tests check.
-        model.parameters.zeroGradients()
+        trainable.zeroGradients()
         var loss = 0.0
         for group in micro {
             let tb = Date()
@@ -286,7 +304,7 @@ public final class Trainer {
             let (rows, _) = Scoring.responseRows(batch, responseStarts: group.map { items[$0].responseStart })
             let base = starts[group[0]]   // first token of the micro-batch in plan order
             let result = try Training.accumulateGradients(model: model, batch: batch, outputRows: rows, zeroGradients: false,
-                                                          activations: kept) { chunk in
+                                                          activations: kept, adapter: adapter) { chunk in
                 var sum = 0.0
                 for i in 0..<chunk.rows.count {
                     sum += plan.apply(row: chunk.logits + i * V, vocab: V, token: base + chunk.rows.lowerBound + i)

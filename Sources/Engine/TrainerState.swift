@@ -9,7 +9,7 @@ extension Trainer {
     /// counters and settings (`trainer_state.json`) into `directory`, so a resumed run continues
     /// exactly.
     public func saveState(to directory: String) throws {
-        let store = model.parameters
+        let store = trainable
         let n = store.count
         let m = UnsafeBufferPointer(start: store.firstMoment, count: n)
         let v = UnsafeBufferPointer(start: store.secondMoment, count: n)
@@ -30,6 +30,12 @@ extension Trainer {
     /// `saveState` wrote. Everything is read and checked first; the live weights, moments,
     /// settings and counters change only once nothing can fail.
     public func loadState(from directory: String, weights: TransformerModel) throws {
+        try loadState(from: directory, values: weights.parameters)
+    }
+
+    /// As `loadState(from:weights:)` with the trainable weights as a parameter store of the
+    /// trainer's layout (an adapter's, when it trains one).
+    public func loadState(from directory: String, values weights: ParameterStore) throws {
         let path = directory + "/trainer_state.json"
         guard let data = FileManager.default.contents(atPath: path),
               let s = (try? JSONSerialization.jsonObject(with: data)) as? [String: Any],
@@ -37,8 +43,8 @@ extension Trainer {
               let count = s["parameter_count"] as? Int else {
             throw TrainError.invalid(path: path, reason: "missing or malformed trainer state")
         }
-        let store = model.parameters
-        guard count == store.count, weights.parameters.count == store.count else {
+        let store = trainable
+        guard count == store.count, weights.count == store.count else {
             throw TrainError.invalid(path: path, reason: "optimizer state has \(count) parameters, the model \(store.count)")
         }
         let file = try SafetensorsFile(path: directory + "/optimizer.safetensors")
@@ -52,7 +58,7 @@ extension Trainer {
             settings = AdamWSettings(lr: lr, beta1: b1, beta2: b2, eps: eps, weightDecay: wd, gradClip: clip)
         }
         // Commit.
-        store.values.update(from: weights.parameters.values, count: count)
+        store.values.update(from: weights.values, count: count)
         store.markModified()
         m.withUnsafeBufferPointer { store.firstMoment.update(from: $0.baseAddress!, count: count) }
         v.withUnsafeBufferPointer { store.secondMoment.update(from: $0.baseAddress!, count: count) }

@@ -51,22 +51,24 @@ public enum Training {
     /// `batch` whose next-token distribution the loss uses). `activations`, when given, are a
     /// saved forward of this very batch on the current weights (the trainer keeps the one it
     /// took for the loss plan). Every gradient `train_step` computes goes through here.
+    /// With `adapter`, the base is frozen and the gradients are the adapter's.
     public static func accumulateGradients(model: TransformerModel, batch: PackedBatch, outputRows: [Int],
                                            chunkRows: Int? = nil, zeroGradients: Bool = true, activations: Activations? = nil,
-                                           loss: LossFunction) throws -> GradientResult {
-        if zeroGradients { model.parameters.zeroGradients() }
+                                           adapter: LoRAAdapter? = nil, loss: LossFunction) throws -> GradientResult {
+        if zeroGradients { (adapter?.parameters ?? model.parameters).zeroGradients() }
         let acts = try activations ?? model.forward(tokens: batch.tokens, positions: batch.positions,
-                                                    context: .packed(sequenceStarts: batch.sequenceStarts), saving: true)
+                                                    context: .packed(sequenceStarts: batch.sequenceStarts), saving: true,
+                                                    adapters: adapter.map { AdapterRows($0, tokens: batch.tokens.count) })
         let C = model.architecture.hiddenSize
         let dHidden = FloatBuffer(zeros: batch.tokens.count * C)
         var total = 0.0
         try model.withLogitChunks(hidden: acts.hidden.pointer, rows: outputRows,
                                   chunkRows: chunkRows ?? model.defaultChunkRows(),
-                                  dHidden: dHidden.pointer) { range, logits in
+                                  dHidden: dHidden.pointer, frozenHead: adapter != nil) { range, logits in
             total += try loss(LogitsChunk(rows: range, logits: logits, vocabSize: model.architecture.vocabSize))
         }
         guard total.isFinite else { throw NonFiniteError(what: "the loss") }
-        model.backward(acts, dHidden: dHidden.pointer)
+        model.backward(acts, dHidden: dHidden.pointer, adapter: adapter)
         return GradientResult(loss: total, tokens: outputRows.count)
     }
 }

@@ -261,8 +261,9 @@ public func linearForward(_ y: UnsafeMutablePointer<Float>, _ x: UnsafePointer<F
 
 /// Backward of `linearForward`.
 /// - dx[T, In]: overwritten, or accumulated when `accumulateInput`; nil skips it.
-/// - dW[O, In] += dyᵀ · x;  db[O] += Σ_t dy[t].
-public func linearBackward(_ dx: UnsafeMutablePointer<Float>?, _ dWeight: UnsafeMutablePointer<Float>,
+/// - dW[O, In] += dyᵀ · x;  db[O] += Σ_t dy[t]. A nil dW (a frozen weight: adapter training)
+///   skips both.
+public func linearBackward(_ dx: UnsafeMutablePointer<Float>?, _ dWeight: UnsafeMutablePointer<Float>?,
                            _ dBias: UnsafeMutablePointer<Float>?, _ dy: UnsafePointer<Float>,
                            _ x: UnsafePointer<Float>, _ weight: UnsafePointer<Float>,
                            rows: Int, inFeatures: Int, outFeatures: Int,
@@ -272,6 +273,7 @@ public func linearBackward(_ dx: UnsafeMutablePointer<Float>?, _ dWeight: Unsafe
               a: dy, lda: outFeatures, b: weight, ldb: inFeatures,
               beta: accumulateInput ? 1 : 0, c: dx, ldc: inFeatures)
     }
+    guard let dWeight else { return }
     sgemm(transA: true, transB: false, m: outFeatures, n: inFeatures, k: rows,
           a: dy, lda: outFeatures, b: x, ldb: inFeatures, beta: 1, c: dWeight, ldc: inFeatures)
     if let dBias { columnSum(dBias, dy, rows: rows, columns: outFeatures) }

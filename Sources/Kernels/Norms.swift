@@ -20,7 +20,7 @@ public func rmsNormForward(_ out: UnsafeMutablePointer<Float>, _ rstd: UnsafeMut
 
 /// Backward of `rmsNormForward`: dx overwritten (or accumulated), dw accumulated.
 /// dx = rstd · (dxhat − xhat · mean(dxhat · xhat)), dxhat = dOut · w, xhat = x · rstd.
-public func rmsNormBackward(_ dx: UnsafeMutablePointer<Float>, _ dWeight: UnsafeMutablePointer<Float>,
+public func rmsNormBackward(_ dx: UnsafeMutablePointer<Float>, _ dWeight: UnsafeMutablePointer<Float>?,
                             _ dOut: UnsafePointer<Float>, _ x: UnsafePointer<Float>,
                             _ weight: UnsafePointer<Float>, _ rstd: UnsafePointer<Float>,
                             rows: Int, channels C: Int, accumulateInput: Bool = false) {
@@ -35,6 +35,7 @@ public func rmsNormBackward(_ dx: UnsafeMutablePointer<Float>, _ dWeight: Unsafe
             if accumulateInput { g[c] += v } else { g[c] = v }
         }
     }
+    guard let dWeight else { return }   // frozen weight (adapter training)
     columnReduce(dWeight, rows: rows, columns: C) { t, acc in
         let xr = x + t * C, d = dOut + t * C
         let r = rstd[t]
@@ -62,17 +63,17 @@ public func headRMSNormForward(_ out: UnsafeMutablePointer<Float>, _ rstd: Unsaf
 }
 
 /// Backward of `headRMSNormForward`; dx may alias dOut (each head is read before it is written).
-public func headRMSNormBackward(_ dx: UnsafeMutablePointer<Float>, _ dWeight: UnsafeMutablePointer<Float>,
+public func headRMSNormBackward(_ dx: UnsafeMutablePointer<Float>, _ dWeight: UnsafeMutablePointer<Float>?,
                                 _ dOut: UnsafePointer<Float>, _ x: UnsafePointer<Float>,
                                 _ weight: UnsafePointer<Float>, _ rstd: UnsafePointer<Float>,
                                 rows: Int, rowStride: Int, heads: Int, headSize HS: Int) {
-    columnReduce(dWeight, rows: rows, columns: HS) { t, acc in
+    if let dWeight { columnReduce(dWeight, rows: rows, columns: HS) { t, acc in
         for h in 0..<heads {
             let xr = x + t * rowStride + h * HS, d = dOut + t * rowStride + h * HS
             let r = rstd[t * heads + h]
             for c in 0..<HS { acc[c] += d[c] * xr[c] * r }
         }
-    }
+    } }
     parallelFor(rows, minPerThread: 64) { t in
         for h in 0..<heads {
             let xr = x + t * rowStride + h * HS, d = dOut + t * rowStride + h * HS
@@ -108,8 +109,8 @@ public func layerNormForward(_ out: UnsafeMutablePointer<Float>, _ mean: UnsafeM
 }
 
 /// Backward of `layerNormForward`: dx overwritten (or accumulated), dw and db accumulated.
-public func layerNormBackward(_ dx: UnsafeMutablePointer<Float>, _ dWeight: UnsafeMutablePointer<Float>,
-                              _ dBias: UnsafeMutablePointer<Float>, _ dOut: UnsafePointer<Float>,
+public func layerNormBackward(_ dx: UnsafeMutablePointer<Float>, _ dWeight: UnsafeMutablePointer<Float>?,
+                              _ dBias: UnsafeMutablePointer<Float>?, _ dOut: UnsafePointer<Float>,
                               _ x: UnsafePointer<Float>, _ weight: UnsafePointer<Float>,
                               _ mean: UnsafePointer<Float>, _ rstd: UnsafePointer<Float>,
                               rows: Int, channels C: Int, accumulateInput: Bool = false) {
@@ -131,6 +132,7 @@ public func layerNormBackward(_ dx: UnsafeMutablePointer<Float>, _ dWeight: Unsa
             if accumulateInput { g[c] += v } else { g[c] = v }
         }
     }
+    guard let dWeight, let dBias else { return }   // frozen weights (adapter training)
     columnReduce(dWeight, rows: rows, columns: C) { t, acc in
         let xr = x + t * C, d = dOut + t * C
         let m = mean[t], r = rstd[t]

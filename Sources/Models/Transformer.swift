@@ -76,14 +76,16 @@ public final class Activations {
     let xFinal, finalMean, finalRstd, cos, sin: FloatBuffer
     /// Final normalized hidden states [T, C], the input of the output head.
     public let hidden: FloatBuffer
+    /// The adapters the forward applied, by row (nil: the base model only).
+    public let adapters: AdapterRows?
     public var tokenCount: Int { tokens.count }
 
     init(tokens: [Int32], positions: [Int32], sequenceStarts: [Int], layers: [LayerActivations],
          xFinal: FloatBuffer, finalMean: FloatBuffer, finalRstd: FloatBuffer, cos: FloatBuffer,
-         sin: FloatBuffer, hidden: FloatBuffer) {
+         sin: FloatBuffer, hidden: FloatBuffer, adapters: AdapterRows?) {
         self.tokens = tokens; self.positions = positions; self.sequenceStarts = sequenceStarts
         self.layers = layers; self.xFinal = xFinal; self.finalMean = finalMean; self.finalRstd = finalRstd
-        self.cos = cos; self.sin = sin; self.hidden = hidden
+        self.cos = cos; self.sin = sin; self.hidden = hidden; self.adapters = adapters
     }
 
     /// Bytes held by the saved activations.
@@ -304,10 +306,19 @@ public final class TransformerModel {
     // MARK: - Forward
 
     /// Runs the transformer body and final norm. Returns the normalized hidden states [T, C]
-    /// and, when `saving`, everything `backward` needs (packed context only).
+    /// and, when `saving`, everything `backward` needs (packed context only). `adapters` adds
+    /// each row's LoRA adapter, if any, to the projections it targets.
     public func forward(tokens: [Int32], positions: [Int32], context: AttentionContext,
-                        saving: Bool = false) throws -> Activations {
+                        saving: Bool = false, adapters: AdapterRows? = nil) throws -> Activations {
         try validate(tokens: tokens, positions: positions, context: context)
+        if let adapters {
+            guard adapters.tokenCount == tokens.count else {
+                throw InputError.lengthMismatch("\(tokens.count) tokens but adapter rows for \(adapters.tokenCount)")
+            }
+            for ad in adapters.adapters where ad.baseShape != shapeSignature {
+                throw InputError.lengthMismatch("an adapter made for \(ad.baseShape) cannot run on \(shapeSignature)")
+            }
+        }
         let a = architecture
         let T = tokens.count, C = a.hiddenSize, Q = a.qkvWidth, A = a.attentionWidth
         let M = a.mlpInWidth, I = a.intermediateSize, NH = a.heads, NKV = a.kvHeads, HS = a.headDim
@@ -365,6 +376,7 @@ public final class TransformerModel {
             let qkv = act?.qkv.pointer ?? scratchQKV!.pointer
             linearForward(qkv, xn.pointer, w + o.qkvW, opt(o.qkvB), rows: T, inFeatures: C, outFeatures: Q,
                           packed: packed(o.qkvW, rows: Q, columns: C))
+            adapters?.applyForward(layer: l, .qkv, x: xn.pointer, y: qkv, yStride: Q)
             if let qNormW = o.qNormW, let kNormW = o.kNormW {
                 if let act { act.qkvRaw.pointer.update(from: qkv, count: T * Q) }
                 let rstd = act?.headRstd.pointer
@@ -407,6 +419,7 @@ public final class TransformerModel {
             }
             linearForward(proj.pointer, attn, w + o.oW, opt(o.oB), rows: T, inFeatures: A, outFeatures: C,
                           packed: packed(o.oW, rows: C, columns: A))
+            adapters?.applyForward(layer: l, .o, x: attn, y: proj.pointer, yStride: C)
             addInPlace(x.pointer, proj.pointer, count: T * C)
             if let act { act.xMid.pointer.update(from: x.pointer, count: T * C) }
 
@@ -416,9 +429,11 @@ public final class TransformerModel {
             let mlpIn = act?.mlpIn.pointer ?? scratchMLP!.pointer
             linearForward(mlpIn, xn.pointer, w + o.mlpInW, opt(o.mlpInB), rows: T, inFeatures: C, outFeatures: M,
                           packed: packed(o.mlpInW, rows: M, columns: C))
+            adapters?.applyForward(layer: l, .mlpIn, x: xn.pointer, y: mlpIn, yStride: M)
             activation(h.pointer, mlpIn, rows: T)
             linearForward(proj.pointer, h.pointer, w + o.mlpOutW, opt(o.mlpOutB), rows: T, inFeatures: I, outFeatures: C,
                           packed: packed(o.mlpOutW, rows: C, columns: I))
+            adapters?.applyForward(layer: l, .mlpOut, x: h.pointer, y: proj.pointer, yStride: C)
             addInPlace(x.pointer, proj.pointer, count: T * C)
             if let act { saved.append(act) }
         }
@@ -428,7 +443,7 @@ public final class TransformerModel {
         norm(hidden.pointer, mean: finalMean.pointer, rstd: finalRstd.pointer, x.pointer, finalNormW, finalNormB, rows: T)
         return Activations(tokens: tokens, positions: positions, sequenceStarts: sequenceStarts, layers: saved,
                            xFinal: saving ? x : FloatBuffer(0), finalMean: finalMean, finalRstd: finalRstd,
-                           cos: cos, sin: sin, hidden: hidden)
+                           cos: cos, sin: sin, hidden: hidden, adapters: adapters)
     }
 
     @inline(__always)
@@ -457,9 +472,10 @@ public final class TransformerModel {
     /// Logits for selected rows of `hidden` ([T, C]), in chunks of at most `chunkRows`, so a
     /// full [rows × V] matrix never exists. `body(range, logits)` sees rows `rows[range]` as
     /// logits[n, V]. With `dHidden`, body must leave d(loss)/d(logits) in the buffer; the head
-    /// then accumulates the unembedding gradient and adds d(loss)/d(hidden) into `dHidden`.
+    /// then accumulates the unembedding gradient (unless `frozenHead`) and adds
+    /// d(loss)/d(hidden) into `dHidden`.
     public func withLogitChunks(hidden: UnsafePointer<Float>, rows: [Int], chunkRows: Int,
-                                dHidden: UnsafeMutablePointer<Float>? = nil,
+                                dHidden: UnsafeMutablePointer<Float>? = nil, frozenHead: Bool = false,
                                 _ body: (Range<Int>, UnsafeMutablePointer<Float>) throws -> Void) rethrows {
         let C = architecture.hiddenSize, V = architecture.vocabSize
         let chunk = max(1, min(chunkRows, rows.count))
@@ -474,7 +490,7 @@ public final class TransformerModel {
             linearForward(logits.pointer, hc.pointer, head, nil, rows: n, inFeatures: C, outFeatures: V, packed: packedHead)
             try body(start..<end, logits.pointer)
             if let dHidden, let dhc {
-                linearBackward(dhc.pointer, parameters.gradients + headOffset, nil, logits.pointer, hc.pointer, head,
+                linearBackward(dhc.pointer, frozenHead ? nil : parameters.gradients + headOffset, nil, logits.pointer, hc.pointer, head,
                                rows: n, inFeatures: C, outFeatures: V)
                 for i in 0..<n {
                     let d = dHidden + rows[start + i] * C, s = dhc.pointer + i * C
@@ -494,13 +510,19 @@ public final class TransformerModel {
 
     /// Accumulates d(loss)/d(parameters) into `parameters.gradients`, given d(loss)/d(hidden)
     /// [T, C] for the final normalized hidden states of a packed forward saved in `acts`.
-    public func backward(_ acts: Activations, dHidden: UnsafePointer<Float>) {
+    /// With `adapter` (which every row of the forward used) the base weights are frozen: only
+    /// the adapter's gradients accumulate, and the base gradient buffer is never touched.
+    public func backward(_ acts: Activations, dHidden: UnsafePointer<Float>, adapter: LoRAAdapter? = nil) {
         let a = architecture
         let T = acts.tokenCount, C = a.hiddenSize, Q = a.qkvWidth, A = a.attentionWidth
         let M = a.mlpInWidth, I = a.intermediateSize, NH = a.heads, NKV = a.kvHeads, HS = a.headDim
-        let w = parameters.values, g = parameters.gradients
+        precondition(adapter == nil || acts.adapters?.only === adapter, "backward through an adapter every row used")
+        let w = parameters.values
+        let frozen = adapter != nil
+        let gBase: UnsafeMutablePointer<Float>? = frozen ? nil : parameters.gradients
         let shape = AttentionShape(heads: NH, kvHeads: NKV, headSize: HS, scale: 1 / Float(HS).squareRoot())
-        let opt = { (o: Int?) -> UnsafeMutablePointer<Float>? in o.map { g + $0 } }
+        let opt = { (o: Int?) -> UnsafeMutablePointer<Float>? in o.flatMap { off in gBase.map { $0 + off } } }
+        let gw = { (o: Int) -> UnsafeMutablePointer<Float>? in gBase.map { $0 + o } }
 
         let dx = FloatBuffer(T * C)          // d(loss)/d(residual stream)
         let xn = FloatBuffer(T * C), dxn = FloatBuffer(T * C)
@@ -508,7 +530,7 @@ public final class TransformerModel {
         let dAttn = FloatBuffer(T * A), dqkv = FloatBuffer(T * Q)
 
         normBackward(dx.pointer, accumulate: false, dHidden, acts.xFinal.pointer, finalNormW, finalNormB,
-                     mean: acts.finalMean.pointer, rstd: acts.finalRstd.pointer, rows: T)
+                     mean: acts.finalMean.pointer, rstd: acts.finalRstd.pointer, rows: T, frozen: frozen)
 
         for l in stride(from: a.layers - 1, through: 0, by: -1) {
             let o = layerOffsets[l], act = acts.layers[l]
@@ -516,22 +538,25 @@ public final class TransformerModel {
             norm(xn.pointer, mean: act.norm2Mean.pointer, rstd: act.norm2Rstd.pointer, act.xMid.pointer,
                  o.mlpNormW, o.mlpNormB, rows: T)
             activation(h.pointer, act.mlpIn.pointer, rows: T)
-            linearBackward(dh.pointer, g + o.mlpOutW, opt(o.mlpOutB), dx.pointer, h.pointer, w + o.mlpOutW,
+            linearBackward(dh.pointer, gw(o.mlpOutW), opt(o.mlpOutB), dx.pointer, h.pointer, w + o.mlpOutW,
                            rows: T, inFeatures: I, outFeatures: C)
+            adapter?.backward(layer: l, .mlpOut, x: h.pointer, dY: dx.pointer, dyStride: C, dX: dh.pointer, rows: T)
             switch a.mlp {
             case .swiglu: swigluBackward(dMLP.pointer, dh.pointer, act.mlpIn.pointer, rows: T, intermediate: I)
             case .geluTanh: geluBackward(dMLP.pointer, dh.pointer, act.mlpIn.pointer, count: T * I)
             }
-            linearBackward(dxn.pointer, g + o.mlpInW, opt(o.mlpInB), dMLP.pointer, xn.pointer, w + o.mlpInW,
+            linearBackward(dxn.pointer, gw(o.mlpInW), opt(o.mlpInB), dMLP.pointer, xn.pointer, w + o.mlpInW,
                            rows: T, inFeatures: C, outFeatures: M)
+            adapter?.backward(layer: l, .mlpIn, x: xn.pointer, dY: dMLP.pointer, dyStride: M, dX: dxn.pointer, rows: T)
             normBackward(dx.pointer, accumulate: true, dxn.pointer, act.xMid.pointer, o.mlpNormW, o.mlpNormB,
-                         mean: act.norm2Mean.pointer, rstd: act.norm2Rstd.pointer, rows: T)
+                         mean: act.norm2Mean.pointer, rstd: act.norm2Rstd.pointer, rows: T, frozen: frozen)
 
             // Attention block: xMid = xIn + o(attention(rope(norm_qk(qkv(norm1(xIn))))))
             norm(xn.pointer, mean: act.norm1Mean.pointer, rstd: act.norm1Rstd.pointer, act.xIn.pointer,
                  o.attnNormW, o.attnNormB, rows: T)
-            linearBackward(dAttn.pointer, g + o.oW, opt(o.oB), dx.pointer, act.attn.pointer, w + o.oW,
+            linearBackward(dAttn.pointer, gw(o.oW), opt(o.oB), dx.pointer, act.attn.pointer, w + o.oW,
                            rows: T, inFeatures: A, outFeatures: C)
+            adapter?.backward(layer: l, .o, x: act.attn.pointer, dY: dx.pointer, dyStride: C, dX: dAttn.pointer, rows: T)
             attentionBackwardPacked(dqkv.pointer, dAttn.pointer, qkv: act.qkv.pointer, out: act.attn.pointer,
                                     lse: act.lse.pointer, rows: T, shape: shape,
                                     sequenceStarts: acts.sequenceStarts, window: a.layerWindows[l])
@@ -540,18 +565,20 @@ public final class TransformerModel {
                              cos: acts.cos.pointer, sin: acts.sin.pointer)
             }
             if let qNormW = o.qNormW, let kNormW = o.kNormW {
-                headRMSNormBackward(dqkv.pointer, g + qNormW, dqkv.pointer, act.qkvRaw.pointer, w + qNormW,
+                headRMSNormBackward(dqkv.pointer, gw(qNormW), dqkv.pointer, act.qkvRaw.pointer, w + qNormW,
                                     act.headRstd.pointer, rows: T, rowStride: Q, heads: NH, headSize: HS)
-                headRMSNormBackward(dqkv.pointer + A, g + kNormW, dqkv.pointer + A, act.qkvRaw.pointer + A,
+                headRMSNormBackward(dqkv.pointer + A, gw(kNormW), dqkv.pointer + A, act.qkvRaw.pointer + A,
                                     w + kNormW, act.headRstd.pointer + T * NH, rows: T, rowStride: Q,
                                     heads: NKV, headSize: HS)
             }
-            linearBackward(dxn.pointer, g + o.qkvW, opt(o.qkvB), dqkv.pointer, xn.pointer, w + o.qkvW,
+            linearBackward(dxn.pointer, gw(o.qkvW), opt(o.qkvB), dqkv.pointer, xn.pointer, w + o.qkvW,
                            rows: T, inFeatures: C, outFeatures: Q)
+            adapter?.backward(layer: l, .qkv, x: xn.pointer, dY: dqkv.pointer, dyStride: Q, dX: dxn.pointer, rows: T)
             normBackward(dx.pointer, accumulate: true, dxn.pointer, act.xIn.pointer, o.attnNormW, o.attnNormB,
-                         mean: act.norm1Mean.pointer, rstd: act.norm1Rstd.pointer, rows: T)
+                         mean: act.norm1Mean.pointer, rstd: act.norm1Rstd.pointer, rows: T, frozen: frozen)
         }
 
+        guard let g = gBase else { return }
         acts.tokens.withUnsafeBufferPointer { ids in
             embeddingBackward(g + embedOffset, dx.pointer, ids: ids.baseAddress!, rows: T, channels: C)
         }
@@ -565,13 +592,13 @@ public final class TransformerModel {
     @inline(__always)
     private func normBackward(_ dx: UnsafeMutablePointer<Float>, accumulate: Bool, _ dOut: UnsafePointer<Float>,
                               _ x: UnsafePointer<Float>, _ wOff: Int, _ bOff: Int?,
-                              mean: UnsafePointer<Float>, rstd: UnsafePointer<Float>, rows: Int) {
-        let w = parameters.values, g = parameters.gradients, C = architecture.hiddenSize
+                              mean: UnsafePointer<Float>, rstd: UnsafePointer<Float>, rows: Int, frozen: Bool) {
+        let w = parameters.values, g = frozen ? nil : parameters.gradients, C = architecture.hiddenSize
         switch architecture.norm {
         case .rms:
-            rmsNormBackward(dx, g + wOff, dOut, x, w + wOff, rstd, rows: rows, channels: C, accumulateInput: accumulate)
+            rmsNormBackward(dx, g.map { $0 + wOff }, dOut, x, w + wOff, rstd, rows: rows, channels: C, accumulateInput: accumulate)
         case .layer:
-            layerNormBackward(dx, g + wOff, g + bOff!, dOut, x, w + wOff, mean, rstd, rows: rows, channels: C,
+            layerNormBackward(dx, g.map { $0 + wOff }, g.map { $0 + bOff! }, dOut, x, w + wOff, mean, rstd, rows: rows, channels: C,
                               accumulateInput: accumulate)
         }
     }

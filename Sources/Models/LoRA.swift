@@ -1,0 +1,276 @@
+// LoRA adapters (Hu et al. 2021) in PEFT's layout: a projection y = x·Wᵀ (+ b) becomes
+// y + s·(x·Aᵀ)·Bᵀ with A [r, in], B [out, r] and s = alpha / r (alpha / √r with rsLoRA). The base
+// weights stay frozen and shared; each adapter owns a small ParameterStore (values, gradients,
+// AdamW moments) whose slots are named as PEFT names the tensors in `adapter_model.safetensors`.
+// Every adapter product goes through the row-invariant `project`, so a token's output depends
+// only on its own row: sampling, scoring and training agree bit for bit per adapter, whichever
+// other adapters share the batch.
+import Foundation
+import Kernels
+import Weights
+
+/// The four fused projections of a layer an adapter can attach to.
+public enum LoRAProjection: Int, Sendable, CaseIterable {
+    case qkv, o, mlpIn, mlpOut
+    var slotName: String { ["qkv.weight", "o.weight", "mlp_in.weight", "mlp_out.weight"][rawValue] }
+}
+
+/// Hyper-parameters of an adapter (PEFT `LoraConfig` names in the comments).
+public struct LoRAOptions: Sendable, Equatable {
+    /// `r`
+    public var rank: Int
+    /// `lora_alpha`
+    public var alpha: Float
+    /// `target_modules`: module names matched as PEFT does (the whole name, or its last
+    /// dot-separated parts), or the single entry "all-linear".
+    public var targetModules: [String]
+    /// `use_rslora`: scaling alpha / √r instead of alpha / r.
+    public var useRSLoRA: Bool
+
+    public init(rank: Int, alpha: Float, targetModules: [String], useRSLoRA: Bool = false) {
+        self.rank = rank; self.alpha = alpha; self.targetModules = targetModules; self.useRSLoRA = useRSLoRA
+    }
+
+    public var scaling: Float { useRSLoRA ? alpha / Float(rank).squareRoot() : alpha / Float(rank) }
+}
+
+public enum LoRAError: Error, CustomStringConvertible, Equatable {
+    /// `path` names the offending field or file; `reason` says what is wrong.
+    case invalid(path: String, reason: String)
+    public var description: String {
+        switch self { case let .invalid(p, r): "\(p): \(r)" }
+    }
+}
+
+/// One adapted projection: rows `rowStart..<rowStart+outFeatures` of a layer's fused projection.
+public struct LoRASite: Sendable {
+    public let layer: Int
+    public let projection: LoRAProjection
+    /// Hugging Face module name, e.g. `model.layers.0.self_attn.q_proj`.
+    public let module: String
+    public let rowStart: Int
+    public let outFeatures: Int
+    public let inFeatures: Int
+    /// Offsets of A [r, in] and B [out, r] in the adapter's parameter buffer.
+    public let aOffset: Int
+    public let bOffset: Int
+    /// PEFT's tensor names.
+    public var aName: String { "base_model.model.\(module).lora_A.weight" }
+    public var bName: String { "base_model.model.\(module).lora_B.weight" }
+}
+
+extension TransformerModel {
+    /// Every projection an adapter can target, in layer order: (module, layer, projection,
+    /// first row, rows, input features), from the family's tensor table.
+    public var adaptableModules: [(module: String, layer: Int, projection: LoRAProjection, rowStart: Int, rows: Int, inFeatures: Int)] {
+        let a = architecture
+        let inputs: [LoRAProjection: Int] = [.qkv: a.hiddenSize, .o: a.attentionWidth, .mlpIn: a.hiddenSize,
+                                             .mlpOut: a.intermediateSize]
+        var out: [(String, Int, LoRAProjection, Int, Int, Int)] = []
+        for l in 0..<a.layers {
+            for p in LoRAProjection.allCases {
+                let slot = Slot.layer(l, p.slotName), k = inputs[p]!
+                for b in bindings where b.slot == slot && b.checkpointName.hasSuffix(".weight") {
+                    let module = String(b.checkpointName.dropLast(".weight".count))
+                    let rows = b.transposed ? b.shape[1] : b.shape[0]
+                    out.append((module, l, p, b.transposed ? 0 : b.elementOffset / k, rows, k))
+                }
+            }
+        }
+        return out
+    }
+}
+
+/// PEFT's rule: an entry matches a module named exactly so or ending in "." + entry.
+func moduleMatches(_ module: String, _ entry: String) -> Bool {
+    module == entry || module.hasSuffix("." + entry)
+}
+
+public final class LoRAAdapter {
+    public let options: LoRAOptions
+    public let scaling: Float
+    public let sites: [LoRASite]
+    /// sites by layer and projection (indices into `sites`).
+    let index: [[[Int]]]
+    public let parameters: ParameterStore
+    /// The base model's shape, to refuse an adapter of another model.
+    public let baseShape: String
+
+    /// A new adapter for `model`: A Kaiming-uniform (PEFT's default: U(±1/√in)) from `seed`, B
+    /// zero, so the adapted model starts exactly as the base.
+    public convenience init(model: TransformerModel, options: LoRAOptions, seed: UInt64) throws {
+        try self.init(model: model, options: options)
+        var rng = SplitMix64(seed: seed)
+        for s in sites {
+            let bound = 1 / Float(s.inFeatures).squareRoot()
+            let a = parameters.values + s.aOffset
+            for i in 0..<(options.rank * s.inFeatures) { a[i] = (rng.nextUnit() * 2 - 1) * bound }
+        }
+        parameters.markModified()
+    }
+
+    /// An all-zero adapter of `options` for `model` (checked: rank and target modules).
+    public init(model: TransformerModel, options: LoRAOptions) throws {
+        guard options.rank >= 1 else { throw LoRAError.invalid(path: "rank", reason: "must be at least 1, got \(options.rank)") }
+        guard options.alpha.isFinite, options.alpha > 0 else {
+            throw LoRAError.invalid(path: "alpha", reason: "must be a finite number > 0, got \(options.alpha)")
+        }
+        guard !options.targetModules.isEmpty else {
+            throw LoRAError.invalid(path: "target_modules", reason: "name at least one module (or \"all-linear\")")
+        }
+        let all = model.adaptableModules
+        let names = Set(all.map { $0.module.split(separator: ".").last.map(String.init)! }).sorted()
+        var chosen = Set<String>()
+        for (i, entry) in options.targetModules.enumerated() {
+            if entry == "all-linear" { all.forEach { chosen.insert($0.module) }; continue }
+            let hits = all.filter { moduleMatches($0.module, entry) }
+            guard !hits.isEmpty else {
+                throw LoRAError.invalid(path: "target_modules[\(i)]",
+                                        reason: "'\(entry)' names no projection of this \(model.architecture.modelType) model; it has \(names.joined(separator: ", ")) (or \"all-linear\")")
+            }
+            hits.forEach { chosen.insert($0.module) }
+        }
+        var layout = ParameterLayout()
+        var sites: [LoRASite] = []
+        var index = Array(repeating: Array(repeating: [Int](), count: LoRAProjection.allCases.count), count: model.architecture.layers)
+        for m in all where chosen.contains(m.module) {
+            guard options.rank <= min(m.rows, m.inFeatures) else {
+                throw LoRAError.invalid(path: "rank", reason: "\(options.rank) exceeds the smaller side of \(m.module) (\(m.rows) x \(m.inFeatures))")
+            }
+            let aName = "base_model.model.\(m.module).lora_A.weight", bName = "base_model.model.\(m.module).lora_B.weight"
+            let aOff = layout.add(aName, [options.rank, m.inFeatures])
+            let bOff = layout.add(bName, [m.rows, options.rank])
+            index[m.layer][m.projection.rawValue].append(sites.count)
+            sites.append(LoRASite(layer: m.layer, projection: m.projection, module: m.module, rowStart: m.rowStart,
+                                  outFeatures: m.rows, inFeatures: m.inFeatures, aOffset: aOff, bOffset: bOff))
+        }
+        self.options = options
+        scaling = options.scaling
+        self.sites = sites
+        self.index = index
+        parameters = ParameterStore(layout: layout)
+        baseShape = model.shapeSignature
+    }
+
+    /// A copy with the same weights (a frozen reference policy).
+    public func copy(model: TransformerModel) throws -> LoRAAdapter {
+        let c = try LoRAAdapter(model: model, options: options)
+        c.parameters.values.update(from: parameters.values, count: parameters.count)
+        c.parameters.markModified()
+        return c
+    }
+
+    /// Number of trainable parameters.
+    public var parameterCount: Int { parameters.layout.parameterCount }
+
+    func sites(layer: Int, _ p: LoRAProjection) -> [Int] { index[layer][p.rawValue] }
+}
+
+extension TransformerModel {
+    /// Layer count, widths and vocabulary: what an adapter's shapes depend on.
+    public var shapeSignature: String {
+        let a = architecture
+        return "\(a.modelType) layers=\(a.layers) hidden=\(a.hiddenSize) heads=\(a.heads)/\(a.kvHeads)x\(a.headDim) intermediate=\(a.intermediateSize)"
+    }
+}
+
+/// SplitMix64 (Steele et al.): the adapter initialiser's stream.
+struct SplitMix64 {
+    var state: UInt64
+    init(seed: UInt64) { state = seed }
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+    /// Uniform in [0, 1) with 24 random bits.
+    mutating func nextUnit() -> Float { Float(next() >> 40) / Float(1 << 24) }
+}
+
+// MARK: - Which adapter each token uses
+
+/// The adapters of a batch and the rows (tokens) of each; rows of no adapter use the base.
+public struct AdapterRows {
+    public let adapters: [LoRAAdapter]
+    /// rows[k]: the tokens that use adapters[k], ascending.
+    public let rows: [[Int]]
+    public let tokenCount: Int
+
+    /// Every one of `tokens` rows uses `adapter`.
+    public init(_ adapter: LoRAAdapter, tokens: Int) {
+        adapters = [adapter]; rows = [Array(0..<tokens)]; tokenCount = tokens
+    }
+
+    /// Per token its adapter or nil (base); nil when no token uses one.
+    public init?(perToken: [LoRAAdapter?]) {
+        var adapters: [LoRAAdapter] = [], rows: [[Int]] = []
+        for (t, a) in perToken.enumerated() {
+            guard let a else { continue }
+            if let k = adapters.firstIndex(where: { $0 === a }) { rows[k].append(t) } else { adapters.append(a); rows.append([t]) }
+        }
+        if adapters.isEmpty { return nil }
+        self.adapters = adapters; self.rows = rows; tokenCount = perToken.count
+    }
+
+    /// The single adapter every row uses, if that is so.
+    public var only: LoRAAdapter? { adapters.count == 1 && rows[0].count == tokenCount ? adapters[0] : nil }
+}
+
+// MARK: - Forward and backward at one projection
+
+extension AdapterRows {
+    /// y[t, rowStart + j] += s · ((x[t]·Aᵀ)·Bᵀ)[j] for every row t of an adapter with a site at
+    /// (layer, projection). x is [T, in] (contiguous), y is [T, yStride].
+    func applyForward(layer: Int, _ p: LoRAProjection, x: UnsafePointer<Float>, y: UnsafeMutablePointer<Float>, yStride: Int) {
+        for (k, adapter) in adapters.enumerated() {
+            let list = adapter.sites(layer: layer, p)
+            if list.isEmpty { continue }
+            let rowList = rows[k], n = rowList.count, all = n == tokenCount
+            let K = adapter.sites[list[0]].inFeatures, r = adapter.options.rank, w = adapter.parameters.values
+            let gathered = all ? nil : FloatBuffer(n * K)
+            if let g = gathered { for (i, t) in rowList.enumerated() { (g.pointer + i * K).update(from: x + t * K, count: K) } }
+            let xs = UnsafePointer(gathered?.pointer ?? UnsafeMutablePointer(mutating: x))
+            let u = FloatBuffer(n * r)
+            for si in list {
+                let s = adapter.sites[si]
+                project(u.pointer, xs, rows: n, w + s.aOffset, outFeatures: r, inFeatures: K)
+                let v = FloatBuffer(n * s.outFeatures)
+                project(v.pointer, u.pointer, rows: n, w + s.bOffset, outFeatures: s.outFeatures, inFeatures: r)
+                let scale = adapter.scaling, O = s.outFeatures, start = s.rowStart
+                parallelFor(n, minPerThread: 64) { i in
+                    let dst = y + rowList[i] * yStride + start, src = v.pointer + i * O
+                    for j in 0..<O { dst[j] += src[j] * scale }
+                }
+            }
+        }
+    }
+}
+
+extension LoRAAdapter {
+    /// Backward at (layer, projection) for a batch where every row uses this adapter: given dY
+    /// [T, dyStride] (the projection's output gradient) and its input x [T, in], accumulates
+    /// dA and dB into the adapter's gradients and adds the adapter's share into dX [T, in].
+    func backward(layer: Int, _ p: LoRAProjection, x: UnsafePointer<Float>, dY: UnsafePointer<Float>, dyStride: Int,
+                  dX: UnsafeMutablePointer<Float>, rows T: Int) {
+        let list = sites(layer: layer, p)
+        if list.isEmpty || T == 0 { return }
+        let r = options.rank, w = parameters.values, g = parameters.gradients
+        let u = FloatBuffer(T * r), gu = FloatBuffer(T * r)
+        for si in list {
+            let s = sites[si], K = s.inFeatures, O = s.outFeatures
+            let dy = dY + s.rowStart
+            // u = x·Aᵀ (recomputed); dB += s·dyᵀ·u; gu = s·dy·B; dA += guᵀ·x; dX += gu·A.
+            project(u.pointer, x, rows: T, w + s.aOffset, outFeatures: r, inFeatures: K)
+            sgemm(transA: true, transB: false, m: O, n: r, k: T, alpha: scaling, a: dy, lda: dyStride,
+                  b: u.pointer, ldb: r, beta: 1, c: g + s.bOffset, ldc: r)
+            sgemm(transA: false, transB: false, m: T, n: r, k: O, alpha: scaling, a: dy, lda: dyStride,
+                  b: w + s.bOffset, ldb: r, beta: 0, c: gu.pointer, ldc: r)
+            sgemm(transA: true, transB: false, m: r, n: K, k: T, a: gu.pointer, lda: r, b: x, ldb: K,
+                  beta: 1, c: g + s.aOffset, ldc: K)
+            sgemm(transA: false, transB: false, m: T, n: K, k: r, a: gu.pointer, lda: r, b: w + s.aOffset, ldb: K,
+                  beta: 1, c: dX, ldc: K)
+        }
+    }
+}

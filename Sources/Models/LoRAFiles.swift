@@ -1,0 +1,140 @@
+// PEFT's adapter folder (adapter_config.json + adapter_model.safetensors) in both directions, and
+// merging an adapter into a full checkpoint (PEFT's merge_and_unload).
+import Foundation
+import Kernels
+import Weights
+
+extension LoRAAdapter {
+    public static let configFile = "adapter_config.json"
+    public static let weightsFile = "adapter_model.safetensors"
+
+    /// Writes `directory`/adapter_config.json and adapter_model.safetensors (F32) as PEFT's
+    /// `save_pretrained` does; `directory` must exist.
+    public func save(to directory: String, model: TransformerModel, baseModelPath: String? = nil) throws {
+        var config: [String: Any] = [
+            "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": options.rank, "lora_alpha": Double(options.alpha),
+            "target_modules": options.targetModules, "use_rslora": options.useRSLoRA, "lora_dropout": 0.0,
+            "bias": "none", "fan_in_fan_out": model.bindings.contains { $0.transposed }, "inference_mode": true,
+            "init_lora_weights": true, "use_dora": false, "rank_pattern": [String: Int](), "alpha_pattern": [String: Double](),
+            "modules_to_save": NSNull(), "layers_to_transform": NSNull(), "layers_pattern": NSNull(),
+            "base_model_name_or_path": baseModelPath.map { $0 as Any } ?? NSNull(), "revision": NSNull(),
+        ]
+        if options.alpha == options.alpha.rounded() { config["lora_alpha"] = Int(options.alpha) }
+        var tensors: [TensorToWrite] = []
+        for slot in parameters.layout.slots {
+            tensors.append(TensorToWrite(name: slot.name, shape: slot.shape,
+                                         data: UnsafeBufferPointer(start: parameters.values + slot.offset, count: slot.count)))
+        }
+        try SafetensorsWriter.write(tensors, dtype: .f32, to: directory + "/" + Self.weightsFile)
+        let data = try JSONSerialization.data(withJSONObject: config, options: [.prettyPrinted, .sortedKeys])
+        let path = directory + "/" + Self.configFile
+        guard FileManager.default.createFile(atPath: path, contents: data) else {
+            throw LoRAError.invalid(path: path, reason: "could not be written")
+        }
+    }
+
+    /// Reads a PEFT LoRA folder for `model`. Every tensor the configuration implies must be
+    /// present with its shape, and no other; settings Ember does not implement are refused.
+    public static func load(directory: String, model: TransformerModel) throws -> LoRAAdapter {
+        let configPath = directory + "/" + configFile
+        guard let data = FileManager.default.contents(atPath: configPath) else {
+            throw LoRAError.invalid(path: configPath, reason: "missing: a PEFT adapter folder holds \(configFile) and \(weightsFile)")
+        }
+        guard let c = (try? JSONSerialization.jsonObject(with: data)) as? [String: Any] else {
+            throw LoRAError.invalid(path: configPath, reason: "not a JSON object")
+        }
+        func bad(_ key: String, _ reason: String) -> LoRAError { .invalid(path: "\(configPath): \(key)", reason: reason) }
+        guard (c["peft_type"] as? String)?.uppercased() == "LORA" else { throw bad("peft_type", "must be \"LORA\"") }
+        guard let rank = c["r"] as? Int else { throw bad("r", "must be an integer") }
+        guard let alpha = (c["lora_alpha"] as? NSNumber)?.floatValue else { throw bad("lora_alpha", "must be a number") }
+        let rs = c["use_rslora"] as? Bool ?? false
+        if let b = c["bias"] as? String, b != "none" { throw bad("bias", "only \"none\" is supported (adapter biases are not)") }
+        if c["use_dora"] as? Bool == true { throw bad("use_dora", "DoRA adapters are not supported") }
+        for key in ["rank_pattern", "alpha_pattern"] {
+            if let d = c[key] as? [String: Any], !d.isEmpty { throw bad(key, "per-module ranks or alphas are not supported") }
+        }
+        if c["lora_bias"] as? Bool == true { throw bad("lora_bias", "biases on lora_B are not supported") }
+        for key in ["modules_to_save", "layers_to_transform", "layers_pattern", "exclude_modules", "layer_replication",
+                    "target_parameters", "trainable_token_indices", "alora_invocation_tokens"] {
+            if let v = c[key], !(v is NSNull), !((v as? [Any])?.isEmpty ?? false) {
+                throw bad(key, "not supported (must be null)")
+            }
+        }
+        var targets: [String]
+        if let list = c["target_modules"] as? [String] {
+            targets = list
+        } else if let pattern = c["target_modules"] as? String {
+            if pattern == "all-linear" {
+                targets = [pattern]
+            } else {
+                // A string is a regular expression over whole module names.
+                guard let re = try? NSRegularExpression(pattern: "^(?:" + pattern + ")$") else {
+                    throw bad("target_modules", "not a valid regular expression")
+                }
+                targets = model.adaptableModules.map(\.module).filter {
+                    re.firstMatch(in: $0, range: NSRange($0.startIndex..., in: $0)) != nil
+                }
+                if targets.isEmpty { throw bad("target_modules", "the pattern matches no projection of this model") }
+            }
+        } else {
+            throw bad("target_modules", "must be a list of module names or a pattern")
+        }
+        let adapter: LoRAAdapter
+        do {
+            adapter = try LoRAAdapter(model: model, options: LoRAOptions(rank: rank, alpha: alpha, targetModules: targets, useRSLoRA: rs))
+        } catch let LoRAError.invalid(path, reason) {
+            throw LoRAError.invalid(path: "\(configPath): \(path == "rank" ? "r" : path)", reason: reason)
+        }
+        let weightsPath = directory + "/" + weightsFile
+        guard FileManager.default.fileExists(atPath: weightsPath) else {
+            throw LoRAError.invalid(path: weightsPath, reason: "missing (Ember reads safetensors adapters, not adapter_model.bin)")
+        }
+        let file: SafetensorsFile
+        do { file = try SafetensorsFile(path: weightsPath) } catch {
+            throw LoRAError.invalid(path: weightsPath, reason: "\(error)")
+        }
+        let expected = Set(adapter.parameters.layout.slots.map(\.name))
+        let extra = file.tensors.keys.filter { !expected.contains($0) }.sorted()
+        if !extra.isEmpty {
+            throw LoRAError.invalid(path: weightsPath, reason: "tensors the configuration does not describe: \(extra.prefix(3).joined(separator: ", "))"
+                + (extra.count > 3 ? " (+\(extra.count - 3) more)" : ""))
+        }
+        for slot in adapter.parameters.layout.slots {
+            guard let info = file.tensors[slot.name] else {
+                throw LoRAError.invalid(path: weightsPath, reason: "missing tensor \(slot.name)")
+            }
+            guard info.shape == slot.shape else {
+                throw LoRAError.invalid(path: weightsPath,
+                                        reason: "\(slot.name) has shape \(info.shape), this model needs \(slot.shape): the adapter was saved for a model of another shape")
+            }
+            guard info.dtype == .f32 || info.dtype == .bf16 || info.dtype == .f16 else {
+                throw LoRAError.invalid(path: weightsPath, reason: "\(slot.name) is \(info.dtype.rawValue); adapters must be F32, BF16 or F16")
+            }
+            try file.read(slot.name, shape: slot.shape, into: adapter.parameters.values + slot.offset)
+        }
+        for i in 0..<adapter.parameters.count where !adapter.parameters.values[i].isFinite {
+            throw LoRAError.invalid(path: weightsPath, reason: "holds a value that is not finite")
+        }
+        adapter.parameters.markModified()
+        return adapter
+    }
+
+    /// The base model with this adapter folded in: W += s·B·A on every site (PEFT's
+    /// merge_and_unload). A new model; `model` is unchanged.
+    public func merged(into model: TransformerModel) throws -> TransformerModel {
+        let out = try TransformerModel(config: model.configJSON)
+        out.parameters.values.update(from: model.parameters.values, count: model.parameters.count)
+        let r = options.rank, w = parameters.values
+        for s in sites {
+            let K = s.inFeatures, O = s.outFeatures
+            let delta = FloatBuffer(O * K)
+            sgemm(transA: false, transB: false, m: O, n: K, k: r, a: w + s.bOffset, lda: r, b: w + s.aOffset, ldb: K,
+                  beta: 0, c: delta.pointer, ldc: K)
+            let slot = out.parameters.layout.slot(Slot.layer(s.layer, s.projection.slotName))!
+            let dst = out.parameters.values + slot.offset + s.rowStart * K
+            for i in 0..<(O * K) { dst[i] += delta.pointer[i] * scaling }
+        }
+        out.parameters.markModified()
+        return out
+    }
+}
