@@ -135,8 +135,11 @@ public final class Generator {
 
     /// Queues a request; its prompts join the running batch at the next steps with free slots.
     /// `weightsVersion` is recorded with its rollouts (the weights cannot change while it runs).
+    /// `adapter`, when given, is the LoRA adapter every sample of the request is drawn under
+    /// (rows of other requests in the same step may use other adapters or none).
     public func submit(prompts: [[Int32]], n: Int = 1, params: SamplingParams,
-                       options: GenerationOptions = GenerationOptions(), weightsVersion: Int = 0) throws -> Int {
+                       options: GenerationOptions = GenerationOptions(), weightsVersion: Int = 0,
+                       adapter: LoRAAdapter? = nil) throws -> Int {
         guard !prompts.isEmpty else { throw GenerationError.invalidParameter(name: "prompts", reason: "at least one prompt") }
         guard n >= 1 else { throw GenerationError.invalidParameter(name: "n", reason: "must be at least 1") }
         guard n <= cache.slots else {
@@ -212,7 +215,7 @@ public final class Generator {
         requests[id] = RequestState(results: prompts.map { _ in Array(repeating: nil, count: n) }, prompts: prompts)
         for (p, prompt) in prompts.enumerated() {
             waiting.append(PromptGroup(requestId: id, promptIndex: p, prompt: prompt, n: n, params: params,
-                                       options: options, seed: baseSeed, weightsVersion: weightsVersion))
+                                       options: options, seed: baseSeed, weightsVersion: weightsVersion, adapter: adapter))
         }
         return id
     }
@@ -257,6 +260,7 @@ public final class Generator {
         var tokens: [Int32] = [], positions: [Int32] = [], slots: [Int32] = []
         var rows: [Int] = []
         var rowOwners: [RowOwner] = []
+        var tokenAdapters: [LoRAAdapter?] = []
 
         // Admit whole prompt groups while slots last (first come, first served).
         while let g = waiting.first, freeSlots.count >= g.n {
@@ -265,6 +269,7 @@ public final class Generator {
             for (t, tok) in g.prompt.enumerated() {
                 tokens.append(tok); positions.append(Int32(t)); slots.append(Int32(groupSlots[0]))
             }
+            tokenAdapters += Array(repeating: g.adapter, count: g.prompt.count)
             rows.append(tokens.count - 1)
             var members: [Running] = []
             for s in 0..<g.n {
@@ -277,12 +282,14 @@ public final class Generator {
             tokens.append(r.generated.last!)
             positions.append(Int32(r.group.prompt.count + r.generated.count - 1))
             slots.append(Int32(r.slot))
+            tokenAdapters.append(r.group.adapter)
             rows.append(tokens.count - 1)
             rowOwners.append(.decode(r))
         }
         if tokens.isEmpty { return [] }
 
-        let acts = try model.forward(tokens: tokens, positions: positions, context: .cache(cache, slots: slots))
+        let acts = try model.forward(tokens: tokens, positions: positions, context: .cache(cache, slots: slots),
+                                     adapters: AdapterRows(perToken: tokenAdapters))
         let V = model.architecture.vocabSize
         var finished: [Running] = []
         var admitted: [Running] = []
@@ -335,7 +342,7 @@ public final class Generator {
                 result.rolloutId = store.add(Rollout(tokens: f.group.prompt + f.generated, responseStart: f.group.prompt.count,
                                                      logprobs: f.logprobs, proxyLogprobs: f.proxyLogprobs,
                                                      temperature: f.group.params.temperature, proxy: f.group.options.proxy,
-                                                     weightsVersion: f.group.weightsVersion))
+                                                     weightsVersion: f.group.weightsVersion, adapter: f.group.adapter?.name))
             }
             state.results[f.group.promptIndex][f.sampleIndex] = result
             requests[f.requestId] = state
@@ -359,6 +366,7 @@ public final class Generator {
         let options: GenerationOptions
         let seed: UInt64
         let weightsVersion: Int
+        let adapter: LoRAAdapter?
     }
 
     private struct RequestState {

@@ -12,12 +12,14 @@ public struct Rollout: Sendable {
     public let temperature: Float
     public let proxy: ProxySpec?
     public let weightsVersion: Int
+    /// The LoRA adapter it was sampled under (nil: the base model).
+    public let adapter: String?
 
     public init(tokens: [Int32], responseStart: Int, logprobs: [Float], proxyLogprobs: [Float],
-                temperature: Float, proxy: ProxySpec?, weightsVersion: Int) {
+                temperature: Float, proxy: ProxySpec?, weightsVersion: Int, adapter: String? = nil) {
         self.tokens = tokens; self.responseStart = responseStart; self.logprobs = logprobs
         self.proxyLogprobs = proxyLogprobs; self.temperature = temperature; self.proxy = proxy
-        self.weightsVersion = weightsVersion
+        self.weightsVersion = weightsVersion; self.adapter = adapter
     }
 
     /// Bytes counted for a rollout beside its arrays.

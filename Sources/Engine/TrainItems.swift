@@ -20,7 +20,8 @@ extension Trainer {
     /// groups whose rewards are all equal are left out (they carry no signal); they would get
     /// zero advantage otherwise.
     public static func items(from rollouts: [RolloutReward], store: RolloutStore, estimator: AdvantageEstimator,
-                             temperature: Float, proxy: ProxySpec?, dropConstantGroups: Bool = false) throws -> [TrainItem] {
+                             temperature: Float, proxy: ProxySpec?, dropConstantGroups: Bool = false,
+                             adapter: String? = nil) throws -> [TrainItem] {
         var fetched: [Rollout] = []
         for (i, r) in rollouts.enumerated() {
             guard r.reward.isFinite else {
@@ -28,6 +29,13 @@ extension Trainer {
             }
             do { fetched.append(try store.get(r.rolloutId)) } catch let e as RolloutError {
                 throw TrainError.rollout(index: i, e)
+            }
+            // A rollout trains the policy it was sampled from: its old log-probabilities are that policy's.
+            if fetched[i].adapter != adapter {
+                let sampled = fetched[i].adapter.map { "adapter '\($0)'" } ?? "the base model"
+                let trains = adapter.map { "adapter '\($0)'" } ?? "the base model"
+                throw TrainError.invalid(path: "rollouts[\(i)].rollout_id",
+                                         reason: "sampled under \(sampled) but this train_step trains \(trains); pass the same adapter to generate and train_step")
             }
         }
         let groups = zip(rollouts, fetched).map { r, f in

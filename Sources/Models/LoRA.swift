@@ -87,6 +87,8 @@ func moduleMatches(_ module: String, _ entry: String) -> Bool {
 }
 
 public final class LoRAAdapter {
+    /// The name it is served under (set by whoever registers it).
+    public var name = ""
     public let options: LoRAOptions
     public let scaling: Float
     public let sites: [LoRASite]

@@ -29,15 +29,17 @@ extension Dispatcher {
         public var n: Int
         public var params: SamplingParams
         public var options: GenerationOptions
-        public init(prompts: [[Int32]], n: Int, params: SamplingParams, options: GenerationOptions) {
-            self.prompts = prompts; self.n = n; self.params = params; self.options = options
+        /// The LoRA adapter to sample under (nil: the base model).
+        public var adapter: String?
+        public init(prompts: [[Int32]], n: Int, params: SamplingParams, options: GenerationOptions, adapter: String? = nil) {
+            self.prompts = prompts; self.n = n; self.params = params; self.options = options; self.adapter = adapter
         }
     }
 
     public func prepareGenerate(_ p: Params) throws -> GenerateCall {
         try p.only(["prompts", "prompt_tokens", "n", "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop",
                     "stop_token_ids", "logprobs", "top_logprobs", "entropy", "proxy", "ignore_eos", "presence_penalty",
-                    "frequency_penalty", "logit_bias"])
+                    "frequency_penalty", "logit_bias", "adapter"])
         var prompts: [[Int32]]
         if p.has("prompt_tokens") {
             prompts = try p.tokenLists("prompt_tokens")
@@ -58,7 +60,8 @@ extension Dispatcher {
         if p.has("stop_token_ids") { s.stopTokenIds = try p.tokens("stop_token_ids") }
         s.ignoreEOS = try p.bool("ignore_eos", false)
         try Self.readPenalties(p, into: &s)
-        let call = GenerateCall(prompts: prompts, n: try p.int("n", 1, min: 1), params: s, options: try options(p))
+        let adapter = p.has("adapter") ? try trainer(for: p).adapter!.name : nil
+        let call = GenerateCall(prompts: prompts, n: try p.int("n", 1, min: 1), params: s, options: try options(p), adapter: adapter)
         try limit(prompts.reduce(0) { $0 + $1.count + call.n * s.maxTokens }, "params.max_tokens")
         return call
     }
@@ -66,15 +69,17 @@ extension Dispatcher {
     /// Queues a parsed call on the generator (errors already translated).
     public func submit(_ call: GenerateCall) throws -> Int {
         do {
+            let t = try call.adapter.map { try adapterTrainer($0, path: "params.adapter") } ?? trainer
             return try generator.submit(prompts: call.prompts, n: call.n, params: call.params, options: call.options,
-                                        weightsVersion: trainer.weightsVersion)
+                                        weightsVersion: t.weightsVersion, adapter: t.adapter)
         } catch { throw Self.translate(error) }
     }
 
     /// The JSON result of a finished `generate` call.
     public func generateResult(_ out: GenerationResult, _ call: GenerateCall) -> Any {
         tokensGenerated += out.results.reduce(0) { $0 + $1.reduce(0) { $0 + $1.tokens.count } }
-        return ["weights_version": trainer.weightsVersion,
+        let version = call.adapter.flatMap { adapterTrainers[$0]?.weightsVersion } ?? trainer.weightsVersion
+        return ["weights_version": version,
                 "results": out.results.enumerated().map { i, samples -> [String: Any] in
                     ["prompt_index": i, "prompt_tokens": out.promptTokens[i].map(Int.init),
                      "samples": samples.map { sample -> [String: Any] in
@@ -107,33 +112,45 @@ extension Dispatcher {
         public var sequences: [ScoredSequence]
         public var temperature: Float
         public var options: GenerationOptions
-        public init(sequences: [ScoredSequence], temperature: Float, options: GenerationOptions) {
-            self.sequences = sequences; self.temperature = temperature; self.options = options
+        /// The LoRA adapter to score under (nil: the base model).
+        public var adapter: String?
+        public init(sequences: [ScoredSequence], temperature: Float, options: GenerationOptions, adapter: String? = nil) {
+            self.sequences = sequences; self.temperature = temperature; self.options = options; self.adapter = adapter
         }
     }
 
     public func prepareLogprob(_ p: Params) throws -> ScoreCall {
-        try p.only(["sequences", "temperature", "top_logprobs", "entropy", "proxy"])
+        try p.only(["sequences", "temperature", "top_logprobs", "entropy", "proxy", "adapter"])
         let seqs = try p.objects("sequences").map { s -> ScoredSequence in
             try s.only(["tokens", "response_start"])
             return ScoredSequence(tokens: try s.tokens("tokens"), responseStart: try s.int("response_start", min: 1))
         }
         guard !seqs.isEmpty else { throw RPCError.invalidParams(path: "params.sequences", "give at least one sequence") }
         try limit(seqs.reduce(0) { $0 + $1.tokens.count }, "params.sequences")
-        let call = ScoreCall(sequences: seqs, temperature: try p.float("temperature", 1, min: 0), options: try options(p))
+        let adapter = p.has("adapter") ? try trainer(for: p).adapter!.name : nil
+        let call = ScoreCall(sequences: seqs, temperature: try p.float("temperature", 1, min: 0), options: try options(p),
+                             adapter: adapter)
         let a = model.architecture
         do { try Scoring.validate(seqs, vocabSize: a.vocabSize, maxPositions: a.position == .learned ? a.maxPositions : nil) }
         catch { throw Self.translate(error) }
         return call
     }
 
-    /// Scores several calls in one packed forward pass (they must share temperature and options).
+    /// Scores several calls in one packed forward pass (they must share temperature and options;
+    /// each may name its own adapter).
     public func score(_ calls: [ScoreCall]) throws -> [[ScoreResult]] {
         guard let first = calls.first else { return [] }
         let all = calls.flatMap(\.sequences)
         let results: [ScoreResult]
-        do { results = try Scoring.score(model: model, sequences: all, temperature: first.temperature, options: first.options) }
-        catch { throw Self.translate(error) }
+        do {
+            var adapters: [LoRAAdapter?] = []
+            for c in calls {
+                let a = try adapterObject(c.adapter, path: "params.adapter")
+                adapters += Array(repeating: a, count: c.sequences.count)
+            }
+            results = try Scoring.score(model: model, sequences: all, temperature: first.temperature, options: first.options,
+                                        adapters: adapters.contains { $0 != nil } ? adapters : nil)
+        } catch { throw Self.translate(error) }
         var out: [[ScoreResult]] = [], at = 0
         for c in calls {
             out.append(Array(results[at..<(at + c.sequences.count)]))
@@ -144,7 +161,8 @@ extension Dispatcher {
 
     public func logprobResult(_ results: [ScoreResult], _ call: ScoreCall) -> Any {
         tokensScored += call.sequences.reduce(0) { $0 + $1.tokens.count - $1.responseStart }
-        return ["weights_version": trainer.weightsVersion,
+        let version = call.adapter.flatMap { adapterTrainers[$0]?.weightsVersion } ?? trainer.weightsVersion
+        return ["weights_version": version,
                 "results": results.map { r -> [String: Any] in
                     var d: [String: Any] = ["logprobs": r.logprobs]
                     if let e = r.entropies { d["entropies"] = e }

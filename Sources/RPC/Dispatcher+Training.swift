@@ -96,7 +96,8 @@ extension Dispatcher {
     }
 
     func configure(_ p: Params) throws -> Any {
-        try p.only(["lr", "betas", "eps", "weight_decay", "grad_clip", "schedule"])
+        try p.only(["lr", "betas", "eps", "weight_decay", "grad_clip", "schedule", "adapter"])
+        let trainer = try trainer(for: p)
         let s = try adamW(p, base: trainer.optimizer.settings)
         var schedule: LRSchedule?
         if let sched = try p.object("schedule") {
@@ -115,7 +116,8 @@ extension Dispatcher {
 
     func trainStep(_ p: Params) throws -> Any {
         try p.only(["batch", "rollouts", "advantage_estimator", "drop_constant_groups", "loss", "optimizer",
-                    "mini_batches", "micro_batch_tokens", "dry_run"])
+                    "mini_batches", "micro_batch_tokens", "dry_run", "adapter"])
+        let trainer = try trainer(for: p)
         let config = try lossConfig(p)
         var proxy: ProxySpec?
         if case let .lpReg(o) = config.mode { proxy = o.proxy }
@@ -143,7 +145,8 @@ extension Dispatcher {
             }
             let estimator = AdvantageEstimator(rawValue: try p.string("advantage_estimator", "grpo", oneOf: AdvantageEstimator.allCases.map(\.rawValue)))!
             items += try Trainer.items(from: refs, store: rollouts, estimator: estimator, temperature: config.temperature,
-                                       proxy: proxy, dropConstantGroups: try p.bool("drop_constant_groups", false))
+                                       proxy: proxy, dropConstantGroups: try p.bool("drop_constant_groups", false),
+                                       adapter: trainer.adapter?.name)
         }
         guard !items.isEmpty else { throw RPCError.invalidParams(path: "params.batch", "give batch items or rollouts") }
         try limit(items.reduce(0) { $0 + $1.tokens.count }, p.has("batch") ? "params.batch" : "params.rollouts")

@@ -34,6 +34,12 @@ public final class Dispatcher {
         public var maxRequestTokens = 4 << 20
         /// Sequences (prompts x n) that may wait for a KV slot; beyond it generate is `overloaded`.
         public var maxQueuedSequences = 4096
+        /// Folders `adapters.load` may read besides the checkpoint directory (`--adapter-dir`).
+        public var adapterDirectories: [String] = []
+        /// Most adapters held at once (`--max-adapters`).
+        public var maxAdapters = 64
+        /// The model folder the server loaded: a merged checkpoint gets its tokenizer files.
+        public var modelDirectory: String?
         public init() {}
     }
 
@@ -43,6 +49,10 @@ public final class Dispatcher {
     public let generator: Generator
     public let trainer: Trainer
     public let rollouts: RolloutStore
+    /// LoRA adapters by name, each with its own trainer (AdamW state, schedule, weights version,
+    /// reference); `adapterOrder` keeps creation order for listings.
+    var adapterTrainers: [String: Trainer] = [:]
+    var adapterOrder: [String] = []
     /// Counters for /metrics.
     public internal(set) var tokensGenerated = 0
     public internal(set) var tokensScored = 0
@@ -80,9 +90,10 @@ public final class Dispatcher {
             case .trainStep: return try trainStep(p)
             case .optimizerConfigure: return try configure(p)
             case .referenceSnapshot:
-                try p.only([])
-                try trainer.snapshotReference()
-                return ["weights_version": trainer.weightsVersion]
+                try p.only(["adapter"])
+                let t = try trainer(for: p)
+                try t.snapshotReference()
+                return ["weights_version": t.weightsVersion]
             case .rolloutsRelease:
                 try p.only(["rollout_ids"])
                 return ["released": rollouts.release(try p.strings("rollout_ids"))]
@@ -91,6 +102,14 @@ public final class Dispatcher {
             case .checkpointList:
                 try p.only([])
                 return ["names": try checkpointStore().names()]
+            case .adaptersCreate: return try adaptersCreate(p)
+            case .adaptersList:
+                try p.only([])
+                return ["adapters": adapterOrder.map { adapterInfo(adapterTrainers[$0]!) }]
+            case .adaptersDelete: return try adaptersDelete(p)
+            case .adaptersLoad: return try adaptersLoad(p)
+            case .adaptersSave: return try adaptersSave(p)
+            case .adaptersMerge: return try adaptersMerge(p)
             case .cancel:
                 throw RPCError(.invalidRequest, path: "method",
                                hint: "cancel acts on the server's queues; a dispatcher called directly runs one call at a time and has nothing to cancel")
@@ -128,6 +147,8 @@ public final class Dispatcher {
                 return RPCError(.checkpointFailed, path: "params.name", hint: "\(e) and the server keeps its weights (free disk space, then save again)")
             }
         case let e as InputError: return .invalidParams(path: "params", "\(e)")
+        case let e as LoRAError:
+            if case let .invalid(path, reason) = e { return .invalidParams(path: "params.\(path)", reason) }
         case let e as TokenizerError: return .invalidParams(path: "params", "\(e)")
         default: break
         }
@@ -203,6 +224,7 @@ public final class Dispatcher {
         try store.save(name) { folder in
             try model.save(to: folder)
             try trainer.saveState(to: folder)
+            try saveAdapters(into: folder)
         }
         return ["name": name, "weights_version": trainer.weightsVersion]
     }
@@ -217,7 +239,9 @@ public final class Dispatcher {
         guard staged.parameters.count == model.parameters.count, staged.configJSON == model.configJSON else {
             throw RPCError.invalidParams(path: "params.name", "checkpoint '\(name)' holds a different model")
         }
+        let adapters = try stageAdapters(from: folder)
         try trainer.loadState(from: folder, weights: staged)
+        replaceAdapters(with: adapters)
         return ["name": name, "weights_version": trainer.weightsVersion]
     }
 }

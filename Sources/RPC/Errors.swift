@@ -27,6 +27,8 @@ public enum ErrorKind: String, CaseIterable, Sendable, Codable {
     case cancelled
     case requestTooLarge = "request_too_large"
     case modelNotFound = "model_not_found"
+    case unknownAdapter = "unknown_adapter"
+    case adapterExists = "adapter_exists"
 
     /// Code, default message and HTTP status of a kind.
     public struct Entry: Sendable, Equatable {
@@ -59,6 +61,8 @@ public enum ErrorKind: String, CaseIterable, Sendable, Codable {
         case .cancelled: Entry(code: -32016, message: "Cancelled", httpStatus: 400)
         case .requestTooLarge: Entry(code: -32017, message: "Request too large", httpStatus: 400)
         case .modelNotFound: Entry(code: -32020, message: "Model not found", httpStatus: 404)
+        case .unknownAdapter: Entry(code: -32021, message: "Unknown adapter", httpStatus: 404)
+        case .adapterExists: Entry(code: -32022, message: "Adapter exists", httpStatus: 409)
         }
     }
 

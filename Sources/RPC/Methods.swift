@@ -36,6 +36,12 @@ public enum RPCMethod: String, CaseIterable, Sendable {
     case checkpointSave = "checkpoint.save"
     case checkpointLoad = "checkpoint.load"
     case checkpointList = "checkpoint.list"
+    case adaptersCreate = "adapters.create"
+    case adaptersList = "adapters.list"
+    case adaptersDelete = "adapters.delete"
+    case adaptersLoad = "adapters.load"
+    case adaptersSave = "adapters.save"
+    case adaptersMerge = "adapters.merge"
     case cancel
 
     public struct Traits: Sendable, Equatable {
@@ -63,7 +69,11 @@ public enum RPCMethod: String, CaseIterable, Sendable {
         // overtake it), but it frees sampling memory only: a read-only replica's clients release
         // the rollouts they generated.
         case .rolloutsRelease: Traits(scheduling: .exclusive, mutates: false, retrySafe: false, largeBodies: false)
-        case .checkpointList: Traits(scheduling: .read, mutates: false, retrySafe: true, largeBodies: false)
+        case .checkpointList, .adaptersList: Traits(scheduling: .read, mutates: false, retrySafe: true, largeBodies: false)
+        // Adapters change what generate and train_step mean: at a step boundary, refused by
+        // --read-only (save writes files, as checkpoint.save does).
+        case .adaptersCreate, .adaptersDelete, .adaptersLoad, .adaptersSave, .adaptersMerge:
+            Traits(scheduling: .exclusive, mutates: true, retrySafe: false, largeBodies: false)
         case .cancel: Traits(scheduling: .control, mutates: false, retrySafe: false, largeBodies: false)
         }
     }

@@ -22,8 +22,14 @@ struct OpenAIRoutes: Sendable {
                                         "echo", "stream", "stream_options", "user", "top_k", "min_p", "presence_penalty",
                                         "frequency_penalty", "best_of", "logit_bias", "suffix"]
 
+    /// The base model, then every LoRA adapter (as vLLM lists them: `parent` is the base).
     func models() -> HTTPResponse {
-        let body: [String: Any] = ["object": "list", "data": [["id": modelName, "object": "model", "created": 0, "owned_by": "ember"]]]
+        var data: [[String: Any]] = [["id": modelName, "object": "model", "created": 0, "owned_by": "ember", "root": modelName,
+                                      "parent": NSNull()]]
+        for name in scheduler.gauges.adapters {
+            data.append(["id": name, "object": "model", "created": 0, "owned_by": "ember", "root": name, "parent": modelName])
+        }
+        let body: [String: Any] = ["object": "list", "data": data]
         return HTTPResponse(status: 200, body: JSONRPC.encode(body))
     }
 
@@ -40,6 +46,9 @@ struct OpenAIRoutes: Sendable {
         /// Samples drawn per prompt; the best `n` are returned.
         var bestOf = 1
         var user: String?
+        /// The LoRA adapter the `model` field names (nil: the base model).
+        var adapter: String?
+        var modelID = ""
         var maxTokens = 16
         var sampling = SamplingParams()
         var logprobs: Int?
@@ -54,11 +63,20 @@ struct OpenAIRoutes: Sendable {
         }
         let p = try Params(obj, path: "body")
         try p.only(Self.accepted)
+        var r = Request()
+        r.modelID = modelName
         if p.has("model") {
             let m = try p.string("model")
-            guard m == modelName else { throw RPCError(.modelNotFound, path: "model", hint: "the model `\(m)` does not exist; GET /v1/models lists `\(modelName)`") }
+            let adapters = scheduler.gauges.adapters
+            if m != modelName {
+                guard adapters.contains(m) else {
+                    throw RPCError(.modelNotFound, path: "model",
+                                   hint: "the model `\(m)` does not exist; GET /v1/models lists " + ([modelName] + adapters).map { "`\($0)`" }.joined(separator: ", "))
+                }
+                r.adapter = m
+                r.modelID = m
+            }
         }
-        var r = Request()
         switch obj["prompt"] {
         case let s as String: r.texts = [s]
         case let a as [Any] where a.allSatisfy({ $0 is String }): r.texts = a as? [String]
@@ -110,7 +128,7 @@ struct OpenAIRoutes: Sendable {
         }
         let id = "cmpl-" + UUID().uuidString.replacingOccurrences(of: "-", with: "").lowercased().prefix(24)
         let created = Int(Date().timeIntervalSince1970)
-        let model = modelName
+        let model = request.modelID
         let stream = StreamState(responder: responder, id: String(id), created: created, model: model, active: request.stream)
 
         let prepare: @Sendable (Dispatcher) throws -> Dispatcher.GenerateCall = { d in
@@ -121,7 +139,8 @@ struct OpenAIRoutes: Sendable {
             }
             var options = GenerationOptions()
             options.topLogprobs = request.logprobs ?? 0
-            return Dispatcher.GenerateCall(prompts: prompts, n: request.bestOf, params: request.sampling, options: options)
+            return Dispatcher.GenerateCall(prompts: prompts, n: request.bestOf, params: request.sampling, options: options,
+                                           adapter: request.adapter)
         }
         let finish: @Sendable (Dispatcher, GenerationResult?, Dispatcher.GenerateCall) throws -> Any = { d, out, call in
             try Self.body(d, out, call, request, id: String(id), created: created, model: model, stream: stream)
@@ -181,7 +200,7 @@ struct OpenAIRoutes: Sendable {
             var o = GenerationOptions()
             o.topLogprobs = r.logprobs ?? 0
             let scorable = call.prompts.map { ScoredSequence(tokens: $0, responseStart: 1) }
-            promptScores = try d.score([Dispatcher.ScoreCall(sequences: scorable, temperature: 1, options: o)])[0]
+            promptScores = try d.score([Dispatcher.ScoreCall(sequences: scorable, temperature: 1, options: o, adapter: call.adapter)])[0]
         }
         var choices: [[String: Any]] = []
         for (p, prompt) in call.prompts.enumerated() {

@@ -73,6 +73,8 @@ public final class Scheduler: @unchecked Sendable {
         public var queueDepth = 0, running = 0, kvBytes = 0, kvBytesInUse = 0, rolloutBytes = 0
         /// Generator steps and logprob forward passes run so far.
         public var generatorSteps = 0, scoreForwards = 0
+        /// LoRA adapters held, in creation order (/v1/models lists them).
+        public var adapters: [String] = []
     }
     private var generatorSteps = 0, scoreForwards = 0
     private var published = Gauges()
@@ -88,7 +90,8 @@ public final class Scheduler: @unchecked Sendable {
         let g = Gauges(tokensGenerated: d.tokensGenerated, tokensScored: d.tokensScored, trainSteps: d.trainer.optimizer.stepCount,
                        weightsVersion: d.trainer.weightsVersion, queueDepth: pending.count + d.generator.waitingCount,
                        running: d.generator.runningCount, kvBytes: d.generator.kvCacheBytes, kvBytesInUse: d.generator.kvBytesInUse,
-                       rolloutBytes: d.rollouts.bytes, generatorSteps: generatorSteps, scoreForwards: scoreForwards)
+                       rolloutBytes: d.rollouts.bytes, generatorSteps: generatorSteps, scoreForwards: scoreForwards,
+                       adapters: d.adapterNames)
         cond.lock(); published = g; cond.unlock()
     }
 

@@ -24,6 +24,9 @@ struct EmberServer: ParsableCommand {
     @Option(name: .customLong("api-key"), help: "Bearer token required on every route but /healthz (or EMBER_API_KEY).") var apiKey: String?
     @Option(name: .customLong("checkpoint-dir"), help: "Folder that checkpoint names resolve in; checkpoints are off without it.")
     var checkpointDir: String?
+    @Option(name: .customLong("adapter-dir"), help: "A folder adapters.load may read PEFT adapters from (repeatable; the checkpoint folder always may).")
+    var adapterDirs: [String] = []
+    @Option(name: .customLong("max-adapters"), help: "Most LoRA adapters held at once.") var maxAdapters = 64
     @Option(help: "Compute threads (default: all cores).") var threads: Int?
     @Flag(name: .customLong("read-only"), help: "Refuse every method that changes state.") var readOnly = false
     @Option(name: .customLong("served-model-name"), help: "Model id for the OpenAI routes (default: the model folder's name).")
@@ -95,6 +98,15 @@ struct EmberServer: ParsableCommand {
         config.readOnly = readOnly
         config.maxRequestTokens = maxRequestTokens
         config.maxQueuedSequences = maxQueuedSequences
+        config.maxAdapters = maxAdapters
+        config.modelDirectory = URL(fileURLWithPath: dir).standardizedFileURL.path
+        for d in adapterDirs {
+            var isDir: ObjCBool = false
+            guard FileManager.default.fileExists(atPath: d, isDirectory: &isDir), isDir.boolValue else {
+                throw ValidationError("--adapter-dir \(d) is not a folder")
+            }
+            config.adapterDirectories.append(URL(fileURLWithPath: d).standardizedFileURL.path)
+        }
         if let cdir = checkpointDir {
             let store: CheckpointStore
             do { store = try CheckpointStore.open(directory: cdir) } catch { throw ValidationError("--checkpoint-dir: \(error)") }

@@ -223,36 +223,63 @@ class Client:
                  n: int = 1, max_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                  min_p: float = 0.0, seed: Optional[int] = None, stop: Optional[Sequence[str]] = None,
                  stop_token_ids: Optional[Sequence[int]] = None, logprobs: bool = True, top_logprobs: int = 0,
-                 entropy: bool = False, proxy: Optional[dict] = None, ignore_eos: bool = False, id: Any = None) -> dict:
-        """Samples continuations; `id` lets another thread `cancel(id)` it."""
+                 entropy: bool = False, proxy: Optional[dict] = None, ignore_eos: bool = False, id: Any = None,
+                 adapter: Optional[str] = None) -> dict:
+        """Samples continuations (under a LoRA `adapter` when named); `id` lets another thread `cancel(id)` it."""
         return self.call("generate", {
             "prompts": list(prompts) if prompts is not None else None,
             "prompt_tokens": [list(p) for p in prompt_tokens] if prompt_tokens is not None else None,
             "n": n, "max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k, "min_p": min_p,
             "seed": seed, "stop": list(stop) if stop else None, "stop_token_ids": list(stop_token_ids) if stop_token_ids else None,
             "logprobs": logprobs, "top_logprobs": top_logprobs, "entropy": entropy, "proxy": proxy,
-            "ignore_eos": ignore_eos}, id=id)
+            "ignore_eos": ignore_eos, "adapter": adapter}, id=id)
 
     def logprob(self, sequences: Sequence[dict], temperature: float = 1.0, top_logprobs: int = 0, entropy: bool = False,
-                proxy: Optional[dict] = None) -> dict:
+                proxy: Optional[dict] = None, adapter: Optional[str] = None) -> dict:
         return self.call("logprob", {"sequences": list(sequences), "temperature": temperature, "top_logprobs": top_logprobs,
-                                     "entropy": entropy, "proxy": proxy})
+                                     "entropy": entropy, "proxy": proxy, "adapter": adapter})
 
     def train_step(self, loss: dict, batch: Optional[Sequence[dict]] = None, rollouts: Optional[Sequence[dict]] = None,
                    advantage_estimator: Optional[str] = None, drop_constant_groups: Optional[bool] = None,
                    optimizer: Optional[dict] = None, mini_batches: Optional[int] = None,
-                   micro_batch_tokens: Optional[int] = None, dry_run: bool = False) -> dict:
+                   micro_batch_tokens: Optional[int] = None, dry_run: bool = False, adapter: Optional[str] = None) -> dict:
+        """One update of the full model, or of the LoRA `adapter` (base frozen) when named."""
         return self.call("train_step", {
             "loss": loss, "batch": list(batch) if batch is not None else None,
             "rollouts": list(rollouts) if rollouts is not None else None, "advantage_estimator": advantage_estimator,
             "drop_constant_groups": drop_constant_groups, "optimizer": optimizer, "mini_batches": mini_batches,
-            "micro_batch_tokens": micro_batch_tokens, "dry_run": dry_run or None})
+            "micro_batch_tokens": micro_batch_tokens, "dry_run": dry_run or None, "adapter": adapter})
 
-    def configure_optimizer(self, **settings) -> dict:
-        return self.call("optimizer.configure", settings)
+    def configure_optimizer(self, adapter: Optional[str] = None, **settings) -> dict:
+        return self.call("optimizer.configure", {**settings, "adapter": adapter})
 
-    def snapshot_reference(self) -> dict:
-        return self.call("reference.snapshot")
+    def snapshot_reference(self, adapter: Optional[str] = None) -> dict:
+        return self.call("reference.snapshot", {"adapter": adapter})
+
+    # LoRA adapters
+    def create_adapter(self, name: str, rank: int, alpha: Optional[float] = None, target_modules=None, seed: int = 0,
+                       use_rslora: bool = False) -> dict:
+        """A new adapter (exactly the base model until trained); target_modules defaults to "all-linear"."""
+        return self.call("adapters.create", {"name": name, "rank": rank, "alpha": alpha, "target_modules": target_modules,
+                                             "seed": seed, "use_rslora": use_rslora})
+
+    def list_adapters(self) -> List[dict]:
+        return self.call("adapters.list")["adapters"]
+
+    def delete_adapter(self, name: str) -> str:
+        return self.call("adapters.delete", {"name": name})["deleted"]
+
+    def load_adapter(self, name: str, path: str) -> dict:
+        """Reads a PEFT folder (inside the server's checkpoint dir or an --adapter-dir)."""
+        return self.call("adapters.load", {"name": name, "path": path})
+
+    def save_adapter(self, name: str) -> dict:
+        """Writes the adapter as a PEFT folder; the result's `path` names it."""
+        return self.call("adapters.save", {"name": name})
+
+    def merge_adapter(self, name: str, checkpoint: str) -> dict:
+        """Writes base + adapter as a full Hugging Face checkpoint named `checkpoint`."""
+        return self.call("adapters.merge", {"name": name, "checkpoint": checkpoint})
 
     def release_rollouts(self, rollout_ids: Sequence[str]) -> int:
         return self.call("rollouts.release", {"rollout_ids": list(rollout_ids)})["released"]

@@ -78,6 +78,42 @@ METHODS = {
         "retry_safe": True,
         "large_bodies": False
     },
+    "adapters.create": {
+        "scheduling": "exclusive",
+        "mutates": True,
+        "retry_safe": False,
+        "large_bodies": False
+    },
+    "adapters.list": {
+        "scheduling": "read",
+        "mutates": False,
+        "retry_safe": True,
+        "large_bodies": False
+    },
+    "adapters.delete": {
+        "scheduling": "exclusive",
+        "mutates": True,
+        "retry_safe": False,
+        "large_bodies": False
+    },
+    "adapters.load": {
+        "scheduling": "exclusive",
+        "mutates": True,
+        "retry_safe": False,
+        "large_bodies": False
+    },
+    "adapters.save": {
+        "scheduling": "exclusive",
+        "mutates": True,
+        "retry_safe": False,
+        "large_bodies": False
+    },
+    "adapters.merge": {
+        "scheduling": "exclusive",
+        "mutates": True,
+        "retry_safe": False,
+        "large_bodies": False
+    },
     "cancel": {
         "scheduling": "control",
         "mutates": False,
@@ -110,5 +146,7 @@ ERROR_CODES = {
     "shutting_down": -32015,
     "cancelled": -32016,
     "request_too_large": -32017,
-    "model_not_found": -32020
+    "model_not_found": -32020,
+    "unknown_adapter": -32021,
+    "adapter_exists": -32022
 }
