@@ -13,9 +13,10 @@ gradient zero), and writes under Tests/Fixtures/lora/<model>/:
     merged_logits [T, V]           logits of the merged model
 The inputs (tokens, seq_lens) are the model's own golden.safetensors.
 
-`--check-ember-adapter DIR MODEL` instead loads an adapter folder written by Ember with PEFT and
-prints the largest logit difference against logits Ember wrote beside it (ember_logits.safetensors):
-the other direction of the round trip.
+`--check-ember-adapters` checks the other direction on every family: it starts ember-server on
+the fixture model, creates an adapter, trains it two steps (so B is not zero), saves it with
+adapters.save, loads that folder with PEFT's PeftModel.from_pretrained, and compares the
+per-token log-probabilities of the golden batch from PEFT with Ember's `logprob` under the adapter.
 
 Usage: .venv/bin/python scripts/make_lora_fixtures.py   (needs torch, transformers, peft, safetensors)
 Tests never need them: the outputs are committed.
@@ -97,24 +98,49 @@ def make(name, seed):
     print(f"{name}: {count} adapter tensors, loss {loss.item():.5f}")
 
 
-def check_ember_adapter(folder, name):
-    model, seqs = load(name)
-    peft_model = PeftModel.from_pretrained(model, folder).eval()
-    with torch.no_grad():
-        logits, _ = packed_forward(peft_model, seqs)
-    ember = load_file(os.path.join(folder, "ember_logits.safetensors"))["logits"]
-    diff = (logits - ember).abs().max().item()
-    print(f"PEFT loaded {folder}: max |logit difference| against Ember = {diff:.3g}")
-    return diff
+def check_ember_adapters():
+    import re
+    import subprocess
+    import tempfile
+    sys.path.insert(0, os.path.join(HERE, "..", "clients", "python"))
+    from ember import Client
+    exe = os.path.join(HERE, "..", ".build", "release", "ember-server")
+    worst_all = 0.0
+    for name, (targets, r, alpha, rs) in CASES.items():
+        with tempfile.TemporaryDirectory() as ckpt:
+            p = subprocess.Popen([exe, "--model", os.path.join(ROOT, "models", name), "--port", "0", "--checkpoint-dir", ckpt,
+                                  "--log-level", "warning", "--threads", "1"], stdout=subprocess.PIPE, text=True)
+            try:
+                port = re.search(r"127\.0\.0\.1:(\d+)", p.stdout.readline()).group(1)
+                c = Client(f"http://127.0.0.1:{port}")
+                c.create_adapter("x", rank=r, alpha=alpha, target_modules=targets, use_rslora=rs, seed=3)
+                model, seqs = load(name)
+                batch = [{"tokens": s.tolist(), "response_start": 1, "advantage": 1.0 - 2 * (i % 2)} for i, s in enumerate(seqs)]
+                for _ in range(2):
+                    c.train_step(loss={"mode": "ppo"}, batch=batch, optimizer={"lr": 0.05}, adapter="x")
+                folder = c.save_adapter("x")["path"]
+                ember = c.logprob([{"tokens": s.tolist(), "response_start": 1} for s in seqs], adapter="x")["results"]
+                peft_model = PeftModel.from_pretrained(model, folder).eval()
+                worst = 0.0
+                with torch.no_grad():
+                    for s, e in zip(seqs, ember):
+                        lp = torch.log_softmax(peft_model(input_ids=s[None, :]).logits[0, :-1], -1)
+                        ours = lp.gather(1, s[1:, None])[:, 0]
+                        worst = max(worst, (ours - torch.tensor(e["logprobs"])).abs().max().item())
+                print(f"{name}: PEFT loaded Ember's adapter; max |log-prob difference| {worst:.3g}")
+                worst_all = max(worst_all, worst)
+            finally:
+                p.terminate()
+                p.wait()
+    return worst_all
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--check-ember-adapter", nargs=2, metavar=("DIR", "MODEL"))
+    ap.add_argument("--check-ember-adapters", action="store_true")
     args = ap.parse_args()
-    if args.check_ember_adapter:
-        diff = check_ember_adapter(*args.check_ember_adapter)
-        sys.exit(0 if diff < 1e-4 else 1)
+    if args.check_ember_adapters:
+        sys.exit(0 if check_ember_adapters() < 1e-4 else 1)
     torch.manual_seed(0)
     for i, name in enumerate(CASES):
         make(name, 2000 + i)

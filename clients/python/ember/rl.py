@@ -99,17 +99,18 @@ def start_server(args) -> (subprocess.Popen, str):
     return p, "http://" + m.group(1)
 
 
-def evaluate(client: Client, problems, max_tokens: int, k: int, seed: int) -> Dict[str, float]:
+def evaluate(client: Client, problems, max_tokens: int, k: int, seed: int, adapter: Optional[str] = None) -> Dict[str, float]:
     """Greedy pass@1 and (when k > 1) sampled pass@k on a fixed set of problems."""
     greedy = 0
     passk = 0
     for i in range(0, len(problems), 64):
         chunk = problems[i:i + 64]
-        out = client.generate(prompts=[p.prompt for p in chunk], n=1, max_tokens=max_tokens, temperature=0.0, logprobs=False)
+        out = client.generate(prompts=[p.prompt for p in chunk], n=1, max_tokens=max_tokens, temperature=0.0, logprobs=False,
+                              adapter=adapter)
         greedy += sum(tasks.check(p, r["samples"][0]["text"]) for p, r in zip(chunk, out["results"]))
         if k > 1:
             out = client.generate(prompts=[p.prompt for p in chunk], n=k, max_tokens=max_tokens, temperature=1.0,
-                                  seed=seed + i, logprobs=False)
+                                  seed=seed + i, logprobs=False, adapter=adapter)
             passk += sum(any(tasks.check(p, s["text"]) for s in r["samples"]) for p, r in zip(chunk, out["results"]))
     n = len(problems)
     result = {"pass@1": greedy / n}
@@ -118,12 +119,12 @@ def evaluate(client: Client, problems, max_tokens: int, k: int, seed: int) -> Di
     return result
 
 
-def spark_probability(client: Client, probes) -> float:
+def spark_probability(client: Client, probes, adapter: Optional[str] = None) -> float:
     """Mean probability the policy gives the spark token where a reference trace takes it."""
     if not probes:
         return float("nan")
     seqs = [{"tokens": toks, "response_start": start} for toks, start, _ in probes]
-    out = client.logprob(seqs)
+    out = client.logprob(seqs, adapter=adapter)
     probs = []
     for (toks, start, ids), r in zip(probes, out["results"]):
         for k, lp in enumerate(r["logprobs"]):
@@ -225,6 +226,11 @@ def parse_args(argv=None):
     ap.add_argument("--out", default="runs/rl")
     ap.add_argument("--resume", action="store_true", help="continue from --out's state.json and its checkpoint")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lora-rank", type=int, default=0,
+                    help="train a LoRA adapter of this rank instead of the full model (0 = full fine-tuning)")
+    ap.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: twice the rank)")
+    ap.add_argument("--lora-targets", default="all-linear", help="comma-separated module names, or all-linear")
+    ap.add_argument("--lora-name", default="rl", help="the adapter's name on the server")
     return ap.parse_args(argv)
 
 
@@ -274,17 +280,26 @@ def main(argv=None) -> int:
         else:
             for f in ("metrics.jsonl", "eval.jsonl"):
                 open(os.path.join(args.out, f), "w").close()
-        client.configure_optimizer(lr=args.lr, betas=[0.9, 0.999], weight_decay=0.0, grad_clip=1.0)
+        adapter = None
+        if args.lora_rank:
+            adapter = args.lora_name
+            if adapter not in [a["name"] for a in client.list_adapters()]:
+                targets = "all-linear" if args.lora_targets == "all-linear" else args.lora_targets.split(",")
+                client.create_adapter(adapter, rank=args.lora_rank, alpha=args.lora_alpha or 2.0 * args.lora_rank,
+                                      target_modules=targets, seed=args.seed)
+        client.configure_optimizer(lr=args.lr, betas=[0.9, 0.999], weight_decay=0.0, grad_clip=1.0, adapter=adapter)
         held = [p for t in task_names for p in tasks.sample(tasks.get(t), "heldout", args.eval_size // len(task_names), 1000)]
         probes = build_probes(client, task_names, args.probes // len(task_names), args.seed) if args.probes else []
         mlog = open(os.path.join(args.out, "metrics.jsonl"), "a")
         elog = open(os.path.join(args.out, "eval.jsonl"), "a")
 
         def run_eval(step):
-            e = {"step": step, "weights_version": client.info()["weights_version"],
-                 **evaluate(client, held, args.max_tokens, args.eval_k, seed=12345)}
+            version = client.info()["weights_version"] if adapter is None else \
+                next(a["weights_version"] for a in client.list_adapters() if a["name"] == adapter)
+            e = {"step": step, "weights_version": version,
+                 **evaluate(client, held, args.max_tokens, args.eval_k, seed=12345, adapter=adapter)}
             if probes:
-                e["spark_prob"] = spark_probability(client, probes)
+                e["spark_prob"] = spark_probability(client, probes, adapter)
             evals.append(e)
             elog.write(json.dumps(e) + "\n")
             elog.flush()
@@ -303,7 +318,7 @@ def main(argv=None) -> int:
             task = tasks.get(name)
             problems = tasks.sample(task, "train", args.prompts, seed=args.seed * 100003 + step)
             out = client.generate(prompts=[p.prompt for p in problems], n=args.samples, max_tokens=args.max_tokens,
-                                  temperature=args.temperature, seed=rng.randrange(2 ** 31), proxy=proxy)
+                                  temperature=args.temperature, seed=rng.randrange(2 ** 31), proxy=proxy, adapter=adapter)
             verify = verifiers.get(name)
             refs, rewards, lengths, sparks = [], [], [], 0
             for i, (p, r) in enumerate(zip(problems, out["results"])):
@@ -315,7 +330,7 @@ def main(argv=None) -> int:
                     refs.append({"rollout_id": s["rollout_id"], "reward": reward, "group": f"{step}-{i}"})
             t1 = time.time()
             result = client.train_step(loss=loss, rollouts=refs, advantage_estimator=args.advantage,
-                                       mini_batches=args.mini_batches if args.mini_batches > 1 else None)
+                                       mini_batches=args.mini_batches if args.mini_batches > 1 else None, adapter=adapter)
             client.release_rollouts([r["rollout_id"] for r in refs])
             m = result["metrics"]
             rec = {"step": step, "task": name, "weights_version": result["weights_version"],
@@ -340,6 +355,8 @@ def main(argv=None) -> int:
                 name_ckpt = f"rl-step{step}"
                 try:
                     client.save_checkpoint(name_ckpt)
+                    if adapter is not None and step == args.steps:
+                        print(f"adapter saved as a PEFT folder: {client.save_adapter(adapter)['path']}", file=sys.stderr)
                     with open(state_path, "w") as f:
                         json.dump({"step": step, "checkpoint": name_ckpt, "args": vars(args)}, f, indent=1)
                 except EmberError as err:
