@@ -111,6 +111,49 @@ def train(quick):
         json.dump({"machine": machine(), "runs": rows}, f, indent=1)
 
 
+def lora(quick, repeat=1):
+    """LoRA (rank 16, every projection): the adapter train step against full fine-tuning and
+    against PyTorch + PEFT on the same shape, peak RSS of each; a Qwen2.5-1.5B-shaped model
+    trained with LoRA (full fine-tuning does not fit 24 GB); batch-32 decode with rows spread over
+    16 resident adapters against base-only decode. Rounds interleaved, medians."""
+    def median(xs):
+        xs = sorted(xs)
+        return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
+    shapes = ["tiny"] if quick else ["tiny", "0.5b"]
+    rows = []
+    print(f"\n{'shape':6} {'train_step ppo':24} {'tok/s':>9} {'peak RSS GB':>12}")
+    for shape in shapes:
+        steps = "5" if shape == "tiny" else "2"
+        runs = {"full": [], "lora": [], "peft": []}
+        for _ in range(repeat):
+            runs["full"].append(run([EMBER, "train", "--shape", shape, "--mode", "ppo", "--steps", steps])[0])
+            runs["lora"].append(run([EMBER, "train", "--shape", shape, "--mode", "ppo", "--steps", steps, "--lora-rank", "16"])[0])
+            runs["peft"].append(run(TORCH + ["train", "--shape", shape, "--mode", "ppo", "--steps", steps, "--lora-rank", "16"])[0])
+        med = {k: median([r["train_tok_s"] for r in v]) for k, v in runs.items()}
+        rss = {k: max(r["peak_rss_bytes"] for r in v) for k, v in runs.items()}
+        for k, label in [("full", "Ember full fine-tuning"), ("lora", "Ember LoRA r16"), ("peft", "PyTorch + PEFT LoRA r16")]:
+            print(f"{shape:6} {label:24} {med[k]:9.1f} {rss[k] / 1e9:12.2f}")
+        print(f"{shape:6} LoRA / full: {med['lora'] / med['full']:.2f}x tok/s, {100 * rss['lora'] / rss['full']:.0f}% of the RSS; "
+              f"LoRA Ember / PEFT: {med['lora'] / med['peft']:.2f}x")
+        rows.append({"shape": shape, "runs": runs})
+    if not quick:
+        big = run([EMBER, "train", "--shape", "1.5b", "--mode", "ppo", "--steps", "1", "--lora-rank", "16"])[0]
+        print(f"1.5b   Ember LoRA r16           {big['train_tok_s']:9.1f} {big['peak_rss_bytes'] / 1e9:12.2f}")
+        rows.append({"shape": "1.5b", "runs": {"lora": [big]}})
+    print(f"\n{'shape':6} {'decode batch 32':28} {'tok/s':>9}")
+    for shape in shapes:
+        new = "64" if shape == "tiny" else "32"
+        base, mixed = [], []
+        for _ in range(repeat):
+            base.append(run([EMBER, "generate", "--shape", shape, "--batch", "32", "--new", new])[0]["decode_tok_s"])
+            mixed.append(run([EMBER, "generate", "--shape", shape, "--batch", "32", "--new", new, "--adapters", "16"])[0]["decode_tok_s"])
+        print(f"{shape:6} {'base only':28} {median(base):9.1f}")
+        print(f"{shape:6} {'rows over 16 adapters (r16)':28} {median(mixed):9.1f}  {100 * median(mixed) / median(base):.0f}% of base")
+        rows.append({"shape": shape, "decode_base": base, "decode_16_adapters": mixed})
+    with open(os.path.join(ROOT, "bench", "out", "lora.json"), "w") as f:
+        json.dump({"machine": machine(), "rows": rows}, f, indent=1)
+
+
 def json_cost():
     """JSON decode + parameter extraction and encode of a 512 x 512 train_step batch, against
     the tiny model's train step time for the same token count."""
@@ -177,7 +220,7 @@ def tokenizer():
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    what = [a for i, a in enumerate(args) if not a.startswith("--") and (i == 0 or args[i - 1] != "--repeat")] or ["engine", "tokenizer", "sampling", "train", "json", "server"]
+    what = [a for i, a in enumerate(args) if not a.startswith("--") and (i == 0 or args[i - 1] != "--repeat")] or ["engine", "tokenizer", "sampling", "train", "lora", "json", "server"]
     if "engine" in what:
         engine("--quick" in args)
     if "sampling" in what:
@@ -187,6 +230,8 @@ if __name__ == "__main__":
         tokenizer()
     if "train" in what:
         train("--quick" in args)
+    if "lora" in what:
+        lora("--quick" in args, int(args[args.index("--repeat") + 1]) if "--repeat" in args else 1)
     if "json" in what:
         json_cost()
     if "server" in what:

@@ -20,6 +20,9 @@ SHAPES = {
     "0.5b": (dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
                   intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True,
                   max_position_embeddings=32768), 8, 256),
+    "1.5b": (dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                  intermediate_size=8960, vocab_size=151936, tie_word_embeddings=True,
+                  max_position_embeddings=32768), 8, 256),
 }
 
 
@@ -101,11 +104,16 @@ def score(shape, threads):
                       "score_tok_s": batch * seq / statistics.median(times), "seconds": times}), flush=True)
 
 
-def train(shape, mode, steps, threads):
+def train(shape, mode, steps, threads, lora_rank=0):
     """One optimizer step per call with the PPO or Lp-Reg loss written in PyTorch (token-mean,
     advantages +-1 per sequence, on-policy old log-probs, min-p 0.02 proxy, rho 0.01, beta 1)."""
     torch.set_num_threads(threads)
     model, cfg, batch, seq = random_model(shape)
+    if lora_rank:
+        # PEFT LoRA on every linear projection (the base frozen), as Ember's --lora-rank.
+        from peft import LoraConfig, get_peft_model
+        model = get_peft_model(model, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules="all-linear",
+                                                 lora_dropout=0.0))
     model.train()
     prompt = 16
     ids = torch.randint(0, cfg["vocab_size"], (batch, seq))
@@ -120,7 +128,8 @@ def train(shape, mode, steps, threads):
         masked = torch.where(keep, logp_all, torch.full_like(logp_all, float("-inf")))
         proxy = (masked - torch.logsumexp(masked, -1, keepdim=True)).gather(-1, targets[..., None])[..., 0]
         del logits, logp_all, p, keep, masked
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.0)
+    params = [q for q in model.parameters() if q.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-6, weight_decay=0.0)
     times = []
     for i in range(steps + 1):
         t0 = time.perf_counter()
@@ -143,13 +152,14 @@ def train(shape, mode, steps, threads):
             per = torch.where(sel, -adv * ratio + k3, torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 0.0, 10.0)))
         loss = per.mean()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if i:
             times.append(time.perf_counter() - t0)
     tokens = batch * seq
-    print(json.dumps({"kind": "train", "impl": "pytorch", "shape": shape, "mode": mode, "tokens": tokens,
-                      "train_tok_s": tokens / statistics.median(times), "seconds": times}), flush=True)
+    print(json.dumps({"kind": "train", "impl": "pytorch", "shape": shape, "mode": mode, "tokens": tokens, "lora_rank": lora_rank,
+                      "train_tok_s": tokens / statistics.median(times), "seconds": times,
+                      "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}), flush=True)
 
 
 if __name__ == "__main__":
@@ -162,11 +172,12 @@ if __name__ == "__main__":
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--prompt", type=int, default=16)
     ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--lora-rank", type=int, default=0)
     a = ap.parse_args()
     if a.what == "engine":
         engine(a.shape, a.steps, a.threads)
     elif a.what == "train":
-        train(a.shape, a.mode, a.steps, a.threads)
+        train(a.shape, a.mode, a.steps, a.threads, a.lora_rank)
     elif a.what == "generate":
         generate(a.shape, a.batch, a.prompt, a.new, a.threads)
     else:

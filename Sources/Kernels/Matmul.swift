@@ -170,6 +170,40 @@ public func project(_ y: UnsafeMutablePointer<Float>, _ x: UnsafePointer<Float>,
     }
 }
 
+/// y[m, n] (row stride `ldy`) = x[m, k] · Wᵀ with W packed, on the calling thread (callers
+/// parallelise over their own work items): the same per-element chains as `project`. With
+/// `addScaled`, y += s · (x · Wᵀ) instead: each element's chain result is multiplied by s, rounded,
+/// then added (LoRA's delta).
+public func projectSerial(_ y: UnsafeMutablePointer<Float>, ldy: Int, _ x: UnsafePointer<Float>, rows m: Int,
+                          packed: PackedMatrix, addScaled scale: Float? = nil) {
+    let n = packed.rows, k = packed.columns
+    if m == 0 || n == 0 { return }
+    withUnsafeTemporaryAllocation(of: Float.self, capacity: 6 * panelWidth) { tileBuffer in
+        let tile = tileBuffer.baseAddress!
+        var r = 0
+        while r < m {
+            let rows = min(6, m - r)
+            var j = 0, p = 0
+            while j < n {
+                let cols = min(panelWidth, n - j)
+                let panel = UnsafePointer(packed.panels + p * k * panelWidth)
+                if let scale {
+                    microTile(x + r * k, rows: rows, panel, k: k, tile, ldc: panelWidth, cols: panelWidth)
+                    for i in 0..<rows {
+                        let dst = y + (r + i) * ldy + j, src = tile + i * panelWidth
+                        for c in 0..<cols { dst[c] += src[c] * scale }
+                    }
+                } else {
+                    microTile(x + r * k, rows: rows, panel, k: k, y + r * ldy + j, ldc: ldy, cols: cols)
+                }
+                j += panelWidth
+                p += 1
+            }
+            r += rows
+        }
+    }
+}
+
 /// Up to 6 rows × 16 columns: acc[r][lane] = fma chain over k of x[r, k] · panel[k, lane].
 /// One or two rows (decoding) take narrower tiles with the same per-element chains. `prefetch`:
 /// the next panel of a packed matrix, pulled into cache one line per k step while the first row

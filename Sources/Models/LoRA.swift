@@ -97,6 +97,9 @@ public final class LoRAAdapter {
     public let parameters: ParameterStore
     /// The base model's shape, to refuse an adapter of another model.
     public let baseShape: String
+    /// Packed A and B of each site (see `Kernels.project`), valid for `packedVersion`.
+    var packedSites: [(a: PackedMatrix, b: PackedMatrix)?] = []
+    var packedVersion = -1
 
     /// A new adapter for `model`: A Kaiming-uniform (PEFT's default: U(±1/√in)) from `seed`, B
     /// zero, so the adapted model starts exactly as the base.
@@ -166,6 +169,20 @@ public final class LoRAAdapter {
     public var parameterCount: Int { parameters.layout.parameterCount }
 
     func sites(layer: Int, _ p: LoRAProjection) -> [Int] { index[layer][p.rawValue] }
+
+    /// Builds the packed copies of the sites at (layer, projection) for the current weights
+    /// (called outside parallel regions).
+    func preparePacked(layer: Int, _ p: LoRAProjection) {
+        if packedVersion != parameters.version {
+            packedSites = Array(repeating: nil, count: sites.count)
+            packedVersion = parameters.version
+        }
+        for si in sites(layer: layer, p) where packedSites[si] == nil {
+            let s = sites[si], w = parameters.values
+            packedSites[si] = (PackedMatrix(w + s.aOffset, rows: options.rank, columns: s.inFeatures),
+                               PackedMatrix(w + s.bOffset, rows: s.outFeatures, columns: options.rank))
+        }
+    }
 }
 
 extension TransformerModel {
@@ -224,26 +241,42 @@ public struct AdapterRows {
 
 extension AdapterRows {
     /// y[t, rowStart + j] += s · ((x[t]·Aᵀ)·Bᵀ)[j] for every row t of an adapter with a site at
-    /// (layer, projection). x is [T, in] (contiguous), y is [T, yStride].
+    /// (layer, projection). x is [T, in] (contiguous), y is [T, yStride]. One parallel region:
+    /// work items are runs of consecutive rows of one adapter (at most 48 rows, so an adapter's
+    /// packed A and B stay in cache across its rows); a row's result is the same chains whatever
+    /// item, thread or batch it falls in.
     func applyForward(layer: Int, _ p: LoRAProjection, x: UnsafePointer<Float>, y: UnsafeMutablePointer<Float>, yStride: Int) {
-        for (k, adapter) in adapters.enumerated() {
-            let list = adapter.sites(layer: layer, p)
-            if list.isEmpty { continue }
-            let rowList = rows[k], n = rowList.count, all = n == tokenCount
-            let K = adapter.sites[list[0]].inFeatures, r = adapter.options.rank, w = adapter.parameters.values
-            let gathered = all ? nil : FloatBuffer(n * K)
-            if let g = gathered { for (i, t) in rowList.enumerated() { (g.pointer + i * K).update(from: x + t * K, count: K) } }
-            let xs = UnsafePointer(gathered?.pointer ?? UnsafeMutablePointer(mutating: x))
-            let u = FloatBuffer(n * r)
-            for si in list {
-                let s = adapter.sites[si]
-                project(u.pointer, xs, rows: n, w + s.aOffset, outFeatures: r, inFeatures: K)
-                let v = FloatBuffer(n * s.outFeatures)
-                project(v.pointer, u.pointer, rows: n, w + s.bOffset, outFeatures: s.outFeatures, inFeatures: r)
-                let scale = adapter.scaling, O = s.outFeatures, start = s.rowStart
-                parallelFor(n, minPerThread: 64) { i in
-                    let dst = y + rowList[i] * yStride + start, src = v.pointer + i * O
-                    for j in 0..<O { dst[j] += src[j] * scale }
+        var items: [(adapter: Int, runs: [Range<Int>])] = []
+        for (k, adapter) in adapters.enumerated() where !adapter.sites(layer: layer, p).isEmpty {
+            adapter.preparePacked(layer: layer, p)
+            var runs: [Range<Int>] = [], count = 0
+            var i = 0
+            let list = rows[k]
+            while i < list.count {
+                var j = i + 1
+                while j < list.count && list[j] == list[j - 1] + 1 && j - i < 48 { j += 1 }
+                runs.append(list[i]..<(list[j - 1] + 1))
+                count += j - i
+                if count >= 48 { items.append((k, runs)); runs = []; count = 0 }
+                i = j
+            }
+            if !runs.isEmpty { items.append((k, runs)) }
+        }
+        if items.isEmpty { return }
+        parallelFor(items.count, minPerThread: 1) { it in
+            let adapter = adapters[items[it].adapter]
+            let list = adapter.sites(layer: layer, p), r = adapter.options.rank, scale = adapter.scaling
+            let K = adapter.sites[list[0]].inFeatures
+            withUnsafeTemporaryAllocation(of: Float.self, capacity: 48 * r) { ub in
+                let u = ub.baseAddress!
+                for run in items[it].runs {
+                    let n = run.count, xs = x + run.lowerBound * K
+                    for si in list {
+                        let s = adapter.sites[si], packed = adapter.packedSites[si]!
+                        projectSerial(u, ldy: r, xs, rows: n, packed: packed.a)
+                        projectSerial(y + run.lowerBound * yStride + s.rowStart, ldy: yStride, u, rows: n, packed: packed.b,
+                                      addScaled: scale)
+                    }
                 }
             }
         }

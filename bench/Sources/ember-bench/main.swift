@@ -39,6 +39,11 @@ struct Shape {
     let name: String, config: [String: Any], batch: Int, seqLen: Int
     static func named(_ n: String) -> Shape {
         switch n {
+        case "1.5b":
+            return Shape(name: n, config: ["model_type": "qwen2", "hidden_size": 1536, "num_hidden_layers": 28,
+                                           "num_attention_heads": 12, "num_key_value_heads": 2, "intermediate_size": 8960,
+                                           "vocab_size": 151936, "tie_word_embeddings": true, "max_position_embeddings": 32768],
+                         batch: 8, seqLen: 256)
         case "0.5b":
             return Shape(name: n, config: ["model_type": "qwen2", "hidden_size": 896, "num_hidden_layers": 24,
                                            "num_attention_heads": 14, "num_key_value_heads": 2, "intermediate_size": 4864,
@@ -103,16 +108,34 @@ func benchGenerate() throws {
     var params = SamplingParams()
     params.temperature = 0
     params.maxTokens = newTokens
+    // --adapters N: N LoRA adapters (rank --lora-rank, every projection, non-zero B) resident,
+    // prompt p decoded under adapter p mod N: a mixed-adapter batch.
+    let adapterCount = Int(option("--adapters", "0"))!, rank = Int(option("--lora-rank", "16"))!
+    let adapters = try (0..<adapterCount).map { k in
+        let a = try LoRAAdapter(model: model, options: LoRAOptions(rank: rank, alpha: Float(2 * rank), targetModules: ["all-linear"]),
+                                seed: UInt64(k))
+        for s in a.sites { for i in 0..<(rank * s.outFeatures) { a.parameters.values[s.bOffset + i] = Float(rng.next() % 1000) * 1e-6 } }
+        return a
+    }
     var times: [Double] = []
     for i in 0..<3 {
         let gen = Generator(model: model, tokenizer: nil, slots: batch, capacity: promptLen + newTokens)
         let t0 = now()
-        let out = try gen.generate(prompts: prompts, params: params)
+        if adapters.isEmpty {
+            let out = try gen.generate(prompts: prompts, params: params)
+            precondition(out.results.allSatisfy { $0[0].tokens.count == newTokens })
+        } else {
+            for (p, prompt) in prompts.enumerated() {
+                _ = try gen.submit(prompts: [prompt], params: params, adapter: adapters[p % adapters.count])
+            }
+            var done = 0
+            while done < prompts.count { done += try gen.step().count }
+        }
         if i > 0 { times.append(now() - t0) }
-        precondition(out.results.allSatisfy { $0[0].tokens.count == newTokens })
     }
     emit(["kind": "generate", "impl": "ember", "shape": shape.name, "batch": batch, "prompt": promptLen, "new": newTokens,
-          "decode_tok_s": Double(batch * newTokens) / median(times), "seconds": times, "peak_rss_bytes": peakRSSBytes()])
+          "adapters": adapterCount, "decode_tok_s": Double(batch * newTokens) / median(times), "seconds": times,
+          "peak_rss_bytes": peakRSSBytes()])
 }
 
 /// Scoring throughput: log-probs of every token of `--batch` sequences of `--len` tokens.
@@ -153,7 +176,11 @@ func benchTrain() throws {
                   oldLogprobs: scored[b].logprobs, proxyLogprobs: scored[b].proxyLogprobs)
     }
     let config: LossConfig = mode == "lp_reg" ? LossConfig(mode: .lpReg(LpRegOptions())) : LossConfig(mode: .ppo(ClipOptions()))
-    let trainer = Trainer(model: model, optimizer: AdamW(settings: AdamWSettings(lr: 1e-6)))
+    // --lora-rank R: train a LoRA adapter on every projection (base frozen) instead of the model.
+    let rank = Int(option("--lora-rank", "0"))!
+    let adapter = rank > 0 ? try LoRAAdapter(model: model, options: LoRAOptions(rank: rank, alpha: Float(2 * rank),
+                                                                               targetModules: ["all-linear"]), seed: 1) : nil
+    let trainer = Trainer(model: model, adapter: adapter, optimizer: AdamW(settings: AdamWSettings(lr: 1e-6)))
     var times: [Double] = []
     var selected = 0
     for i in 0..<(steps + 1) {
@@ -163,7 +190,7 @@ func benchTrain() throws {
         selected = m.lpRegRegularized
     }
     let tokens = seqs.count * shape.seqLen
-    emit(["kind": "train", "impl": "ember", "shape": shape.name, "mode": mode, "tokens": tokens,
+    emit(["kind": "train", "impl": "ember", "shape": shape.name, "mode": mode, "tokens": tokens, "lora_rank": rank,
           "train_tok_s": Double(tokens) / median(times), "seconds": times, "lp_reg_regularized": selected,
           "peak_rss_bytes": peakRSSBytes()])
 }
