@@ -178,19 +178,25 @@ func benchTrain() throws {
     let config: LossConfig = mode == "lp_reg" ? LossConfig(mode: .lpReg(LpRegOptions())) : LossConfig(mode: .ppo(ClipOptions()))
     // --lora-rank R: train a LoRA adapter on every projection (base frozen) instead of the model.
     let rank = Int(option("--lora-rank", "0"))!
+    // --micro-batch-tokens N: gradient accumulation over micro-batches of at most N tokens (the
+    // same update, a fraction of the activation memory).
+    let microTokens = Int(option("--micro-batch-tokens", "0")).flatMap { $0 > 0 ? $0 : nil }
     let adapter = rank > 0 ? try LoRAAdapter(model: model, options: LoRAOptions(rank: rank, alpha: Float(2 * rank),
                                                                                targetModules: ["all-linear"]), seed: 1) : nil
     let trainer = Trainer(model: model, adapter: adapter, optimizer: AdamW(settings: AdamWSettings(lr: 1e-6)))
     var times: [Double] = []
     var selected = 0
+    var phases: [Double] = []
     for i in 0..<(steps + 1) {
         let t0 = now()
-        let m = try trainer.step(items: items, config: config)
+        let m = try trainer.step(items: items, config: config, microBatchTokens: microTokens)
         if i > 0 { times.append(now() - t0) }
         selected = m.lpRegRegularized
+        if i > 0 { phases = [m.secondsForward, m.secondsBackward, m.secondsOptimizer] }
     }
     let tokens = seqs.count * shape.seqLen
     emit(["kind": "train", "impl": "ember", "shape": shape.name, "mode": mode, "tokens": tokens, "lora_rank": rank,
+          "micro_batch_tokens": microTokens ?? 0, "seconds_forward_backward_optimizer": phases,
           "train_tok_s": Double(tokens) / median(times), "seconds": times, "lp_reg_regularized": selected,
           "peak_rss_bytes": peakRSSBytes()])
 }

@@ -50,5 +50,15 @@ def test_worked_shell_rlvr_loop(tmp_path):
         lines = r.stdout.strip().splitlines()
         assert [l.split(":")[0] for l in lines] == ["step 1", "step 2"]
         assert "weights_version 1," in lines[0] and "weights_version 2," in lines[1]
+        # The same loop training a LoRA adapter: the adapter's version rises, the base's does not.
+        r = subprocess.run([os.path.join(R, "clients", "sh", "rlvr-loop.sh"), "2"], capture_output=True, text=True,
+                           env=dict(os.environ, EMBER_URL=s.url, EMBER_ADAPTER="shell-lora", EMBER_LORA_RANK="4"), timeout=300)
+        assert r.returncode == 0, r.stderr
+        lines = r.stdout.strip().splitlines()
+        assert "weights_version 1," in lines[0] and "weights_version 2," in lines[1], lines
+        from ember import Client
+        c = Client(s.url)
+        assert c.info()["weights_version"] == 2, "only the first loop moved the base"
+        assert [a["weights_version"] for a in c.list_adapters()] == [2]
     finally:
         assert s.stop() == 0
