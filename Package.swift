@@ -37,6 +37,7 @@ let package = Package(
         .target(name: "Weights", dependencies: ["Kernels"], swiftSettings: fastMath),
         .target(name: "Models", dependencies: ["Kernels", "Weights"], swiftSettings: fastMath),
         .target(name: "Tokenizer", swiftSettings: fastMath),
+        .target(name: "Chat"),
         .target(name: "Engine", dependencies: ["Kernels", "Weights", "Models", "Tokenizer"],
                 swiftSettings: fastMath),
 
@@ -59,6 +60,7 @@ let package = Package(
         .testTarget(name: "WeightsTests", dependencies: ["Weights", "TestSupport"]),
         .testTarget(name: "ModelsTests", dependencies: ["Models", "Engine", "TestSupport"]),
         .testTarget(name: "TokenizerTests", dependencies: ["Tokenizer", "TestSupport"]),
+        .testTarget(name: "ChatTests", dependencies: ["Chat", "Tokenizer", "TestSupport"]),
         .testTarget(name: "ServerTests", dependencies: ["Server", "RPC", "Engine", "Models", "Tokenizer", "Kernels", "TestSupport"]),
         .testTarget(name: "RPCTests", dependencies: ["RPC", "Engine", "Models", "Tokenizer", "Weights", "TestSupport"]),
         .testTarget(name: "EngineTests", dependencies: ["Engine", "Models", "Tokenizer", "TestSupport"]),
