@@ -90,6 +90,67 @@ CONVERSATIONS = {
 }
 
 
+# Small templates for the interpreter's corners, rendered by the same Jinja environment
+# transformers builds (trim_blocks, lstrip_blocks, its tojson, ...): output or error.
+SNIPPETS = [
+    ("{{ 7 // 2 }} {{ -7 // 2 }} {{ 7 % 3 }} {{ -7 % 3 }} {{ 7 / 2 }} {{ 2 ** 10 }} {{ 1.5 * 2 }}", {}),
+    ("{{ 'abc'[1:] }}|{{ 'abc'[::-1] }}|{{ [1,2,3,4][1:3] }}|{{ [1,2,3][-1] }}|{{ 'hello'[-3:] }}", {}),
+    ("{{ x }} {{ y }} {{ z }} {{ n }} {{ f }} {{ l }} {{ d }}", {"x": None, "y": True, "z": False, "n": 3, "f": 2.0,
+                                                              "l": [1, "a", None], "d": {"k": "v", "n": 1.5}}),
+    ("{{ 1e-5 }} {{ 0.1 + 0.2 }} {{ 1e16 }} {{ 123456789.0 }} {{ 3.0e20 }} {{ 1/3 }}", {}),
+    ("{% for i in range(3) %}{{ loop.index }}{{ loop.index0 }}{{ loop.first }}{{ loop.last }}{{ loop.length }}{{ loop.revindex }};{% endfor %}", {}),
+    ("{% for k, v in d.items() %}{{ k }}={{ v }},{% endfor %}|{% for k in d %}{{ k }}{% endfor %}", {"d": {"b": 1, "a": 2}}),
+    ("{% for x in xs if x > 1 %}{{ x }}{% else %}none{% endfor %}|{% for x in [] %}{{ x }}{% else %}empty{% endfor %}", {"xs": [1, 2, 3]}),
+    ("{% for x in xs %}{% if x == 2 %}{% continue %}{% endif %}{% if x == 4 %}{% break %}{% endif %}{{ x }}{% endfor %}", {"xs": [1, 2, 3, 4, 5]}),
+    ("{% set ns = namespace(total=0, seen=[]) %}{% for x in [1,2,3] %}{% set ns.total = ns.total + x %}{% endfor %}{{ ns.total }}", {}),
+    ("{% set a = 1 %}{% for x in [1] %}{% set a = 2 %}{{ a }}{% endfor %}{{ a }}", {}),
+    ("{% macro greet(name, punct='!') %}Hi {{ name }}{{ punct }}{% endmacro %}{{ greet('Ann') }} {{ greet('Bo', punct='?') }}", {}),
+    ("{{ '  x  ' | trim }}|{{ 'a,b,,c'.split(',') }}|{{ '  a  b '.split() }}|{{ 'a b c'.split(' ', 1) }}|{{ 'xxhixx'.strip('x') }}", {}),
+    ("{{ 'Hello'.upper() }}{{ 'Hello'.lower() }}{{ 'hello world'.title() }}{{ 'hELLO'.capitalize() }}{{ 'abc'.replace('b', 'X') }}", {}),
+    ("{{ 'abc'.startswith('a') }}{{ 'abc'.endswith(('x', 'c')) }}{{ 'banana'.count('a') }}{{ 'banana'.find('n') }}{{ 'banana'.rfind('n') }}", {}),
+    ("{{ xs | length }} {{ xs | first }} {{ xs | last }} {{ xs | join('-') }} {{ xs | reverse | list }} {{ xs | sum }}", {"xs": [3, 1, 2]}),
+    ("{{ xs | sort }} {{ xs | unique | list }} {{ [1.5, 2] | sum }} {{ -3 | abs }} {{ 2.567 | round(2) }} {{ '42' | int + 1 }}", {"xs": [3, 1, 3, 2]}),
+    ("{{ ms | selectattr('role', 'equalto', 'user') | map(attribute='content') | join(', ') }}",
+     {"ms": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]}),
+    ("{{ ms | rejectattr('tool') | list | length }} {{ ms | selectattr('tool') | list | length }}", {"ms": [{"tool": True}, {"tool": False}, {}]}),
+    ("{{ x is defined }}{{ y is defined }}{{ x is none }}{{ 'a' is string }}{{ 1 is number }}{{ [1] is iterable }}{{ {} is mapping }}{{ 3 is odd }}{{ 4 is even }}{{ 6 is divisibleby 3 }}",
+     {"x": None}),
+    ("{{ d.a }}{{ d['b'] }}{{ d.get('c', 'z') }}{{ d.missing is defined }}{{ d | length }}", {"d": {"a": 1, "b": 2}}),
+    (r"""{{ obj | tojson }}|{{ obj | tojson(indent=2) }}|{{ 'é\u00e9"\n' | tojson }}|{{ [] | tojson }}|{{ {} | tojson }}""",
+     {"obj": {"b": [1, 2.5, None, True], "a": {"x": "y"}}}),
+    ("{{ obj | tojson(separators=(',', ':')) }}|{{ obj | tojson(sort_keys=true) }}", {"obj": {"b": 1, "a": [1, 2]}}),
+    ("{{ 'a' ~ 1 ~ none }}|{{ 'ab' * 3 }}|{{ [1] + [2] }}|{{ 'x' in 'xyz' }}|{{ 2 in [1, 2] }}|{{ 'k' in {'k': 1} }}|{{ 'q' not in 'xyz' }}", {}),
+    ("{{ 'yes' if x else 'no' }}|{{ 'y' if not x }}|{{ x and 'a' or 'b' }}|{{ 1 < 2 < 3 }}|{{ 'b' > 'a' }}", {"x": 0}),
+    ("{%- if true -%}\n  a\n{%- endif %}\n   {% if true %}\n  b\n  {% endif %}\nc {# comment #}\n  {# another #}\nd", {}),
+    ("line1\n    {% if true %}\n    inner\n    {% endif %}\nline2 {{- ' x ' -}}  y", {}),
+    ("{% set t %}block {{ 1 + 1 }}{% endset %}[{{ t }}]{{ t | length }}", {}),
+    ("{{ raise_exception('bad role: ' ~ r) }}", {"r": "robot"}),
+    ("{{ undefined_thing.attr }}", {}),
+    ("{{ x + 1 }}", {}),
+    ("{% for x in 5 %}{% endfor %}", {}),
+    ("{{ 'abc'.nosuchmethod() }}", {}),
+    ("{% unknowntag %}", {}),
+    ("{{ x | nosuchfilter }}", {"x": 1}),
+    (r"""{{ [1, [2, 'x']] }} {{ {'a': [1]} }} {{ 'it' 's' }} {{ "q'" }}""", {}),
+    (r"""{{ '%d' }} {{ "a\tb" }} {{ 'x\'y' }}""", {}),
+    ("{% for a, b in [[1, 2], [3, 4]] %}{{ a + b }}{% endfor %} {{ dict(x=1, y='z') | tojson }}", {}),
+    ("{{ messages[0]['content'] }}{{ messages[-1].content | upper }}{{ messages | map(attribute='role') | list }}",
+     {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "u"}]}),
+    ("{{ 10 | string + 'x' }} {{ none | string }} {{ [1, 2] | string }} {{ 1 == 1.0 }} {{ true == 1 }} {{ 'a' == 'a' }}", {}),
+    ("{{ x.y.z }}", {"x": {}}),
+]
+
+
+def snippet_cases(env_source_render):
+    out = []
+    for source, context in SNIPPETS:
+        try:
+            out.append({"source": source, "context": context, "output": env_source_render(source, context)})
+        except Exception as e:
+            out.append({"source": source, "context": context, "error": f"{type(e).__name__}: {e}"})
+    return out
+
+
 def fetch_templates(cache):
     os.makedirs(cache, exist_ok=True)
     path = os.path.join(cache, SDIST)
@@ -152,6 +213,7 @@ def main():
         out["templates"][name] = {"special_tokens": special, "cases": cases}
         errors = sum(1 for c in cases.values() if "error" in c)
         print(f"{name}: {len(cases) - errors} rendered, {errors} raised")
+    out["snippets"] = snippet_cases(lambda source, context: ctu._compile_jinja_template(source).render(**context))
     with open(os.path.join(OUT, "cases.json"), "w", encoding="utf-8") as f:
         json.dump(out, f, ensure_ascii=False, indent=1)
 

@@ -134,6 +134,7 @@ func segments(_ source: String) throws -> [Segment] {
         for c in s[i..<(end + 2)] where c == "\n" { line += 1 }
         i = end + 2
         if opener == "#" {
+            flushText()   // the text after a comment is its own run (lstrip_blocks looks at its own line start)
             if stripAfter { stripNextWhitespace = true } else { trimNextNewline = true }
             continue
         }
@@ -334,23 +335,27 @@ struct ExprParser {
         return l
     }
     mutating func multiplicative() throws -> Expr {
-        var l = try unary()
-        while case let .op(o) = peek, ["*", "/", "//", "%"].contains(o) { pos += 1; l = .binary(o, l, try unary()) }
+        var l = try power()
+        while case let .op(o) = peek, ["*", "/", "//", "%"].contains(o) { pos += 1; l = .binary(o, l, try power()) }
         return l
     }
-    mutating func unary() throws -> Expr {
-        if accept("-") { return .unary("-", try unary()) }
-        if accept("+") { return .unary("+", try unary()) }
-        return try power()
-    }
+    /// `**` binds looser than unary minus in Jinja (-2 ** 2 is 4).
     mutating func power() throws -> Expr {
-        let l = try filtered()
-        if accept("**") { return .binary("**", l, try unary()) }
+        var l = try unary()
+        while accept("**") { l = .binary("**", l, try unary()) }
         return l
     }
-    /// postfix, then filters (`|f(args)`) and tests (`is [not] t(args)`).
-    mutating func filtered() throws -> Expr {
-        var e = try postfix()
+    /// Unary minus binds tighter than filters and tests (-3 | abs is 3), as in Jinja.
+    mutating func unary(withFilters: Bool = true) throws -> Expr {
+        var e: Expr
+        if accept("-") { e = .unary("-", try unary(withFilters: false)) }
+        else if accept("+") { e = .unary("+", try unary(withFilters: false)) }
+        else { e = try postfix() }
+        return withFilters ? try filtered(e) : e
+    }
+    /// Filters (`|f(args)`) and tests (`is [not] t(args)`) applied to `e`.
+    mutating func filtered(_ start: Expr) throws -> Expr {
+        var e = start
         while true {
             if accept("|") {
                 let name = try dottedName()

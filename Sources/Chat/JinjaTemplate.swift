@@ -377,7 +377,10 @@ final class Renderer {
             case .undefined: return .bool(false)
             default: throw TemplateError(line: line, message: "argument of type '\(b.typeName)' is not iterable")
             }
-        case "~": return .string(a.str + b.str)
+        case "~":
+            let r = a.str + b.str
+            guard r.utf8.count <= template.maxOutput else { throw TemplateError(line: line, message: "a string grew beyond \(template.maxOutput) bytes") }
+            return .string(r)
         default: break
         }
         if a.isUndefined || b.isUndefined {
@@ -385,8 +388,12 @@ final class Renderer {
             throw TemplateError(line: line, message: "'\(what)' is undefined (operand of \(op))")
         }
         switch (op, a, b) {
-        case let ("+", .string(x), .string(y)): return .string(x + y)
-        case let ("+", .array(x), .array(y)): return .array(x + y)
+        case let ("+", .string(x), .string(y)):
+            guard x.utf8.count + y.utf8.count <= template.maxOutput else { throw TemplateError(line: line, message: "a string grew beyond \(template.maxOutput) bytes") }
+            return .string(x + y)
+        case let ("+", .array(x), .array(y)):
+            guard x.count + y.count <= 1_000_000 else { throw TemplateError(line: line, message: "a list grew beyond 1000000 items") }
+            return .array(x + y)
         case let ("*", .string(x), .int(n)), let ("*", .int(n), .string(x)):
             guard n * x.utf8.count <= template.maxOutput else { throw TemplateError(line: line, message: "string repetition too large") }
             return .string(n > 0 ? String(repeating: x, count: n) : "")
