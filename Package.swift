@@ -41,7 +41,7 @@ let package = Package(
         .target(name: "Engine", dependencies: ["Kernels", "Weights", "Models", "Tokenizer"],
                 swiftSettings: fastMath),
 
-        .target(name: "RPC", dependencies: ["Engine", "Models", "Kernels", "Tokenizer", "Weights"], swiftSettings: fastMath),
+        .target(name: "RPC", dependencies: ["Engine", "Models", "Kernels", "Tokenizer", "Weights", "Chat"], swiftSettings: fastMath),
         .target(name: "Server", dependencies: ["RPC", "CHTTPParser", "CLibUV", .product(name: "Logging", package: "swift-log")],
                 swiftSettings: fastMath),
 
@@ -62,7 +62,7 @@ let package = Package(
         .testTarget(name: "TokenizerTests", dependencies: ["Tokenizer", "TestSupport"]),
         .testTarget(name: "ChatTests", dependencies: ["Chat", "Tokenizer", "TestSupport"]),
         .testTarget(name: "ServerTests", dependencies: ["Server", "RPC", "Engine", "Models", "Tokenizer", "Kernels", "TestSupport"]),
-        .testTarget(name: "RPCTests", dependencies: ["RPC", "Engine", "Models", "Tokenizer", "Weights", "TestSupport"]),
+        .testTarget(name: "RPCTests", dependencies: ["RPC", "Engine", "Models", "Tokenizer", "Weights", "Chat", "TestSupport"]),
         .testTarget(name: "EngineTests", dependencies: ["Engine", "Models", "Tokenizer", "TestSupport"]),
     ]
 )

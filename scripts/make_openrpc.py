@@ -123,6 +123,12 @@ schemas = {
                                "target_modules": {"type": "array", "items": {"type": "string"}},
                                "modules": {"type": "integer", "description": "Projections adapted (over all layers)."},
                                "parameters": INT, "weights_version": ref("WeightsVersion"), "optimizer_steps": INT}},
+    "ChatMessage": {"type": "object", "required": ["role"],
+                    "properties": {"role": {"enum": ["system", "developer", "user", "assistant", "tool"]},
+                                   "content": {"type": ["string", "array", "null"]},
+                                   "tool_calls": {"type": "array", "items": {"type": "object"}},
+                                   "tool_call_id": {"type": "string"}, "name": {"type": "string"},
+                                   "reasoning_content": {"type": "string"}}},
     "ErrorData": {"type": "object", "required": ["kind"],
                   "properties": {"kind": {"type": "string"}, "path": {"type": "string"}, "hint": {"type": "string"}}},
 }
@@ -204,6 +210,17 @@ methods = [
                                                       obj({"texts": {"type": "array", "items": {"type": "string"}}}, ["texts"])]}},
      "errors": COMMON + ["NoTokenizer"],
      "example": ({"tokens": [1, 2, 3]}, None)},
+    {"name": "chat.render", "summary": "Render a conversation with the model's chat template, as transformers' apply_chat_template does.",
+     "description": "The template comes from the model folder (chat_template.jinja, or tokenizer_config.json's chat_template). "
+                    "Messages and tools keep the key order the client sent. The tokens are the text's ids without added special "
+                    "tokens (the template writes them). A template's raise_exception answers invalid_params at params.messages.",
+     "params": [p("messages", {"type": "array", "items": ref("ChatMessage"), "minItems": 1}, required=True),
+                p("tools", {"type": "array", "items": {"type": "object"}}, "Tool schemas ({type: \"function\", function: {name, description, parameters}})."),
+                p("add_generation_prompt", {"type": "boolean", "default": True}),
+                p("template_kwargs", {"type": "object"}, "Extra template variables, e.g. {\"enable_thinking\": false}.")],
+     "result": {"name": "rendered", "schema": obj({"text": {"type": "string"}, "tokens": ref("TokenList")}, ["text", "tokens"])},
+     "errors": COMMON + ["NoTokenizer", "InvalidRequest"],
+     "example": None},
     {"name": "generate", "summary": "Sample continuations (continuous batching with every other client's work).",
      "description": "Give prompts (text, tokenized with special tokens) or prompt_tokens. Each sample gets a rollout_id. "
                     "logprobs are of the sampled token under the full softmax at the sampling temperature, before top-k/top-p/min-p "
@@ -211,6 +228,11 @@ methods = [
                     "thread count. A generation never spans a weights change: the result's weights_version is the one every token was drawn under.",
      "params": [p("prompts", {"type": "array", "items": {"type": "string"}, "minItems": 1}),
                 p("prompt_tokens", {"type": "array", "items": ref("TokenList"), "minItems": 1}),
+                p("messages", {"oneOf": [{"type": "array", "items": ref("ChatMessage")},
+                                         {"type": "array", "items": {"type": "array", "items": ref("ChatMessage")}}]},
+                  "A conversation (or a list of them) rendered with the chat template and a generation prompt, instead of prompts."),
+                p("tools", {"type": "array", "items": {"type": "object"}}, "With messages: tool schemas for the template."),
+                p("template_kwargs", {"type": "object"}, "With messages: extra template variables."),
                 p("n", {"type": "integer", "minimum": 1, "default": 1}, "Samples per prompt (the prompt is prefilled once)."),
                 p("max_tokens", {"type": "integer", "minimum": 1, "default": 64}),
                 p("temperature", {"type": "number", "minimum": 0, "default": 1.0}, "0 = greedy."),

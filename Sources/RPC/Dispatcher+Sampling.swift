@@ -39,9 +39,14 @@ extension Dispatcher {
     public func prepareGenerate(_ p: Params) throws -> GenerateCall {
         try p.only(["prompts", "prompt_tokens", "n", "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop",
                     "stop_token_ids", "logprobs", "top_logprobs", "entropy", "proxy", "ignore_eos", "presence_penalty",
-                    "frequency_penalty", "logit_bias", "adapter"])
+                    "frequency_penalty", "logit_bias", "adapter", "messages", "tools", "template_kwargs"])
         var prompts: [[Int32]]
-        if p.has("prompt_tokens") {
+        if p.has("messages") {
+            guard !p.has("prompts") && !p.has("prompt_tokens") else {
+                throw RPCError.invalidParams(path: "params.messages", "give messages, prompts or prompt_tokens, not several")
+            }
+            prompts = try chatPrompts(p)
+        } else if p.has("prompt_tokens") {
             prompts = try p.tokenLists("prompt_tokens")
         } else if p.has("prompts") {
             let tok = try needTokenizer()

@@ -6,6 +6,7 @@
 //   Dispatcher.swift           configuration, the method switch, errors, info, tokenizer, checkpoints
 //   Dispatcher+Sampling.swift  generate and logprob: parsing, submission, results
 //   Dispatcher+Training.swift  train_step, optimizer.configure, loss options and their defaults
+import Chat
 import Engine
 import Foundation
 import Kernels
@@ -53,6 +54,9 @@ public final class Dispatcher {
     /// reference); `adapterOrder` keeps creation order for listings.
     var adapterTrainers: [String: Trainer] = [:]
     var adapterOrder: [String] = []
+    /// The model folder's chat template, read at start.
+    enum ChatTemplateState { case absent, loaded(ChatTemplate), failed(String) }
+    let chatTemplateState: ChatTemplateState
     /// Counters for /metrics.
     public internal(set) var tokensGenerated = 0
     public internal(set) var tokensScored = 0
@@ -65,6 +69,11 @@ public final class Dispatcher {
         generator = Generator(model: model, tokenizer: tokenizer, slots: configuration.slots, capacity: configuration.capacity,
                               rolloutStore: rollouts, maxQueuedSequences: configuration.maxQueuedSequences)
         trainer = Trainer(model: model)
+        var state = ChatTemplateState.absent
+        if let dir = configuration.modelDirectory {
+            do { state = try ChatTemplate.load(directory: dir).map { .loaded($0) } ?? .absent } catch { state = .failed("\(error)") }
+        }
+        chatTemplateState = state
     }
 
     /// Runs one call by name (`method_not_found` for a name outside the protocol table).
@@ -102,6 +111,7 @@ public final class Dispatcher {
             case .checkpointList:
                 try p.only([])
                 return ["names": try checkpointStore().names()]
+            case .chatRender: return try chatRender(p)
             case .adaptersCreate: return try adaptersCreate(p)
             case .adaptersList:
                 try p.only([])

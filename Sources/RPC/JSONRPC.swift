@@ -1,6 +1,7 @@
 // JSON-RPC 2.0 (https://www.jsonrpc.org/specification): request and batch decoding, the error
 // model (standard codes plus domain errors with a stable `data.kind` and `data.path`), and
 // responses that echo the request id exactly. Transport-free: the server feeds it request bodies.
+import Chat
 import Foundation
 
 /// A request id: string, number (kept as its JSON text so 7 and 7.0 echo as sent) or null.
@@ -44,6 +45,14 @@ public enum RPCEnvelope {
     case failure(RPCError)
 }
 
+/// A parameter read with its objects' key order kept (`messages`, `tools`): what chat templates
+/// render must not depend on how a dictionary hashes.
+public final class OrderedParams: @unchecked Sendable {
+    static let keys = ["messages", "tools", "template_kwargs"]
+    public let value: JValue
+    init(_ value: JValue) { self.value = value }
+}
+
 public enum JSONRPC {
     /// Deepest nesting accepted (arrays and objects); deeper bodies are refused before parsing.
     public static let maxDepth = 64
@@ -57,17 +66,31 @@ public enum JSONRPC {
         do { value = try JSONSerialization.jsonObject(with: body, options: [.fragmentsAllowed]) } catch {
             return .failure(.parse("the body is not valid JSON"))
         }
+        // Conversations and tool schemas keep their key order (templates print them with tojson,
+        // as Python would in the order the client sent): those params are read again, ordered.
+        var ordered: JValue?
+        func orderedParams(_ item: Any, index: Int?) -> Any {
+            guard var obj = item as? [String: Any], var params = obj["params"] as? [String: Any],
+                  OrderedParams.keys.contains(where: { params[$0] != nil }) else { return item }
+            if ordered == nil { ordered = try? JValue.parseJSON(body) }
+            var call = ordered
+            if let index, case let .array(items)? = ordered { call = index < items.count ? items[index] : nil }
+            guard case let .dict(c)? = call, case let .dict(p)? = c["params"] else { return item }
+            for key in OrderedParams.keys { if let v = p[key] { params[key] = OrderedParams(v) } }
+            obj["params"] = params
+            return obj
+        }
         if let list = value as? [Any] {
             if list.isEmpty { return .failure(.invalidRequest("an empty batch")) }
             if list.count > maxBatch {
                 return .failure(.invalidRequest("a batch of \(list.count) calls exceeds the limit of \(maxBatch)"))
             }
-            return .batch(list.map { item in
+            return .batch(list.enumerated().map { i, item in
                 let id = requestID(item)
-                return (call(item), id)
+                return (call(orderedParams(item, index: i)), id)
             })
         }
-        return .single(call(value), id: requestID(value))
+        return .single(call(orderedParams(value, index: nil)), id: requestID(value))
     }
 
     /// Refuses bodies nested deeper than `maxDepth` (outside strings), so the parser never

@@ -27,6 +27,7 @@ public enum RPCMethod: String, CaseIterable, Sendable {
     case serverInfo = "server.info"
     case tokenize
     case detokenize
+    case chatRender = "chat.render"
     case generate
     case logprob
     case trainStep = "train_step"
@@ -59,7 +60,7 @@ public enum RPCMethod: String, CaseIterable, Sendable {
     public var traits: Traits {
         switch self {
         case .serverInfo: Traits(scheduling: .loop, mutates: false, retrySafe: true, largeBodies: false)
-        case .tokenize, .detokenize: Traits(scheduling: .read, mutates: false, retrySafe: true, largeBodies: true)
+        case .tokenize, .detokenize, .chatRender: Traits(scheduling: .read, mutates: false, retrySafe: true, largeBodies: true)
         case .generate: Traits(scheduling: .batched, mutates: false, retrySafe: false, largeBodies: true)
         case .logprob: Traits(scheduling: .batched, mutates: false, retrySafe: true, largeBodies: true)
         case .trainStep: Traits(scheduling: .exclusive, mutates: true, retrySafe: false, largeBodies: true)

@@ -219,12 +219,19 @@ class Client:
         r = self.call("detokenize", {"tokens": tokens, "token_lists": token_lists, "skip_special_tokens": skip_special_tokens})
         return r.get("text", r.get("texts"))
 
+    def chat_render(self, messages: Sequence[dict], tools: Optional[Sequence[dict]] = None, add_generation_prompt: bool = True,
+                    template_kwargs: Optional[dict] = None) -> dict:
+        """{text, tokens}: the conversation through the model's chat template (as apply_chat_template)."""
+        return self.call("chat.render", {"messages": list(messages), "tools": list(tools) if tools is not None else None,
+                                         "add_generation_prompt": add_generation_prompt, "template_kwargs": template_kwargs})
+
     def generate(self, prompts: Optional[Sequence[str]] = None, prompt_tokens: Optional[Sequence[Sequence[int]]] = None,
                  n: int = 1, max_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                  min_p: float = 0.0, seed: Optional[int] = None, stop: Optional[Sequence[str]] = None,
                  stop_token_ids: Optional[Sequence[int]] = None, logprobs: bool = True, top_logprobs: int = 0,
                  entropy: bool = False, proxy: Optional[dict] = None, ignore_eos: bool = False, id: Any = None,
-                 adapter: Optional[str] = None) -> dict:
+                 adapter: Optional[str] = None, messages: Optional[Sequence] = None, tools: Optional[Sequence[dict]] = None,
+                 template_kwargs: Optional[dict] = None) -> dict:
         """Samples continuations (under a LoRA `adapter` when named); `id` lets another thread `cancel(id)` it."""
         return self.call("generate", {
             "prompts": list(prompts) if prompts is not None else None,
@@ -232,7 +239,8 @@ class Client:
             "n": n, "max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k, "min_p": min_p,
             "seed": seed, "stop": list(stop) if stop else None, "stop_token_ids": list(stop_token_ids) if stop_token_ids else None,
             "logprobs": logprobs, "top_logprobs": top_logprobs, "entropy": entropy, "proxy": proxy,
-            "ignore_eos": ignore_eos, "adapter": adapter}, id=id)
+            "ignore_eos": ignore_eos, "adapter": adapter, "messages": list(messages) if messages is not None else None,
+            "tools": list(tools) if tools is not None else None, "template_kwargs": template_kwargs}, id=id)
 
     def logprob(self, sequences: Sequence[dict], temperature: float = 1.0, top_logprobs: int = 0, entropy: bool = False,
                 proxy: Optional[dict] = None, adapter: Optional[str] = None) -> dict:

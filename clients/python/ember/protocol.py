@@ -24,6 +24,12 @@ METHODS = {
         "retry_safe": True,
         "large_bodies": True
     },
+    "chat.render": {
+        "scheduling": "read",
+        "mutates": False,
+        "retry_safe": True,
+        "large_bodies": True
+    },
     "generate": {
         "scheduling": "batched",
         "mutates": False,
