@@ -193,11 +193,11 @@ extension TransformerModel {
     }
 }
 
-/// SplitMix64 (Steele et al.): the adapter initialiser's stream.
-struct SplitMix64 {
+/// SplitMix64 (Steele et al.): the adapter initialiser's stream (and the benchmark's).
+public struct SplitMix64 {
     var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
+    public init(seed: UInt64) { state = seed }
+    public mutating func next() -> UInt64 {
         state &+= 0x9E37_79B9_7F4A_7C15
         var z = state
         z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
@@ -205,7 +205,7 @@ struct SplitMix64 {
         return z ^ (z >> 31)
     }
     /// Uniform in [0, 1) with 24 random bits.
-    mutating func nextUnit() -> Float { Float(next() >> 40) / Float(1 << 24) }
+    public mutating func nextUnit() -> Float { Float(next() >> 40) / Float(1 << 24) }
 }
 
 // MARK: - Which adapter each token uses

@@ -83,17 +83,9 @@ func makeModel(_ shape: Shape) throws -> TransformerModel {
 }
 
 /// SplitMix64 floats (fast, unlike SystemRandomNumberGenerator for hundreds of millions of draws).
-struct SeededRandom {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-    mutating func uniform() -> Float { Float(next() >> 40) * 0x1p-24 }
+typealias SeededRandom = SplitMix64
+extension SplitMix64 {
+    mutating func uniform() -> Float { nextUnit() }
 }
 
 /// Decode throughput: `--batch` prompts of `--prompt` tokens, `--new` greedy tokens each.
