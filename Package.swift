@@ -42,7 +42,7 @@ let package = Package(
                 swiftSettings: fastMath),
 
         .target(name: "RPC", dependencies: ["Engine", "Models", "Kernels", "Tokenizer", "Weights", "Chat"], swiftSettings: fastMath),
-        .target(name: "Server", dependencies: ["RPC", "CHTTPParser", "CLibUV", .product(name: "Logging", package: "swift-log")],
+        .target(name: "Server", dependencies: ["RPC", "Chat", "CHTTPParser", "CLibUV", .product(name: "Logging", package: "swift-log")],
                 swiftSettings: fastMath),
 
         // MARK: - Executables

@@ -79,7 +79,7 @@ extension Dispatcher {
     }
 
     /// Renders one conversation: the text and its token ids.
-    func renderChat(_ messages: JValue, tools: JValue?, addGenerationPrompt: Bool, kwargs: [String: JValue],
+    public func renderChat(_ messages: JValue, tools: JValue?, addGenerationPrompt: Bool, kwargs: [String: JValue],
                     path: String) throws -> (String, [Int32]) {
         try Self.checkConversation(messages, path: path)
         if let tools {

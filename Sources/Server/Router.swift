@@ -84,7 +84,9 @@ public enum Router {
                 responder.respond(openAI.models())
             case ("POST", "/v1/completions"):
                 openAI.completions(request, responder)
-            case (_, "/rpc"), (_, "/healthz"), (_, "/metrics"), (_, "/v1/models"), (_, "/v1/completions"):
+            case ("POST", "/v1/chat/completions"):
+                openAI.chatCompletions(request, responder)
+            case (_, "/rpc"), (_, "/healthz"), (_, "/metrics"), (_, "/v1/models"), (_, "/v1/completions"), (_, "/v1/chat/completions"):
                 responder.respond(HTTPResponse(status: 405, body: Data(#"{"error":"method not allowed"}"#.utf8)))
             default:
                 responder.respond(HTTPResponse(status: 404, body: Data(#"{"error":"not found"}"#.utf8)))

@@ -70,6 +70,9 @@ def tiny_model(folder, vocab=8192, hidden=32, layers=2, heads=4, kv_heads=2, int
     tok = os.path.join(ROOT, "Tests", "Fixtures", "tokenizers", "qwen2")
     for f in os.listdir(tok):
         shutil.copy(os.path.join(tok, f), folder)
+    # Qwen2.5's chat template as the model ships it (the chat routes need one).
+    shutil.copy(os.path.join(ROOT, "Tests", "Fixtures", "chat", "templates", "qwen2.5.jinja"),
+                os.path.join(folder, "chat_template.jinja"))
     return folder
 
 
