@@ -51,7 +51,7 @@ let package = Package(
                                                           .product(name: "Logging", package: "swift-log")],
                           swiftSettings: fastMath),
         .executableTarget(name: "ember", dependencies: ["CCurl", .product(name: "ArgumentParser", package: "swift-argument-parser")]),
-        .executableTarget(name: "ember-bench", dependencies: ["Engine", "Models", "Kernels", "Tokenizer", "RPC"],
+        .executableTarget(name: "ember-bench", dependencies: ["Engine", "Models", "Kernels", "Tokenizer", "RPC", "Chat"],
                           path: "bench/Sources/ember-bench", swiftSettings: fastMath),
 
         // MARK: - Tests

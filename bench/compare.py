@@ -159,6 +159,16 @@ def lora(quick, repeat=1):
         json.dump({"machine": machine(), "rows": rows}, f, indent=1)
 
 
+def chat():
+    """Chat-template rendering and tokenization against one generate call on the default model."""
+    c = run([EMBER, "chat", "--root", ROOT])[0]
+    print(f"\nchat: Qwen2.5 template, 5 messages + 2 tools ({c['text_chars']} chars): render {c['render_ms']:.3f} ms, "
+          f"tokenize {c['tokenize_ms']:.3f} ms; one generate call (64 greedy tokens, default model) {c['generate_ms']:.1f} ms; "
+          f"rendering {100 * c['render_ms'] / c['generate_ms']:.2f}% of it, rendering + tokenizing {c['chat_share_percent']:.2f}%")
+    with open(os.path.join(ROOT, "bench", "out", "chat.json"), "w") as f:
+        json.dump({"machine": machine(), "chat": c}, f, indent=1)
+
+
 def json_cost():
     """JSON decode + parameter extraction and encode of a 512 x 512 train_step batch, against
     the tiny model's train step time for the same token count."""
@@ -225,7 +235,7 @@ def tokenizer():
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    what = [a for i, a in enumerate(args) if not a.startswith("--") and (i == 0 or args[i - 1] != "--repeat")] or ["engine", "tokenizer", "sampling", "train", "lora", "json", "server"]
+    what = [a for i, a in enumerate(args) if not a.startswith("--") and (i == 0 or args[i - 1] != "--repeat")] or ["engine", "tokenizer", "sampling", "train", "lora", "chat", "json", "server"]
     if "engine" in what:
         engine("--quick" in args)
     if "sampling" in what:
@@ -237,6 +247,8 @@ if __name__ == "__main__":
         train("--quick" in args)
     if "lora" in what:
         lora("--quick" in args, int(args[args.index("--repeat") + 1]) if "--repeat" in args else 1)
+    if "chat" in what:
+        chat()
     if "json" in what:
         json_cost()
     if "server" in what:

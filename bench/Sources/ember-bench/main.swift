@@ -4,6 +4,7 @@
 //
 //   ember-bench engine --shape tiny|0.5b [--steps N] [--threads N]
 //   ember-bench sgemm [--threads N]
+import Chat
 import COpenBLAS
 import Engine
 import Foundation
@@ -541,8 +542,57 @@ func benchLoad() throws {
     emit(out)
 }
 
+/// Chat-template rendering (Qwen2.5's shipped template, a three-turn conversation with two tools)
+/// and its tokenization, against one `generate` call (64 greedy tokens) on the embedded default
+/// model: the share of a call that the chat path adds.
+func benchChat() throws {
+    let root = option("--root", FileManager.default.currentDirectoryPath)
+    let source = try String(contentsOfFile: root + "/Tests/Fixtures/chat/templates/qwen2.5.jinja", encoding: .utf8)
+    let template = try ChatTemplate(source: source)
+    let conversation = #"""
+    [{"role": "system", "content": "You are a careful calculator."},
+     {"role": "user", "content": "What is 17 * 23? Check your work."},
+     {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "calculate", "arguments": {"expression": "17*23"}}}]},
+     {"role": "tool", "content": "391"},
+     {"role": "user", "content": "And plus 9?"}]
+    """#
+    let tools = #"""
+    [{"type": "function", "function": {"name": "calculate", "description": "Evaluate an arithmetic expression.",
+      "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]}}},
+     {"type": "function", "function": {"name": "lookup", "description": "Look a word up.",
+      "parameters": {"type": "object", "properties": {"word": {"type": "string"}}, "required": ["word"]}}}]
+    """#
+    let messages = try JValue.parseJSON(Data(conversation.utf8)), toolList = try JValue.parseJSON(Data(tools.utf8))
+    let modelDir = root + "/models/ember-default"
+    let tokenizer = try Tokenizer(directory: modelDir)
+    var renders: [Double] = [], encodes: [Double] = []
+    var text = ""
+    for _ in 0..<200 {
+        let t0 = now()
+        text = try template.render(messages: messages, tools: toolList)
+        let t1 = now()
+        _ = try tokenizer.encode(text, addSpecialTokens: false)
+        renders.append(t1 - t0); encodes.append(now() - t1)
+    }
+    let model = try TransformerModel.load(directory: modelDir)
+    let prompt = try tokenizer.encode("calc 17*23+9=", addSpecialTokens: false)
+    var params = SamplingParams()
+    params.temperature = 0; params.maxTokens = 64; params.ignoreEOS = true
+    var gens: [Double] = []
+    for _ in 0..<5 {
+        let gen = Generator(model: model, tokenizer: tokenizer, slots: 1, capacity: 128)
+        let t0 = now()
+        _ = try gen.generate(prompts: [prompt], params: params)
+        gens.append(now() - t0)
+    }
+    let render = median(renders), encode = median(encodes), generate = median(gens)
+    emit(["kind": "chat", "render_ms": render * 1000, "tokenize_ms": encode * 1000, "generate_ms": generate * 1000,
+          "chat_share_percent": 100 * (render + encode) / generate, "text_chars": text.count])
+}
+
 do {
     switch args.first {
+    case "chat": try benchChat()
     case "load": try benchLoad()
     case "server-latency": try benchServerLatency()
     case "tokenizer": try benchTokenizer()
