@@ -1,0 +1,76 @@
+#!/usr/bin/env python3
+"""Measures a model on a task before any RL, as the study's design asks (docs/results.md,
+"Study 2"): held-out greedy pass@1 and pass@k at temperature 1, the mean probability of the
+spark token where held-out reference traces take it (P(spark)), the spark's sampling frequency
+and the mean sampled-token entropy at temperature 1. Starts ember-server on the model, writes
+the figures as JSON (default: <model>/baseline.json) and prints them.
+
+    python3 scripts/describe_model.py --model models/ember-rare --task arithmetic_rare
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "clients", "python"))
+
+from ember import Client, tasks  # noqa: E402
+from ember.rl import build_probes, evaluate, spark_probability, start_server  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--task", default="arithmetic_rare")
+    ap.add_argument("--eval-size", type=int, default=500)
+    ap.add_argument("--k", type=int, default=8)
+    ap.add_argument("--probes", type=int, default=200)
+    ap.add_argument("--samples", type=int, default=512, help="samples at temperature 1 for entropy and spark frequency")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", help="JSON output (default: <model>/baseline.json)")
+    args = ap.parse_args()
+    server_args = argparse.Namespace(ember_server=None, out=os.path.join(ROOT, ".work", "describe"), threads=args.threads,
+                                     slots=256, max_seq_len=256, model=args.model)
+    os.makedirs(server_args.out, exist_ok=True)
+    server, url = start_server(server_args)
+    try:
+        client = Client(url)
+        client.wait_until_healthy(60)
+        task = tasks.get(args.task)
+        held = tasks.sample(task, "heldout", args.eval_size, 1000)
+        figures = {"model": os.path.relpath(os.path.abspath(args.model), ROOT), "task": args.task, "heldout_size": len(held)}
+        figures.update(evaluate(client, held, args.max_tokens, args.k, seed=12345))
+        probes = build_probes(client, [args.task], args.probes, 0)
+        figures["spark_probes"] = len(probes)
+        figures["spark_prob"] = spark_probability(client, probes)
+        # Sampled-token entropy and spark frequency at temperature 1 on training problems.
+        problems = tasks.sample(task, "train", args.samples // 8, 777)
+        out = client.generate(prompts=[p.prompt for p in problems], n=8, max_tokens=args.max_tokens, temperature=1.0,
+                              seed=4242, entropy=True, logprobs=False)
+        entropies, sparks, samples, correct = [], 0, 0, 0
+        for p, r in zip(problems, out["results"]):
+            for s in r["samples"]:
+                entropies += s["entropies"]
+                samples += 1
+                sparks += any(w in s["text"] for w in task.spark_words)
+                correct += tasks.check(p, s["text"])
+        figures["sampled_entropy"] = sum(entropies) / max(1, len(entropies))
+        figures["spark_sample_rate"] = sparks / max(1, samples)
+        figures["train_reward_t1"] = correct / max(1, samples)
+        path = args.out or os.path.join(args.model, "baseline.json")
+        with open(path, "w") as f:
+            json.dump(figures, f, indent=1)
+        print(json.dumps(figures, indent=1))
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+if __name__ == "__main__":
+    main()
