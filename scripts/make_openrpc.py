@@ -93,7 +93,11 @@ schemas = {
                                                "description": "One number for the whole response or one per response token (ignored by cross_entropy)."},
                                  "old_logprobs": {"type": "array", "items": NUM_OR_NULL},
                                  "proxy_logprobs": {"type": "array", "items": NUM_OR_NULL},
-                                 "ref_logprobs": {"type": "array", "items": NUM_OR_NULL}}},
+                                 "ref_logprobs": {"type": "array", "items": NUM_OR_NULL},
+                                 "loss_mask": {"type": "array", "items": {"enum": [0, 1]},
+                                               "description": "One per response token: 1 trained, 0 context only (no loss term, "
+                                                              "not counted by any aggregation or selection), e.g. tool results in "
+                                                              "a multi-turn rollout. Default: all 1."}}},
     "RolloutReward": {"type": "object", "required": ["rollout_id", "reward"], "additionalProperties": False,
                       "properties": {"rollout_id": {"type": "string"}, "reward": NUM,
                                      "group": {"type": ["string", "integer"], "description": "Advantages are normalised within a group (e.g. one prompt)."}}},

@@ -19,14 +19,32 @@ public struct TrainItem: Sendable {
     public var oldLogprobs: [Float]?
     public var proxyLogprobs: [Float]?
     public var refLogprobs: [Float]?
+    /// Which response tokens the loss trains (nil: all). A masked token is context only: no
+    /// policy, entropy or KL term, and it counts in no aggregation or selection (tool results
+    /// and user turns of a multi-turn rollout).
+    public var lossMask: [Bool]?
 
     public init(tokens: [Int32], responseStart: Int, advantages: [Float], oldLogprobs: [Float]? = nil,
-                proxyLogprobs: [Float]? = nil, refLogprobs: [Float]? = nil) {
+                proxyLogprobs: [Float]? = nil, refLogprobs: [Float]? = nil, lossMask: [Bool]? = nil) {
         self.tokens = tokens; self.responseStart = responseStart; self.advantages = advantages
         self.oldLogprobs = oldLogprobs; self.proxyLogprobs = proxyLogprobs; self.refLogprobs = refLogprobs
+        self.lossMask = lossMask
     }
 
     public var responseLength: Int { tokens.count - responseStart }
+    /// Response tokens the loss trains.
+    public var trainedLength: Int { lossMask.map { $0.lazy.filter { $0 }.count } ?? responseLength }
+
+    /// The per-token arrays cut to the trained tokens (the mask kept for the rows).
+    func masked() -> TrainItem {
+        guard let m = lossMask else { return self }
+        func keep(_ a: [Float]?) -> [Float]? { a.map { zip($0, m).filter { $0.1 }.map { $0.0 } } }
+        return TrainItem(tokens: tokens, responseStart: responseStart, advantages: keep(advantages)!, oldLogprobs: keep(oldLogprobs),
+                         proxyLogprobs: keep(proxyLogprobs), refLogprobs: keep(refLogprobs), lossMask: m)
+    }
+
+    /// Response token offsets the loss trains.
+    var trainedOffsets: [Int] { lossMask.map { m in m.indices.filter { m[$0] } } ?? Array(0..<responseLength) }
 }
 
 /// Learning-rate schedule over optimizer steps.
@@ -192,6 +210,8 @@ public final class Trainer {
             for i in items.indices where items[i].refLogprobs == nil { items[i].refLogprobs = scored[i].logprobs }
         }
         metrics.secondsForward += Date().timeIntervalSince(t0)
+        // From here on each item's per-token arrays hold its trained tokens only.
+        items = items.map { $0.masked() }
 
         let groups = Self.split(items.count, into: miniBatches)
         var totalTokens = 0
@@ -200,7 +220,7 @@ public final class Trainer {
             let (result, seconds) = try accumulate(mini, config: config, microBatchTokens: microBatchTokens)
             metrics.secondsForward += seconds.forward
             metrics.secondsBackward += seconds.backward
-            let n = mini.reduce(0) { $0 + $1.responseLength }
+            let n = mini.reduce(0) { $0 + $1.trainedLength }
             totalTokens += n
             accumulateMetrics(&metrics, result, items: mini, config: config, tokens: n, first: m == 0)
             let t1 = Date()
@@ -250,7 +270,7 @@ public final class Trainer {
         var kept: Activations?
         for group in micro {
             let batch = PackedBatch(group.map { items[$0].tokens })
-            let (rows, targets) = Scoring.responseRows(batch, responseStarts: group.map { items[$0].responseStart })
+            let (rows, targets) = Self.trainedRows(batch, group.map { items[$0] })
             let acts = try model.forward(tokens: batch.tokens, positions: batch.positions,
                                          context: .packed(sequenceStarts: batch.sequenceStarts), saving: micro.count == 1,
                                          adapters: adapter.map { AdapterRows($0, tokens: batch.tokens.count) })
@@ -268,14 +288,14 @@ public final class Trainer {
         }
         var sequence: [Int] = [], targets: [Int32] = []
         for (b, item) in items.enumerated() {
-            sequence += Array(repeating: b, count: item.responseLength)
-            targets += item.tokens[item.responseStart...]
+            sequence += Array(repeating: b, count: item.trainedLength)
+            targets += item.trainedOffsets.map { item.tokens[item.responseStart + $0] }
         }
         let tokens = PolicyTokens(sequence: sequence, targets: targets, advantages: items.flatMap { $0.advantages },
                                   oldLogprobs: items.flatMap { $0.oldLogprobs! },
-                                  proxyLogprobs: items.flatMap { $0.proxyLogprobs ?? Array(repeating: -.infinity, count: $0.responseLength) },
+                                  proxyLogprobs: items.flatMap { $0.proxyLogprobs ?? Array(repeating: -.infinity, count: $0.trainedLength) },
                                   refLogprobs: config.klCoef != 0 ? items.flatMap { $0.refLogprobs! } : nil)
-        let starts = items.reduce(into: [0]) { $0.append($0.last! + $1.responseLength) }
+        let starts = items.reduce(into: [0]) { $0.append($0.last! + $1.trainedLength) }
         var forced: [Bool]?
         if case let .lpReg(o) = config.mode, o.selection == .microBatch, micro.count > 1 {
             // The reference code's semantics: each micro-batch selects among its own tokens.
@@ -301,7 +321,7 @@ public final class Trainer {
         for group in micro {
             let tb = Date()
             let batch = PackedBatch(group.map { items[$0].tokens })
-            let (rows, _) = Scoring.responseRows(batch, responseStarts: group.map { items[$0].responseStart })
+            let (rows, _) = Self.trainedRows(batch, group.map { items[$0] })
             let base = starts[group[0]]   // first token of the micro-batch in plan order
             let result = try Training.accumulateGradients(model: model, batch: batch, outputRows: rows, zeroGradients: false,
                                                           activations: kept, adapter: adapter) { chunk in
@@ -367,6 +387,9 @@ public final class Trainer {
 
     private func validate(_ items: [TrainItem], config: LossConfig, miniBatches: Int) throws {
         guard !items.isEmpty else { throw TrainError.invalid(path: "batch", reason: "at least one sequence") }
+        guard items.contains(where: { $0.trainedLength > 0 }) else {
+            throw TrainError.invalid(path: "batch", reason: "every response token is masked out (loss_mask): nothing to train")
+        }
         guard miniBatches >= 1, miniBatches <= items.count else {
             throw TrainError.invalid(path: "mini_batches", reason: "must be in 1...\(items.count) (the batch size)")
         }
@@ -384,6 +407,9 @@ public final class Trainer {
             if let bad = item.advantages.firstIndex(where: { !$0.isFinite }) {
                 throw TrainError.invalid(path: "batch[\(i)].advantage[\(bad)]", reason: "not a finite number")
             }
+            if let m = item.lossMask, m.count != n {
+                throw TrainError.invalid(path: "batch[\(i)].loss_mask", reason: "\(m.count) values for \(n) response tokens")
+            }
             for (name, values) in [("old_logprobs", item.oldLogprobs), ("proxy_logprobs", item.proxyLogprobs), ("ref_logprobs", item.refLogprobs)] {
                 guard let v = values else { continue }
                 guard v.count == n else {
@@ -394,6 +420,19 @@ public final class Trainer {
                 }
             }
         }
+    }
+
+    /// Rows of a packed batch whose logits predict trained response tokens, with their targets.
+    static func trainedRows(_ batch: PackedBatch, _ items: [TrainItem]) -> (rows: [Int], targets: [Int32]) {
+        var rows: [Int] = [], targets: [Int32] = []
+        for (b, item) in items.enumerated() {
+            let start = batch.sequenceStarts[b] + item.responseStart - 1
+            for k in item.trainedOffsets {
+                rows.append(start + k)
+                targets.append(item.tokens[item.responseStart + k])
+            }
+        }
+        return (rows, targets)
     }
 
     /// Contiguous, nearly equal groups.

@@ -124,7 +124,7 @@ extension Dispatcher {
         var items: [TrainItem] = []
         if p.has("batch") {
             for b in try p.objects("batch") {
-                try b.only(["tokens", "response_start", "advantage", "old_logprobs", "proxy_logprobs", "ref_logprobs"])
+                try b.only(["tokens", "response_start", "advantage", "old_logprobs", "proxy_logprobs", "ref_logprobs", "loss_mask"])
                 let tokens = try b.tokens("tokens")
                 let start = try b.int("response_start", min: 1)
                 let n = max(0, tokens.count - start)
@@ -134,7 +134,13 @@ extension Dispatcher {
                 items.append(TrainItem(tokens: tokens, responseStart: start, advantages: advantages,
                                        oldLogprobs: b.has("old_logprobs") ? try b.floats("old_logprobs") : nil,
                                        proxyLogprobs: b.has("proxy_logprobs") ? try b.floats("proxy_logprobs") : nil,
-                                       refLogprobs: b.has("ref_logprobs") ? try b.floats("ref_logprobs") : nil))
+                                       refLogprobs: b.has("ref_logprobs") ? try b.floats("ref_logprobs") : nil,
+                                       lossMask: b.has("loss_mask") ? try b.floats("loss_mask").enumerated().map { k, v in
+                                           guard v == 0 || v == 1 else {
+                                               throw RPCError.invalidParams(path: "\(b.path).loss_mask[\(k)]", "0 (context only) or 1 (trained)")
+                                           }
+                                           return v == 1
+                                       } : nil))
             }
         }
         if p.has("rollouts") {

@@ -259,3 +259,49 @@ final class TrainerStateTests: XCTestCase {
         XCTAssertEqual(trainer.weightsVersion, 1)
     }
 }
+
+/// Per-token loss masks: a masked token is context only.
+final class LossMaskTests: XCTestCase {
+    override func setUp() { Compute.setThreads(2) }
+
+    /// Under a causal model, training the first k response tokens of a sequence with the rest
+    /// masked is training the sequence cut after them: same tokens counted, same update.
+    func testMaskedTailTrainsAsTheTruncatedSequence() throws {
+        let tokens: [Int32] = [3, 9, 27, 81, 50, 11, 60, 7]
+        for mode in [LossConfig(mode: .ppo(ClipOptions())), LossConfig(mode: .lpReg(LpRegOptions()))] {
+            let a = try TransformerModel.load(directory: fixtureModel("llama_gqa"))
+            let b = try TransformerModel.load(directory: fixtureModel("llama_gqa"))
+            let settings = AdamWSettings(lr: 1e-2, weightDecay: 0, gradClip: 0)
+            let masked = TrainItem(tokens: tokens, responseStart: 2, advantages: [1, 1, 1, 1, 1, 1],
+                                   lossMask: [true, true, true, false, false, false])
+            let cut = TrainItem(tokens: Array(tokens[0..<5]), responseStart: 2, advantages: [1, 1, 1])
+            let other = TrainItem(tokens: [5, 4, 3, 2, 1], responseStart: 1, advantages: [-1, -1, -1, -1])
+            let ma = try Trainer(model: a, optimizer: AdamW(settings: settings)).step(items: [masked, other], config: mode)
+            let mb = try Trainer(model: b, optimizer: AdamW(settings: settings)).step(items: [cut, other], config: mode)
+            XCTAssertEqual(ma.tokens, 7)
+            XCTAssertEqual(mb.tokens, 7)
+            XCTAssertEqual(ma.loss, mb.loss, accuracy: 1e-6)
+            assertClose(Array(UnsafeBufferPointer(start: a.parameters.values, count: a.parameters.count)),
+                        Array(UnsafeBufferPointer(start: b.parameters.values, count: b.parameters.count)),
+                        atol: 1e-6, rtol: 1e-5, "weights after a masked step vs a truncated one")
+        }
+    }
+
+    func testMaskedTokensMoveNothingAndBadMasksAreRefused() throws {
+        let model = try TransformerModel.load(directory: fixtureModel("llama_gqa"))
+        let trainer = Trainer(model: model, optimizer: AdamW(settings: AdamWSettings(lr: 1e-2)))
+        let before = model.parameters.checksum()
+        XCTAssertThrowsError(try trainer.step(items: [TrainItem(tokens: [1, 2, 3, 4], responseStart: 1, advantages: [1, 1, 1],
+                                                                lossMask: [false, false, false])],
+                                              config: LossConfig(mode: .ppo(ClipOptions())))) { e in
+            XCTAssertEqual(e as? TrainError, .invalid(path: "batch", reason: "every response token is masked out (loss_mask): nothing to train"))
+        }
+        XCTAssertThrowsError(try trainer.step(items: [TrainItem(tokens: [1, 2, 3, 4], responseStart: 1, advantages: [1, 1, 1],
+                                                                lossMask: [true])],
+                                              config: LossConfig(mode: .ppo(ClipOptions())))) { e in
+            guard case let .invalid(path, _)? = e as? TrainError else { return XCTFail("\(e)") }
+            XCTAssertEqual(path, "batch[0].loss_mask")
+        }
+        XCTAssertEqual(model.parameters.checksum(), before)
+    }
+}

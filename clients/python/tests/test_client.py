@@ -192,3 +192,17 @@ def test_openblas_kernel_set_is_reported_and_never_an_old_one_on_an_avx2_cpu(mod
         assert Client(s.url).info()["kernels"]["blas"] == "OpenBLAS Prescott"
     finally:
         assert s.stop() == 0
+
+
+def test_loss_mask_per_sequence(client):
+    """A masked response token is context only; a bad mask answers with its path."""
+    from ember import EmberError
+    item = {"tokens": [5, 6, 7, 8, 9], "response_start": 2, "advantage": 1.0}
+    full = client.train_step(loss={"mode": "ppo"}, batch=[item], dry_run=True)["metrics"]
+    masked = client.train_step(loss={"mode": "ppo"}, batch=[dict(item, loss_mask=[1, 0, 1])], dry_run=True)["metrics"]
+    assert full["tokens"] == 3 and masked["tokens"] == 2
+    try:
+        client.train_step(loss={"mode": "ppo"}, batch=[dict(item, loss_mask=[1, 2, 1])], dry_run=True)
+        raise AssertionError("a mask value of 2 must be refused")
+    except EmberError as e:
+        assert e.kind == "invalid_params" and e.path == "params.batch[0].loss_mask[1]", e
