@@ -1,0 +1,133 @@
+"""Multi-turn rollouts, token in and token out.
+
+An environment answers the model's turns (tool results, user follow-ups); the runner keeps every
+token id exactly as the sampler produced it and appends only the newly rendered messages, so the
+trainer scores the ids the sampler drew (no re-tokenization drift: docs/design-notes.md shows
+which chat templates would not survive a re-render). Model tokens get loss_mask 1, the rest 0.
+
+    env = MyEnvironment()
+    episode = run_episode(client, env, max_turns=4, max_tokens=128, seed=1)
+    client.train_step(loss={"mode": "lp_reg"}, batch=[episode.train_item(advantage)])
+"""
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+from .client import Client
+
+PLACEHOLDER = "\u2063ember-placeholder\u2063"
+
+
+class Environment:
+    """What a multi-turn task implements."""
+
+    tools: Optional[List[dict]] = None
+
+    def reset(self, seed: int) -> List[dict]:
+        """The opening messages (system, user, ...)."""
+        raise NotImplementedError
+
+    def step(self, text: str, tool_calls: List[dict]) -> Tuple[List[dict], bool]:
+        """The model's turn (its text and parsed tool calls) in; the messages that follow (tool
+        results, a user turn) and whether the episode is over out."""
+        raise NotImplementedError
+
+    def reward(self) -> float:
+        """The episode's reward, once it is over."""
+        raise NotImplementedError
+
+
+@dataclass
+class Episode:
+    tokens: List[int]
+    response_start: int
+    loss_mask: List[int]
+    logprobs: List[float]  # sampler log-probability per response token (0.0 where masked)
+    turns: List[str] = field(default_factory=list)
+    reward: float = 0.0
+
+    def train_item(self, advantage: float) -> dict:
+        """A train_step batch item: model tokens trained with their sampling log-probabilities."""
+        return {"tokens": self.tokens, "response_start": self.response_start, "advantage": advantage,
+                "loss_mask": self.loss_mask, "old_logprobs": self.logprobs}
+
+
+def parse_tool_calls(text: str) -> List[dict]:
+    """Hermes-style <tool_call>{"name": ..., "arguments": {...}}</tool_call> blocks (malformed
+    ones are skipped)."""
+    calls = []
+    for body in re.findall(r"<tool_call>(.*?)</tool_call>", text, flags=re.S):
+        try:
+            obj = json.loads(body)
+        except ValueError:
+            continue
+        if isinstance(obj, dict) and isinstance(obj.get("name"), str):
+            calls.append({"name": obj["name"], "arguments": obj.get("arguments", {})})
+    return calls
+
+
+class TurnRenderer:
+    """Renders the messages that follow an assistant turn, and only them. The template renders a
+    stand-in history ([user, assistant], the assistant with a tool call when tool results follow)
+    with and without the new messages; what the new messages add is the difference. The
+    assistant's end-of-turn marker (e.g. "<|im_end|>\n") goes first, minus what the sampled
+    answer already ends with (the model's EOS token is that marker)."""
+
+    def __init__(self, client: Client, tools: Optional[List[dict]] = None, template_kwargs: Optional[dict] = None):
+        self.client, self.tools, self.kwargs = client, tools, template_kwargs
+        self.plain = [{"role": "user", "content": "u"}, {"role": "assistant", "content": PLACEHOLDER}]
+        self.calling = [{"role": "user", "content": "u"},
+                        {"role": "assistant", "content": PLACEHOLDER,
+                         "tool_calls": [{"id": "call0", "type": "function", "function": {"name": "f", "arguments": {}}}]}]
+        closed = self._render(self.plain, False)
+        self.end_of_turn = closed[closed.index(PLACEHOLDER) + len(PLACEHOLDER):]
+
+    def _render(self, messages, generation_prompt):
+        return self.client.chat_render(messages, tools=self.tools, add_generation_prompt=generation_prompt,
+                                       template_kwargs=self.kwargs)["text"]
+
+    def continuation(self, messages: List[dict], sampled_text_end: str) -> str:
+        base = self.calling if any(m.get("role") == "tool" for m in messages) else self.plain
+        before, full = self._render(base, False), self._render(base + messages, True)
+        if not full.startswith(before):
+            raise ValueError("the chat template renders history differently once messages follow; "
+                             "its turns cannot be appended token by token")
+        eot = self.end_of_turn
+        for k in range(len(eot), 0, -1):
+            if sampled_text_end.endswith(eot[:k]):
+                eot = eot[k:]
+                break
+        return eot + full[len(before):]
+
+
+def run_episode(client: Client, env: Environment, max_turns: int = 4, max_tokens: int = 128, temperature: float = 1.0,
+                seed: int = 0, adapter: Optional[str] = None, template_kwargs: Optional[dict] = None,
+                ignore_eos: bool = False) -> Episode:
+    messages = env.reset(seed)
+    renderer = TurnRenderer(client, env.tools, template_kwargs)
+    prompt = client.chat_render(messages, tools=env.tools, add_generation_prompt=True, template_kwargs=template_kwargs)["tokens"]
+    tokens = list(prompt)
+    mask: List[int] = []
+    logprobs: List[float] = []
+    turns: List[str] = []
+    for turn in range(max_turns):
+        out = client.generate(prompt_tokens=[tokens], n=1, max_tokens=max_tokens, temperature=temperature,
+                              seed=seed * 1000 + turn, adapter=adapter, ignore_eos=ignore_eos)
+        sample = out["results"][0]["samples"][0]
+        tokens += sample["tokens"]
+        mask += [1] * len(sample["tokens"])
+        logprobs += sample["logprobs"]
+        turns.append(sample["text"])
+        following, done = env.step(sample["text"], parse_tool_calls(sample["text"]))
+        if done or turn == max_turns - 1:
+            break
+        # Only the new messages are rendered and tokenized; the sampled ids stay as drawn.
+        sampled_end = client.detokenize(tokens=sample["tokens"][-4:]) if sample["tokens"] else ""
+        text = renderer.continuation(following, sampled_end)
+        added = client.tokenize(text=text, add_special_tokens=False)
+        tokens += added
+        mask += [0] * len(added)
+        logprobs += [0.0] * len(added)
+    return Episode(tokens=tokens, response_start=len(prompt), loss_mask=mask, logprobs=logprobs, turns=turns,
+                   reward=env.reward())
