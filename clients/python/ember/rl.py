@@ -239,7 +239,9 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     task_names = [t.strip() for t in args.task.split(",") if t.strip()]
     for t in task_names:
-        tasks.get(t)
+        if getattr(tasks.get(t), "multiturn", False):
+            raise SystemExit(f"{t} is a multi-turn task: its episodes run through ember.multiturn.run_episode; "
+                             "the RL loop over episodes is still to come")
     mode, options, entropy = LOSS_PRESETS[args.method]
     options = dict(options)
     options.update(json.loads(args.loss_options))

@@ -70,4 +70,4 @@ def check(problem: Problem, response: str) -> bool:
     return get(problem.task).check(problem, response)
 
 
-from . import arithmetic, countdown  # noqa: E402,F401  (registers the tasks)
+from . import arithmetic, countdown, toolarith  # noqa: E402,F401  (registers the tasks)
