@@ -64,19 +64,7 @@ struct OpenAIRoutes: Sendable {
         let p = try Params(obj, path: "body")
         try p.only(Self.accepted)
         var r = Request()
-        r.modelID = modelName
-        if p.has("model") {
-            let m = try p.string("model")
-            let adapters = scheduler.gauges.adapters
-            if m != modelName {
-                guard adapters.contains(m) else {
-                    throw RPCError(.modelNotFound, path: "model",
-                                   hint: "the model `\(m)` does not exist; GET /v1/models lists " + ([modelName] + adapters).map { "`\($0)`" }.joined(separator: ", "))
-                }
-                r.adapter = m
-                r.modelID = m
-            }
-        }
+        (r.modelID, r.adapter) = try resolveModel(p)
         switch obj["prompt"] {
         case let s as String: r.texts = [s]
         case let a as [Any] where a.allSatisfy({ $0 is String }): r.texts = a as? [String]
@@ -90,14 +78,8 @@ struct OpenAIRoutes: Sendable {
         if p.has("user") { r.user = try p.string("user") }
         r.maxTokens = try p.int("max_tokens", 16, min: 0)
         r.sampling.maxTokens = max(1, r.maxTokens)
-        r.sampling.temperature = try p.float("temperature", 1, min: 0, max: 2)
-        r.sampling.topP = try p.float("top_p", 1)
-        r.sampling.topK = try p.int("top_k", 0, min: 0)
-        r.sampling.minP = try p.float("min_p", 0, min: 0, max: 1)
-        if p.has("seed") { r.sampling.seed = UInt64(bitPattern: Int64(try p.int("seed"))) }
-        if obj["stop"] is String { r.sampling.stop = [try p.string("stop")] } else if p.has("stop") { r.sampling.stop = try p.strings("stop") }
+        try Self.readSampling(p, into: &r.sampling)
         if p.has("logprobs") { r.logprobs = try p.int("logprobs", min: 0, max: 20) }
-        try Dispatcher.readPenalties(p, into: &r.sampling)
         if p.has("suffix") { throw RPCError.invalidParams(path: "suffix", "not supported (insertion needs a model trained for it)") }
         r.echo = try p.bool("echo", false)
         r.stream = try p.bool("stream", false)
@@ -107,6 +89,30 @@ struct OpenAIRoutes: Sendable {
         if let so = try p.object("stream_options") { r.includeUsage = try so.bool("include_usage", false) }
         if r.maxTokens == 0 && !r.echo { throw RPCError.invalidParams(path: "max_tokens", "0 is only meaningful with echo") }
         return r
+    }
+
+    /// The `model` field: the served model's name, or a LoRA adapter's (id, adapter).
+    func resolveModel(_ p: Params) throws -> (String, String?) {
+        guard p.has("model") else { return (modelName, nil) }
+        let m = try p.string("model")
+        if m == modelName { return (m, nil) }
+        let adapters = scheduler.gauges.adapters
+        guard adapters.contains(m) else {
+            throw RPCError(.modelNotFound, path: "model",
+                           hint: "the model `\(m)` does not exist; GET /v1/models lists " + ([modelName] + adapters).map { "`\($0)`" }.joined(separator: ", "))
+        }
+        return (m, m)
+    }
+
+    /// The sampling fields both OpenAI routes take (max_tokens aside).
+    static func readSampling(_ p: Params, into s: inout SamplingParams) throws {
+        s.temperature = try p.float("temperature", 1, min: 0, max: 2)
+        s.topP = try p.float("top_p", 1)
+        s.topK = try p.int("top_k", 0, min: 0)
+        s.minP = try p.float("min_p", 0, min: 0, max: 1)
+        if p.has("seed") { s.seed = UInt64(bitPattern: Int64(try p.int("seed"))) }
+        if p.object["stop"] is String { s.stop = [try p.string("stop")] } else if p.has("stop") { s.stop = try p.strings("stop") }
+        try Dispatcher.readPenalties(p, into: &s)
     }
 
     static func httpError(_ e: RPCError) -> HTTPResponse {
@@ -246,24 +252,23 @@ struct OpenAIRoutes: Sendable {
     }
 }
 
-/// The server-sent-event side of one streaming completion.
+/// One server-sent-event stream of an OpenAI route: chunks as `data:` lines, then `[DONE]`.
 /// Sendable by hand: the compute thread and the completion both touch it; `started` is under `lock`.
-final class StreamState: @unchecked Sendable {
+class SSEStream: @unchecked Sendable {
     let responder: HTTPResponder
     let id: String, created: Int, model: String
-    let active: Bool
-    private let lock = NSLock()
+    /// The chunks' `object` ("text_completion", "chat.completion.chunk").
+    let objectName: String
+    let lock = NSLock()
     private(set) var started = false
 
-    init(responder: HTTPResponder, id: String, created: Int, model: String, active: Bool) {
-        self.responder = responder; self.id = id; self.created = created; self.model = model; self.active = active
+    init(responder: HTTPResponder, id: String, created: Int, model: String, objectName: String) {
+        self.responder = responder; self.id = id; self.created = created; self.model = model; self.objectName = objectName
     }
 
     private func start() {
         lock.lock(); defer { lock.unlock() }
-        guard !started else { return }
-        started = true
-        responder.startStream(contentType: "text/event-stream", headers: [("Cache-Control", "no-cache")])
+        if !started { started = true; responder.startStream(contentType: "text/event-stream", headers: [("Cache-Control", "no-cache")]) }
     }
 
     func send(_ object: [String: Any]) {
@@ -275,7 +280,29 @@ final class StreamState: @unchecked Sendable {
     }
 
     func chunk(_ choices: [[String: Any]]) -> [String: Any] {
-        ["id": id, "object": "text_completion", "created": created, "model": model, "choices": choices]
+        ["id": id, "object": objectName, "created": created, "model": model, "choices": choices]
+    }
+
+    func done() {
+        start()
+        responder.send(Data("data: [DONE]\n\n".utf8))
+        responder.finish()
+    }
+
+    func fail(_ e: RPCError) {
+        send(["error": ["message": e.message + (e.hint.map { ": \($0)" } ?? ""), "type": "server_error", "code": NSNull(), "param": NSNull()]])
+        responder.send(Data("data: [DONE]\n\n".utf8))
+        responder.finish()
+    }
+}
+
+/// The server-sent-event side of one streaming completion.
+final class StreamState: SSEStream, @unchecked Sendable {
+    let active: Bool
+
+    init(responder: HTTPResponder, id: String, created: Int, model: String, active: Bool) {
+        self.active = active
+        super.init(responder: responder, id: id, created: created, model: model, objectName: "text_completion")
     }
 
     func echo(_ d: Dispatcher, _ prompts: [[Int32]], n: Int) {
@@ -308,14 +335,6 @@ final class StreamState: @unchecked Sendable {
 
     func end(_ final: [String: Any]?) {
         if let usage = final?["usage"] { var c = chunk([]); c["usage"] = usage; send(c) }
-        start()
-        responder.send(Data("data: [DONE]\n\n".utf8))
-        responder.finish()
-    }
-
-    func fail(_ e: RPCError) {
-        send(["error": ["message": e.message + (e.hint.map { ": \($0)" } ?? ""), "type": "server_error", "code": NSNull(), "param": NSNull()]])
-        responder.send(Data("data: [DONE]\n\n".utf8))
-        responder.finish()
+        done()
     }
 }

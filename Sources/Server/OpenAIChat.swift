@@ -44,19 +44,7 @@ extension OpenAIRoutes {
         try p.only(Self.chatAccepted)
         guard let messages = ordered["messages"] else { throw RPCError.invalidParams(path: "messages", "required: the conversation") }
         var r = ChatRequest(messages: OrderedBox(messages))
-        r.modelID = modelName
-        if p.has("model") {
-            let m = try p.string("model")
-            let adapters = scheduler.gauges.adapters
-            if m != modelName {
-                guard adapters.contains(m) else {
-                    throw RPCError(.modelNotFound, path: "model",
-                                   hint: "the model `\(m)` does not exist; GET /v1/models lists " + ([modelName] + adapters).map { "`\($0)`" }.joined(separator: ", "))
-                }
-                r.adapter = m
-                r.modelID = m
-            }
-        }
+        (r.modelID, r.adapter) = try resolveModel(p)
         var choice = "auto"
         if let c = obj["tool_choice"] {
             if let s = c as? String {
@@ -74,13 +62,7 @@ extension OpenAIRoutes {
         r.n = try p.int("n", 1, min: 1, max: 128)
         let maxTokens = p.has("max_completion_tokens") ? try p.int("max_completion_tokens", min: 1) : try p.int("max_tokens", 256, min: 1)
         r.sampling.maxTokens = maxTokens
-        r.sampling.temperature = try p.float("temperature", 1, min: 0, max: 2)
-        r.sampling.topP = try p.float("top_p", 1)
-        r.sampling.topK = try p.int("top_k", 0, min: 0)
-        r.sampling.minP = try p.float("min_p", 0, min: 0, max: 1)
-        if p.has("seed") { r.sampling.seed = UInt64(bitPattern: Int64(try p.int("seed"))) }
-        if obj["stop"] is String { r.sampling.stop = [try p.string("stop")] } else if p.has("stop") { r.sampling.stop = try p.strings("stop") }
-        try Dispatcher.readPenalties(p, into: &r.sampling)
+        try Self.readSampling(p, into: &r.sampling)
         r.logprobs = try p.bool("logprobs", false)
         r.topLogprobs = try p.int("top_logprobs", 0, min: 0, max: 20)
         if r.topLogprobs > 0 && !r.logprobs { throw RPCError.invalidParams(path: "top_logprobs", "needs logprobs: true") }
@@ -251,31 +233,13 @@ public struct ChatAnswer {
 /// Server-sent events of one streaming chat completion. With tools offered the answer is sent
 /// whole at the end (a tool call is known only once it is complete).
 /// Sendable by hand: the compute thread and the completion both touch it; `started` under `lock`.
-final class ChatStream: @unchecked Sendable {
-    let responder: HTTPResponder
-    let id: String, created: Int, model: String
+final class ChatStream: SSEStream, @unchecked Sendable {
     let active: Bool, buffered: Bool
-    private let lock = NSLock()
-    private(set) var started = false
     private var opened = Set<Int>()
 
     init(responder: HTTPResponder, id: String, created: Int, model: String, active: Bool, buffered: Bool) {
-        self.responder = responder; self.id = id; self.created = created; self.model = model
         self.active = active; self.buffered = buffered
-    }
-
-    func send(_ object: [String: Any]) {
-        lock.lock()
-        if !started { started = true; responder.startStream(contentType: "text/event-stream", headers: [("Cache-Control", "no-cache")]) }
-        lock.unlock()
-        var data = Data("data: ".utf8)
-        data.append(JSONRPC.encode(object))
-        data.append(Data("\n\n".utf8))
-        responder.send(data)
-    }
-
-    func chunk(_ choices: [[String: Any]]) -> [String: Any] {
-        ["id": id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices]
+        super.init(responder: responder, id: id, created: created, model: model, objectName: "chat.completion.chunk")
     }
 
     func event(_ d: Dispatcher, _ e: TokenEvent, n: Int, logprobs: Bool) {
@@ -302,14 +266,6 @@ final class ChatStream: @unchecked Sendable {
             }
         }
         if includeUsage, let usage = final?["usage"] { var c = chunk([]); c["usage"] = usage; send(c) }
-        if !started { send(chunk([])) }
-        responder.send(Data("data: [DONE]\n\n".utf8))
-        responder.finish()
-    }
-
-    func fail(_ e: RPCError) {
-        send(["error": ["message": e.message + (e.hint.map { ": \($0)" } ?? ""), "type": "server_error", "code": NSNull(), "param": NSNull()]])
-        responder.send(Data("data: [DONE]\n\n".utf8))
-        responder.finish()
+        done()
     }
 }
