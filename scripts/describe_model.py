@@ -10,14 +10,13 @@ the figures as JSON (default: <model>/baseline.json) and prints them.
 import argparse
 import json
 import os
-import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "clients", "python"))
 
 from ember import Client, tasks  # noqa: E402
-from ember.rl import build_probes, evaluate, spark_probability, start_server  # noqa: E402
+from ember.rl import build_probes, evaluate, spark_probability, start_server, stop_server  # noqa: E402
 
 
 def main():
@@ -65,11 +64,7 @@ def main():
             json.dump(figures, f, indent=1)
         print(json.dumps(figures, indent=1))
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_server(server)
 
 
 if __name__ == "__main__":

@@ -216,7 +216,12 @@ extension Renderer {
                     let sep = str(a, 0) ?? self.kw(k, "sep").flatMap { if case let .string(x) = $0 { return x }; return nil }
                     return .array(pySplit(s, sep, maxsplit, fromRight: name == "rsplit").map { .string($0) })
                 }
-            case "splitlines": return m { _, _ in .array(s.components(separatedBy: .newlines).enumerated().filter { $0.offset < s.components(separatedBy: .newlines).count - 1 || !$0.element.isEmpty }.map { .string($0.element) }) }
+            case "splitlines":
+                return m { _, _ in
+                    var lines = s.components(separatedBy: .newlines)
+                    if lines.last == "" { lines.removeLast() }   // no empty line after a final newline
+                    return .array(lines.map { .string($0) })
+                }
             case "startswith", "endswith":
                 return m { a, _ in
                     let options: [String]
@@ -255,7 +260,6 @@ extension Renderer {
             case "isspace": return m { _, _ in .bool(!s.isEmpty && s.allSatisfy { $0.isWhitespace }) }
             case "removeprefix": return m { a, _ in let p = str(a, 0) ?? ""; return .string(s.hasPrefix(p) ? String(s.dropFirst(p.count)) : s) }
             case "removesuffix": return m { a, _ in let p = str(a, 0) ?? ""; return .string(s.hasSuffix(p) && !p.isEmpty ? String(s.dropLast(p.count)) : s) }
-            case "format": return nil
             default: return nil
             }
         case let .dict(d):

@@ -41,7 +41,7 @@ indirect enum Node {
     case text(String)
     case output(Expr, line: Int)
     case ifs([(Expr, [Node])], elseBody: [Node], line: Int)
-    case forLoop(targets: [String], iterable: Expr, condition: Expr?, body: [Node], elseBody: [Node], recursive: Bool, line: Int)
+    case forLoop(targets: [String], iterable: Expr, condition: Expr?, body: [Node], elseBody: [Node], line: Int)
     case set(SetTarget, Expr, line: Int)
     case setBlock(String, [Node], line: Int)
     case macro(String, [(String, Expr?)], [Node], line: Int)
@@ -138,13 +138,7 @@ func segments(_ source: String) throws -> [Segment] {
             if stripAfter { stripNextWhitespace = true } else { trimNextNewline = true }
             continue
         }
-        // {% raw %} ... {% endraw %}: the text in between is literal.
         if opener == "%" && body.trimmingCharacters(in: .whitespaces) == "raw" {
-            flushText()
-            guard let r = source.range(of: "endraw", range: String.Index(utf16Offset: 0, in: source)..<source.endIndex) else {
-                throw TemplateError(line: tagLine, message: "raw block without endraw")
-            }
-            _ = r
             throw TemplateError(line: tagLine, message: "{% raw %} blocks are not supported")
         }
         flushText()
@@ -484,6 +478,12 @@ struct TemplateParser {
 
     init(_ source: String) throws { segs = try segments(source) }
 
+    /// Checks that a closing tag (`endif`, ...) has nothing after its keyword.
+    func close(_ tag: ExprParser?) throws {
+        var t = tag
+        try t?.atEnd()
+    }
+
     /// Parses nodes until a statement whose keyword is in `until` (returned, not consumed past).
     mutating func parse(until: Set<String>) throws -> ([Node], String?, ExprParser?) {
         var nodes: [Node] = []
@@ -523,9 +523,8 @@ struct TemplateParser {
                 if end == "elif" { cond = try q.tuple(); try q.atEnd(); continue }
                 if end == "else" {
                     try q.atEnd()
-                    var (elseBody, _, r) = try parse(until: ["endif"])
-                    try r?.atEnd()
-                    _ = elseBody
+                    let (elseBody, _, r) = try parse(until: ["endif"])
+                    try close(r)
                     return .ifs(branches, elseBody: elseBody, line: line)
                 }
                 try q.atEnd()
@@ -538,15 +537,17 @@ struct TemplateParser {
             let iterable = try p.orExpr()
             var condition: Expr?
             if p.acceptName("if") { condition = try p.orExpr() }
-            let recursive = p.acceptName("recursive")
+            if p.acceptName("recursive") { throw p.error("recursive for loops are not supported") }
             try p.atEnd()
-            var (body, end, q) = try parse(until: ["else", "endfor"])
-            _ = body
+            let (body, end, q) = try parse(until: ["else", "endfor"])
+            try close(q)
             var elseBody: [Node] = []
-            if end == "else" { try q?.atEnd(); elseBody = try parse(until: ["endfor"]).0 }
-            if recursive { throw p.error("recursive for loops are not supported") }
-            return .forLoop(targets: targets, iterable: iterable, condition: condition, body: body, elseBody: elseBody,
-                            recursive: false, line: line)
+            if end == "else" {
+                let (b, _, r) = try parse(until: ["endfor"])
+                try close(r)
+                elseBody = b
+            }
+            return .forLoop(targets: targets, iterable: iterable, condition: condition, body: body, elseBody: elseBody, line: line)
         case "set":
             let first = try p.identifier()
             if p.accept(".") {
@@ -560,9 +561,8 @@ struct TemplateParser {
             while p.accept(",") { names.append(try p.identifier()) }
             if p.peek == .end {
                 guard names.count == 1 else { throw p.error("a block set takes one name") }
-                var (body, _, q) = try parse(until: ["endset"])
-                try q?.atEnd()
-                _ = body
+                let (body, _, q) = try parse(until: ["endset"])
+                try close(q)
                 return .setBlock(first, body, line: line)
             }
             try p.expect("=")
@@ -580,24 +580,27 @@ struct TemplateParser {
             }
             try p.atEnd()
             let (body, _, q) = try parse(until: ["endmacro"])
-            _ = q
+            try close(q)
             return .macro(name, params, body, line: line)
         case "call":
             let e = try p.expression()
             try p.atEnd()
-            let (body, _, _) = try parse(until: ["endcall"])
+            let (body, _, q) = try parse(until: ["endcall"])
+            try close(q)
             return .callBlock(e, body, line: line)
         case "filter":
             let name = try p.dottedName()
             let args = p.isOp("(") ? try p.callArguments().0 : []
             try p.atEnd()
-            let (body, _, _) = try parse(until: ["endfilter"])
+            let (body, _, q) = try parse(until: ["endfilter"])
+            try close(q)
             return .filterBlock(name, args, body, line: line)
         case "break": try p.atEnd(); return .breakLoop(line: line)
         case "continue": try p.atEnd(); return .continueLoop(line: line)
         case "generation":
             try p.atEnd()
-            let (body, _, _) = try parse(until: ["endgeneration"])
+            let (body, _, q) = try parse(until: ["endgeneration"])
+            try close(q)
             return .block(body)
         default:
             throw p.error("unknown statement '\(keyword)'")

@@ -114,7 +114,7 @@ final class Renderer {
             try tick(line)
             for (cond, body) in branches where try eval(cond, line).truthy { return try run(body) }
             try run(elseBody)
-        case let .forLoop(targets, iterable, condition, body, elseBody, _, line):
+        case let .forLoop(targets, iterable, condition, body, elseBody, line):
             try tick(line)
             var items = try iterate(try eval(iterable, line), line)
             if let condition {
@@ -145,7 +145,7 @@ final class Renderer {
             let v = try eval(e, line)
             switch target {
             case let .names(names):
-                if names.count == 1 { assign(names[0], v) } else { try bind(names, v, line, assigning: true) }
+                try bind(names, v, line)
             case let .attribute(name, attr):
                 guard case let .namespace(ns) = lookup(name) else {
                     throw TemplateError(line: line, message: "cannot assign attribute on '\(name)': not a namespace")
@@ -187,17 +187,16 @@ final class Renderer {
         }
     }
 
+    /// The output of `body`, apart from the template's own output.
     func capture(_ body: [Node]) throws -> String {
         let saved = out
         out = ""
-        defer { out = saved + out }
+        defer { out = saved }
         try run(body)
-        let text = out
-        out = ""
-        return text
+        return out
     }
 
-    func bind(_ targets: [String], _ item: JValue, _ line: Int, assigning: Bool = false) throws {
+    func bind(_ targets: [String], _ item: JValue, _ line: Int) throws {
         if targets.count == 1 { return assign(targets[0], item) }
         let parts = try iterate(item, line)
         guard parts.count == targets.count else {

@@ -251,3 +251,8 @@ extension JValue {
         }
     }
 }
+
+extension JValue {
+    /// json.dumps(self) with Python's default separators (what `| tojson` prints).
+    public var jsonText: String { (try? jsonDumps(self, indent: nil)) ?? "null" }
+}

@@ -202,7 +202,9 @@ public final class Trainer {
             }
         }
         if config.klCoef != 0 && items.contains(where: { $0.refLogprobs == nil }) {
-            guard let ref = adapter == nil ? reference : model, adapter == nil || referenceAdapter != nil else {
+            // The reference is a frozen model, or for an adapter the base with a frozen adapter.
+            let referenceModel = adapter == nil ? reference : (referenceAdapter == nil ? nil : model)
+            guard let ref = referenceModel else {
                 throw TrainError.invalid(path: "loss.kl_coef", reason: "no reference policy: call reference.snapshot first or send ref_logprobs")
             }
             let scored = try Scoring.score(model: ref, sequences: items.map { ScoredSequence(tokens: $0.tokens, responseStart: $0.responseStart) },

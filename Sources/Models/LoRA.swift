@@ -2,8 +2,8 @@
 // y + s·(x·Aᵀ)·Bᵀ with A [r, in], B [out, r] and s = alpha / r (alpha / √r with rsLoRA). The base
 // weights stay frozen and shared; each adapter owns a small ParameterStore (values, gradients,
 // AdamW moments) whose slots are named as PEFT names the tensors in `adapter_model.safetensors`.
-// Every adapter product goes through the row-invariant `project`, so a token's output depends
-// only on its own row: sampling, scoring and training agree bit for bit per adapter, whichever
+// Every adapter product keeps `project`'s per-element FMA chains (`projectSerial`), so a token's
+// output depends only on its own row: sampling, scoring and training agree bit for bit per adapter, whichever
 // other adapters share the batch.
 import Foundation
 import Kernels

@@ -50,7 +50,7 @@ public enum RPCEnvelope {
 public final class OrderedParams: @unchecked Sendable {
     static let keys = ["messages", "tools", "template_kwargs"]
     public let value: JValue
-    init(_ value: JValue) { self.value = value }
+    public init(_ value: JValue) { self.value = value }
 }
 
 public enum JSONRPC {

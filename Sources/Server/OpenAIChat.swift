@@ -16,9 +16,9 @@ extension OpenAIRoutes {
                                             "frequency_penalty", "logit_bias", "user", "chat_template_kwargs", "response_format"]
 
     struct ChatRequest: Sendable {
-        var messages: OrderedBox
-        var tools: OrderedBox?
-        var templateKwargs: OrderedBox?
+        var messages: OrderedParams
+        var tools: OrderedParams?
+        var templateKwargs: OrderedParams?
         var modelID = ""
         var adapter: String?
         var n = 1
@@ -29,12 +29,6 @@ extension OpenAIRoutes {
         var includeUsage = false
     }
 
-    /// A template value handed to the compute thread (immutable once parsed).
-    final class OrderedBox: @unchecked Sendable {
-        let value: JValue
-        init(_ v: JValue) { value = v }
-    }
-
     func parseChat(_ body: Data) throws -> ChatRequest {
         guard let obj = (try? JSONSerialization.jsonObject(with: body)) as? [String: Any],
               case let .dict(ordered) = try JValue.parseJSON(body) else {
@@ -43,7 +37,7 @@ extension OpenAIRoutes {
         let p = try Params(obj, path: "body")
         try p.only(Self.chatAccepted)
         guard let messages = ordered["messages"] else { throw RPCError.invalidParams(path: "messages", "required: the conversation") }
-        var r = ChatRequest(messages: OrderedBox(messages))
+        var r = ChatRequest(messages: OrderedParams(messages))
         (r.modelID, r.adapter) = try resolveModel(p)
         var choice = "auto"
         if let c = obj["tool_choice"] {
@@ -52,8 +46,8 @@ extension OpenAIRoutes {
                 choice = s
             } else if c is [String: Any] { choice = "named" } else { throw RPCError.invalidParams(path: "tool_choice", "a string or an object") }
         }
-        if let tools = ordered["tools"], choice != "none" { r.tools = OrderedBox(tools) }
-        if let k = ordered["chat_template_kwargs"] { r.templateKwargs = OrderedBox(k) }
+        if let tools = ordered["tools"], choice != "none" { r.tools = OrderedParams(tools) }
+        if let k = ordered["chat_template_kwargs"] { r.templateKwargs = OrderedParams(k) }
         if let rf = try p.object("response_format") {
             guard try rf.string("type") == "text" else {
                 throw RPCError.invalidParams(path: "response_format.type", "only \"text\" is supported (no constrained decoding)")
@@ -129,7 +123,7 @@ extension OpenAIRoutes {
         var choices: [[String: Any]] = [], completionCount = 0
         for (s, sample) in out.results[0].enumerated() {
             completionCount += sample.tokens.count
-            var parsed = ChatAnswer(text: sample.text, toolsOffered: r.tools != nil)
+            let parsed = ChatAnswer(text: sample.text, toolsOffered: r.tools != nil)
             var message: [String: Any] = ["role": "assistant", "content": parsed.content.map { $0 as Any } ?? NSNull()]
             if let reasoning = parsed.reasoning { message["reasoning_content"] = reasoning }
             if !parsed.toolCalls.isEmpty {
@@ -140,7 +134,7 @@ extension OpenAIRoutes {
             }
             var choice: [String: Any] = ["index": s, "message": message,
                                          "finish_reason": !parsed.toolCalls.isEmpty ? "tool_calls" : sample.finishReason == .length ? "length" : "stop"]
-            if let problem = parsed.parseError { choice["tool_call_parse_error"] = problem; parsed.parseError = nil }
+            if let problem = parsed.parseError { choice["tool_call_parse_error"] = problem }
             if r.logprobs {
                 choice["logprobs"] = ["content": sample.tokens.enumerated().map { i, t -> [String: Any] in
                     var entry = tokenLogprob(d, t, sample.logprobs[i])
@@ -225,8 +219,7 @@ public struct ChatAnswer {
               case let .dict(d)? = try? JValue.parseJSON(data), case let .string(name)? = d["name"] else { return nil }
         let args = d["arguments"] ?? d["parameters"] ?? .dict(JDict())
         if case let .string(s) = args { return Call(name: name, arguments: s) }
-        guard let json = try? JinjaTemplate("{{ a | tojson }}").render(["a": args]) else { return nil }
-        return Call(name: name, arguments: json)
+        return Call(name: name, arguments: args.jsonText)
     }
 }
 

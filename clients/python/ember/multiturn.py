@@ -11,6 +11,7 @@ which chat templates would not survive a re-render). Model tokens get loss_mask 
 """
 import json
 import re
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -19,23 +20,24 @@ from .client import Client
 PLACEHOLDER = "\u2063ember-placeholder\u2063"
 
 
-class Environment:
-    """What a multi-turn task implements."""
+class Environment(ABC):
+    """What a multi-turn task implements (an abstract interface: ToolArithEnvironment in
+    ember.tasks.toolarith is one)."""
 
     tools: Optional[List[dict]] = None
 
+    @abstractmethod
     def reset(self, seed: int) -> List[dict]:
         """The opening messages (system, user, ...)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def step(self, text: str, tool_calls: List[dict]) -> Tuple[List[dict], bool]:
         """The model's turn (its text and parsed tool calls) in; the messages that follow (tool
         results, a user turn) and whether the episode is over out."""
-        raise NotImplementedError
 
+    @abstractmethod
     def reward(self) -> float:
         """The episode's reward, once it is over."""
-        raise NotImplementedError
 
 
 @dataclass

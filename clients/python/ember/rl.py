@@ -99,6 +99,15 @@ def start_server(args) -> (subprocess.Popen, str):
     return p, "http://" + m.group(1)
 
 
+def stop_server(p: subprocess.Popen) -> None:
+    """Stops a server start_server started (SIGTERM, then SIGKILL after 30 s)."""
+    p.terminate()
+    try:
+        p.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        p.kill()
+
+
 def evaluate(client: Client, problems, max_tokens: int, k: int, seed: int, adapter: Optional[str] = None) -> Dict[str, float]:
     """Greedy pass@1 and (when k > 1) sampled pass@k on a fixed set of problems."""
     greedy = 0
@@ -377,11 +386,7 @@ def main(argv=None) -> int:
         return 0
     finally:
         if server is not None:
-            server.terminate()
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                server.kill()
+            stop_server(server)
 
 
 if __name__ == "__main__":
