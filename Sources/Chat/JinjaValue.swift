@@ -237,6 +237,9 @@ extension JValue {
         switch any {
         case nil, is NSNull: return .none
         case let s as String: return .string(s)
+        case let b as Bool where type(of: any!) == Bool.self: return .bool(b)
+        case let i as Int where type(of: any!) == Int.self: return .int(i)
+        case let d as Double where type(of: any!) == Double.self: return .double(d)
         case let n as NSNumber:
             if String(cString: n.objCType) == "c" { return .bool(n.boolValue) }
             let t = String(cString: n.objCType)

@@ -23,7 +23,7 @@ extension Dispatcher {
 
     /// A parameter as a template value, with its key order when the request kept it.
     static func templateValue(_ raw: Any?) -> JValue? {
-        guard let raw, !(raw is NSNull) else { return nil }
+        guard let raw, !isJSONNull(raw) else { return nil }
         if let o = raw as? OrderedParams { return o.value }
         return JValue.fromJSON(raw)
     }

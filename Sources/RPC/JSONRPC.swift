@@ -61,9 +61,10 @@ public enum JSONRPC {
 
     /// Decodes a request body.
     public static func decode(_ body: Data) -> RPCEnvelope {
-        if let problem = checkDepth(body) { return .failure(.parse(problem)) }
         let value: Any
-        do { value = try JSONSerialization.jsonObject(with: body, options: [.fragmentsAllowed]) } catch {
+        do { value = try FastJSON.parse(body, maxDepth: maxDepth) } catch let f as FastJSON.Failure {
+            return .failure(.parse(f.message.hasPrefix("nesting") ? f.message : "the body is not valid JSON: \(f)"))
+        } catch {
             return .failure(.parse("the body is not valid JSON"))
         }
         // Conversations and tool schemas keep their key order (templates print them with tojson,
@@ -93,27 +94,6 @@ public enum JSONRPC {
         return .single(call(orderedParams(value, index: nil)), id: requestID(value))
     }
 
-    /// Refuses bodies nested deeper than `maxDepth` (outside strings), so the parser never
-    /// recurses without bound.
-    static func checkDepth(_ body: Data) -> String? {
-        var depth = 0, inString = false, escaped = false
-        for b in body {
-            if inString {
-                if escaped { escaped = false } else if b == UInt8(ascii: "\\") { escaped = true } else if b == UInt8(ascii: "\"") { inString = false }
-                continue
-            }
-            switch b {
-            case UInt8(ascii: "\""): inString = true
-            case UInt8(ascii: "["), UInt8(ascii: "{"):
-                depth += 1
-                if depth > maxDepth { return "nesting deeper than \(maxDepth) levels" }
-            case UInt8(ascii: "]"), UInt8(ascii: "}"): depth -= 1
-            default: break
-            }
-        }
-        return nil
-    }
-
     /// The id of a request object, when it has a valid one (used to address error responses).
     static func requestID(_ value: Any) -> RequestID? {
         guard let obj = value as? [String: Any], let raw = obj["id"] else { return nil }
@@ -121,21 +101,12 @@ public enum JSONRPC {
     }
 
     public static func parseID(_ raw: Any) -> RequestID? {
-        if raw is NSNull { return .null }
+        if isJSONNull(raw) { return .null }
         if let s = raw as? String { return .string(s) }
-        if let n = raw as? NSNumber, !isBoolean(n) { return .number(numberText(n)) }
-        return nil
-    }
-
-    /// Foundation parses JSON booleans as NSNumbers of ObjC type "c".
-    static func isBoolean(_ n: NSNumber) -> Bool { String(cString: n.objCType) == "c" }
-
-    /// Integers as integers; other numbers in Swift's shortest round-trip form.
-    static func numberText(_ n: NSNumber) -> String {
-        switch String(cString: n.objCType) {
-        case "d", "f": return "\(n.doubleValue)"
-        case "Q": return "\(n.uint64Value)"
-        default: return "\(n.int64Value)"
+        switch JSONNumber.classify(raw) {
+        case let .int(i)?: return .number("\(i)")
+        case let .double(d)?: return .number("\(d)")
+        default: return nil
         }
     }
 
@@ -178,6 +149,27 @@ public enum JSONRPC {
     }
 
     static func write(_ value: Any, to out: inout [UInt8]) {
+        // Exact types first: a cast like `[Any] as? [Float]` converts element by element.
+        let t = type(of: value)
+        if t == [Any].self {
+            out.append(UInt8(ascii: "["))
+            for (i, v) in (value as! [Any]).enumerated() {
+                if i > 0 { out.append(UInt8(ascii: ",")) }
+                write(v, to: &out)
+            }
+            out.append(UInt8(ascii: "]"))
+            return
+        }
+        if t == [Double].self {
+            out.append(UInt8(ascii: "["))
+            for (i, d) in (value as! [Double]).enumerated() {
+                if i > 0 { out.append(UInt8(ascii: ",")) }
+                out.append(contentsOf: (d.isFinite ? "\(d)" : "null").utf8)
+            }
+            out.append(UInt8(ascii: "]"))
+            return
+        }
+        if t == NSNull.self { out.append(contentsOf: "null".utf8); return }
         switch value {
         case let s as String: writeString(s, to: &out)
         case let fs as [Float]:
@@ -220,8 +212,6 @@ public enum JSONRPC {
             out.append(contentsOf: "\(i)".utf8)
         case let b as Bool:
             out.append(contentsOf: (b ? "true" : "false").utf8)
-        case is NSNull:
-            out.append(contentsOf: "null".utf8)
         default:
             // Anything else through Foundation.
             if let data = try? JSONSerialization.data(withJSONObject: value, options: [.fragmentsAllowed, .withoutEscapingSlashes]) {

@@ -3,20 +3,62 @@
 // `RPCError.invalidParams` with the path.
 import Foundation
 
+/// JSON null. A type check, not `is NSNull`: on Linux that cast bridges a Swift array or
+/// dictionary to Foundation first, copying the whole value (a train_step body's token lists).
+@inline(__always) public func isJSONNull(_ v: Any) -> Bool { type(of: v) == NSNull.self }
+
+/// A JSON number as either reader gives it: FastJSON's Int or Double, or Foundation's NSNumber
+/// (whose booleans are NSNumbers of ObjC type "c"). Booleans are not numbers.
+public enum JSONNumber {
+    case int(Int), double(Double)
+
+    public static func classify(_ v: Any) -> JSONNumber? {
+        let t = type(of: v)
+        if t == Int.self { return .int(v as! Int) }
+        if t == Double.self { return .double(v as! Double) }
+        if t == Bool.self { return nil }
+        guard let n = v as? NSNumber else { return nil }
+        switch String(cString: n.objCType) {
+        case "c": return nil
+        case "d", "f": return .double(n.doubleValue)
+        case "Q": return n.uint64Value <= UInt64(Int.max) ? .int(Int(n.uint64Value)) : .double(n.doubleValue)
+        default: return .int(n.intValue)
+        }
+    }
+
+    public var double: Double {
+        switch self {
+        case let .int(i): return Double(i)
+        case let .double(d): return d
+        }
+    }
+
+    /// The integer this number is exactly, if any (2.0 is 2; 2.5 and 1e300 are not).
+    public var exactInt: Int? {
+        switch self {
+        case let .int(i): return i
+        case let .double(d): return d.isFinite ? Int(exactly: d) : nil
+        }
+    }
+}
+
 public struct Params {
     public let object: [String: Any]
     public let path: String
 
     public init(_ value: Any?, path: String = "params") throws {
-        if value == nil || value is NSNull { object = [:] }
-        else if let o = value as? [String: Any] { object = o }
+        if let o = value as? [String: Any] { object = o }
+        else if value == nil || isJSONNull(value!) { object = [:] }
         else { throw RPCError.invalidParams(path: path, "expected an object with named parameters") }
         self.path = path
     }
 
     func sub(_ key: String) -> String { "\(path).\(key)" }
 
-    public func has(_ key: String) -> Bool { object[key] != nil && !(object[key] is NSNull) }
+    public func has(_ key: String) -> Bool {
+        guard let v = object[key] else { return false }
+        return !isJSONNull(v)
+    }
 
     /// Refuses keys outside `allowed` (a typo must not silently fall back to a default).
     public func only(_ allowed: Set<String>) throws {
@@ -25,7 +67,10 @@ public struct Params {
         }
     }
 
-    static func isBool(_ v: Any) -> Bool { (v as? NSNumber).map { String(cString: $0.objCType) == "c" } ?? false }
+    static func isBool(_ v: Any) -> Bool {
+        if type(of: v) == Bool.self { return true }
+        return (v as? NSNumber).map { String(cString: $0.objCType) == "c" } ?? false
+    }
 
     public func int(_ key: String, _ fallback: Int? = nil, min: Int? = nil, max: Int? = nil) throws -> Int {
         guard has(key) else {
@@ -36,9 +81,7 @@ public struct Params {
     }
 
     static func integer(_ v: Any, path: String, min: Int? = nil, max: Int? = nil) throws -> Int {
-        guard let n = v as? NSNumber, !isBool(v), let i = Int(exactly: n.doubleValue), n.doubleValue.isFinite else {
-            throw RPCError.invalidParams(path: path, "expected an integer")
-        }
+        guard let i = JSONNumber.classify(v)?.exactInt else { throw RPCError.invalidParams(path: path, "expected an integer") }
         if let lo = min, i < lo { throw RPCError.invalidParams(path: path, "must be >= \(lo), got \(i)") }
         if let hi = max, i > hi { throw RPCError.invalidParams(path: path, "must be <= \(hi), got \(i)") }
         return i
@@ -49,11 +92,10 @@ public struct Params {
             if let f = fallback { return f }
             throw RPCError.invalidParams(path: sub(key), "required")
         }
-        guard let n = object[key] as? NSNumber, !Self.isBool(object[key]!), n.doubleValue.isFinite,
-              abs(n.doubleValue) <= Double(Float.greatestFiniteMagnitude) else {
+        guard let d = JSONNumber.classify(object[key]!)?.double, d.isFinite, abs(d) <= Double(Float.greatestFiniteMagnitude) else {
             throw RPCError.invalidParams(path: sub(key), "expected a finite number")
         }
-        let f = n.floatValue
+        let f = Float(d)
         if let lo = min, f < lo { throw RPCError.invalidParams(path: sub(key), "must be >= \(lo), got \(f)") }
         if let hi = max, f > hi { throw RPCError.invalidParams(path: sub(key), "must be <= \(hi), got \(f)") }
         return f
@@ -61,7 +103,7 @@ public struct Params {
 
     public func bool(_ key: String, _ fallback: Bool) throws -> Bool {
         guard has(key) else { return fallback }
-        guard Self.isBool(object[key]!), let b = object[key] as? Bool else {
+        guard Self.isBool(object[key]!), let b = object[key] as? Bool ?? (object[key] as? NSNumber)?.boolValue else {
             throw RPCError.invalidParams(path: sub(key), "expected true or false")
         }
         return b
@@ -93,6 +135,17 @@ public struct Params {
     }
 
     static func tokenList(_ v: Any?, path: String) throws -> [Int32] {
+        if let v, type(of: v) == [Int].self {
+            let ints = v as! [Int]
+            var out = [Int32](repeating: 0, count: ints.count)
+            for (i, t) in ints.enumerated() {
+                guard t >= 0 && t <= Int(Int32.max) else {
+                    throw RPCError.invalidParams(path: "\(path)[\(i)]", t < 0 ? "must be >= 0, got \(t)" : "must be <= \(Int32.max), got \(t)")
+                }
+                out[i] = Int32(t)
+            }
+            return out
+        }
         guard let list = v as? [Any] else { throw RPCError.invalidParams(path: path, "expected an array of token ids") }
         return try list.enumerated().map { i, t in
             Int32(try integer(t, path: "\(path)[\(i)]", min: 0, max: Int(Int32.max)))
@@ -105,12 +158,21 @@ public struct Params {
     }
 
     public func floats(_ key: String) throws -> [Float] {
+        if let v = object[key], type(of: v) == [Double].self || type(of: v) == [Int].self {
+            let values = (v as? [Double]) ?? (v as! [Int]).map(Double.init)
+            var out = [Float](repeating: 0, count: values.count)
+            for (i, d) in values.enumerated() {
+                guard d.isFinite else { throw RPCError.invalidParams(path: "\(sub(key))[\(i)]", "expected a finite number") }
+                out[i] = Float(d)
+            }
+            return out
+        }
         guard let list = object[key] as? [Any] else { throw RPCError.invalidParams(path: sub(key), "expected an array of numbers") }
         return try list.enumerated().map { i, v in
-            guard let n = v as? NSNumber, !Self.isBool(v), n.doubleValue.isFinite else {
+            guard let d = JSONNumber.classify(v)?.double, d.isFinite else {
                 throw RPCError.invalidParams(path: "\(sub(key))[\(i)]", "expected a finite number")
             }
-            return n.floatValue
+            return Float(d)
         }
     }
 

@@ -58,7 +58,7 @@ struct OpenAIRoutes: Sendable {
     }
 
     func parse(_ body: Data) throws -> Request {
-        guard let obj = (try? JSONSerialization.jsonObject(with: body)) as? [String: Any] else {
+        guard let obj = (try? FastJSON.parse(body)) as? [String: Any] else {
             throw RPCError.invalidParams(path: "body", "expected a JSON object")
         }
         let p = try Params(obj, path: "body")
