@@ -196,8 +196,12 @@ methods = [
                                                             "{common: {...}, modes: {mode: {...}}}. Clients read defaults here."},
          "kernels": {"type": "object", "description": "The kernel sets in use: Ember's projection kernel and the OpenBLAS kernel set "
                                                       "that runs the backward's GEMMs.",
-                     "properties": {"projection": {"type": "string"}, "blas": {"type": "string"}}}},
-         ["name", "version", "weights_version", "model", "capabilities"])},
+                     "properties": {"projection": {"type": "string"}, "blas": {"type": "string"}}},
+         "limits": {"type": "object", "description": "What one request may use: max_seq_len, the tokens (prompt + generated) "
+                                                     "one sequence may hold in the KV cache (--max-seq-len); slots, the "
+                                                     "sequences decoded together (--slots).",
+                    "properties": {"max_seq_len": INT, "slots": INT}}},
+         ["name", "version", "weights_version", "model", "capabilities", "limits"])},
      "errors": ["Unauthorized"],
      "example": ({}, None)},
     {"name": "tokenize", "summary": "Text to token ids with the model's tokenizer.",

@@ -13,7 +13,10 @@ extension OpenAIRoutes {
     static let chatAccepted: Set<String> = ["model", "messages", "n", "temperature", "top_p", "top_k", "min_p", "max_tokens",
                                             "max_completion_tokens", "stop", "seed", "logprobs", "top_logprobs", "stream",
                                             "stream_options", "tools", "tool_choice", "parallel_tool_calls", "presence_penalty",
-                                            "frequency_penalty", "logit_bias", "user", "chat_template_kwargs", "response_format"]
+                                            "frequency_penalty", "logit_bias", "user", "chat_template_kwargs", "response_format",
+                                            // Accepted and ignored, as vLLM does: bookkeeping fields of OpenAI's
+                                            // service that agent frameworks send and that change no sample.
+                                            "store", "metadata", "service_tier", "prompt_cache_key", "safety_identifier"]
 
     struct ChatRequest: Sendable {
         var messages: OrderedParams
@@ -30,7 +33,7 @@ extension OpenAIRoutes {
     }
 
     func parseChat(_ body: Data) throws -> ChatRequest {
-        guard let obj = (try? JSONSerialization.jsonObject(with: body)) as? [String: Any],
+        guard let obj = (try? FastJSON.parse(body)) as? [String: Any],
               case let .dict(ordered) = try JValue.parseJSON(body) else {
             throw RPCError.invalidParams(path: "body", "expected a JSON object")
         }

@@ -13,7 +13,7 @@ import json
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .client import Client
 
@@ -106,30 +106,72 @@ class TurnRenderer:
 def run_episode(client: Client, env: Environment, max_turns: int = 4, max_tokens: int = 128, temperature: float = 1.0,
                 seed: int = 0, adapter: Optional[str] = None, template_kwargs: Optional[dict] = None,
                 ignore_eos: bool = False) -> Episode:
-    messages = env.reset(seed)
-    renderer = TurnRenderer(client, env.tools, template_kwargs)
-    prompt = client.chat_render(messages, tools=env.tools, add_generation_prompt=True, template_kwargs=template_kwargs)["tokens"]
-    tokens = list(prompt)
-    mask: List[int] = []
-    logprobs: List[float] = []
-    turns: List[str] = []
+    """One episode (run_episodes with a single environment)."""
+    return run_episodes(client, [env], max_turns=max_turns, max_tokens=max_tokens, temperature=temperature, seed=seed,
+                        adapter=adapter, template_kwargs=template_kwargs, ignore_eos=ignore_eos)[0]
+
+
+def run_episodes(client: Client, envs: Sequence[Environment], max_turns: int = 4, max_tokens: int = 128,
+                 temperature: float = 1.0, seed: int = 0, adapter: Optional[str] = None,
+                 template_kwargs: Optional[dict] = None, ignore_eos: bool = False, proxy: Optional[dict] = None,
+                 max_len: Optional[int] = None) -> List[Episode]:
+    """Runs many episodes together: each turn is one `generate` call over every episode still
+    going (the server decodes them as one batch), so a step of multi-turn RL costs about as many
+    generate calls as the longest episode has turns. Turn t samples with seed `seed * 1000 + 10 t` (+ g for the
+    g-th token budget when some episodes near max_len get a smaller one)
+    (the server derives each sequence's stream from it and the sequence's place in the call), so
+    a run is reproducible from `seed` and the environments.
+
+    Environments that share `tools` share one renderer. An episode ends when its environment says
+    so, after `max_turns` model turns, or when the next turn would not fit in `max_len` tokens
+    (the server's --max-seq-len; default: the server's, from server.info)."""
+    if max_len is None:
+        max_len = client.info()["limits"]["max_seq_len"]
+    renderers: Dict[str, TurnRenderer] = {}
+    state = []
+    for k, env in enumerate(envs):
+        messages = env.reset(seed * 1000003 + k)
+        prompt = client.chat_render(messages, tools=env.tools, add_generation_prompt=True,
+                                    template_kwargs=template_kwargs)["tokens"]
+        state.append({"tokens": list(prompt), "start": len(prompt), "mask": [], "logprobs": [], "turns": [], "done": False})
     for turn in range(max_turns):
-        out = client.generate(prompt_tokens=[tokens], n=1, max_tokens=max_tokens, temperature=temperature,
-                              seed=seed * 1000 + turn, adapter=adapter, ignore_eos=ignore_eos)
-        sample = out["results"][0]["samples"][0]
-        tokens += sample["tokens"]
-        mask += [1] * len(sample["tokens"])
-        logprobs += sample["logprobs"]
-        turns.append(sample["text"])
-        following, done = env.step(sample["text"], parse_tool_calls(sample["text"]))
-        if done or turn == max_turns - 1:
+        active = [k for k, s in enumerate(state) if not s["done"]]
+        if not active:
             break
-        # Only the new messages are rendered and tokenized; the sampled ids stay as drawn.
-        sampled_end = client.detokenize(tokens=sample["tokens"][-4:]) if sample["tokens"] else ""
-        text = renderer.continuation(following, sampled_end)
-        added = client.tokenize(text=text, add_special_tokens=False)
-        tokens += added
-        mask += [0] * len(added)
-        logprobs += [0.0] * len(added)
-    return Episode(tokens=tokens, response_start=len(prompt), loss_mask=mask, logprobs=logprobs, turns=turns,
-                   reward=env.reward())
+        # One call per distinct token budget (an episode near max_len gets fewer new tokens);
+        # usually every episode has the full budget and the turn is a single call.
+        budgets: Dict[int, List[int]] = {}
+        for k in active:
+            budgets.setdefault(min(max_tokens, max_len - len(state[k]["tokens"])), []).append(k)
+        results: Dict[int, dict] = {}
+        for g, (budget, ks) in enumerate(sorted(budgets.items(), reverse=True)):
+            out = client.generate(prompt_tokens=[state[k]["tokens"] for k in ks], n=1, max_tokens=budget,
+                                  temperature=temperature, seed=seed * 1000 + turn * 10 + g, adapter=adapter,
+                                  ignore_eos=ignore_eos, proxy=proxy)
+            results.update(zip(ks, out["results"]))
+        ends = client.detokenize(token_lists=[results[k]["samples"][0]["tokens"][-4:] for k in active])
+        for k, end in zip(active, ends):
+            r = results[k]
+            s, sample = state[k], r["samples"][0]
+            s["tokens"] += sample["tokens"]
+            s["mask"] += [1] * len(sample["tokens"])
+            s["logprobs"] += sample["logprobs"] if sample.get("logprobs") is not None else [0.0] * len(sample["tokens"])
+            s["turns"].append(sample["text"])
+            env = envs[k]
+            following, done = env.step(sample["text"], parse_tool_calls(sample["text"]))
+            if done or turn == max_turns - 1:
+                s["done"] = True
+                continue
+            # Only the new messages are rendered and tokenized; the sampled ids stay as drawn.
+            key = json.dumps(env.tools, sort_keys=True)
+            if key not in renderers:
+                renderers[key] = TurnRenderer(client, env.tools, template_kwargs)
+            added = client.tokenize(text=renderers[key].continuation(following, end), add_special_tokens=False)
+            if len(s["tokens"]) + len(added) + 1 > max_len:
+                s["done"] = True   # no room for another model turn: the episode ends as it stands
+                continue
+            s["tokens"] += added
+            s["mask"] += [0] * len(added)
+            s["logprobs"] += [0.0] * len(added)
+    return [Episode(tokens=s["tokens"], response_start=s["start"], loss_mask=s["mask"], logprobs=s["logprobs"],
+                    turns=s["turns"], reward=env.reward()) for s, env in zip(state, envs)]

@@ -23,8 +23,9 @@ import sys
 import time
 from typing import Dict, List, Optional
 
-from . import tasks, verifiers
+from . import advantages, tasks, verifiers
 from .client import Client, EmberError
+from .multiturn import run_episodes
 
 LOSS_PRESETS = {
     # name: (mode, options, entropy_coef) -- the comparison's methods (docs/results.md)
@@ -108,12 +109,17 @@ def stop_server(p: subprocess.Popen) -> None:
         p.kill()
 
 
-def evaluate(client: Client, problems, max_tokens: int, k: int, seed: int, adapter: Optional[str] = None) -> Dict[str, float]:
-    """Greedy pass@1 and (when k > 1) sampled pass@k on a fixed set of problems."""
+def evaluate(client: Client, problems, max_tokens: int, k: int, seed: int, adapter: Optional[str] = None,
+             max_turns: int = 3) -> Dict[str, float]:
+    """Greedy pass@1 and (when k > 1) sampled pass@k on a fixed set of problems. Problems of a
+    multi-turn task run as episodes (ember.multiturn.run_episodes); their `tool_rate` is the share
+    of greedy episodes that call a tool."""
+    single = [p for p in problems if not is_multiturn(p.task)]
+    multi = [p for p in problems if is_multiturn(p.task)]
     greedy = 0
     passk = 0
-    for i in range(0, len(problems), 64):
-        chunk = problems[i:i + 64]
+    for i in range(0, len(single), 64):
+        chunk = single[i:i + 64]
         out = client.generate(prompts=[p.prompt for p in chunk], n=1, max_tokens=max_tokens, temperature=0.0, logprobs=False,
                               adapter=adapter)
         greedy += sum(tasks.check(p, r["samples"][0]["text"]) for p, r in zip(chunk, out["results"]))
@@ -121,11 +127,45 @@ def evaluate(client: Client, problems, max_tokens: int, k: int, seed: int, adapt
             out = client.generate(prompts=[p.prompt for p in chunk], n=k, max_tokens=max_tokens, temperature=1.0,
                                   seed=seed + i, logprobs=False, adapter=adapter)
             passk += sum(any(tasks.check(p, s["text"]) for s in r["samples"]) for p, r in zip(chunk, out["results"]))
+    result = {}
+    if multi:
+        episodes = run_episodes(client, [environment(p) for p in multi], max_turns=max_turns, max_tokens=max_tokens,
+                                temperature=0.0, seed=seed, adapter=adapter)
+        greedy += sum(e.reward > 0 for e in episodes)
+        result["tool_rate"] = sum(any("<tool_call>" in t for t in e.turns) for e in episodes) / len(multi)
+        if k > 1:
+            episodes = run_episodes(client, [environment(p) for p in multi for _ in range(k)], max_turns=max_turns,
+                                    max_tokens=max_tokens, temperature=1.0, seed=seed + 1, adapter=adapter)
+            passk += sum(any(e.reward > 0 for e in episodes[j * k:(j + 1) * k]) for j in range(len(multi)))
     n = len(problems)
-    result = {"pass@1": greedy / n}
+    result = {"pass@1": greedy / n, **result}
     if k > 1:
         result[f"pass@{k}"] = passk / n
     return result
+
+
+def is_multiturn(task_name: str) -> bool:
+    return bool(getattr(tasks.get(task_name), "multiturn", False))
+
+
+def environment(problem):
+    return tasks.get(problem.task).environment(problem)
+
+
+def sample_episodes(client: Client, problems, args, seed: int, proxy, adapter):
+    """A multi-turn step's rollouts: --samples episodes per problem, run together; returns the
+    train_step items (advantages by --advantage within each problem's group, model tokens only
+    trained, the sampler's log-probabilities as old_logprobs) and the per-episode stats."""
+    envs = [environment(p) for p in problems for _ in range(args.samples)]
+    episodes = run_episodes(client, envs, max_turns=args.max_turns, max_tokens=args.max_tokens,
+                            temperature=args.temperature, seed=seed, adapter=adapter, proxy=proxy)
+    rewards = [e.reward for e in episodes]
+    groups = [i // args.samples for i in range(len(episodes))]
+    adv = advantages.ESTIMATORS[args.advantage](rewards, groups)
+    items = [e.train_item(a) for e, a in zip(episodes, adv)]
+    lengths = [sum(e.loss_mask) for e in episodes]
+    sparks = sum(any("<tool_call>" in t for t in e.turns) for e in episodes)
+    return items, rewards, lengths, sparks
 
 
 def spark_probability(client: Client, probes, adapter: Optional[str] = None) -> float:
@@ -148,6 +188,15 @@ def build_probes(client: Client, task_names, count: int, seed: int):
     rng = random.Random(seed)
     for name in task_names:
         task = tasks.get(name)
+        if is_multiturn(name):
+            # The spark of a tool task is calling the tool: P(first token of "<tool_call>") at the
+            # start of the first answer to a held-out problem.
+            call = client.tokenize(text=task.spark_words[0], add_special_tokens=False)
+            for p in tasks.sample(task, "heldout", count, seed + 7):
+                env = environment(p)
+                prompt = client.chat_render(env.reset(0), tools=env.tools, add_generation_prompt=True)["tokens"]
+                probes.append((prompt + call, len(prompt), {call[0]}))
+            continue
         ids = set()
         for word in task.spark_words:
             toks = client.tokenize(text=" " + word, add_special_tokens=False)
@@ -216,7 +265,8 @@ def parse_args(argv=None):
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--prompts", type=int, default=32, help="problems per step")
     ap.add_argument("--samples", type=int, default=8, help="samples per problem (the GRPO group)")
-    ap.add_argument("--max-tokens", type=int, default=96)
+    ap.add_argument("--max-tokens", type=int, default=96, help="tokens per sample (per model turn for multi-turn tasks)")
+    ap.add_argument("--max-turns", type=int, default=3, help="model turns per episode of a multi-turn task (tool-arith)")
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--method", default="lp_reg", choices=sorted(LOSS_PRESETS),
                     help="loss preset (mode, options, entropy bonus); --loss and --loss-options override")
@@ -247,10 +297,6 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     task_names = [t.strip() for t in args.task.split(",") if t.strip()]
-    for t in task_names:
-        if getattr(tasks.get(t), "multiturn", False):
-            raise SystemExit(f"{t} is a multi-turn task: its episodes run through ember.multiturn.run_episode; "
-                             "the RL loop over episodes is still to come")
     mode, options, entropy = LOSS_PRESETS[args.method]
     options = dict(options)
     options.update(json.loads(args.loss_options))
@@ -308,7 +354,7 @@ def main(argv=None) -> int:
             version = client.info()["weights_version"] if adapter is None else \
                 next(a["weights_version"] for a in client.list_adapters() if a["name"] == adapter)
             e = {"step": step, "weights_version": version,
-                 **evaluate(client, held, args.max_tokens, args.eval_k, seed=12345, adapter=adapter)}
+                 **evaluate(client, held, args.max_tokens, args.eval_k, seed=12345, adapter=adapter, max_turns=args.max_turns)}
             if probes:
                 e["spark_prob"] = spark_probability(client, probes, adapter)
             evals.append(e)
@@ -328,21 +374,29 @@ def main(argv=None) -> int:
             name = task_names[(step - 1) % len(task_names)] if len(task_names) > 1 else task_names[0]
             task = tasks.get(name)
             problems = tasks.sample(task, "train", args.prompts, seed=args.seed * 100003 + step)
-            out = client.generate(prompts=[p.prompt for p in problems], n=args.samples, max_tokens=args.max_tokens,
-                                  temperature=args.temperature, seed=rng.randrange(2 ** 31), proxy=proxy, adapter=adapter)
-            verify = verifiers.get(name)
-            refs, rewards, lengths, sparks = [], [], [], 0
-            for i, (p, r) in enumerate(zip(problems, out["results"])):
-                for s in r["samples"]:
-                    reward = verify(p, s["text"])
-                    rewards.append(reward)
-                    lengths.append(len(s["tokens"]))
-                    sparks += any(w in s["text"] for w in task.spark_words)
-                    refs.append({"rollout_id": s["rollout_id"], "reward": reward, "group": f"{step}-{i}"})
-            t1 = time.time()
-            result = client.train_step(loss=loss, rollouts=refs, advantage_estimator=args.advantage,
-                                       mini_batches=args.mini_batches if args.mini_batches > 1 else None, adapter=adapter)
-            client.release_rollouts([r["rollout_id"] for r in refs])
+            if is_multiturn(name):
+                items, rewards, lengths, sparks = sample_episodes(client, problems, args, rng.randrange(2 ** 31), proxy, adapter)
+                t1 = time.time()
+                result = client.train_step(loss=loss, batch=items, mini_batches=args.mini_batches if args.mini_batches > 1 else None,
+                                           adapter=adapter)
+                refs = []
+            else:
+                out = client.generate(prompts=[p.prompt for p in problems], n=args.samples, max_tokens=args.max_tokens,
+                                      temperature=args.temperature, seed=rng.randrange(2 ** 31), proxy=proxy, adapter=adapter)
+                verify = verifiers.get(name)
+                refs, rewards, lengths, sparks = [], [], [], 0
+                for i, (p, r) in enumerate(zip(problems, out["results"])):
+                    for s in r["samples"]:
+                        reward = verify(p, s["text"])
+                        rewards.append(reward)
+                        lengths.append(len(s["tokens"]))
+                        sparks += any(w in s["text"] for w in task.spark_words)
+                        refs.append({"rollout_id": s["rollout_id"], "reward": reward, "group": f"{step}-{i}"})
+                t1 = time.time()
+                result = client.train_step(loss=loss, rollouts=refs, advantage_estimator=args.advantage,
+                                           mini_batches=args.mini_batches if args.mini_batches > 1 else None, adapter=adapter)
+            if refs:
+                client.release_rollouts([r["rollout_id"] for r in refs])
             m = result["metrics"]
             rec = {"step": step, "task": name, "weights_version": result["weights_version"],
                    "reward": sum(rewards) / len(rewards), "response_tokens": sum(lengths) / len(lengths),

@@ -20,6 +20,7 @@ CALCULATOR = {"type": "function", "function": {
     "parameters": {"type": "object", "properties": {"expression": {"type": "string", "description": "e.g. 37*48-19"}},
                    "required": ["expression"]}}}
 
+USE_TOOL = "Use the calculator."   # the system message after which traces always call the tool
 ANSWER = re.compile(r"answer\s+(-?\d+)\s*$")
 TOKEN = re.compile(r"\s*(\d+|[-+*()])")
 
@@ -85,6 +86,25 @@ def calculate(expression: str) -> str:
         return f"error: {e}"
 
 
+def worked_steps(expr: str) -> List[str]:
+    """`37*48-19+6*12` -> ['37*48=1776', '6*12=72', '1776-19=1757', '1757+72=1829']."""
+    terms = re.split(r"([+-])", expr)
+    steps, values = [], []
+    for t in terms[0::2]:
+        if "*" in t:
+            v = calculate(t)
+            steps.append(f"{t}={v}")
+            values.append(v)
+        else:
+            values.append(t)
+    acc = values[0]
+    for op, v in zip(terms[1::2], values[1:]):
+        nxt = calculate(f"{acc}{op}{v}")
+        steps.append(f"{acc}{op}{v}={nxt}")
+        acc = nxt
+    return steps
+
+
 class ToolArithmetic:
     name = "tool-arith"
     spark_words = ["<tool_call>"]
@@ -97,14 +117,24 @@ class ToolArithmetic:
         expr = terms[0] + "".join(op + t for op, t in zip(ops, terms[1:]))
         return Problem(self.name, f"calc {expr}=", int(calculate(expr)), {"expression": expr})
 
-    def trace(self, p: Problem, rng) -> List[dict]:
-        """The worked solution as chat messages: one tool call, its result, the answer."""
+    def trace(self, p: Problem, rng, tool_rate: float = 0.3, system: str = "") -> List[dict]:
+        """A worked solution as chat messages. With probability `tool_rate` (always when the
+        system message asks for the calculator) one tool call, its result and the answer;
+        otherwise the products and then the sums worked in the head, left to right, and the
+        answer. A small model slips on two-digit products, so the tool is the move that pays."""
         expr = p.info["expression"]
-        return [{"role": "user", "content": p.prompt},
-                {"role": "assistant", "content": "",
-                 "tool_calls": [{"type": "function", "function": {"name": "calculate", "arguments": {"expression": expr}}}]},
-                {"role": "tool", "name": "calculate", "content": calculate(expr)},
-                {"role": "assistant", "content": f"answer {p.answer}"}]
+        head = [{"role": "system", "content": system}] if system else []
+        head.append({"role": "user", "content": p.prompt})
+        if system == USE_TOOL or rng.random() < tool_rate:
+            return head + [{"role": "assistant", "content": "",
+                            "tool_calls": [{"type": "function", "function": {"name": "calculate", "arguments": {"expression": expr}}}]},
+                           {"role": "tool", "name": "calculate", "content": calculate(expr)},
+                           {"role": "assistant", "content": f"answer {p.answer}"}]
+        return head + [{"role": "assistant", "content": " ; ".join(worked_steps(expr)) + f" ; answer {p.answer}"}]
+
+    def environment(self, p: Problem, max_calls: int = 4) -> "ToolArithEnvironment":
+        """The episode's environment (for ember.multiturn.run_episodes)."""
+        return ToolArithEnvironment(p, max_calls)
 
     def check(self, p: Problem, response: str) -> bool:
         m = ANSWER.search(response.strip())
