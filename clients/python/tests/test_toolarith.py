@@ -22,8 +22,16 @@ def test_problems_checker_and_traces():
     assert all(str(p.answer) == calculate(p.info["expression"]) for p in problems)
     p = problems[0]
     assert task.check(p, f"... answer {p.answer}") and not task.check(p, f"answer {p.answer + 1}")
-    trace = task.trace(p, random.Random(0))
+    trace = task.trace(p, random.Random(0), tool_rate=1.0)
     assert trace[-1]["content"] == f"answer {p.answer}" and trace[2]["content"] == str(p.answer)
+    head = task.trace(p, random.Random(0), tool_rate=0.0)
+    assert len(head) == 2 and head[1]["content"].endswith(f"answer {p.answer}")
+    # Every step of the worked solution is right: each "a op b=c" checks with the calculator.
+    for step in head[1]["content"].split(" ; ")[:-1]:
+        lhs, rhs = step.split("=")
+        assert calculate(lhs) == rhs, step
+    system = task.trace(p, random.Random(0), tool_rate=0.0, system="Use the calculator.")
+    assert system[0]["role"] == "system" and "tool_calls" in system[2]
     assert set(tasks.sample(task, "heldout", 20, 0)).isdisjoint(problems)
 
 
