@@ -37,12 +37,13 @@ let package = Package(
         .target(name: "Weights", dependencies: ["Kernels"], swiftSettings: fastMath),
         .target(name: "Models", dependencies: ["Kernels", "Weights"], swiftSettings: fastMath),
         .target(name: "Tokenizer", swiftSettings: fastMath),
-        .target(name: "Chat"),
+        .target(name: "JSON", swiftSettings: fastMath),
+        .target(name: "Chat", dependencies: ["JSON"]),
         .target(name: "Engine", dependencies: ["Kernels", "Weights", "Models", "Tokenizer"],
                 swiftSettings: fastMath),
 
-        .target(name: "RPC", dependencies: ["Engine", "Models", "Kernels", "Tokenizer", "Weights", "Chat"], swiftSettings: fastMath),
-        .target(name: "Server", dependencies: ["RPC", "Chat", "CHTTPParser", "CLibUV", .product(name: "Logging", package: "swift-log")],
+        .target(name: "RPC", dependencies: ["Engine", "Models", "Kernels", "Tokenizer", "Weights", "Chat", "JSON"], swiftSettings: fastMath),
+        .target(name: "Server", dependencies: ["RPC", "Chat", "JSON", "CHTTPParser", "CLibUV", .product(name: "Logging", package: "swift-log")],
                 swiftSettings: fastMath),
 
         // MARK: - Executables
@@ -62,7 +63,7 @@ let package = Package(
         .testTarget(name: "TokenizerTests", dependencies: ["Tokenizer", "TestSupport"]),
         .testTarget(name: "ChatTests", dependencies: ["Chat", "Tokenizer", "TestSupport"]),
         .testTarget(name: "ServerTests", dependencies: ["Server", "RPC", "Engine", "Models", "Tokenizer", "Kernels", "TestSupport"]),
-        .testTarget(name: "RPCTests", dependencies: ["RPC", "Engine", "Models", "Tokenizer", "Weights", "Chat", "TestSupport"]),
+        .testTarget(name: "RPCTests", dependencies: ["RPC", "JSON", "Engine", "Models", "Tokenizer", "Weights", "Chat", "TestSupport"]),
         .testTarget(name: "EngineTests", dependencies: ["Engine", "Models", "Tokenizer", "TestSupport"]),
     ]
 )

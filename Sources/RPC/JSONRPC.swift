@@ -3,6 +3,7 @@
 // responses that echo the request id exactly. Transport-free: the server feeds it request bodies.
 import Chat
 import Foundation
+import JSON
 
 /// A request id: string, number (kept as its JSON text so 7 and 7.0 echo as sent) or null.
 public enum RequestID: Sendable, Equatable, Hashable {

@@ -10,6 +10,7 @@
 // Errors use OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
 import Engine
 import Foundation
+import JSON
 import Logging
 import RPC
 

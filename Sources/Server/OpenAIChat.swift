@@ -7,6 +7,7 @@
 import Chat
 import Engine
 import Foundation
+import JSON
 import RPC
 
 extension OpenAIRoutes {

@@ -1,6 +1,7 @@
 // The request reader against Foundation's JSONSerialization: the same values on valid JSON
 // (numbers bit for bit), a refusal wherever the grammar refuses, and unboxed number arrays.
 import Foundation
+import JSON
 import XCTest
 @testable import RPC
 
@@ -86,6 +87,13 @@ final class FastJSONTests: XCTestCase {
         XCTAssertTrue(type(of: o["lp"]!) == [Double].self)
         XCTAssertTrue(type(of: o["mixed"]!) == [Any].self)
         XCTAssertTrue(type(of: o["big"]!) == [Double].self, "an integer beyond Int64 is a Double")
+        let mixed = try FastJSON.parse(Data("[1, 2.5, null, 3]".utf8)) as! [Any]
+        XCTAssertTrue(type(of: mixed[0]) == Int.self && type(of: mixed[1]) == Double.self && type(of: mixed[3]) == Int.self,
+                      "a mixed array keeps each number as written")
+        let ordered = try FastJSON.parse(Data(#"{"z": 1, "a": [1, 2], "m": {"y": 2, "b": 3}}"#.utf8), orderedObjects: true)
+        let pairs = (ordered as! FastJSON.OrderedObject).pairs
+        XCTAssertEqual(pairs.map(\.key), ["z", "a", "m"])
+        XCTAssertEqual(((pairs[2].value as! FastJSON.OrderedObject).pairs).map(\.key), ["y", "b"])
         let p = try Params(v)
         XCTAssertEqual(try p.tokens("tokens"), [1, 2, 3])
         XCTAssertEqual(try p.floats("lp"), [-0.5, -1, 0.002])

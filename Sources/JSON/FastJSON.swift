@@ -1,7 +1,9 @@
-// A JSON reader for request bodies, ~20x Foundation's on Linux for the bodies Ember gets: a
-// train_step upload is mostly long arrays of token ids and log-probabilities. Values come out as
-// Swift types: [String: Any], String, Int, Double, Bool, NSNull, and arrays as [Int] when every
-// element is an integer, [Double] when every element is a number, else [Any]. Integers beyond
+// Ember's one JSON reader: request bodies (RPC and the OpenAI routes), and, keeping key order,
+// the conversations and tool schemas chat templates print. ~20x Foundation's on Linux for the
+// bodies Ember gets: a train_step upload is mostly long arrays of token ids and log-probabilities.
+// Values come out as Swift types: [String: Any] (or OrderedObject when asked), String, Int,
+// Double, Bool, NSNull, and arrays as [Int] when every element is an integer, [Double] when every
+// element is a number, else [Any]. Integers beyond
 // Int64 and numbers with a fraction or exponent are Doubles parsed by strtod (correctly rounded,
 // as Foundation's are). Strict RFC 8259: no trailing commas, comments, NaN or leading zeros;
 // strings must be valid UTF-8 without raw control characters; unpaired surrogate escapes are
@@ -15,13 +17,20 @@ public enum FastJSON {
         public var description: String { "\(message) at byte \(offset)" }
     }
 
-    /// Parses one JSON text (any value at the top, as `.fragmentsAllowed`).
-    public static func parse(_ data: Data, maxDepth: Int = 64) throws -> Any {
+    /// An object with its keys in the order of the text (later duplicates follow the first).
+    public final class OrderedObject {
+        public let pairs: [(key: String, value: Any)]
+        init(_ pairs: [(key: String, value: Any)]) { self.pairs = pairs }
+    }
+
+    /// Parses one JSON text (any value at the top, as `.fragmentsAllowed`); objects are
+    /// OrderedObject with `orderedObjects`, else [String: Any].
+    public static func parse(_ data: Data, maxDepth: Int = 64, orderedObjects: Bool = false) throws -> Any {
         try data.withUnsafeBytes { raw -> Any in
             guard let base = raw.baseAddress?.assumingMemoryBound(to: UInt8.self), raw.count > 0 else {
                 throw Failure(offset: 0, message: "empty body")
             }
-            var r = Reader(p: base, n: raw.count, maxDepth: maxDepth)
+            var r = Reader(p: base, n: raw.count, maxDepth: maxDepth, ordered: orderedObjects)
             r.skipSpace()
             let v = try r.value(depth: 0)
             r.skipSpace()
@@ -35,9 +44,12 @@ private struct Reader {
     let p: UnsafePointer<UInt8>
     let n: Int
     let maxDepth: Int
+    let ordered: Bool
     var i = 0
 
-    init(p: UnsafePointer<UInt8>, n: Int, maxDepth: Int) { self.p = p; self.n = n; self.maxDepth = maxDepth }
+    init(p: UnsafePointer<UInt8>, n: Int, maxDepth: Int, ordered: Bool) {
+        self.p = p; self.n = n; self.maxDepth = maxDepth; self.ordered = ordered
+    }
 
     func fail(_ message: String) -> FastJSON.Failure { FastJSON.Failure(offset: i, message: message) }
 
@@ -74,12 +86,14 @@ private struct Reader {
         i += len
     }
 
-    mutating func object(depth: Int) throws -> [String: Any] {
+    mutating func object(depth: Int) throws -> Any {
         guard depth <= maxDepth else { throw fail("nesting deeper than \(maxDepth) levels") }
         i += 1
         var out: [String: Any] = [:]
+        var pairs: [(key: String, value: Any)] = []
+        func done() -> Any { ordered ? FastJSON.OrderedObject(pairs) : out }
         skipSpace()
-        if peek() == UInt8(ascii: "}") { i += 1; return out }
+        if peek() == UInt8(ascii: "}") { i += 1; return done() }
         while true {
             skipSpace()
             guard peek() == UInt8(ascii: "\"") else { throw fail("expected a string key") }
@@ -88,11 +102,12 @@ private struct Reader {
             guard peek() == UInt8(ascii: ":") else { throw fail("expected ':' after a key") }
             i += 1
             skipSpace()
-            out[key] = try value(depth: depth)
+            let v = try value(depth: depth)
+            if ordered { pairs.append((key, v)) } else { out[key] = v }
             skipSpace()
             guard let c = peek() else { throw fail("unexpected end inside an object") }
             i += 1
-            if c == UInt8(ascii: "}") { return out }
+            if c == UInt8(ascii: "}") { return done() }
             guard c == UInt8(ascii: ",") else { i -= 1; throw fail("expected ',' or '}'") }
         }
     }
@@ -101,13 +116,16 @@ private struct Reader {
 
     mutating func array(depth: Int) throws -> Any {
         guard depth <= maxDepth else { throw fail("nesting deeper than \(maxDepth) levels") }
+        let open = i
         i += 1
         skipSpace()
         if peek() == UInt8(ascii: "]") { i += 1; return [Any]() }
-        // Homogeneous number arrays stay unboxed: [Int] while every element is an integer,
-        // [Double] once one is not; the first element of another kind turns it into [Any].
+        // Homogeneous number arrays stay unboxed (not for ordered objects, whose readers print
+        // values back): [Int] while every element is an integer, [Double] once one is not. An
+        // element of another kind sends the array back to be read as [Any], so integers never
+        // turn into doubles in a mixed array.
         var ints: [Int] = [], doubles: [Double] = [], anys: [Any] = []
-        var kind = 0  // 0 ints, 1 doubles, 2 any
+        var kind = ordered ? 2 : 0  // 0 ints, 1 doubles, 2 any
         while true {
             skipSpace()
             let c = peek()
@@ -122,7 +140,8 @@ private struct Reader {
                 default: break
                 }
             } else {
-                if kind == 0 { anys = ints.map { $0 as Any }; ints = [] } else if kind == 1 { anys = doubles.map { $0 as Any }; doubles = [] }
+                if kind == 1 { i = open; return try genericArray(depth: depth) }
+                if kind == 0 { anys = ints.map { $0 as Any }; ints = [] }
                 kind = 2
                 anys.append(try value(depth: depth))
             }
@@ -136,6 +155,21 @@ private struct Reader {
         case 0: return ints
         case 1: return doubles
         default: return anys
+        }
+    }
+
+    /// The array at `i` as [Any], each number as it is written (Int or Double).
+    mutating func genericArray(depth: Int) throws -> Any {
+        i += 1
+        var anys: [Any] = []
+        while true {
+            skipSpace()
+            anys.append(try value(depth: depth))
+            skipSpace()
+            guard let e = peek() else { throw fail("unexpected end inside an array") }
+            i += 1
+            if e == UInt8(ascii: "]") { return anys }
+            guard e == UInt8(ascii: ",") else { i -= 1; throw fail("expected ',' or ']'") }
         }
     }
 
