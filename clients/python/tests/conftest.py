@@ -112,3 +112,11 @@ def server(model_dir, tmp_path_factory):
 @pytest.fixture()
 def client(server):
     return Client(server.url)
+
+
+@pytest.fixture(scope="module")
+def default_server():
+    """ember-server on the embedded default model (models/ember-default), one per test module."""
+    s = RunningServer(os.path.join(ROOT, "models", "ember-default"))
+    yield s
+    assert s.stop() == 0

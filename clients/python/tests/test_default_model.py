@@ -7,18 +7,11 @@ import os
 
 import pytest
 
-from conftest import ROOT, RunningServer
+from conftest import ROOT
 from ember import Client, rl, tasks
 from ember.multiturn import run_episodes
 
 MODEL = os.path.join(ROOT, "models", "ember-default")
-
-
-@pytest.fixture(scope="module")
-def default_server():
-    s = RunningServer(MODEL)
-    yield s
-    assert s.stop() == 0
 
 
 def test_default_model_reaches_its_stated_base_accuracy(default_server):

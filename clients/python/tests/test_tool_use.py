@@ -7,22 +7,11 @@ import json
 import math
 import os
 
-import pytest
-
-from conftest import ROOT, RunningServer
 from ember import Client, rl, tasks
 from ember.multiturn import run_episodes
 from ember.tasks.toolarith import CALCULATOR, USE_TOOL, calculate
 
-MODEL = os.path.join(ROOT, "models", "ember-default")
 PROBLEM = "calc 37*48-19+6*12="
-
-
-@pytest.fixture(scope="module")
-def default_server():
-    s = RunningServer(MODEL)
-    yield s
-    assert s.stop() == 0
 
 
 def test_the_default_model_calls_the_calculator_through_the_chat_api(default_server):
