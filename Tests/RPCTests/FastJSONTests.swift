@@ -3,7 +3,7 @@
 import Foundation
 import JSON
 import XCTest
-@testable import RPC
+import RPC
 
 final class FastJSONTests: XCTestCase {
     /// A canonical form of either reader's output: numbers as their Double bits or Int, arrays
@@ -11,7 +11,8 @@ final class FastJSONTests: XCTestCase {
     func canon(_ v: Any) -> String {
         if v is NSNull { return "null" }
         if let s = v as? String { return "s:" + s.unicodeScalars.map { String($0.value, radix: 16) }.joined(separator: ",") }
-        if Params.isBool(v) { return (v as? Bool ?? (v as! NSNumber).boolValue) ? "true" : "false" }
+        if type(of: v) == Bool.self { return (v as! Bool) ? "true" : "false" }
+        if let n = v as? NSNumber, String(cString: n.objCType) == "c" { return n.boolValue ? "true" : "false" }
         if let n = JSONNumber.classify(v) {
             switch n {
             case let .int(i): return "n:\(Double(i).bitPattern)"
