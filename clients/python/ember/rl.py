@@ -36,6 +36,7 @@ LOSS_PRESETS = {
     "kl_cov": ("kl_cov", {}, 0.0),
     "clip_cov": ("clip_cov", {}, 0.0),
     "lp_reg": ("lp_reg", {}, 0.0),
+    "gspo": ("gspo", {}, 0.0),
 }
 
 

@@ -1,0 +1,177 @@
+"""Study 2 (docs/results.md): the rare-spark runs, queued, resumable, and their report.
+
+    PYTHONPATH=clients/python nohup nice -n 19 .venv/bin/python scripts/study2.py run &   # works through the queue
+    .venv-client/bin/python scripts/study2.py report     # copies the logs and writes the tables and plots
+    python3 scripts/study2.py list                       # the queue and each run's progress
+
+`run` takes the runs in QUEUE order, one at a time (2 cores), each `python -m ember.rl
+--start-server ... --resume` into runs/study2/NAME; a run whose summary.json exists is done and
+skipped, an interrupted one continues from its last checkpoint (every 20 steps). Killing the
+driver and starting it again loses at most 19 steps. `report` copies every run's metrics.jsonl
+and eval.jsonl to docs/results/study2/NAME/ and writes docs/results/study2/summary.md and
+*.png from them (finished and partial runs alike; partial ones are marked).
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUNS = os.path.join(ROOT, "runs", "study2")
+DOCS = os.path.join(ROOT, "docs", "results", "study2")
+COMMON = ["--model", os.path.join(ROOT, "models", "ember-rare"), "--task", "arithmetic_rare", "--prompts", "32",
+          "--samples", "8", "--temperature", "1.0", "--max-tokens", "128", "--lr", "1e-4", "--eval-every", "20",
+          "--eval-size", "500", "--eval-k", "8", "--checkpoint-every", "20"]
+
+
+def spec(name, method, seed, steps, mini_batches=1, options=None):
+    return {"name": name, "method": method, "seed": seed, "steps": steps, "mini_batches": mini_batches,
+            "options": options or {}}
+
+
+def queue():
+    """Most informative first: each method's seed 0, the proxy-cutoff ablation that tests
+    prediction 4, then the other seeds, the off-policy comparison and the rest of the ablation."""
+    q = [spec("grpo-s0", "grpo", 0, 500), spec("lp_reg-s0", "lp_reg", 0, 500),
+         spec("lp_reg-s0-kappa0.001", "lp_reg", 0, 300, options={"min_p": 0.001}),
+         spec("grpo_entropy-s0", "grpo_entropy", 0, 500)]
+    for seed in (1, 2):
+        q += [spec(f"{m}-s{seed}", m, seed, 500) for m in ("grpo", "lp_reg", "grpo_entropy")]
+    for seed in (0, 1, 2):
+        q += [spec(f"{m}-s{seed}-mb4", m, seed, 200, mini_batches=4)
+              for m in ("grpo", "grpo_entropy", "clip_higher", "80_20", "kl_cov", "lp_reg", "gspo")]
+    q += [spec("lp_reg-s0-kappa0.005", "lp_reg", 0, 300, options={"min_p": 0.005}),
+          spec("lp_reg-s0-rho0.005", "lp_reg", 0, 300, options={"rho": 0.005}),
+          spec("lp_reg-s0-rho0.02", "lp_reg", 0, 300, options={"rho": 0.02})]
+    return q
+
+
+def command(s):
+    cmd = [sys.executable, "-m", "ember.rl", "--start-server", *COMMON, "--method", s["method"], "--seed", str(s["seed"]),
+           "--steps", str(s["steps"]), "--out", os.path.join(RUNS, s["name"]), "--resume"]
+    if s["mini_batches"] > 1:
+        cmd += ["--mini-batches", str(s["mini_batches"])]
+    if s["options"]:
+        cmd += ["--loss-options", json.dumps(s["options"])]
+    return cmd
+
+
+def rows(path):
+    return [json.loads(l) for l in open(path) if l.strip()] if os.path.exists(path) else []
+
+
+def progress(s):
+    out = os.path.join(RUNS, s["name"])
+    done = os.path.exists(os.path.join(out, "summary.json"))
+    steps = len(rows(os.path.join(out, "metrics.jsonl")))
+    return done, steps
+
+
+def run(args):
+    os.makedirs(RUNS, exist_ok=True)
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "clients", "python"))
+    for s in queue():
+        if progress(s)[0]:
+            continue
+        print(f"study2: {s['name']}", flush=True)
+        with open(os.path.join(RUNS, s["name"] + ".log"), "a") as log:
+            code = subprocess.call(command(s), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        if code != 0:
+            print(f"study2: {s['name']} exited with {code}; see {s['name']}.log", flush=True)
+            return code
+    return 0
+
+
+def window(metrics, key, lo, hi):
+    vals = [m[key] for m in metrics if lo <= m["step"] <= hi and m.get(key) is not None]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+def report(args):
+    os.makedirs(DOCS, exist_ok=True)
+    lines = ["# Study 2 runs (written by scripts/study2.py report)", "",
+             "Steps done of planned; entropy is the mean sampled-token entropy over steps 1-10 and over the last "
+             "10 steps done; pass@1 (greedy) and pass@8 (T = 1) on 500 held-out problems at step 0, the last "
+             "evaluation, and the best one; P(check) at step 0 and the last evaluation.", "",
+             "| run | steps | entropy first -> last | pass@1 0 / last / best | pass@8 0 / last / best | P(check) 0 -> last |",
+             "|---|---|---|---|---|---|"]
+    series = {}
+    for s in queue():
+        out = os.path.join(RUNS, s["name"])
+        metrics, evals = rows(os.path.join(out, "metrics.jsonl")), rows(os.path.join(out, "eval.jsonl"))
+        if not metrics:
+            continue
+        dest = os.path.join(DOCS, s["name"])
+        os.makedirs(dest, exist_ok=True)
+        for f in ("metrics.jsonl", "eval.jsonl", "summary.json"):
+            if os.path.exists(os.path.join(out, f)):
+                shutil.copy(os.path.join(out, f), os.path.join(dest, f))
+        done = os.path.exists(os.path.join(out, "summary.json"))
+        last = metrics[-1]["step"]
+        first_e, last_e = evals[0], evals[-1]
+        best1 = max(e["pass@1"] for e in evals)
+        best8 = max(e.get("pass@8", float("nan")) for e in evals)
+        lines.append(f"| {s['name']} | {last}/{s['steps']}{'' if done else ' (running)'} | "
+                     f"{window(metrics, 'entropy', 1, 10):.3f} -> {window(metrics, 'entropy', last - 9, last):.3f} | "
+                     f"{first_e['pass@1']:.3f} / {last_e['pass@1']:.3f} / {best1:.3f} | "
+                     f"{first_e.get('pass@8', float('nan')):.3f} / {last_e.get('pass@8', float('nan')):.3f} / {best8:.3f} | "
+                     f"{first_e.get('spark_prob', float('nan')):.4f} -> {last_e.get('spark_prob', float('nan')):.4f} |")
+        series[s["name"]] = (metrics, evals)
+    with open(os.path.join(DOCS, "summary.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    plot(series)
+
+
+def plot(series):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: no matplotlib; tables only", file=sys.stderr)
+        return
+    groups = {"on-policy": lambda n: "-mb" not in n and "kappa" not in n and "rho" not in n,
+              "off-policy": lambda n: "-mb4" in n,
+              "ablation": lambda n: n.startswith("lp_reg-s0") and "-mb" not in n}
+    for group, keep in groups.items():
+        names = [n for n in series if keep(n)]
+        if not names:
+            continue
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+        for n in names:
+            metrics, evals = series[n]
+            axes[0].plot([m["step"] for m in metrics], [m["entropy"] for m in metrics], label=n, linewidth=0.8)
+            axes[1].plot([e["step"] for e in evals], [e["pass@1"] for e in evals], label=n, marker="o", markersize=2)
+            axes[2].plot([e["step"] for e in evals], [e.get("spark_prob", float("nan")) for e in evals], label=n,
+                         marker="o", markersize=2)
+        for ax, title in zip(axes, ["sampled-token entropy (nats)", "held-out pass@1 (greedy)", "P(check) on probes"]):
+            ax.set_title(title)
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+        axes[2].set_yscale("log")
+        axes[0].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(os.path.join(DOCS, f"{group}.png"), dpi=90)
+        plt.close(fig)
+
+
+def listing(args):
+    for s in queue():
+        done, steps = progress(s)
+        state = "done" if done else "%d/%d" % (steps, s["steps"])
+        print(f"{s['name']:28s} {state}")
+    return 0
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("action", choices=["run", "report", "list"])
+    args = ap.parse_args()
+    return {"run": run, "report": report, "list": listing}[args.action](args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
