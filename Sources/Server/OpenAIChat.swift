@@ -43,14 +43,31 @@ extension OpenAIRoutes {
         guard let messages = ordered["messages"] else { throw RPCError.invalidParams(path: "messages", "required: the conversation") }
         var r = ChatRequest(messages: OrderedParams(messages))
         (r.modelID, r.adapter) = try resolveModel(p)
-        var choice = "auto"
+        // tool_choice: "none" hides the tools; a named function is the only tool the template
+        // shows. "required" and a named choice are not enforced by constrained decoding.
+        var choice = "auto", named: String?
         if let c = obj["tool_choice"] {
             if let s = c as? String {
                 guard ["none", "auto", "required"].contains(s) else { throw RPCError.invalidParams(path: "tool_choice", "none, auto, required or {type: function, function: {name}}") }
                 choice = s
-            } else if c is [String: Any] { choice = "named" } else { throw RPCError.invalidParams(path: "tool_choice", "a string or an object") }
+            } else if let o = c as? [String: Any] {
+                guard let f = o["function"] as? [String: Any], let name = f["name"] as? String else {
+                    throw RPCError.invalidParams(path: "tool_choice.function.name", "required: the name of the tool to call")
+                }
+                named = name
+            } else { throw RPCError.invalidParams(path: "tool_choice", "a string or an object") }
         }
-        if let tools = ordered["tools"], choice != "none" { r.tools = OrderedParams(tools) }
+        if let named {
+            guard case let .array(list)? = ordered["tools"] else {
+                throw RPCError.invalidParams(path: "tool_choice", "names a tool, but the request has no tools")
+            }
+            let kept = list.filter {
+                if case let .dict(t) = $0, case let .dict(f)? = t["function"], case let .string(n)? = f["name"] { return n == named }
+                return false
+            }
+            guard !kept.isEmpty else { throw RPCError.invalidParams(path: "tool_choice.function.name", "'\(named)' is not among the tools") }
+            r.tools = OrderedParams(.array(kept))
+        } else if let tools = ordered["tools"], choice != "none" { r.tools = OrderedParams(tools) }
         if let k = ordered["chat_template_kwargs"] { r.templateKwargs = OrderedParams(k) }
         if let rf = try p.object("response_format") {
             guard try rf.string("type") == "text" else {

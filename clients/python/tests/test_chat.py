@@ -52,6 +52,16 @@ def test_openai_sdk_chat_client(server):
     assert [c.index for c in r.choices] == [0, 1]
     streamed = list(client.chat.completions.create(model=model, messages=CONVERSATION, max_tokens=4, tools=tools, stream=True))
     assert any(ch.choices and ch.choices[0].finish_reason for ch in streamed)
+    # A named tool_choice shows the template that tool alone; "none" shows none.
+    two = tools + [{"type": "function", "function": {"name": "mul", "parameters": {"type": "object", "properties": {}}}}]
+    c = Client(server.url)
+    for choice, shown in [({"type": "function", "function": {"name": "mul"}}, two[1:]), ("none", None), ("auto", two)]:
+        r = client.chat.completions.create(model=model, messages=CONVERSATION, max_tokens=1, tools=two, tool_choice=choice)
+        assert r.usage.prompt_tokens == len(c.chat_render(CONVERSATION, tools=shown)["tokens"]), choice
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=model, messages=CONVERSATION, max_tokens=1, tools=two,
+                                       tool_choice={"type": "function", "function": {"name": "div"}})
+    assert e.value.body["param"] == "tool_choice.function.name"
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=model, messages=[{"role": "user"}], max_tokens=2)
     assert e.value.body["param"] == "messages[0].content"
