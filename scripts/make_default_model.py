@@ -21,6 +21,7 @@ Needs: .venv with tokenizers, numpy, safetensors, jinja2; a release build of emb
     .venv/bin/python scripts/make_default_model.py [--steps 3000] [--out models/ember-default]
 """
 import argparse
+import functools
 import json
 import os
 import random
@@ -37,7 +38,7 @@ import numpy as np  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 
-from ember import Client, tasks  # noqa: E402
+from ember import Client, rl, tasks  # noqa: E402
 
 QWEN2 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
          r"\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -92,26 +93,28 @@ CHAT_TEMPLATE = """{%- if messages and messages[0].role == 'system' %}
 
 
 def multiturn():
-    return any(getattr(tasks.get(t), "multiturn", False) for t in TASKS)
+    return any(tasks.is_multiturn(t) for t in TASKS)
 
 
-def jinja_render(messages, tools, add_generation_prompt):
-    """The template rendered as transformers' apply_chat_template renders it (jinja2, trim_blocks,
-    lstrip_blocks, tojson = json.dumps without ASCII escaping)."""
+@functools.lru_cache(maxsize=1)
+def chat_template():
+    """CHAT_TEMPLATE compiled as transformers' apply_chat_template compiles it (jinja2 sandbox,
+    trim_blocks, lstrip_blocks, loop controls, tojson = json.dumps without ASCII escaping)."""
     import jinja2
     import jinja2.ext
     from jinja2.sandbox import ImmutableSandboxedEnvironment
-    global _TEMPLATE
-    if "_TEMPLATE" not in globals():
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
-        env.filters["tojson"] = lambda x, indent=None, separators=None, sort_keys=False: json.dumps(
-            x, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys)
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = lambda x, indent=None, separators=None, sort_keys=False: json.dumps(
+        x, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys)
 
-        def raise_exception(message):
-            raise jinja2.exceptions.TemplateError(message)
-        env.globals["raise_exception"] = raise_exception
-        _TEMPLATE = env.from_string(CHAT_TEMPLATE)
-    return _TEMPLATE.render(messages=messages, tools=tools, add_generation_prompt=add_generation_prompt)
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(CHAT_TEMPLATE)
+
+
+def jinja_render(messages, tools, add_generation_prompt):
+    return chat_template().render(messages=messages, tools=tools, add_generation_prompt=add_generation_prompt)
 
 
 def chat_segments(messages, tools):
@@ -131,26 +134,22 @@ def chat_segments(messages, tools):
 
 
 def traces(count, seed):
-    """(prompt, response) pairs for single-turn tasks; ("chat", segments) for multi-turn ones."""
+    """(prompt, response) pairs for single-turn tasks; ("chat", segments, messages, tools) for
+    multi-turn ones (tools: those the task's environment offers)."""
     rng = random.Random(seed)
     out = []
     for name in TASKS:
         task = tasks.get(name)
         for p in tasks.sample(task, "train", count // len(TASKS), seed, distinct=False):
-            if getattr(task, "multiturn", False):
+            if tasks.is_multiturn(task):
                 from ember.tasks.toolarith import USE_TOOL
                 system = USE_TOOL if rng.random() < USE_TOOL_SHARE else ""
-                messages = task.trace(p, rng, system=system)
-                out.append(("chat", chat_segments(messages, task_tools(task)), messages))
+                messages, tools = task.trace(p, rng, system=system), task.environment(p).tools
+                out.append(("chat", chat_segments(messages, tools), messages, tools))
             else:
                 out.append((p.prompt, task.trace(p, rng)))
     rng.shuffle(out)
     return out
-
-
-def task_tools(task):
-    from ember.tasks.toolarith import CALCULATOR
-    return [CALCULATOR] if task.name == "tool-arith" else None
 
 
 def trace_text(item):
@@ -254,20 +253,9 @@ def start_server(model, ckpt, threads):
 
 
 def evaluate(client, problems, max_tokens=128):
-    """Greedy pass@1 on `problems` (fraction correct); multi-turn tasks run greedy episodes."""
-    task = tasks.get(problems[0].task)
-    if getattr(task, "multiturn", False):
-        from ember.multiturn import run_episodes
-        episodes = run_episodes(client, [task.environment(p) for p in problems], max_turns=3, max_tokens=max_tokens,
-                                temperature=0.0)
-        return sum(e.reward for e in episodes) / len(problems)
-    correct = 0
-    for i in range(0, len(problems), 64):
-        chunk = problems[i:i + 64]
-        out = client.generate(prompts=[p.prompt for p in chunk], n=1, max_tokens=max_tokens, temperature=0.0, logprobs=False)
-        for p, r in zip(chunk, out["results"]):
-            correct += tasks.check(p, r["samples"][0]["text"])
-    return correct / len(problems)
+    """Greedy pass@1 on `problems` (fraction correct): ember.rl's evaluation, whose multi-turn
+    problems run as greedy episodes."""
+    return rl.evaluate(client, problems, max_tokens, k=1, seed=0)["pass@1"]
 
 
 def main():
@@ -373,11 +361,10 @@ def train(args, init, ckpt, resume=False):
 def check_template(client, data, tok):
     """Ember's chat.render gives the text jinja2 gives (what transformers would) and the ids the
     tokenizers library gives, on conversations being trained."""
-    from ember.tasks.toolarith import CALCULATOR
-    chats = [item[2] for item in data if item[0] == "chat"]
-    for messages in chats:
-        want = jinja_render(messages, [CALCULATOR], False)
-        got = client.chat_render(messages, tools=[CALCULATOR], add_generation_prompt=False)
+    chats = [(item[2], item[3]) for item in data if item[0] == "chat"]
+    for messages, tools in chats:
+        want = jinja_render(messages, tools, False)
+        got = client.chat_render(messages, tools=tools, add_generation_prompt=False)
         if got["text"] != want or got["tokens"] != tok.encode(want, add_special_tokens=False).ids:
             raise SystemExit(f"chat.render differs from jinja2 + tokenizers:\n{got['text']!r}\n{want!r}")
     print(f"chat template: Ember's chat.render equals jinja2 + tokenizers on {len(chats)} conversations", flush=True)
@@ -388,7 +375,7 @@ def select(args, init, ckpt, lo, hi):
     evals = [(r["step"], {t: r[f"heldout_{t}"] for t in TASKS}) for r in rows if f"heldout_{TASKS[0]}" in r]
     # The range applies to the single-turn tasks: a multi-turn task's greedy episodes mostly work
     # in the head (the tool is the spark), so its greedy accuracy is low by design.
-    ranged = [t for t in TASKS if not getattr(tasks.get(t), "multiturn", False)] or TASKS
+    ranged = [t for t in TASKS if not tasks.is_multiturn(t)] or TASKS
     inside = [e for e in evals if all(lo <= e[1][t] <= hi for t in ranged)]
     if inside:
         step, accs = inside[-1]

@@ -2,6 +2,7 @@
 // truthiness, equality (1 == 1.0 == True), str() and repr() of None, booleans, floats, lists and
 // dicts, and json.dumps as Hugging Face's `tojson` filter calls it. Dicts keep insertion order.
 import Foundation
+import JSON
 
 /// A mutable attribute bag (`namespace(...)`): shared by reference, as in Jinja.
 public final class JNamespace {
@@ -232,25 +233,24 @@ func jsonDumps(_ v: JValue, indent: Int?, itemSeparator: String? = nil, keySepar
 }
 
 extension JValue {
-    /// A JSON value (JSONSerialization's output) as a template value: integers stay integers.
+    /// A JSON value (either reader's: FastJSON or JSONSerialization) as a template value: integers stay integers.
     public static func fromJSON(_ any: Any?) -> JValue {
         switch any {
-        case nil, is NSNull: return .none
+        case nil: return .none
+        case let v? where isJSONNull(v): return .none
         case let s as String: return .string(s)
-        case let b as Bool where type(of: any!) == Bool.self: return .bool(b)
-        case let i as Int where type(of: any!) == Int.self: return .int(i)
-        case let d as Double where type(of: any!) == Double.self: return .double(d)
-        case let n as NSNumber:
-            if String(cString: n.objCType) == "c" { return .bool(n.boolValue) }
-            let t = String(cString: n.objCType)
-            if t == "d" || t == "f" { return .double(n.doubleValue) }
-            return .int(n.intValue)
         case let a as [Any]: return .array(a.map { fromJSON($0) })
         case let d as [String: Any]:
-            // JSONSerialization loses key order; callers that care pass OrderedJSON output instead.
+            // A dictionary has no key order; callers that care pass JValue.parseJSON's values instead.
             return .dict(JDict(d.keys.sorted().map { ($0, fromJSON(d[$0])) }))
         case let v as JValue: return v
-        default: return .string("\(any!)")
+        case let v? where JSONNumber.isBool(v): return .bool(v as? Bool ?? (v as! NSNumber).boolValue)
+        case let v?:
+            switch JSONNumber.classify(v) {
+            case let .int(i)?: return .int(i)
+            case let .double(d)?: return .double(d)
+            case nil: return .string("\(v)")
+            }
         }
     }
 }

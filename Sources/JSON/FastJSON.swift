@@ -3,11 +3,11 @@
 // bodies Ember gets: a train_step upload is mostly long arrays of token ids and log-probabilities.
 // Values come out as Swift types: [String: Any] (or OrderedObject when asked), String, Int,
 // Double, Bool, NSNull, and arrays as [Int] when every element is an integer, [Double] when every
-// element is a number, else [Any]. Integers beyond
-// Int64 and numbers with a fraction or exponent are Doubles parsed by strtod (correctly rounded,
-// as Foundation's are). Strict RFC 8259: no trailing commas, comments, NaN or leading zeros;
-// strings must be valid UTF-8 without raw control characters; unpaired surrogate escapes are
-// refused, and so are numbers beyond a double's range. Nesting is bounded, so the reader never recurses without limit.
+// element is a number, else [Any]. Integers beyond Int64 and numbers with a fraction or exponent
+// are Doubles parsed by strtod, correctly rounded (Foundation's reader on Linux is not always).
+// Strict RFC 8259: no trailing commas, comments, NaN or leading zeros; strings must be valid
+// UTF-8 without raw control characters; unpaired surrogate escapes are refused, and so are
+// numbers beyond a double's range. Nesting is bounded, so the reader never recurses without limit.
 import Foundation
 
 public enum FastJSON {
@@ -124,43 +124,30 @@ private struct Reader {
         // values back): [Int] while every element is an integer, [Double] once one is not. An
         // element of another kind sends the array back to be read as [Any], so integers never
         // turn into doubles in a mixed array.
-        var ints: [Int] = [], doubles: [Double] = [], anys: [Any] = []
-        var kind = ordered ? 2 : 0  // 0 ints, 1 doubles, 2 any
+        if ordered { i = open; return try genericArray(depth: depth) }
+        var ints: [Int] = [], doubles: [Double] = [], allInts = true
         while true {
             skipSpace()
-            let c = peek()
-            if kind < 2, let c, c == UInt8(ascii: "-") || (c >= UInt8(ascii: "0") && c <= UInt8(ascii: "9")) {
-                let v = try number()
-                switch (kind, v) {
-                case let (0, .int(x)): ints.append(x)
-                case let (0, .double(x)):
-                    doubles = ints.map(Double.init); ints = []; kind = 1; doubles.append(x)
-                case let (1, .int(x)): doubles.append(Double(x))
-                case let (1, .double(x)): doubles.append(x)
-                default: break
-                }
-            } else {
-                if kind == 1 { i = open; return try genericArray(depth: depth) }
-                if kind == 0 { anys = ints.map { $0 as Any }; ints = [] }
-                kind = 2
-                anys.append(try value(depth: depth))
+            guard let c = peek(), c == UInt8(ascii: "-") || Self.digit(c) else { i = open; return try genericArray(depth: depth) }
+            switch try number() {
+            case let .int(x): if allInts { ints.append(x) } else { doubles.append(Double(x)) }
+            case let .double(x):
+                if allInts { doubles = ints.map(Double.init); ints = []; allInts = false }
+                doubles.append(x)
             }
             skipSpace()
             guard let e = peek() else { throw fail("unexpected end inside an array") }
             i += 1
-            if e == UInt8(ascii: "]") { break }
+            if e == UInt8(ascii: "]") { return allInts ? ints as Any : doubles as Any }
             guard e == UInt8(ascii: ",") else { i -= 1; throw fail("expected ',' or ']'") }
-        }
-        switch kind {
-        case 0: return ints
-        case 1: return doubles
-        default: return anys
         }
     }
 
     /// The array at `i` as [Any], each number as it is written (Int or Double).
     mutating func genericArray(depth: Int) throws -> Any {
         i += 1
+        skipSpace()
+        if peek() == UInt8(ascii: "]") { i += 1; return [Any]() }
         var anys: [Any] = []
         while true {
             skipSpace()

@@ -4,6 +4,7 @@
 import Chat
 import Engine
 import Foundation
+import JSON
 import Tokenizer
 
 extension Dispatcher {

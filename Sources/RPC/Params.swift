@@ -2,45 +2,7 @@
 // number`). Every accessor either returns a valid value, the documented default, or throws an
 // `RPCError.invalidParams` with the path.
 import Foundation
-
-/// JSON null. A type check, not `is NSNull`: on Linux that cast bridges a Swift array or
-/// dictionary to Foundation first, copying the whole value (a train_step body's token lists).
-@inline(__always) public func isJSONNull(_ v: Any) -> Bool { type(of: v) == NSNull.self }
-
-/// A JSON number as either reader gives it: FastJSON's Int or Double, or Foundation's NSNumber
-/// (whose booleans are NSNumbers of ObjC type "c"). Booleans are not numbers.
-public enum JSONNumber {
-    case int(Int), double(Double)
-
-    public static func classify(_ v: Any) -> JSONNumber? {
-        let t = type(of: v)
-        if t == Int.self { return .int(v as! Int) }
-        if t == Double.self { return .double(v as! Double) }
-        if t == Bool.self { return nil }
-        guard let n = v as? NSNumber else { return nil }
-        switch String(cString: n.objCType) {
-        case "c": return nil
-        case "d", "f": return .double(n.doubleValue)
-        case "Q": return n.uint64Value <= UInt64(Int.max) ? .int(Int(n.uint64Value)) : .double(n.doubleValue)
-        default: return .int(n.intValue)
-        }
-    }
-
-    public var double: Double {
-        switch self {
-        case let .int(i): return Double(i)
-        case let .double(d): return d
-        }
-    }
-
-    /// The integer this number is exactly, if any (2.0 is 2; 2.5 and 1e300 are not).
-    public var exactInt: Int? {
-        switch self {
-        case let .int(i): return i
-        case let .double(d): return d.isFinite ? Int(exactly: d) : nil
-        }
-    }
-}
+import JSON
 
 public struct Params {
     public let object: [String: Any]
@@ -67,10 +29,7 @@ public struct Params {
         }
     }
 
-    static func isBool(_ v: Any) -> Bool {
-        if type(of: v) == Bool.self { return true }
-        return (v as? NSNumber).map { String(cString: $0.objCType) == "c" } ?? false
-    }
+    static func isBool(_ v: Any) -> Bool { JSONNumber.isBool(v) }
 
     public func int(_ key: String, _ fallback: Int? = nil, min: Int? = nil, max: Int? = nil) throws -> Int {
         guard has(key) else {

@@ -92,6 +92,11 @@ struct OpenAIRoutes: Sendable {
         return r
     }
 
+    /// An OpenAI-style id: the prefix and 24 random hex digits.
+    static func randomID(_ prefix: String) -> String {
+        prefix + UUID().uuidString.replacingOccurrences(of: "-", with: "").lowercased().prefix(24)
+    }
+
     /// The `model` field: the served model's name, or a LoRA adapter's (id, adapter).
     func resolveModel(_ p: Params) throws -> (String, String?) {
         guard p.has("model") else { return (modelName, nil) }
@@ -133,10 +138,10 @@ struct OpenAIRoutes: Sendable {
         if let user = request.user {
             logger.info("completion", metadata: ["user": "\(user)", "connection": "\(responder.connection)"])
         }
-        let id = "cmpl-" + UUID().uuidString.replacingOccurrences(of: "-", with: "").lowercased().prefix(24)
+        let id = Self.randomID("cmpl-")
         let created = Int(Date().timeIntervalSince1970)
         let model = request.modelID
-        let stream = StreamState(responder: responder, id: String(id), created: created, model: model, active: request.stream)
+        let stream = StreamState(responder: responder, id: id, created: created, model: model)
 
         let prepare: @Sendable (Dispatcher) throws -> Dispatcher.GenerateCall = { d in
             var prompts = request.prompts ?? []
@@ -150,7 +155,7 @@ struct OpenAIRoutes: Sendable {
                                            adapter: request.adapter)
         }
         let finish: @Sendable (Dispatcher, GenerationResult?, Dispatcher.GenerateCall) throws -> Any = { d, out, call in
-            try Self.body(d, out, call, request, id: String(id), created: created, model: model, stream: stream)
+            try Self.body(d, out, call, request, id: id, created: created, model: model, stream: stream)
         }
         let completion: Scheduler.Completion = { result in
             switch result {
@@ -292,17 +297,13 @@ class SSEStream: @unchecked Sendable {
 
     func fail(_ e: RPCError) {
         send(["error": ["message": e.message + (e.hint.map { ": \($0)" } ?? ""), "type": "server_error", "code": NSNull(), "param": NSNull()]])
-        responder.send(Data("data: [DONE]\n\n".utf8))
-        responder.finish()
+        done()
     }
 }
 
 /// The server-sent-event side of one streaming completion.
 final class StreamState: SSEStream, @unchecked Sendable {
-    let active: Bool
-
-    init(responder: HTTPResponder, id: String, created: Int, model: String, active: Bool) {
-        self.active = active
+    init(responder: HTTPResponder, id: String, created: Int, model: String) {
         super.init(responder: responder, id: id, created: created, model: model, objectName: "text_completion")
     }
 

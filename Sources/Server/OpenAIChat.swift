@@ -91,10 +91,10 @@ extension OpenAIRoutes {
         do { request = try parseChat(http.body) } catch let e as RPCError {
             responder.respond(Self.httpError(e)); return
         } catch { responder.respond(Self.error(400, "\(error)")); return }
-        let id = "chatcmpl-" + UUID().uuidString.replacingOccurrences(of: "-", with: "").lowercased().prefix(24)
+        let id = Self.randomID("chatcmpl-")
         let created = Int(Date().timeIntervalSince1970)
-        let stream = ChatStream(responder: responder, id: String(id), created: created, model: request.modelID,
-                                active: request.stream, buffered: request.tools != nil)
+        let stream = ChatStream(responder: responder, id: id, created: created, model: request.modelID,
+                                buffered: request.tools != nil)
         let prepare: @Sendable (Dispatcher) throws -> Dispatcher.GenerateCall = { d in
             var kwargs: [String: JValue] = [:]
             if let k = request.templateKwargs {
@@ -116,7 +116,7 @@ extension OpenAIRoutes {
                                            adapter: request.adapter)
         }
         let finish: @Sendable (Dispatcher, GenerationResult, Dispatcher.GenerateCall) throws -> Any = { d, out, call in
-            Self.chatBody(d, out, call, request, id: String(id), created: created)
+            Self.chatBody(d, out, call, request, id: id, created: created)
         }
         let completion: Scheduler.Completion = { result in
             switch result {
@@ -149,7 +149,7 @@ extension OpenAIRoutes {
             if let reasoning = parsed.reasoning { message["reasoning_content"] = reasoning }
             if !parsed.toolCalls.isEmpty {
                 message["tool_calls"] = parsed.toolCalls.map { c -> [String: Any] in
-                    ["id": "call_" + UUID().uuidString.replacingOccurrences(of: "-", with: "").lowercased().prefix(24), "type": "function",
+                    ["id": randomID("call_"), "type": "function",
                      "function": ["name": c.name, "arguments": c.arguments]]
                 }
             }
@@ -248,11 +248,11 @@ public struct ChatAnswer {
 /// whole at the end (a tool call is known only once it is complete).
 /// Sendable by hand: the compute thread and the completion both touch it; `started` under `lock`.
 final class ChatStream: SSEStream, @unchecked Sendable {
-    let active: Bool, buffered: Bool
+    let buffered: Bool
     private var opened = Set<Int>()
 
-    init(responder: HTTPResponder, id: String, created: Int, model: String, active: Bool, buffered: Bool) {
-        self.active = active; self.buffered = buffered
+    init(responder: HTTPResponder, id: String, created: Int, model: String, buffered: Bool) {
+        self.buffered = buffered
         super.init(responder: responder, id: id, created: created, model: model, objectName: "chat.completion.chunk")
     }
 

@@ -115,8 +115,8 @@ def evaluate(client: Client, problems, max_tokens: int, k: int, seed: int, adapt
     """Greedy pass@1 and (when k > 1) sampled pass@k on a fixed set of problems. Problems of a
     multi-turn task run as episodes (ember.multiturn.run_episodes); their `tool_rate` is the share
     of greedy episodes that call a tool."""
-    single = [p for p in problems if not is_multiturn(p.task)]
-    multi = [p for p in problems if is_multiturn(p.task)]
+    single = [p for p in problems if not tasks.is_multiturn(p.task)]
+    multi = [p for p in problems if tasks.is_multiturn(p.task)]
     greedy = 0
     passk = 0
     for i in range(0, len(single), 64):
@@ -143,10 +143,6 @@ def evaluate(client: Client, problems, max_tokens: int, k: int, seed: int, adapt
     if k > 1:
         result[f"pass@{k}"] = passk / n
     return result
-
-
-def is_multiturn(task_name: str) -> bool:
-    return bool(getattr(tasks.get(task_name), "multiturn", False))
 
 
 def environment(problem):
@@ -189,7 +185,7 @@ def build_probes(client: Client, task_names, count: int, seed: int):
     rng = random.Random(seed)
     for name in task_names:
         task = tasks.get(name)
-        if is_multiturn(name):
+        if tasks.is_multiturn(name):
             # The spark of a tool task is calling the tool: P(first token of "<tool_call>") at the
             # start of the first answer to a held-out problem.
             call = client.tokenize(text=task.spark_words[0], add_special_tokens=False)
@@ -375,7 +371,7 @@ def main(argv=None) -> int:
             name = task_names[(step - 1) % len(task_names)] if len(task_names) > 1 else task_names[0]
             task = tasks.get(name)
             problems = tasks.sample(task, "train", args.prompts, seed=args.seed * 100003 + step)
-            if is_multiturn(name):
+            if tasks.is_multiturn(name):
                 items, rewards, lengths, sparks = sample_episodes(client, problems, args, rng.randrange(2 ** 31), proxy, adapter)
                 t1 = time.time()
                 result = client.train_step(loss=loss, batch=items, mini_batches=args.mini_batches if args.mini_batches > 1 else None,

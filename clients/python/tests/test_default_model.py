@@ -9,7 +9,6 @@ import pytest
 
 from conftest import ROOT
 from ember import Client, rl, tasks
-from ember.multiturn import run_episodes
 
 MODEL = os.path.join(ROOT, "models", "ember-default")
 
@@ -23,21 +22,11 @@ def test_default_model_reaches_its_stated_base_accuracy(default_server):
     size = stated["args"]["eval_size"]
     for name, want in stated["heldout_greedy_pass@1"].items():
         task = tasks.get(name)
-        problems = tasks.sample(task, "heldout", size, 1000)
-        if getattr(task, "multiturn", False):
-            # Greedy episodes, as the script evaluates them (ember.multiturn, up to 3 model turns).
-            episodes = run_episodes(c, [task.environment(p) for p in problems], max_turns=3, max_tokens=128,
-                                    temperature=0.0)
-            correct = sum(e.reward for e in episodes)
-        else:
-            correct = 0
-            for i in range(0, size, 64):
-                chunk = problems[i:i + 64]
-                out = c.generate(prompts=[p.prompt for p in chunk], max_tokens=96, temperature=0.0, logprobs=False)
-                correct += sum(tasks.check(p, r["samples"][0]["text"]) for p, r in zip(chunk, out["results"]))
-        assert correct / size == pytest.approx(want, abs=1e-9), name
+        # The script's own evaluation (ember.rl's, greedy; multi-turn problems as episodes).
+        got = rl.evaluate(c, tasks.sample(task, "heldout", size, 1000), 128, k=1, seed=0)["pass@1"]
+        assert got == pytest.approx(want, abs=1e-9), name
         assert want <= 0.7, f"{name}: the base model leaves room for RL"
-        if not getattr(task, "multiturn", False):
+        if not tasks.is_multiturn(task):
             assert want >= 0.05, f"{name}: the base model can already solve some problems"
 
 

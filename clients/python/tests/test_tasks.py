@@ -16,7 +16,7 @@ def test_problems_are_seeded_and_splits_disjoint(name):
     assert all(tasks.split_of(p.prompt) == "heldout" for p in held)
 
 
-@pytest.mark.parametrize("name", [n for n in tasks.names() if not getattr(tasks.get(n), "multiturn", False)])
+@pytest.mark.parametrize("name", [n for n in tasks.names() if not tasks.is_multiturn(n)])
 def test_clean_traces_are_accepted(name):
     t = tasks.get(name)
     rng = random.Random(0)

@@ -66,6 +66,12 @@ def sample(task, split: str, count: int, seed: int, distinct: bool = True) -> Li
     return out
 
 
+def is_multiturn(task) -> bool:
+    """Whether a task (or its name) runs as multi-turn episodes (ember.multiturn) rather than
+    single prompts."""
+    return bool(getattr(get(task) if isinstance(task, str) else task, "multiturn", False))
+
+
 def check(problem: Problem, response: str) -> bool:
     return get(problem.task).check(problem, response)
 
