@@ -3,12 +3,11 @@ import Foundation
 import PackageDescription
 
 /// Release builds of the numeric code skip bounds checks inside kernels (they take unsafe
-/// pointers already) and exclusivity checks on hot loops. Every build targets AVX2 + FMA
-/// (x86-64 "haswell" and later): the row-invariant projection kernel is written with fused
-/// multiply-adds, which are exact-rounded everywhere but only fast with hardware FMA.
+/// pointers already) and exclusivity checks on hot loops. Everything builds for baseline x86-64;
+/// the hot kernels (Sources/CKernels) are compiled twice, for AVX2 + FMA and for AVX-512, and
+/// chosen at start-up from CPUID.
 let fastMath: [SwiftSetting] = [
     .unsafeFlags(["-Ounchecked", "-enforce-exclusivity=unchecked"], .when(configuration: .release)),
-    .unsafeFlags(["-target-cpu", "haswell"]),
 ]
 
 let package = Package(
@@ -33,7 +32,10 @@ let package = Package(
         .systemLibrary(name: "CHTTPParser", providers: [.apt(["libhttp-parser-dev"])]),
 
         // MARK: - Layers (each depends only on the ones above it)
-        .target(name: "Kernels", dependencies: ["COpenBLAS"], swiftSettings: fastMath),
+        // The kernel sets: C with clang vector extensions, no contraction of a·b + c (every fused
+        // multiply-add is written out), always optimised (debug builds run the tests too).
+        .target(name: "CKernels", cSettings: [.unsafeFlags(["-O3", "-ffp-contract=off", "-Wno-psabi"])]),
+        .target(name: "Kernels", dependencies: ["COpenBLAS", "CKernels"], swiftSettings: fastMath),
         .target(name: "Weights", dependencies: ["Kernels"], swiftSettings: fastMath),
         .target(name: "Models", dependencies: ["Kernels", "Weights"], swiftSettings: fastMath),
         .target(name: "Tokenizer", swiftSettings: fastMath),

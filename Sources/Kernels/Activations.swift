@@ -6,34 +6,20 @@ import Foundation
 /// h[T, I] = silu(gate) · up, with gateUp[T, 2I] = [gate | up] per row.
 public func swigluForward(_ h: UnsafeMutablePointer<Float>, _ gateUp: UnsafePointer<Float>,
                           rows: Int, intermediate I: Int) {
+    let table = Kernels.table
     parallelFor(rows, minPerThread: 32) { t in
-        let g = gateUp + t * 2 * I, u = g + I, o = h + t * I
-        var i = 0
-        while i < I {
-            let n = min(8, I - i)
-            let x = load8(g + i, n), up = load8(u + i, n)
-            let v = x / (1 + exp8(-x)) * up
-            store8(o + i, v, n)
-            i += 8
-        }
+        let g = gateUp + t * 2 * I
+        table.pointee.swiglu_forward(h + t * I, g, g + I, I)
     }
 }
 
 /// Backward of `swigluForward`: dGateUp[T, 2I] overwritten.
 public func swigluBackward(_ dGateUp: UnsafeMutablePointer<Float>, _ dh: UnsafePointer<Float>,
                            _ gateUp: UnsafePointer<Float>, rows: Int, intermediate I: Int) {
+    let table = Kernels.table
     parallelFor(rows, minPerThread: 32) { t in
-        let g = gateUp + t * 2 * I, u = g + I, d = dh + t * I
-        let dg = dGateUp + t * 2 * I, du = dg + I
-        var i = 0
-        while i < I {
-            let n = min(8, I - i)
-            let x = load8(g + i, n), up = load8(u + i, n), dd = load8(d + i, n)
-            let s = 1 / (1 + exp8(-x))
-            store8(du + i, dd * (x * s), n)
-            store8(dg + i, dd * up * s * (1 + x * (1 - s)), n)
-            i += 8
-        }
+        let g = gateUp + t * 2 * I, dg = dGateUp + t * 2 * I
+        table.pointee.swiglu_backward(dg, dg + I, dh + t * I, g, g + I, I)
     }
 }
 

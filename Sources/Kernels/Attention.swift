@@ -87,151 +87,37 @@ public func attentionForward(_ out: UnsafeMutablePointer<Float>, _ lse: UnsafeMu
     }
 }
 
-/// `scoreRow` for two query heads against the same keys: each score is the same chain.
+// The per-row pieces run in the kernel set (Sources/CKernels): each score is one 8-lane fused
+// chain over the head's dimensions, each weighted-sum element one fused chain over the keys.
+
+/// `scoreRow` for two query heads against the same keys (each key row read once).
 @inline(__always)
 func scoreRowPair(_ scores: UnsafeMutablePointer<Float>, _ scores2: UnsafeMutablePointer<Float>,
                   _ q: UnsafePointer<Float>, _ q2: UnsafePointer<Float>, _ keys: UnsafePointer<Float>,
                   rowStride: Int, count: Int, headSize HS: Int, scale: Float) {
-    guard HS % 8 == 0 else {
-        scoreRow(scores, q, keys, rowStride: rowStride, count: count, headSize: HS, scale: scale)
-        scoreRow(scores2, q2, keys, rowStride: rowStride, count: count, headSize: HS, scale: scale)
-        return
-    }
-    var j = 0
-    while j + 4 <= count {
-        let k0 = keys + j * rowStride, k1 = k0 + rowStride, k2 = k1 + rowStride, k3 = k2 + rowStride
-        var a0 = SIMD8<Float>(), a1 = SIMD8<Float>(), a2 = SIMD8<Float>(), a3 = SIMD8<Float>()
-        var b0 = SIMD8<Float>(), b1 = SIMD8<Float>(), b2 = SIMD8<Float>(), b3 = SIMD8<Float>()
-        var d = 0
-        while d < HS {
-            let qv = UnsafeRawPointer(q + d).loadUnaligned(as: SIMD8<Float>.self)
-            let qv2 = UnsafeRawPointer(q2 + d).loadUnaligned(as: SIMD8<Float>.self)
-            let v0 = UnsafeRawPointer(k0 + d).loadUnaligned(as: SIMD8<Float>.self)
-            let v1 = UnsafeRawPointer(k1 + d).loadUnaligned(as: SIMD8<Float>.self)
-            a0.addProduct(qv, v0); b0.addProduct(qv2, v0)
-            a1.addProduct(qv, v1); b1.addProduct(qv2, v1)
-            let v2 = UnsafeRawPointer(k2 + d).loadUnaligned(as: SIMD8<Float>.self)
-            let v3 = UnsafeRawPointer(k3 + d).loadUnaligned(as: SIMD8<Float>.self)
-            a2.addProduct(qv, v2); b2.addProduct(qv2, v2)
-            a3.addProduct(qv, v3); b3.addProduct(qv2, v3)
-            d += 8
-        }
-        scores[j] = a0.sum() * scale; scores[j + 1] = a1.sum() * scale
-        scores[j + 2] = a2.sum() * scale; scores[j + 3] = a3.sum() * scale
-        scores2[j] = b0.sum() * scale; scores2[j + 1] = b1.sum() * scale
-        scores2[j + 2] = b2.sum() * scale; scores2[j + 3] = b3.sum() * scale
-        j += 4
-    }
-    while j < count {
-        scores[j] = dot(q, keys + j * rowStride, HS) * scale
-        scores2[j] = dot(q2, keys + j * rowStride, HS) * scale
-        j += 1
-    }
+    Kernels.table.pointee.score_rows(scores, scores2, q, q2, keys, rowStride, Int32(count), Int32(HS), scale)
 }
 
-/// `weightedSum` for two heads' weights over the same values: each element is the same chain.
+/// `weightedSum` for two heads' weights over the same values.
 @inline(__always)
 func weightedSumPair(_ o: UnsafeMutablePointer<Float>, _ o2: UnsafeMutablePointer<Float>,
                      _ w: UnsafePointer<Float>, _ w2: UnsafePointer<Float>, _ values: UnsafePointer<Float>,
                      rowStride: Int, count: Int, headSize HS: Int, scale: Float, _ scale2: Float) {
-    guard HS % 32 == 0 else {
-        weightedSum(o, w, values, rowStride: rowStride, count: count, headSize: HS, scale: scale)
-        weightedSum(o2, w2, values, rowStride: rowStride, count: count, headSize: HS, scale: scale2)
-        return
-    }
-    var d = 0
-    while d < HS {
-        var a0 = SIMD8<Float>(), a1 = SIMD8<Float>(), a2 = SIMD8<Float>(), a3 = SIMD8<Float>()
-        var b0 = SIMD8<Float>(), b1 = SIMD8<Float>(), b2 = SIMD8<Float>(), b3 = SIMD8<Float>()
-        for j in 0..<count {
-            let v = values + j * rowStride + d
-            let p = SIMD8<Float>(repeating: w[j]), p2 = SIMD8<Float>(repeating: w2[j])
-            let v0 = UnsafeRawPointer(v).loadUnaligned(as: SIMD8<Float>.self)
-            let v1 = UnsafeRawPointer(v + 8).loadUnaligned(as: SIMD8<Float>.self)
-            a0.addProduct(p, v0); b0.addProduct(p2, v0)
-            a1.addProduct(p, v1); b1.addProduct(p2, v1)
-            let v2 = UnsafeRawPointer(v + 16).loadUnaligned(as: SIMD8<Float>.self)
-            let v3 = UnsafeRawPointer(v + 24).loadUnaligned(as: SIMD8<Float>.self)
-            a2.addProduct(p, v2); b2.addProduct(p2, v2)
-            a3.addProduct(p, v3); b3.addProduct(p2, v3)
-        }
-        let sc = SIMD8<Float>(repeating: scale), sc2 = SIMD8<Float>(repeating: scale2)
-        store8(o + d, a0 * sc, 8); store8(o + d + 8, a1 * sc, 8)
-        store8(o + d + 16, a2 * sc, 8); store8(o + d + 24, a3 * sc, 8)
-        store8(o2 + d, b0 * sc2, 8); store8(o2 + d + 8, b1 * sc2, 8)
-        store8(o2 + d + 16, b2 * sc2, 8); store8(o2 + d + 24, b3 * sc2, 8)
-        d += 32
-    }
+    Kernels.table.pointee.weighted_sum(o, o2, w, w2, values, rowStride, Int32(count), Int32(HS), scale, scale2)
 }
 
-/// scores[j] = dot(q, k_j)·scale for j < count, four keys at a time (each key's dot is the same
-/// chain as `dot`).
+/// scores[j] = dot(q, k_j)·scale for j < count (each the chain of `dot`).
 @inline(__always)
 func scoreRow(_ scores: UnsafeMutablePointer<Float>, _ q: UnsafePointer<Float>, _ keys: UnsafePointer<Float>,
               rowStride: Int, count: Int, headSize HS: Int, scale: Float) {
-    var j = 0
-    while j + 4 <= count {
-        let k0 = keys + j * rowStride, k1 = k0 + rowStride, k2 = k1 + rowStride, k3 = k2 + rowStride
-        var a0 = SIMD8<Float>(), a1 = SIMD8<Float>(), a2 = SIMD8<Float>(), a3 = SIMD8<Float>()
-        var d = 0
-        while d + 8 <= HS {
-            let qv = UnsafeRawPointer(q + d).loadUnaligned(as: SIMD8<Float>.self)
-            a0.addProduct(qv, UnsafeRawPointer(k0 + d).loadUnaligned(as: SIMD8<Float>.self))
-            a1.addProduct(qv, UnsafeRawPointer(k1 + d).loadUnaligned(as: SIMD8<Float>.self))
-            a2.addProduct(qv, UnsafeRawPointer(k2 + d).loadUnaligned(as: SIMD8<Float>.self))
-            a3.addProduct(qv, UnsafeRawPointer(k3 + d).loadUnaligned(as: SIMD8<Float>.self))
-            d += 8
-        }
-        var s0 = a0.sum(), s1 = a1.sum(), s2 = a2.sum(), s3 = a3.sum()
-        while d < HS {
-            s0 += q[d] * k0[d]; s1 += q[d] * k1[d]; s2 += q[d] * k2[d]; s3 += q[d] * k3[d]
-            d += 1
-        }
-        scores[j] = s0 * scale; scores[j + 1] = s1 * scale; scores[j + 2] = s2 * scale; scores[j + 3] = s3 * scale
-        j += 4
-    }
-    while j < count {
-        scores[j] = dot(q, keys + j * rowStride, HS) * scale
-        j += 1
-    }
+    Kernels.table.pointee.score_rows(scores, nil, q, nil, keys, rowStride, Int32(count), Int32(HS), scale)
 }
 
-/// o[d] = scale · Σ_j w[j]·v_j[d], accumulated over j in order per element (32 columns of d
-/// at a time in registers).
+/// o[d] = scale · Σ_j w[j]·v_j[d], accumulated over j in order per element.
 @inline(__always)
 func weightedSum(_ o: UnsafeMutablePointer<Float>, _ w: UnsafePointer<Float>, _ values: UnsafePointer<Float>,
                  rowStride: Int, count: Int, headSize HS: Int, scale: Float) {
-    var d = 0
-    while d < HS {
-        let n0 = min(8, HS - d), n1 = max(0, min(8, HS - d - 8)), n2 = max(0, min(8, HS - d - 16))
-        let n3 = max(0, min(8, HS - d - 24))
-        var a0 = SIMD8<Float>(), a1 = SIMD8<Float>(), a2 = SIMD8<Float>(), a3 = SIMD8<Float>()
-        if n3 == 8 {
-            for j in 0..<count {
-                let v = values + j * rowStride + d
-                let p = SIMD8<Float>(repeating: w[j])
-                a0.addProduct(p, UnsafeRawPointer(v).loadUnaligned(as: SIMD8<Float>.self))
-                a1.addProduct(p, UnsafeRawPointer(v + 8).loadUnaligned(as: SIMD8<Float>.self))
-                a2.addProduct(p, UnsafeRawPointer(v + 16).loadUnaligned(as: SIMD8<Float>.self))
-                a3.addProduct(p, UnsafeRawPointer(v + 24).loadUnaligned(as: SIMD8<Float>.self))
-            }
-        } else {
-            for j in 0..<count {
-                let v = values + j * rowStride + d
-                let p = SIMD8<Float>(repeating: w[j])
-                a0.addProduct(p, load8(v, n0))
-                if n1 > 0 { a1.addProduct(p, load8(v + 8, n1)) }
-                if n2 > 0 { a2.addProduct(p, load8(v + 16, n2)) }
-                if n3 > 0 { a3.addProduct(p, load8(v + 24, n3)) }
-            }
-        }
-        let sc = SIMD8<Float>(repeating: scale)
-        store8(o + d, a0 * sc, n0)
-        if n1 > 0 { store8(o + d + 8, a1 * sc, n1) }
-        if n2 > 0 { store8(o + d + 16, a2 * sc, n2) }
-        if n3 > 0 { store8(o + d + 24, a3 * sc, n3) }
-        d += 32
-    }
+    Kernels.table.pointee.weighted_sum(o, nil, w, nil, values, rowStride, Int32(count), Int32(HS), scale, 1)
 }
 
 /// Backward of `attentionForward` over a packed batch whose keys/values are the batch's own rows

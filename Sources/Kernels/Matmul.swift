@@ -1,4 +1,5 @@
 import COpenBLAS
+import CKernels
 
 /// The one entry point to BLAS matrix multiplication (backward passes, where rounding may depend
 /// on the batch shape).
@@ -22,38 +23,37 @@ public func sgemm(transA: Bool, transB: Bool, m: Int, n: Int, k: Int, alpha: Flo
                 a, Int32(lda), b, Int32(ldb), beta, c, Int32(ldc))
 }
 
-// MARK: - Row-invariant projection
+// MARK: - Ember's GEMM
 
 // OpenBLAS 0.3.21's sgemm rounds a row of A·Bᵀ differently depending on where the row falls in
-// its 12-wide tiles, on M, and on how the call is split between threads (measured on this
-// machine kind's Haswell kernel; docs/design-notes.md). Sampling, scoring and training must see
-// the same bits for the same token, so every forward projection goes through `project`: each
-// output element is one fused multiply-add chain over k = 0..<K, whatever M, the row's position,
-// the thread count or the CPU. Measured at 85-100% of OpenBLAS's throughput here.
+// its tiles, on M, and on how the call is split between threads (docs/design-notes.md). Sampling,
+// scoring and training must see the same bits for the same token, so every product goes through
+// `gemm`: each output element is one fused multiply-add chain over k = 0..<K in order, whatever
+// M, the row's position, the thread count or the kernel set. Blocking over k keeps the chain: a
+// block's partial sums are stored in C and the next block continues from them (a float stored and
+// loaded is exact). The micro-kernels are in Sources/CKernels (AVX2 and AVX-512 sets).
 
-/// Columns per packed panel (two 8-lane AVX registers).
-public let panelWidth = 16
-/// Columns per work unit: a group of panels packed together and shared by one thread.
-let columnGroup = 256
-/// Rows of A kept hot in L2 while a group's panels stream past.
-let rowBlock = 96
+/// Columns per packed panel.
+public let panelWidth = Int(EMBER_PANEL)
 
 /// A weight matrix W[N, K] re-laid as panels of 16 columns: panel p holds W[16p..<16p+16, k]
 /// for k = 0..<K, lane-contiguous (zero-padded past N). Built once per weights version for
-/// decoding; `project` packs on the fly otherwise.
-public final class PackedMatrix {
+/// decoding; `gemm` packs blocks on the fly otherwise.
+public final class PackedMatrix: @unchecked Sendable {
     public let rows: Int      // N (output features)
     public let columns: Int   // K (input features)
     let panels: UnsafeMutablePointer<Float>
 
     public init(_ w: UnsafePointer<Float>, rows n: Int, columns k: Int) {
         rows = n; columns = k
-        let count = ((n + panelWidth - 1) / panelWidth) * panelWidth * k
-        panels = .allocate(capacity: max(1, count))
-        let groups = (n + columnGroup - 1) / columnGroup
-        parallelFor(groups) { g in
-            packColumns(w, k: k, from: g * columnGroup, to: min(n, (g + 1) * columnGroup),
-                        into: self.panels + g * columnGroup * k)
+        let panelCount = (n + panelWidth - 1) / panelWidth
+        panels = .allocate(capacity: max(1, panelCount * panelWidth * k))
+        let table = Kernels.table
+        let chunk = 16   // panels per work item
+        parallelFor((panelCount + chunk - 1) / chunk) { g in
+            let j0 = g * chunk * panelWidth
+            table.pointee.pack_panels(w + j0 * k, 1, k, k, Int32(min(n - j0, chunk * panelWidth)),
+                                      self.panels + g * chunk * panelWidth * k, panelWidth * k)
         }
     }
 
@@ -62,112 +62,129 @@ public final class PackedMatrix {
     public var byteCount: Int { ((rows + panelWidth - 1) / panelWidth) * panelWidth * columns * 4 }
 }
 
-/// Packs W rows j0..<j1 into consecutive panels at `dst`.
-@inline(__always)
-func packColumns(_ w: UnsafePointer<Float>, k: Int, from j0: Int, to j1: Int, into dst: UnsafeMutablePointer<Float>) {
-    var p = 0, j = j0
-    while j < j1 {
-        let width = min(panelWidth, j1 - j)
-        let panel = dst + p * k * panelWidth
-        for lane in 0..<panelWidth {
-            if lane < width {
-                let src = w + (j + lane) * k
-                for kk in 0..<k { panel[kk * panelWidth + lane] = src[kk] }
-            } else {
-                for kk in 0..<k { panel[kk * panelWidth + lane] = 0 }
+/// Where `gemm` reads B[k, n] from.
+public enum GemmB {
+    /// B = Wᵀ for W[n, k] with row stride `ld` (a weight in nn.Linear layout).
+    case transposed(UnsafePointer<Float>, ld: Int)
+    /// B stored row-major [k, n] with row stride `ld`.
+    case rows(UnsafePointer<Float>, ld: Int)
+    /// B = Wᵀ, W already packed.
+    case packed(PackedMatrix)
+}
+
+/// Where `gemm` reads A from: op(A)[m, k].
+public enum GemmA {
+    /// A stored row-major [m, k] with row stride `ld`.
+    case rows(UnsafePointer<Float>, ld: Int)
+    /// A = Xᵀ for X stored [k, m] with row stride `ld` (e.g. dYᵀ in a weight gradient).
+    case transposed(UnsafePointer<Float>, ld: Int)
+}
+
+/// C[m, n] (row stride ldc) = alpha · op(A)·B, or, with `accumulate`, C += op(A)·B with each
+/// element's chain starting from its current value (alpha must then be 1; use `gemmAddScaled`).
+public func gemm(m: Int, n: Int, k: Int, alpha: Float = 1, _ a: GemmA, _ b: GemmB,
+                 _ c: UnsafeMutablePointer<Float>, ldc: Int, accumulate: Bool = false) {
+    precondition(!accumulate || alpha == 1, "gemm: accumulate takes alpha 1")
+    if m == 0 || n == 0 { return }
+    if k == 0 {
+        if !accumulate { for i in 0..<m { (c + i * ldc).update(repeating: 0, count: n) } }
+        return
+    }
+    let table = Kernels.table
+    let (aBase, aRS, aKS): (UnsafePointer<Float>, Int, Int) = switch a {
+    case let .rows(p, ld): (p, ld, 1)
+    case let .transposed(p, ld): (p, 1, ld)
+    }
+    // Decoding (a few rows): one k block, weights streamed once, work split by columns.
+    let small = m <= 8
+    let kBlocks = small ? 1 : (k + 511) / 512
+    let kc0 = (k + kBlocks - 1) / kBlocks
+    let nc = small ? n : min(n, 2048)                 // columns per packed block of B
+    let rowBlock = small ? m : 96                      // rows per work item (A block in L2)
+    let colChunk = small ? 64 : 256                    // columns per work item
+    let threads = (m * n * k < (1 << 20) && n * k < (1 << 16)) ? 1 : Compute.threads
+    var scratch: UnsafeMutablePointer<Float>? = nil
+    if case .packed = b {} else {
+        scratch = .allocate(capacity: ((min(nc, n) + panelWidth - 1) / panelWidth) * panelWidth * kc0)
+    }
+    defer { scratch?.deallocate() }
+
+    var jc = 0
+    while jc < n {
+        let nb = min(nc, n - jc)
+        let panelCount = (nb + panelWidth - 1) / panelWidth
+        var pc = 0
+        while pc < k {
+            let kc = min(kc0, k - pc)
+            // B block: panels of columns jc..<jc+nb, rows pc..<pc+kc.
+            let panels: UnsafePointer<Float>, pstride: Int
+            switch b {
+            case let .packed(pm):
+                panels = UnsafePointer(pm.panels + (jc / panelWidth) * panelWidth * pm.columns + pc * panelWidth)
+                pstride = panelWidth * pm.columns
+            case let .transposed(w, ld):
+                let dst = scratch!
+                pstride = panelWidth * kc
+                let chunks = (panelCount + 15) / 16
+                parallelFor(chunks, minPerThread: threads > 1 ? 1 : chunks) { g in
+                    let j0 = g * 16 * panelWidth
+                    table.pointee.pack_panels(w + (jc + j0) * ld + pc, 1, ld, kc, Int32(min(nb - j0, 16 * panelWidth)),
+                                              dst + g * 16 * pstride, pstride)
+                }
+                panels = UnsafePointer(dst)
+            case let .rows(p, ld):
+                let dst = scratch!
+                pstride = panelWidth * kc
+                let chunks = (panelCount + 15) / 16
+                parallelFor(chunks, minPerThread: threads > 1 ? 1 : chunks) { g in
+                    let j0 = g * 16 * panelWidth
+                    table.pointee.pack_panels(p + pc * ld + jc + j0, ld, 1, kc, Int32(min(nb - j0, 16 * panelWidth)),
+                                              dst + g * 16 * pstride, pstride)
+                }
+                panels = UnsafePointer(dst)
             }
+            let loadC = accumulate || pc > 0, finish = pc + kc >= k
+            let rowBlocks = (m + rowBlock - 1) / rowBlock
+            let colChunks = (nb + colChunk - 1) / colChunk
+            let items = rowBlocks * colChunks
+            let body = { (item: Int) in
+                let rb = item / colChunks, cb = item % colChunks
+                let r0 = rb * rowBlock, rows = min(rowBlock, m - r0)
+                let j0 = cb * colChunk, cols = min(colChunk, nb - j0)
+                let next: UnsafePointer<Float>? = small && cb + 1 < colChunks ? panels + ((j0 + colChunk) / panelWidth) * pstride : nil
+                table.pointee.gemm_block(aBase + r0 * aRS + pc * aKS, aRS, aKS, Int32(rows),
+                                         panels + (j0 / panelWidth) * pstride, pstride, Int32(cols), kc,
+                                         c + r0 * ldc + jc + j0, ldc, alpha, loadC ? 1 : 0, finish ? 1 : 0, next)
+            }
+            if threads == 1 || items == 1 {
+                for item in 0..<items { body(item) }
+            } else {
+                parallelRanges(items, minPerThread: 1) { _, lo, hi in for item in lo..<hi { body(item) } }
+            }
+            pc += kc
         }
-        p += 1
-        j += panelWidth
+        jc += nb
+    }
+}
+
+/// C += alpha · op(A)·B with the product rounded first (alpha ≠ 1: LoRA's scaled gradients).
+public func gemmAddScaled(m: Int, n: Int, k: Int, alpha: Float, _ a: GemmA, _ b: GemmB,
+                          _ c: UnsafeMutablePointer<Float>, ldc: Int) {
+    if alpha == 1 { gemm(m: m, n: n, k: k, a, b, c, ldc: ldc, accumulate: true); return }
+    let t = UnsafeMutablePointer<Float>.allocate(capacity: max(1, m * n))
+    defer { t.deallocate() }
+    gemm(m: m, n: n, k: k, alpha: alpha, a, b, t, ldc: n)
+    for i in 0..<m {
+        let row = c + i * ldc, src = t + i * n
+        for j in 0..<n { row[j] += src[j] }
     }
 }
 
 /// y[M, N] = x[M, K] · W[N, K]ᵀ, row-invariant (see above). `packed`, when given, must hold W.
-/// Large M is split by rows (each worker packs every column group into its own scratch); small M
-/// (decoding) by column groups. Neither split changes any element's chain.
 public func project(_ y: UnsafeMutablePointer<Float>, _ x: UnsafePointer<Float>, rows m: Int,
                     _ w: UnsafePointer<Float>, outFeatures n: Int, inFeatures k: Int,
                     packed: PackedMatrix? = nil) {
-    if m == 0 || n == 0 { return }
-    let groups = (n + columnGroup - 1) / columnGroup
-    let splitRows = m >= 2 * rowBlock && (Compute.threads > groups || m >= 4 * rowBlock * Compute.threads)
-    // A thread wake-up pays off above ~1M multiply-adds, or when the weights alone are large
-    // enough that reading them (decoding) takes longer than the wake-up.
-    let threads = (m * n * k < (1 << 20) && n * k < (1 << 16)) ? 1 : Compute.threads
-    // With packed weights a small M splits by panels instead of column groups, so that a
-    // 256-column projection (one group) still keeps every thread busy.
-    let panelCount = (n + panelWidth - 1) / panelWidth
-    let splitPanels = !splitRows && packed != nil && groups < threads
-    let workers = max(1, min(threads, splitRows ? (m + rowBlock - 1) / rowBlock : splitPanels ? panelCount : groups))
-    let scratch = packed == nil ? UnsafeMutablePointer<Float>.allocate(capacity: workers * columnGroup * k) : nil
-    defer { scratch?.deallocate() }
-
-    /// Columns of group g for rows r0..<r1.
-    func run(group g: Int, rows r0: Int, _ r1: Int, worker: Int) {
-        let j0 = g * columnGroup, j1 = min(n, j0 + columnGroup)
-        let panels: UnsafePointer<Float>
-        if let packed {
-            panels = UnsafePointer(packed.panels + g * columnGroup * k)
-        } else {
-            let buf = scratch! + worker * columnGroup * k
-            packColumns(w, k: k, from: j0, to: j1, into: buf)
-            panels = UnsafePointer(buf)
-        }
-        var b0 = r0
-        while b0 < r1 {
-            let b1 = min(r1, b0 + rowBlock)
-            var j = j0, p = 0
-            while j < j1 {
-                let cols = min(panelWidth, j1 - j)
-                var r = b0
-                while r < b1 {
-                    microTile(x + r * k, rows: min(6, b1 - r), panels + p * k * panelWidth, k: k,
-                              y + r * n + j, ldc: n, cols: cols,
-                              prefetch: packed != nil && r == b0 && j + panelWidth < j1 ? panels + (p + 1) * k * panelWidth : nil)
-                    r += 6
-                }
-                j += panelWidth
-                p += 1
-            }
-            b0 = b1
-        }
-    }
-
-    /// Panels p0..<p1 (of the packed matrix) for every row.
-    func runPanels(_ p0: Int, _ p1: Int) {
-        let panels = UnsafePointer(packed!.panels)
-        var b0 = 0
-        while b0 < m {
-            let b1 = min(m, b0 + rowBlock)
-            for p in p0..<p1 {
-                let j = p * panelWidth, cols = min(panelWidth, n - j)
-                var r = b0
-                while r < b1 {
-                    microTile(x + r * k, rows: min(6, b1 - r), panels + p * k * panelWidth, k: k,
-                              y + r * n + j, ldc: n, cols: cols,
-                              prefetch: r == b0 && p + 1 < p1 ? panels + (p + 1) * k * panelWidth : nil)
-                    r += 6
-                }
-            }
-            b0 = b1
-        }
-    }
-
-    if workers == 1 {
-        for g in 0..<groups { run(group: g, rows: 0, m, worker: 0) }
-    } else if splitPanels {
-        parallelRanges(panelCount) { _, lo, hi in runPanels(lo, hi) }
-    } else if splitRows {
-        let blocks = (m + rowBlock - 1) / rowBlock
-        parallelRanges(blocks, minPerThread: 1) { worker, lo, hi in
-            if lo == hi { return }
-            for g in 0..<groups { run(group: g, rows: lo * rowBlock, min(m, hi * rowBlock), worker: worker) }
-        }
-    } else {
-        parallelRanges(groups) { worker, lo, hi in
-            for g in lo..<hi { run(group: g, rows: 0, m, worker: worker) }
-        }
-    }
+    gemm(m: m, n: n, k: k, .rows(x, ld: k), packed.map { .packed($0) } ?? .transposed(w, ld: k), y, ldc: n)
 }
 
 /// y[m, n] (row stride `ldy`) = x[m, k] · Wᵀ with W packed, on the calling thread (callers
@@ -178,106 +195,19 @@ public func projectSerial(_ y: UnsafeMutablePointer<Float>, ldy: Int, _ x: Unsaf
                           packed: PackedMatrix, addScaled scale: Float? = nil) {
     let n = packed.rows, k = packed.columns
     if m == 0 || n == 0 { return }
-    withUnsafeTemporaryAllocation(of: Float.self, capacity: 6 * panelWidth) { tileBuffer in
-        let tile = tileBuffer.baseAddress!
-        var r = 0
-        while r < m {
-            let rows = min(6, m - r)
-            var j = 0, p = 0
-            while j < n {
-                let cols = min(panelWidth, n - j)
-                let panel = UnsafePointer(packed.panels + p * k * panelWidth)
-                if let scale {
-                    microTile(x + r * k, rows: rows, panel, k: k, tile, ldc: panelWidth, cols: panelWidth)
-                    for i in 0..<rows {
-                        let dst = y + (r + i) * ldy + j, src = tile + i * panelWidth
-                        for c in 0..<cols { dst[c] += src[c] * scale }
-                    }
-                } else {
-                    microTile(x + r * k, rows: rows, panel, k: k, y + r * ldy + j, ldc: ldy, cols: cols)
-                }
-                j += panelWidth
-                p += 1
-            }
-            r += rows
+    let table = Kernels.table
+    guard let scale else {
+        table.pointee.gemm_block(x, k, 1, Int32(m), packed.panels, panelWidth * k, Int32(n), k, y, ldy, 1, 0, 1, nil)
+        return
+    }
+    withUnsafeTemporaryAllocation(of: Float.self, capacity: m * n) { t in
+        let tile = t.baseAddress!
+        table.pointee.gemm_block(x, k, 1, Int32(m), packed.panels, panelWidth * k, Int32(n), k, tile, n, 1, 0, 1, nil)
+        for i in 0..<m {
+            let dst = y + i * ldy, src = tile + i * n
+            for c in 0..<n { dst[c] += src[c] * scale }
         }
     }
-}
-
-/// Up to 6 rows × 16 columns: acc[r][lane] = fma chain over k of x[r, k] · panel[k, lane].
-/// One or two rows (decoding) take narrower tiles with the same per-element chains. `prefetch`:
-/// the next panel of a packed matrix, pulled into cache one line per k step while the first row
-/// tile of this panel runs (decoding streams the weights from memory; the prefetcher alone left
-/// ~30% of the hot throughput on the table).
-@inline(__always)
-private func microTile(_ a: UnsafePointer<Float>, rows: Int, _ panel: UnsafePointer<Float>, k: Int,
-                       _ c: UnsafeMutablePointer<Float>, ldc: Int, cols: Int, prefetch: UnsafePointer<Float>? = nil) {
-    if rows == 1 { microTile1(a, panel, k: k, c, cols: cols) }
-    else if rows == 2 { microTile2(a, rows: rows, panel, k: k, c, ldc: ldc, cols: cols) }
-    else { microTile6(a, rows: rows, panel, k: k, c, ldc: ldc, cols: cols, prefetch: UnsafeRawPointer(prefetch ?? panel)) }
-}
-
-@inline(__always)
-private func microTile1(_ a: UnsafePointer<Float>, _ panel: UnsafePointer<Float>, k: Int,
-                       _ c: UnsafeMutablePointer<Float>, cols: Int) {
-    var c0 = SIMD16<Float>()
-    var bp = UnsafeRawPointer(panel)
-    for kk in 0..<k {
-        c0 = c0.addingProduct(SIMD16(repeating: a[kk]), bp.loadUnaligned(as: SIMD16<Float>.self))
-        bp += panelWidth * 4
-    }
-    storeTileRow(c0, c, cols: cols)
-}
-
-@inline(__always)
-private func microTile2(_ a: UnsafePointer<Float>, rows: Int, _ panel: UnsafePointer<Float>, k: Int,
-                        _ c: UnsafeMutablePointer<Float>, ldc: Int, cols: Int) {
-    var c0 = SIMD16<Float>(), c1 = SIMD16<Float>()
-    let a0 = a, a1 = a + k * min(1, rows - 1)
-    var bp = UnsafeRawPointer(panel)
-    for kk in 0..<k {
-        let b = bp.loadUnaligned(as: SIMD16<Float>.self)
-        c0 = c0.addingProduct(SIMD16(repeating: a0[kk]), b)
-        c1 = c1.addingProduct(SIMD16(repeating: a1[kk]), b)
-        bp += panelWidth * 4
-    }
-    storeTileRow(c0, c, cols: cols)
-    if rows > 1 { storeTileRow(c1, c + ldc, cols: cols) }
-}
-
-@inline(__always)
-private func microTile6(_ a: UnsafePointer<Float>, rows: Int, _ panel: UnsafePointer<Float>, k: Int,
-                       _ c: UnsafeMutablePointer<Float>, ldc: Int, cols: Int, prefetch: UnsafeRawPointer) {
-    var c0 = SIMD16<Float>(), c1 = SIMD16<Float>(), c2 = SIMD16<Float>()
-    var c3 = SIMD16<Float>(), c4 = SIMD16<Float>(), c5 = SIMD16<Float>()
-    // Rows past `rows` repeat the last row (results discarded) so the loop has no branches.
-    let a0 = a, a1 = a + k * min(1, rows - 1), a2 = a + k * min(2, rows - 1)
-    let a3 = a + k * min(3, rows - 1), a4 = a + k * min(4, rows - 1), a5 = a + k * min(5, rows - 1)
-    var bp = UnsafeRawPointer(panel)
-    for kk in 0..<k {
-        let b = bp.loadUnaligned(as: SIMD16<Float>.self)
-        c0 = c0.addingProduct(SIMD16(repeating: a0[kk]), b)
-        c1 = c1.addingProduct(SIMD16(repeating: a1[kk]), b)
-        c2 = c2.addingProduct(SIMD16(repeating: a2[kk]), b)
-        c3 = c3.addingProduct(SIMD16(repeating: a3[kk]), b)
-        c4 = c4.addingProduct(SIMD16(repeating: a4[kk]), b)
-        c5 = c5.addingProduct(SIMD16(repeating: a5[kk]), b)
-        ember_prefetch(prefetch + kk * 64)
-        bp += panelWidth * 4
-    }
-    storeTileRow(c0, c, cols: cols)
-    if rows > 1 { storeTileRow(c1, c + ldc, cols: cols) }
-    if rows > 2 { storeTileRow(c2, c + 2 * ldc, cols: cols) }
-    if rows > 3 { storeTileRow(c3, c + 3 * ldc, cols: cols) }
-    if rows > 4 { storeTileRow(c4, c + 4 * ldc, cols: cols) }
-    if rows > 5 { storeTileRow(c5, c + 5 * ldc, cols: cols) }
-}
-
-/// Stores the first `cols` lanes of one tile row.
-@inline(__always)
-private func storeTileRow(_ acc: SIMD16<Float>, _ dst: UnsafeMutablePointer<Float>, cols: Int) {
-    if cols == panelWidth { UnsafeMutableRawPointer(dst).storeBytes(of: acc, as: SIMD16<Float>.self) }
-    else { for j in 0..<cols { dst[j] = acc[j] } }
 }
 
 /// y[T, O] = x[T, In] · W[O, In]ᵀ + b[O]   (PyTorch nn.Linear layout), row-invariant.
@@ -302,14 +232,24 @@ public func linearBackward(_ dx: UnsafeMutablePointer<Float>?, _ dWeight: Unsafe
                            _ x: UnsafePointer<Float>, _ weight: UnsafePointer<Float>,
                            rows: Int, inFeatures: Int, outFeatures: Int,
                            accumulateInput: Bool = false) {
-    if let dx {
-        sgemm(transA: false, transB: false, m: rows, n: inFeatures, k: outFeatures,
-              a: dy, lda: outFeatures, b: weight, ldb: inFeatures,
-              beta: accumulateInput ? 1 : 0, c: dx, ldc: inFeatures)
+    if Compute.backwardBLAS {
+        if let dx {
+            sgemm(transA: false, transB: false, m: rows, n: inFeatures, k: outFeatures,
+                  a: dy, lda: outFeatures, b: weight, ldb: inFeatures,
+                  beta: accumulateInput ? 1 : 0, c: dx, ldc: inFeatures)
+        }
+        guard let dWeight else { return }
+        sgemm(transA: true, transB: false, m: outFeatures, n: inFeatures, k: rows,
+              a: dy, lda: outFeatures, b: x, ldb: inFeatures, beta: 1, c: dWeight, ldc: inFeatures)
+    } else {
+        if let dx {
+            gemm(m: rows, n: inFeatures, k: outFeatures, .rows(dy, ld: outFeatures), .rows(weight, ld: inFeatures),
+                 dx, ldc: inFeatures, accumulate: accumulateInput)
+        }
+        guard let dWeight else { return }
+        gemm(m: outFeatures, n: inFeatures, k: rows, .transposed(dy, ld: outFeatures), .rows(x, ld: inFeatures),
+             dWeight, ldc: inFeatures, accumulate: true)
     }
-    guard let dWeight else { return }
-    sgemm(transA: true, transB: false, m: outFeatures, n: inFeatures, k: rows,
-          a: dy, lda: outFeatures, b: x, ldb: inFeatures, beta: 1, c: dWeight, ldc: inFeatures)
     if let dBias { columnSum(dBias, dy, rows: rows, columns: outFeatures) }
 }
 

@@ -19,6 +19,10 @@ public enum Compute {
         openblas_set_num_threads(Int32(threadCount))
     }
 
+    /// EMBER_BACKWARD_GEMM=openblas runs the backward's weight- and input-gradient GEMMs in
+    /// OpenBLAS instead of Ember's own kernels (for the benchmark that compares the two).
+    public static let backwardBLAS = ProcessInfo.processInfo.environment["EMBER_BACKWARD_GEMM"] == "openblas"
+
     /// EMBER_DECODE_SPIN=0 turns the spinning scope off (every region through libdispatch).
     static let spinEnabled = ProcessInfo.processInfo.environment["EMBER_DECODE_SPIN"] != "0"
     nonisolated(unsafe) private static var pools: [Int: SpinPool] = [:]

@@ -3,23 +3,11 @@
 import Foundation
 
 /// log Σ exp(x[i]) over one row of V logits, in a fixed order: max first, then 8 interleaved
-/// partial sums of exp(x − max) combined in a fixed tree.
+/// partial sums of exp(x − max) added left to right (`expShiftSum`'s order).
 public func logSumExp(_ x: UnsafePointer<Float>, _ n: Int) -> Float {
     let m = maxElement(x, n)
     if !m.isFinite { return m }
-    var acc = SIMD8<Float>(repeating: 0)
-    let shift = SIMD8<Float>(repeating: m)
-    var i = 0
-    while i + 8 <= n {
-        acc += exp8(UnsafeRawPointer(x + i).loadUnaligned(as: SIMD8<Float>.self) - shift)
-        i += 8
-    }
-    if i < n {
-        var v = SIMD8<Float>(repeating: -.infinity)
-        for l in 0..<(n - i) { v[l] = x[i + l] }
-        acc += exp8(v - shift)
-    }
-    return m + logf(acc.sum())
+    return m + logf(Kernels.table.pointee.exp_sum(x, n, m))
 }
 
 /// Writes softmax(x) = exp(x − lse) into `p` (may alias `x`).

@@ -1,35 +1,18 @@
-// Small vector primitives with a fixed summation order (8 lanes, then a fixed tree), used by
-// attention and softmax so that results never depend on batch composition.
+// Small vector primitives with a fixed summation order (8 lanes, then left to right), used by
+// attention and softmax so that results never depend on batch composition or the kernel set.
 
-/// Σ a[i]·b[i] over n elements.
+/// Σ a[i]·b[i] over n elements: 8-lane fused chains, `sum8`, then the tail.
 @inline(__always)
 public func dot(_ a: UnsafePointer<Float>, _ b: UnsafePointer<Float>, _ n: Int) -> Float {
-    var acc = SIMD8<Float>(repeating: 0)
-    var i = 0
-    while i + 8 <= n {
-        let va = UnsafeRawPointer(a + i).loadUnaligned(as: SIMD8<Float>.self)
-        let vb = UnsafeRawPointer(b + i).loadUnaligned(as: SIMD8<Float>.self)
-        acc.addProduct(va, vb)
-        i += 8
-    }
-    var s = acc.sum()
-    while i < n { s += a[i] * b[i]; i += 1 }
+    var s: Float = 0
+    Kernels.table.pointee.score_rows(&s, nil, a, nil, b, 0, 1, Int32(n), 1)
     return s
 }
 
-/// y[i] += alpha·x[i] over n elements.
+/// y[i] = fma(alpha, x[i], y[i]) over n elements.
 @inline(__always)
 public func axpy(_ alpha: Float, _ x: UnsafePointer<Float>, _ y: UnsafeMutablePointer<Float>, _ n: Int) {
-    let va = SIMD8<Float>(repeating: alpha)
-    var i = 0
-    while i + 8 <= n {
-        let vx = UnsafeRawPointer(x + i).loadUnaligned(as: SIMD8<Float>.self)
-        var vy = UnsafeRawPointer(y + i).loadUnaligned(as: SIMD8<Float>.self)
-        vy.addProduct(va, vx)
-        UnsafeMutableRawPointer(y + i).storeBytes(of: vy, as: SIMD8<Float>.self)
-        i += 8
-    }
-    while i < n { y[i] += alpha * x[i]; i += 1 }
+    Kernels.table.pointee.axpy(alpha, x, y, n)
 }
 
 /// max of n > 0 elements.

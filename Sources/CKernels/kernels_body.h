@@ -1,0 +1,350 @@
+// The kernel bodies, included once per kernel set by kernels_avx2.c and kernels_avx512.c under a
+// `#pragma clang attribute` that sets the target features. The including file defines:
+//   KSET(name)   the set's suffix for every exported symbol
+//   TILE_R       rows of the full GEMM tile; TILE_NP panels (16 columns each) per full tile
+//   SMALL_NP     panels per tile when m <= 2 (decoding: more independent chains per k step)
+// Vectors are clang extended vectors: a 16-float vector is one zmm register with AVX-512 and two
+// ymm registers with AVX2, the same lane-wise operations either way. Products accumulate by
+// fused multiply-adds, one chain per output element in a fixed order; nothing else is fused
+// (the C target builds with -ffp-contract=off).
+#include "include/ember_kernels.h"
+#include <string.h>
+
+typedef ember_v16 v16;
+typedef ember_v8 v8;
+typedef ember_v16i v16i;
+
+#define INLINE static inline __attribute__((always_inline))
+
+INLINE v16 load16(const float *p) { v16 v; memcpy(&v, p, 64); return v; }
+INLINE v8 load8(const float *p) { v8 v; memcpy(&v, p, 32); return v; }
+INLINE void store16(float *p, v16 v) { memcpy(p, &v, 64); }
+INLINE void store8(float *p, v8 v) { memcpy(p, &v, 32); }
+INLINE v16 splat16(float x) { return (v16)(x); }
+INLINE v16 fma16(v16 a, v16 b, v16 c) { return __builtin_elementwise_fma(a, b, c); }
+INLINE v8 fma8(v8 a, v8 b, v8 c) { return __builtin_elementwise_fma(a, b, c); }
+INLINE v16 loadn16(const float *p, int n) { float t[16] = {0}; for (int i = 0; i < n; i++) t[i] = p[i]; return load16(t); }
+INLINE void storen16(float *p, v16 v, int n) { float t[16]; store16(t, v); for (int i = 0; i < n; i++) p[i] = t[i]; }
+
+// MARK: - GEMM micro-tiles
+
+// R rows x NP panels. FORM_ROWS: op(A) rows are `rs` apart, k contiguous (a_ks == 1);
+// otherwise rows contiguous and k steps `ks` apart (a_rs == 1).
+INLINE void tile(const int R, const int NP, const int FORM_ROWS, const float *a, long rs, long ks,
+                 const float *b, long pstride, long kc, float *c, long ldc, int cols, float alpha,
+                 int load_c, int finish, const float *pf) {
+    v16 acc[TILE_R > 4 ? TILE_R : 4][SMALL_NP > TILE_NP ? SMALL_NP : TILE_NP];
+#pragma clang loop unroll(full)
+    for (int r = 0; r < R; r++) {
+#pragma clang loop unroll(full)
+        for (int p = 0; p < NP; p++) {
+            int w = cols - p * 16;
+            if (!load_c || w <= 0) acc[r][p] = (v16)(0.0f);
+            else if (w >= 16) acc[r][p] = load16(c + r * ldc + p * 16);
+            else acc[r][p] = loadn16(c + r * ldc + p * 16, w);
+        }
+    }
+    const char *pfb = (const char *)pf;
+    for (long kk = 0; kk < kc; kk++) {
+        v16 bv[SMALL_NP > TILE_NP ? SMALL_NP : TILE_NP];
+#pragma clang loop unroll(full)
+        for (int p = 0; p < NP; p++) bv[p] = load16(b + p * pstride + kk * 16);
+        if (pfb) __builtin_prefetch(pfb + kk * 64);
+#pragma clang loop unroll(full)
+        for (int r = 0; r < R; r++) {
+            float av = FORM_ROWS ? a[r * rs + kk] : a[kk * ks + r];
+            v16 s = splat16(av);
+#pragma clang loop unroll(full)
+            for (int p = 0; p < NP; p++) acc[r][p] = fma16(s, bv[p], acc[r][p]);
+        }
+    }
+#pragma clang loop unroll(full)
+    for (int r = 0; r < R; r++) {
+#pragma clang loop unroll(full)
+        for (int p = 0; p < NP; p++) {
+            int w = cols - p * 16;
+            if (w <= 0) continue;
+            v16 v = acc[r][p];
+            if (finish && alpha != 1.0f) v = v * alpha;
+            if (w >= 16) store16(c + r * ldc + p * 16, v);
+            else storen16(c + r * ldc + p * 16, v, w);
+        }
+    }
+}
+
+// One row tile of R rows against column tiles of NP panels (R, NP, form known at compile time).
+#define TILE_CASE(R, NP, FORM)                                                                       \
+    tile(R, NP, FORM, FORM ? a + r0 * rs : a + r0, rs, ks, b, pstride, kc, c + r0 * ldc, ldc, cols, alpha, \
+         load_c, finish, r0 == 0 ? pf : 0)
+
+// Rows r0..<m against one column tile (np panels, `cols` valid columns) for one form.
+#define ROW_LOOP(NP, FORM)                                                                           \
+    do {                                                                                             \
+        int r0 = 0;                                                                                  \
+        while (r0 < m) {                                                                             \
+            int left = m - r0;                                                                       \
+            if (left >= TILE_R) { TILE_CASE(TILE_R, NP, FORM); r0 += TILE_R; }                       \
+            else if (TILE_R > 8 && left >= 8) { TILE_CASE(8, NP, FORM); r0 += 8; }                   \
+            else if (left >= 4) { TILE_CASE(4, NP, FORM); r0 += 4; }                                 \
+            else if (left >= 2) { TILE_CASE(2, NP, FORM); r0 += 2; }                                 \
+            else { TILE_CASE(1, NP, FORM); r0 += 1; }                                                \
+        }                                                                                            \
+    } while (0)
+
+static void KSET(gemm_block)(const float *a, long rs, long ks, int m, const float *panels, long pstride,
+                             int n, long kc, float *c, long ldc, float alpha, int load_c, int finish,
+                             const float *prefetch) {
+    if (m <= 0 || n <= 0) return;
+    int panelCount = (n + 15) / 16;
+    int tileNP = m <= 2 ? SMALL_NP : TILE_NP;
+    int formRows = ks == 1;
+    for (int p0 = 0; p0 < panelCount; p0 += tileNP) {
+        int np = panelCount - p0 < tileNP ? panelCount - p0 : tileNP;
+        int cols = n - p0 * 16;
+        if (cols > np * 16) cols = np * 16;
+        const float *b = panels + p0 * pstride;
+        float *cc = c + p0 * 16;
+        // Next column tile of this block, or the caller's next block after the last one.
+        const float *pf = p0 + np < panelCount ? panels + (p0 + np) * pstride : prefetch;
+        {
+            float *c0 = c; c = cc;
+            if (formRows) {
+                switch (np) {
+                case 1: ROW_LOOP(1, 1); break;
+                case 2: ROW_LOOP(2, 1); break;
+#if SMALL_NP >= 3 || TILE_NP >= 3
+                case 3: ROW_LOOP(3, 1); break;
+#endif
+#if SMALL_NP >= 4 || TILE_NP >= 4
+                case 4: ROW_LOOP(4, 1); break;
+#endif
+                }
+            } else {
+                switch (np) {
+                case 1: ROW_LOOP(1, 0); break;
+                case 2: ROW_LOOP(2, 0); break;
+#if SMALL_NP >= 3 || TILE_NP >= 3
+                case 3: ROW_LOOP(3, 0); break;
+#endif
+#if SMALL_NP >= 4 || TILE_NP >= 4
+                case 4: ROW_LOOP(4, 0); break;
+#endif
+                }
+            }
+            c = c0;
+        }
+    }
+}
+
+static void KSET(pack_panels)(const float *b, long b_ks, long b_cs, long kc, int n, float *dst, long pstride) {
+    for (int j0 = 0, p = 0; j0 < n; j0 += 16, p++) {
+        int w = n - j0 < 16 ? n - j0 : 16;
+        float *panel = dst + p * pstride;
+        if (b_cs == 1 && w == 16) {
+            for (long kk = 0; kk < kc; kk++) store16(panel + kk * 16, load16(b + kk * b_ks + j0));
+        } else if (b_ks == 1) {
+            // Transposed source: each column is contiguous in k.
+            for (int lane = 0; lane < 16; lane++) {
+                if (lane < w) { const float *src = b + (j0 + lane) * b_cs; for (long kk = 0; kk < kc; kk++) panel[kk * 16 + lane] = src[kk]; }
+                else for (long kk = 0; kk < kc; kk++) panel[kk * 16 + lane] = 0;
+            }
+        } else {
+            for (long kk = 0; kk < kc; kk++)
+                for (int lane = 0; lane < 16; lane++) panel[kk * 16 + lane] = lane < w ? b[kk * b_ks + (j0 + lane) * b_cs] : 0;
+        }
+    }
+}
+
+// MARK: - Attention rows
+
+// Σ q[d]·k[d]: 8-lane fma chains over d, ember_sum8, then a plain tail (d >= HS rounded down to 8).
+INLINE float dot_tail(float s, const float *q, const float *k, int d0, int hs) {
+    for (int d = d0; d < hs; d++) s = s + q[d] * k[d];
+    return s;
+}
+
+static void KSET(score_rows)(float *scores, float *scores2, const float *q, const float *q2, const float *keys,
+                             long stride, int count, int hs, float scale) {
+    int hs8 = hs & ~7;
+    int j = 0;
+    // Two keys per 16-lane vector: lanes 0-7 key j, lanes 8-15 key j+1; each half is the 8-lane
+    // chain of one key.
+    for (; j + 4 <= count; j += 4) {
+        const float *k0 = keys + j * stride, *k1 = k0 + stride, *k2 = k1 + stride, *k3 = k2 + stride;
+        v16 a01 = 0, a23 = 0, b01 = 0, b23 = 0;
+        for (int d = 0; d < hs8; d += 8) {
+            v8 qv = load8(q + d);
+            v16 qq = __builtin_shufflevector(qv, qv, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7);
+            v16 k01 = __builtin_shufflevector(load8(k0 + d), load8(k1 + d), 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+            v16 k23 = __builtin_shufflevector(load8(k2 + d), load8(k3 + d), 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+            a01 = fma16(qq, k01, a01);
+            a23 = fma16(qq, k23, a23);
+            if (q2) {
+                v8 qv2 = load8(q2 + d);
+                v16 qq2 = __builtin_shufflevector(qv2, qv2, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7);
+                b01 = fma16(qq2, k01, b01);
+                b23 = fma16(qq2, k23, b23);
+            }
+        }
+        v8 h0 = __builtin_shufflevector(a01, a01, 0, 1, 2, 3, 4, 5, 6, 7);
+        v8 h1 = __builtin_shufflevector(a01, a01, 8, 9, 10, 11, 12, 13, 14, 15);
+        v8 h2 = __builtin_shufflevector(a23, a23, 0, 1, 2, 3, 4, 5, 6, 7);
+        v8 h3 = __builtin_shufflevector(a23, a23, 8, 9, 10, 11, 12, 13, 14, 15);
+        scores[j] = dot_tail(ember_sum8(h0), q, k0, hs8, hs) * scale;
+        scores[j + 1] = dot_tail(ember_sum8(h1), q, k1, hs8, hs) * scale;
+        scores[j + 2] = dot_tail(ember_sum8(h2), q, k2, hs8, hs) * scale;
+        scores[j + 3] = dot_tail(ember_sum8(h3), q, k3, hs8, hs) * scale;
+        if (q2) {
+            v8 g0 = __builtin_shufflevector(b01, b01, 0, 1, 2, 3, 4, 5, 6, 7);
+            v8 g1 = __builtin_shufflevector(b01, b01, 8, 9, 10, 11, 12, 13, 14, 15);
+            v8 g2 = __builtin_shufflevector(b23, b23, 0, 1, 2, 3, 4, 5, 6, 7);
+            v8 g3 = __builtin_shufflevector(b23, b23, 8, 9, 10, 11, 12, 13, 14, 15);
+            scores2[j] = dot_tail(ember_sum8(g0), q2, k0, hs8, hs) * scale;
+            scores2[j + 1] = dot_tail(ember_sum8(g1), q2, k1, hs8, hs) * scale;
+            scores2[j + 2] = dot_tail(ember_sum8(g2), q2, k2, hs8, hs) * scale;
+            scores2[j + 3] = dot_tail(ember_sum8(g3), q2, k3, hs8, hs) * scale;
+        }
+    }
+    for (; j < count; j++) {
+        const float *k0 = keys + j * stride;
+        v8 a = 0, b = 0;
+        for (int d = 0; d < hs8; d += 8) {
+            v8 kv = load8(k0 + d);
+            a = fma8(load8(q + d), kv, a);
+            if (q2) b = fma8(load8(q2 + d), kv, b);
+        }
+        scores[j] = dot_tail(ember_sum8(a), q, k0, hs8, hs) * scale;
+        if (q2) scores2[j] = dot_tail(ember_sum8(b), q2, k0, hs8, hs) * scale;
+    }
+}
+
+// o[d] over one block of up to 64 columns (4 vectors): fma chain over j per element.
+INLINE void weighted_block(float *o, float *o2, const float *w, const float *w2, const float *v, long stride,
+                           int count, int width, float scale, float scale2) {
+    v16 a0 = 0, a1 = 0, a2 = 0, a3 = 0, b0 = 0, b1 = 0, b2 = 0, b3 = 0;
+    if (width == 64) {
+        for (int j = 0; j < count; j++) {
+            const float *vj = v + j * stride;
+            v16 p = splat16(w[j]);
+            v16 x0 = load16(vj), x1 = load16(vj + 16), x2 = load16(vj + 32), x3 = load16(vj + 48);
+            a0 = fma16(p, x0, a0); a1 = fma16(p, x1, a1); a2 = fma16(p, x2, a2); a3 = fma16(p, x3, a3);
+            if (o2) {
+                v16 p2 = splat16(w2[j]);
+                b0 = fma16(p2, x0, b0); b1 = fma16(p2, x1, b1); b2 = fma16(p2, x2, b2); b3 = fma16(p2, x3, b3);
+            }
+        }
+        store16(o, a0 * scale); store16(o + 16, a1 * scale); store16(o + 32, a2 * scale); store16(o + 48, a3 * scale);
+        if (o2) { store16(o2, b0 * scale2); store16(o2 + 16, b1 * scale2); store16(o2 + 32, b2 * scale2); store16(o2 + 48, b3 * scale2); }
+        return;
+    }
+    // Narrower blocks: 16 columns at a time, the last one partial.
+    for (int c0 = 0; c0 < width; c0 += 16) {
+        int n = width - c0 < 16 ? width - c0 : 16;
+        v16 a = 0, b = 0;
+        for (int j = 0; j < count; j++) {
+            const float *vj = v + j * stride + c0;
+            v16 x = n == 16 ? load16(vj) : loadn16(vj, n);
+            a = fma16(splat16(w[j]), x, a);
+            if (o2) b = fma16(splat16(w2[j]), x, b);
+        }
+        if (n == 16) store16(o + c0, a * scale); else storen16(o + c0, a * scale, n);
+        if (o2) { if (n == 16) store16(o2 + c0, b * scale2); else storen16(o2 + c0, b * scale2, n); }
+    }
+}
+
+static void KSET(weighted_sum)(float *o, float *o2, const float *w, const float *w2, const float *values,
+                               long stride, int count, int hs, float scale, float scale2) {
+    for (int d = 0; d < hs; d += 64) {
+        int width = hs - d < 64 ? hs - d : 64;
+        weighted_block(o + d, o2 ? o2 + d : 0, w, w2, values + d, stride, count, width, scale, scale2);
+    }
+}
+
+static void KSET(axpy)(float alpha, const float *x, float *y, long n) {
+    long i = 0;
+    v16 va = splat16(alpha);
+    for (; i + 16 <= n; i += 16) store16(y + i, fma16(va, load16(x + i), load16(y + i)));
+    for (; i < n; i++) y[i] = __builtin_fmaf(alpha, x[i], y[i]);
+}
+
+// MARK: - exp and sums
+
+// Elements go to lane i % 8 of one 8-lane accumulator, added in index order; a partial last
+// block is padded with -inf (exp gives 0, which adds exactly).
+INLINE v8 lo8(v16 v) { return __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7); }
+INLINE v8 hi8(v16 v) { return __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15); }
+
+INLINE float exp_sum_impl(float *out, const float *x, long n, float shift) {
+    v8 acc = 0;
+    long i = 0;
+    v16 s = splat16(shift);
+    for (; i + 16 <= n; i += 16) {
+        v16 e = ember_exp16(load16(x + i) - s);
+        if (out) store16(out + i, e);
+        acc = acc + lo8(e);
+        acc = acc + hi8(e);
+    }
+    if (i < n) {
+        float t[16];
+        for (int l = 0; l < 16; l++) t[l] = i + l < n ? x[i + l] : -__builtin_inff();
+        v16 e = ember_exp16(load16(t) - s);
+        if (out) { float u[16]; store16(u, e); for (long l = 0; i + l < n; l++) out[i + l] = u[l]; }
+        acc = acc + lo8(e);
+        if (n - i > 8) acc = acc + hi8(e);
+    }
+    return ember_sum8(acc);
+}
+
+static float KSET(exp_shift_sum)(float *out, const float *x, long n, float shift) { return exp_sum_impl(out, x, n, shift); }
+static float KSET(exp_sum)(const float *x, long n, float shift) { return exp_sum_impl(0, x, n, shift); }
+
+// MARK: - SwiGLU
+
+INLINE v16 loadpad(const float *p, long n) { return n >= 16 ? load16(p) : loadn16(p, (int)n); }
+INLINE void storepad(float *p, v16 v, long n) { if (n >= 16) store16(p, v); else storen16(p, v, (int)n); }
+
+static void KSET(swiglu_forward)(float *h, const float *g, const float *u, long n) {
+    for (long i = 0; i < n; i += 16) {
+        long w = n - i;
+        v16 x = loadpad(g + i, w), up = loadpad(u + i, w);
+        v16 e = ember_exp16(-x);
+        v16 den = 1.0f + e;
+        v16 v = x / den;
+        v = v * up;
+        storepad(h + i, v, w);
+    }
+}
+
+static void KSET(swiglu_backward)(float *dg, float *du, const float *dh, const float *g, const float *u, long n) {
+    for (long i = 0; i < n; i += 16) {
+        long w = n - i;
+        v16 x = loadpad(g + i, w), up = loadpad(u + i, w), d = loadpad(dh + i, w);
+        v16 e = ember_exp16(-x);
+        v16 den = 1.0f + e;
+        v16 s = 1.0f / den;
+        v16 xs = x * s;
+        storepad(du + i, d * xs, w);
+        v16 one_s = 1.0f - s;
+        v16 t = x * one_s;
+        t = 1.0f + t;
+        v16 dgv = d * up;
+        dgv = dgv * s;
+        dgv = dgv * t;
+        storepad(dg + i, dgv, w);
+    }
+}
+
+static const ember_kernels KSET(table) = {
+    .name = KSET_NAME,
+    .tile_rows = TILE_R,
+    .tile_cols = TILE_NP * 16,
+    .gemm_block = KSET(gemm_block),
+    .pack_panels = KSET(pack_panels),
+    .score_rows = KSET(score_rows),
+    .weighted_sum = KSET(weighted_sum),
+    .axpy = KSET(axpy),
+    .exp_shift_sum = KSET(exp_shift_sum),
+    .exp_sum = KSET(exp_sum),
+    .swiglu_forward = KSET(swiglu_forward),
+    .swiglu_backward = KSET(swiglu_backward),
+};
