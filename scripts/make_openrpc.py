@@ -194,9 +194,14 @@ methods = [
          "capabilities": {"type": "array", "items": {"type": "string"}, "description": "The methods served."},
          "loss_defaults": {"type": "object", "description": "Every loss mode's options and their defaults (null: off unless given): "
                                                             "{common: {...}, modes: {mode: {...}}}. Clients read defaults here."},
-         "kernels": {"type": "object", "description": "The kernel sets in use: Ember's projection kernel and the OpenBLAS kernel set "
-                                                      "that runs the backward's GEMMs.",
-                     "properties": {"projection": {"type": "string"}, "blas": {"type": "string"}}},
+         "kernels": {"type": "object", "description": "Ember's kernel set in use (set: avx2 or avx512, chosen from CPUID or "
+                                                      "EMBER_KERNELS; every set gives the same bits), the sets this CPU runs, "
+                                                      "which GEMM runs the backward (ember, or openblas with "
+                                                      "EMBER_BACKWARD_GEMM=openblas) and OpenBLAS's own kernel set.",
+                     "properties": {"set": {"type": "string", "enum": ["avx2", "avx512"]},
+                                    "supported": {"type": "array", "items": {"type": "string"}},
+                                    "backward_gemm": {"type": "string", "enum": ["ember", "openblas"]},
+                                    "blas": {"type": "string"}}},
          "limits": {"type": "object", "description": "What one request may use: max_seq_len, the tokens (prompt + generated) "
                                                      "one sequence may hold in the KV cache (--max-seq-len); slots, the "
                                                      "sequences decoded together (--slots).",

@@ -34,3 +34,10 @@ const ember_kernels *ember_kernels_table(int set) {
     default: return 0;
     }
 }
+
+#include <malloc.h>
+
+void ember_keep_freed_memory(void) {
+    mallopt(M_MMAP_THRESHOLD, 1 << 30);
+    mallopt(M_TRIM_THRESHOLD, 1 << 30);
+}

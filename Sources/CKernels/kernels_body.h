@@ -8,6 +8,7 @@
 // fused multiply-adds, one chain per output element in a fixed order; nothing else is fused
 // (the C target builds with -ffp-contract=off).
 #include "include/ember_kernels.h"
+#include <stdlib.h>
 #include <string.h>
 
 typedef ember_v16 v16;
@@ -91,6 +92,10 @@ INLINE void tile(const int R, const int NP, const int FORM_ROWS, const float *a,
         }                                                                                            \
     } while (0)
 
+// Per-thread copy of a transposed A block.
+static __thread float *KSET(a_buffer);
+static __thread long KSET(a_capacity);
+
 static void KSET(gemm_block)(const float *a, long rs, long ks, int m, const float *panels, long pstride,
                              int n, long kc, float *c, long ldc, float alpha, int load_c, int finish,
                              const float *prefetch) {
@@ -98,6 +103,22 @@ static void KSET(gemm_block)(const float *a, long rs, long ks, int m, const floa
     int panelCount = (n + 15) / 16;
     int tileNP = m <= 2 ? SMALL_NP : TILE_NP;
     int formRows = ks == 1;
+    // A transposed (rows contiguous, k steps `ks` apart): copy the block once into a per-thread
+    // buffer with rows packed by k step (a 48-byte run per step instead of one per row tile and
+    // step, read again for every column tile).
+    if (!formRows && m > 2 && n > TILE_NP * 16) {
+        long need = (long)m * kc;
+        if (need > KSET(a_capacity)) {
+            free(KSET(a_buffer));
+            KSET(a_buffer) = aligned_alloc(64, ((need * 4 + 63) / 64) * 64);
+            KSET(a_capacity) = KSET(a_buffer) ? need : 0;
+        }
+        if (KSET(a_buffer)) {
+            float *buf = KSET(a_buffer);
+            for (long kk = 0; kk < kc; kk++) memcpy(buf + kk * m, a + kk * ks, (size_t)m * 4);
+            a = buf; ks = m;
+        }
+    }
     for (int p0 = 0; p0 < panelCount; p0 += tileNP) {
         int np = panelCount - p0 < tileNP ? panelCount - p0 : tileNP;
         int cols = n - p0 * 16;
@@ -260,6 +281,40 @@ static void KSET(weighted_sum)(float *o, float *o2, const float *w, const float 
     }
 }
 
+static void KSET(scatter_rows)(float *dst, const float *coef, const float *src, float *dst2, const float *coef2,
+                               const float *src2, long stride, int count, int hs) {
+    if (hs == 64) {
+        v16 s0 = load16(src), s1 = load16(src + 16), s2 = load16(src + 32), s3 = load16(src + 48);
+        v16 t0 = 0, t1 = 0, t2 = 0, t3 = 0;
+        if (dst2) { t0 = load16(src2); t1 = load16(src2 + 16); t2 = load16(src2 + 32); t3 = load16(src2 + 48); }
+        for (int j = 0; j < count; j++) {
+            float *d = dst + j * stride;
+            v16 c = splat16(coef[j]);
+            store16(d, fma16(c, s0, load16(d))); store16(d + 16, fma16(c, s1, load16(d + 16)));
+            store16(d + 32, fma16(c, s2, load16(d + 32))); store16(d + 48, fma16(c, s3, load16(d + 48)));
+            if (dst2) {
+                float *e = dst2 + j * stride;
+                v16 c2 = splat16(coef2[j]);
+                store16(e, fma16(c2, t0, load16(e))); store16(e + 16, fma16(c2, t1, load16(e + 16)));
+                store16(e + 32, fma16(c2, t2, load16(e + 32))); store16(e + 48, fma16(c2, t3, load16(e + 48)));
+            }
+        }
+        return;
+    }
+    for (int j = 0; j < count; j++) {
+        float *d = dst + j * stride;
+        int i = 0;
+        for (; i + 16 <= hs; i += 16) store16(d + i, fma16(splat16(coef[j]), load16(src + i), load16(d + i)));
+        for (; i < hs; i++) d[i] = __builtin_fmaf(coef[j], src[i], d[i]);
+        if (dst2) {
+            float *e = dst2 + j * stride;
+            i = 0;
+            for (; i + 16 <= hs; i += 16) store16(e + i, fma16(splat16(coef2[j]), load16(src2 + i), load16(e + i)));
+            for (; i < hs; i++) e[i] = __builtin_fmaf(coef2[j], src2[i], e[i]);
+        }
+    }
+}
+
 static void KSET(axpy)(float alpha, const float *x, float *y, long n) {
     long i = 0;
     v16 va = splat16(alpha);
@@ -342,6 +397,7 @@ static const ember_kernels KSET(table) = {
     .pack_panels = KSET(pack_panels),
     .score_rows = KSET(score_rows),
     .weighted_sum = KSET(weighted_sum),
+    .scatter_rows = KSET(scatter_rows),
     .axpy = KSET(axpy),
     .exp_shift_sum = KSET(exp_shift_sum),
     .exp_sum = KSET(exp_sum),

@@ -138,6 +138,7 @@ public func attentionBackwardPacked(_ dqkv: UnsafeMutablePointer<Float>, _ dOut:
     let workers = max(1, min(Compute.threads, B * NKV))
     let scratch = UnsafeMutablePointer<Float>.allocate(capacity: workers * 2 * stride)
     defer { scratch.deallocate() }
+    let table = Kernels.table
     sequenceStarts.withUnsafeBufferPointer { starts in
         parallelRanges(B * NKV) { worker, lo, hi in
             let p = scratch + worker * 2 * stride, ds = p + stride
@@ -161,11 +162,9 @@ public func attentionBackwardPacked(_ dqkv: UnsafeMutablePointer<Float>, _ dOut:
                         // dq_i = Σ_j ds_j k_j; dk_j += ds_j q_i; dv_j += p_j dO_i
                         weightedSum(dqkv + i * Q + h * HS, ds, keys + j0 * Q, rowStride: Q, count: n,
                                     headSize: HS, scale: 1)
-                        for j in 0..<n {
-                            let row = dqkv + (j0 + j) * Q
-                            axpy(ds[j], qi, row + kOff + g * HS, HS)
-                            axpy(p[j], doi, row + vOff + g * HS, HS)
-                        }
+                        let rows = dqkv + j0 * Q
+                        table.pointee.scatter_rows(rows + kOff + g * HS, ds, qi, rows + vOff + g * HS, p, doi,
+                                                   Q, Int32(n), Int32(HS))
                     }
                 }
             }

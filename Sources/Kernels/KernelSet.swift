@@ -62,10 +62,16 @@ public struct KernelSetError: Error, CustomStringConvertible {
 
 /// The active table. Reading it is one load; it changes only through `KernelSet.use`.
 enum Kernels {
+    /// The best set, or the one EMBER_KERNELS names when this CPU runs it (a bad value is
+    /// reported by `KernelSet.applyEnvironment`, which the executables call at start-up).
     nonisolated(unsafe) static var activeSet: KernelSet = {
         guard let best = KernelSet.best else {
             FileHandle.standardError.write(Data("ember: this CPU lacks AVX2 and FMA, which Ember's kernels need (x86-64-v3 or newer)\n".utf8))
             exit(70)
+        }
+        if let name = ProcessInfo.processInfo.environment["EMBER_KERNELS"], let set = KernelSet(rawValue: name.lowercased()),
+           KernelSet.supported.contains(set) {
+            return set
         }
         return best
     }()

@@ -1,4 +1,5 @@
 import COpenBLAS
+import Foundation
 import CKernels
 
 /// The one entry point to BLAS matrix multiplication (backward passes, where rounding may depend
@@ -47,7 +48,7 @@ public final class PackedMatrix: @unchecked Sendable {
     public init(_ w: UnsafePointer<Float>, rows n: Int, columns k: Int) {
         rows = n; columns = k
         let panelCount = (n + panelWidth - 1) / panelWidth
-        panels = .allocate(capacity: max(1, panelCount * panelWidth * k))
+        panels = alignedFloats(max(1, panelCount * panelWidth * k))
         let table = Kernels.table
         let chunk = 16   // panels per work item
         parallelFor((panelCount + chunk - 1) / chunk) { g in
@@ -57,9 +58,19 @@ public final class PackedMatrix: @unchecked Sendable {
         }
     }
 
-    deinit { panels.deallocate() }
+    deinit { UnsafeMutableRawPointer(panels).deallocate() }
 
     public var byteCount: Int { ((rows + panelWidth - 1) / panelWidth) * panelWidth * columns * 4 }
+}
+
+/// Depth of a k block: a 32-column tile of B (kc x 32 floats) stays in L1 while the row tiles
+/// of a block pass over it.
+let kBlockTarget = Int(ProcessInfo.processInfo.environment["EMBER_GEMM_KC"] ?? "") ?? 256
+
+/// Floats on a 64-byte boundary (a packed panel row is one cache line: no split loads).
+/// Free with `UnsafeMutableRawPointer(p).deallocate()`.
+func alignedFloats(_ count: Int) -> UnsafeMutablePointer<Float> {
+    UnsafeMutableRawPointer.allocate(byteCount: max(1, count) * 4, alignment: 64).bindMemory(to: Float.self, capacity: max(1, count))
 }
 
 /// Where `gemm` reads B[k, n] from.
@@ -97,17 +108,25 @@ public func gemm(m: Int, n: Int, k: Int, alpha: Float = 1, _ a: GemmA, _ b: Gemm
     }
     // Decoding (a few rows): one k block, weights streamed once, work split by columns.
     let small = m <= 8
-    let kBlocks = small ? 1 : (k + 511) / 512
+    let kBlocks = small ? 1 : (k + kBlockTarget - 1) / kBlockTarget
     let kc0 = (k + kBlocks - 1) / kBlocks
     let nc = small ? n : min(n, 2048)                 // columns per packed block of B
-    let rowBlock = small ? m : 96                      // rows per work item (A block in L2)
-    let colChunk = small ? 64 : 256                    // columns per work item
+    var rowBlock = small ? m : 96                      // rows per work item (A block in L2)
+    var colChunk = small ? 64 : 256                    // columns per work item (a multiple of 32)
     let threads = (m * n * k < (1 << 20) && n * k < (1 << 16)) ? 1 : Compute.threads
     var scratch: UnsafeMutablePointer<Float>? = nil
     if case .packed = b {} else {
-        scratch = .allocate(capacity: ((min(nc, n) + panelWidth - 1) / panelWidth) * panelWidth * kc0)
+        scratch = alignedFloats(((min(nc, n) + panelWidth - 1) / panelWidth) * panelWidth * kc0)
     }
-    defer { scratch?.deallocate() }
+    defer { scratch.map { UnsafeMutableRawPointer($0).deallocate() } }
+    // Enough work items to keep every thread busy to the end (each item's results do not depend
+    // on which thread runs it).
+    if !small {
+        let want = 4 * threads
+        while ((m + rowBlock - 1) / rowBlock) * ((min(nc, n) + colChunk - 1) / colChunk) < want {
+            if colChunk > 64 { colChunk /= 2 } else if rowBlock > 24 { rowBlock = max(24, rowBlock / 2 / 12 * 12) } else { break }
+        }
+    }
 
     var jc = 0
     while jc < n {

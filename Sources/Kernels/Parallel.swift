@@ -2,6 +2,7 @@ import Dispatch
 import Foundation
 import Synchronization
 import COpenBLAS
+import CKernels
 
 /// Process-wide compute settings: how many threads kernels and BLAS may use.
 public enum Compute {
@@ -22,6 +23,14 @@ public enum Compute {
     /// EMBER_BACKWARD_GEMM=openblas runs the backward's weight- and input-gradient GEMMs in
     /// OpenBLAS instead of Ember's own kernels (for the benchmark that compares the two).
     public static let backwardBLAS = ProcessInfo.processInfo.environment["EMBER_BACKWARD_GEMM"] == "openblas"
+
+    /// Keeps large freed blocks in the heap instead of returning them to the kernel. A train step
+    /// allocates and frees activations and scratch of many megabytes; served by fresh mmaps, each
+    /// costs page faults and the kernel's zeroing of every page (8-9% of a tiny-shape train step
+    /// in `perf`). Called once by the executables at start-up.
+    public static func keepFreedMemory() {
+        ember_keep_freed_memory()
+    }
 
     /// EMBER_DECODE_SPIN=0 turns the spinning scope off (every region through libdispatch).
     static let spinEnabled = ProcessInfo.processInfo.environment["EMBER_DECODE_SPIN"] != "0"

@@ -190,7 +190,8 @@ public final class Dispatcher {
                           "hidden_size": a.hiddenSize, "vocab_size": a.vocabSize, "max_position_embeddings": a.maxPositions,
                           "heads": a.heads, "kv_heads": a.kvHeads, "head_dim": a.headDim, "tied_embeddings": a.tiedEmbeddings],
                 "capabilities": RPCMethod.names, "loss_defaults": LossDefaults.json,
-                "kernels": ["projection": "avx2-fma", "blas": "OpenBLAS " + BLASCore.name],
+                "kernels": ["set": KernelSet.active.rawValue, "supported": KernelSet.supported.map(\.rawValue),
+                            "backward_gemm": Compute.backwardBLAS ? "openblas" : "ember", "blas": "OpenBLAS " + BLASCore.name],
                 "limits": ["max_seq_len": configuration.capacity, "slots": configuration.slots]]
     }
 

@@ -60,6 +60,8 @@ struct EmberServer: ParsableCommand {
         }
         // Before anything else: OpenBLAS can only be told its kernel set at load time.
         BLASCore.restartIfMisdetected()
+        if let problem = KernelSet.applyEnvironment() { throw ValidationError(problem) }
+        Compute.keepFreedMemory()
         let level = Logger.Level(rawValue: logLevel)!
         LoggingSystem.bootstrap { label in
             var h = StreamLogHandler.standardError(label: label)
@@ -142,7 +144,7 @@ struct EmberServer: ParsableCommand {
         }
         let banner = "ember-server \(EmberVersion.string): \(a.modelType) '\(name)', \(parameterCount) parameters, \(a.layers) layers, "
             + "hidden \(a.hiddenSize), vocab \(a.vocabSize)\(hasTokenizer ? "" : ", no tokenizer") | listening on "
-            + addresses.joined(separator: " and ") + " | \(threads) threads, OpenBLAS \(BLASCore.name)\(readOnly ? " | read-only" : "")\(key != nil ? " | API key required" : "")"
+            + addresses.joined(separator: " and ") + " | \(threads) threads, \(KernelSet.active.rawValue) kernels\(readOnly ? " | read-only" : "")\(key != nil ? " | API key required" : "")"
         FileHandle.standardOutput.write(Data((banner + "\n").utf8))
         log.info("model loaded", metadata: ["dir": "\(dir)", "kv_slots": "\(slots)", "max_seq_len": "\(capacity)",
                                             "kv_bytes": "\(scheduler.kvCacheBytes)"])

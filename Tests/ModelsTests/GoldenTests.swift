@@ -124,3 +124,42 @@ final class GoldenTests: XCTestCase {
         }
     }
 }
+
+/// A whole forward and backward gives the same logits, loss and every gradient bit for bit under
+/// the AVX2 and AVX-512 kernel sets and on one or two threads.
+final class KernelSetModelTests: XCTestCase {
+    override func tearDown() {
+        try? KernelSet.use(KernelSet.best!)
+        Compute.setThreads(2)
+    }
+
+    func testForwardAndBackwardAreBitIdenticalAcrossSetsAndThreads() throws {
+        guard KernelSet.supported.count == 2 else { throw XCTSkip("needs a CPU with AVX-512 (the CI machine has it)") }
+        for name in ["llama_gqa", "qwen3_headdim", "gpt2", "mistral_window"] {
+            let dir = fixtureModel(name)
+            let golden = try GoldenTests.Golden(dir)
+            let b = golden.batch
+            var first: [Float]? = nil
+            for set in KernelSet.supported {
+                try KernelSet.use(set)
+                for threads in [1, 2] {
+                    Compute.setThreads(threads)
+                    let model = try TransformerModel.load(directory: dir)
+                    let logits = try model.logits(tokens: b.tokens, positions: b.positions,
+                                                  context: .packed(sequenceStarts: b.sequenceStarts), rows: Array(0..<b.tokens.count))
+                    let ce = NextTokenCrossEntropy(batch: b)
+                    let r = try Training.accumulateGradients(model: model, batch: b, outputRows: ce.outputRows,
+                                                             chunkRows: 5, loss: ce.function)
+                    let grads = Array(UnsafeBufferPointer(start: model.parameters.gradients, count: model.parameters.count))
+                    let all = logits + [Float(r.loss)] + grads
+                    if let first {
+                        XCTAssertTrue(zip(first, all).allSatisfy { $0.bitPattern == $1.bitPattern },
+                                      "\(name): \(set.rawValue) with \(threads) threads differs")
+                    } else {
+                        first = all
+                    }
+                }
+            }
+        }
+    }
+}

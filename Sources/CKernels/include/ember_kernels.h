@@ -60,6 +60,10 @@ typedef struct ember_kernels {
     /// o2 != NULL also o2 from w2 and scale2.
     void (*weighted_sum)(float *o, float *o2, const float *w, const float *w2, const float *values,
                          long stride, int count, int hs, float scale, float scale2);
+    /// For j < count: d_j[i] = fma(coef[j], src[i], d_j[i]) over i < hs, with d_j = dst + j * stride;
+    /// with dst2 != NULL the same for dst2, coef2, src2 (attention backward's dK and dV rows).
+    void (*scatter_rows)(float *dst, const float *coef, const float *src, float *dst2, const float *coef2,
+                         const float *src2, long stride, int count, int hs);
     /// y[i] = fma(alpha, x[i], y[i]).
     void (*axpy)(float alpha, const float *x, float *y, long n);
     /// out[i] = exp(x[i] - shift) (may alias), returns their 8-lane sum (see ember_sum8).
@@ -74,6 +78,8 @@ typedef struct ember_kernels {
 
 /// The table of a set (NULL when the set is unknown).
 const ember_kernels *ember_kernels_table(int set);
+/// Tells glibc's malloc to keep large freed blocks for reuse (no mmap per large allocation).
+void ember_keep_freed_memory(void);
 /// The best set this CPU supports (CPUID and the OS's saved-state mask).
 int ember_kernel_set_best(void);
 

@@ -27,6 +27,8 @@ func emit(_ dict: [String: Any]) {
 }
 
 BLASCore.restartIfMisdetected()
+if let problem = KernelSet.applyEnvironment() { FileHandle.standardError.write(Data((problem + "\n").utf8)); exit(2) }
+Compute.keepFreedMemory()
 let args = Array(CommandLine.arguments.dropFirst())
 func option(_ name: String, _ fallback: String) -> String {
     if let i = args.firstIndex(of: name), i + 1 < args.count { return args[i + 1] }
@@ -254,6 +256,35 @@ func benchSgemm() {
     let flops = 2 * Double(n * n * n)
     emit(["kind": "sgemm", "threads": threads, "size": n, "openblas_core": BLASCore.name, "openblas_gflops": flops / blas.min()! / 1e9,
           "ember_project_gflops": flops / ours.min()! / 1e9])
+}
+
+/// Ember's GEMM on a training step's shapes (forward projection x·Wᵀ, input gradient dY·W,
+/// weight gradient dYᵀ·X) for `--shape`, against OpenBLAS on the same operands: GFLOP/s.
+func benchGemm() {
+    let shape = Shape.named(option("--shape", "tiny"))
+    let reps = Int(option("--reps", "5"))!
+    let T = shape.batch * shape.seqLen
+    let cfg = shape.config
+    let C = cfg["hidden_size"] as! Int, I = cfg["intermediate_size"] as! Int
+    var rows: [[String: Any]] = []
+    for (name, o, i) in [("mlp_in", 2 * I, C), ("mlp_down", C, I)] {
+        let x = UnsafeMutablePointer<Float>.allocate(capacity: T * i), w = UnsafeMutablePointer<Float>.allocate(capacity: o * i)
+        let dy = UnsafeMutablePointer<Float>.allocate(capacity: T * o), y = UnsafeMutablePointer<Float>.allocate(capacity: max(T * o, o * i, T * i))
+        for p in [x, w, dy] { _ = p }
+        for j in 0..<(T * i) { x[j] = Float(j % 97) * 0.01 - 0.4 }
+        for j in 0..<(o * i) { w[j] = Float(j % 89) * 0.01 - 0.4 }
+        for j in 0..<(T * o) { dy[j] = Float(j % 83) * 0.01 - 0.4 }
+        let flops = 2.0 * Double(T) * Double(o) * Double(i)
+        func best(_ f: () -> Void) -> Double { var b = 1e9; for _ in 0..<reps { let t0 = now(); f(); b = min(b, now() - t0) }; return flops / b / 1e9 }
+        rows.append(["op": name + " forward", "ember": best { project(y, x, rows: T, w, outFeatures: o, inFeatures: i) },
+                     "openblas": best { sgemm(transA: false, transB: true, m: T, n: o, k: i, a: x, lda: i, b: w, ldb: i, c: y, ldc: o) }])
+        rows.append(["op": name + " dX", "ember": best { gemm(m: T, n: i, k: o, .rows(dy, ld: o), .rows(w, ld: i), y, ldc: i) },
+                     "openblas": best { sgemm(transA: false, transB: false, m: T, n: i, k: o, a: dy, lda: o, b: w, ldb: i, c: y, ldc: i) }])
+        rows.append(["op": name + " dW", "ember": best { gemm(m: o, n: i, k: T, .transposed(dy, ld: o), .rows(x, ld: i), y, ldc: i) },
+                     "openblas": best { sgemm(transA: true, transB: false, m: o, n: i, k: T, a: dy, lda: o, b: x, ldb: i, c: y, ldc: i) }])
+        for p in [x, w, dy, y] { p.deallocate() }
+    }
+    emit(["kind": "gemm", "shape": shape.name, "threads": threads, "kernels": KernelSet.active.rawValue, "rows": rows])
 }
 
 /// The tiny shape's decode projections at `--rows` rows (default 32) with packed weights, as a
@@ -601,6 +632,7 @@ do {
     case "train": try benchTrain()
     case "json": try benchJSON()
     case "sgemm": benchSgemm()
+    case "gemm": benchGemm()
     case "projections": benchProjections()
     case "engine": try benchEngine()
     default:

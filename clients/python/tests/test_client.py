@@ -182,7 +182,8 @@ def test_openblas_kernel_set_is_reported_and_never_an_old_one_on_an_avx2_cpu(mod
     s = RunningServer(model_dir)
     try:
         kernels = Client(s.url).info()["kernels"]
-        assert kernels["projection"] == "avx2-fma"
+        assert kernels["set"] == ("avx512" if "avx512f" in flags else "avx2"), kernels
+        assert kernels["set"] in kernels["supported"] and kernels["backward_gemm"] == "ember", kernels
         if "avx2" in flags and "fma" in flags:
             assert kernels["blas"].split()[-1] in {"Haswell", "Zen", "SkylakeX", "Cooperlake", "SapphireRapids"}, kernels
     finally:
@@ -192,6 +193,22 @@ def test_openblas_kernel_set_is_reported_and_never_an_old_one_on_an_avx2_cpu(mod
         assert Client(s.url).info()["kernels"]["blas"] == "OpenBLAS Prescott"
     finally:
         assert s.stop() == 0
+
+
+def test_kernel_set_is_chosen_from_the_environment_and_a_bad_one_refused(model_dir):
+    """EMBER_KERNELS=avx2 runs the narrower set on any CPU that has it; an unknown set stops
+    the server at start-up with the variable and the choices named."""
+    import subprocess
+    from conftest import SERVER
+    s = RunningServer(model_dir, env={**os.environ, "EMBER_KERNELS": "avx2"})
+    try:
+        assert Client(s.url).info()["kernels"]["set"] == "avx2"
+    finally:
+        assert s.stop() == 0
+    r = subprocess.run([SERVER, "--model", model_dir, "--port", "0"], env={**os.environ, "EMBER_KERNELS": "sse9"},
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0
+    assert "EMBER_KERNELS=sse9: unknown kernel set (use one of: avx2, avx512)" in r.stderr, r.stderr
 
 
 def test_loss_mask_per_sequence(client):
