@@ -36,7 +36,7 @@ let package = Package(
         // multiply-add is written out), always optimised (debug builds run the tests too).
         .target(name: "CKernels", cSettings: [.unsafeFlags(["-O3", "-ffp-contract=off", "-Wno-psabi"])]),
         .target(name: "Kernels", dependencies: ["COpenBLAS", "CKernels"], swiftSettings: fastMath),
-        .target(name: "Weights", dependencies: ["Kernels"], swiftSettings: fastMath),
+        .target(name: "Weights", dependencies: ["Kernels", "CKernels"], swiftSettings: fastMath),
         .target(name: "Models", dependencies: ["Kernels", "Weights"], swiftSettings: fastMath),
         .target(name: "Tokenizer", swiftSettings: fastMath),
         .target(name: "JSON", swiftSettings: fastMath),

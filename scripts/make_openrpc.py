@@ -194,6 +194,9 @@ methods = [
          "capabilities": {"type": "array", "items": {"type": "string"}, "description": "The methods served."},
          "loss_defaults": {"type": "object", "description": "Every loss mode's options and their defaults (null: off unless given): "
                                                             "{common: {...}, modes: {mode: {...}}}. Clients read defaults here."},
+         "weights_dtype": {"type": "string", "enum": ["f32", "bf16"],
+                           "description": "How the weights are held (--weights-dtype): bf16 rounds every weight to bfloat16, "
+                                          "decodes from bf16 panels and trains a float32 master."},
          "kernels": {"type": "object", "description": "Ember's kernel set in use (set: avx2 or avx512, chosen from CPUID or "
                                                       "EMBER_KERNELS; every set gives the same bits), the sets this CPU runs, "
                                                       "which GEMM runs the backward (ember, or openblas with "

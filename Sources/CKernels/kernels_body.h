@@ -31,9 +31,21 @@ INLINE void storen16(float *p, v16 v, int n) { float t[16]; store16(t, v); for (
 
 // R rows x NP panels. FORM_ROWS: op(A) rows are `rs` apart, k contiguous (a_ks == 1);
 // otherwise rows contiguous and k steps `ks` apart (a_rs == 1).
-INLINE void tile(const int R, const int NP, const int FORM_ROWS, const float *a, long rs, long ks,
-                 const float *b, long pstride, long kc, float *c, long ldc, int cols, float alpha,
-                 int load_c, int finish, const float *pf) {
+// BF16: panels hold bfloat16 values (expanded to float exactly: the bits shifted up by 16), so a
+// chain over bf16 panels is the chain over float panels holding the same values.
+INLINE v16 load_bf16(const uint16_t *p) {
+    typedef uint16_t u16x16 __attribute__((ext_vector_type(16)));
+    u16x16 h; memcpy(&h, p, 32);
+    v16i w = __builtin_convertvector(h, v16i);
+    return (v16)(w << 16);
+}
+
+INLINE void tile(const int R, const int NP, const int FORM_ROWS, const int BF16, const float *a, long rs, long ks,
+                 const void *bvoid, long pstride, long kc, float *c, long ldc, int cols, float alpha,
+                 int load_c, int finish, const void *pfvoid) {
+    const float *b = (const float *)bvoid;
+    const uint16_t *bh = (const uint16_t *)bvoid;
+    const float *pf = (const float *)pfvoid;
     v16 acc[TILE_R > 4 ? TILE_R : 4][SMALL_NP > TILE_NP ? SMALL_NP : TILE_NP];
 #pragma clang loop unroll(full)
     for (int r = 0; r < R; r++) {
@@ -49,8 +61,8 @@ INLINE void tile(const int R, const int NP, const int FORM_ROWS, const float *a,
     for (long kk = 0; kk < kc; kk++) {
         v16 bv[SMALL_NP > TILE_NP ? SMALL_NP : TILE_NP];
 #pragma clang loop unroll(full)
-        for (int p = 0; p < NP; p++) bv[p] = load16(b + p * pstride + kk * 16);
-        if (pfb) __builtin_prefetch(pfb + kk * 64);
+        for (int p = 0; p < NP; p++) bv[p] = BF16 ? load_bf16(bh + p * pstride + kk * 16) : load16(b + p * pstride + kk * 16);
+        if (pfb) __builtin_prefetch(pfb + kk * (BF16 ? 32 : 64));
 #pragma clang loop unroll(full)
         for (int r = 0; r < R; r++) {
             float av = FORM_ROWS ? a[r * rs + kk] : a[kk * ks + r];
@@ -75,7 +87,7 @@ INLINE void tile(const int R, const int NP, const int FORM_ROWS, const float *a,
 
 // One row tile of R rows against column tiles of NP panels (R, NP, form known at compile time).
 #define TILE_CASE(R, NP, FORM)                                                                       \
-    tile(R, NP, FORM, FORM ? a + r0 * rs : a + r0, rs, ks, b, pstride, kc, c + r0 * ldc, ldc, cols, alpha, \
+    tile(R, NP, FORM, BF, FORM ? a + r0 * rs : a + r0, rs, ks, b, pstride, kc, c + r0 * ldc, ldc, cols, alpha, \
          load_c, finish, r0 == 0 ? pf : 0)
 
 // Rows r0..<m against one column tile (np panels, `cols` valid columns) for one form.
@@ -96,9 +108,11 @@ INLINE void tile(const int R, const int NP, const int FORM_ROWS, const float *a,
 static __thread float *KSET(a_buffer);
 static __thread long KSET(a_capacity);
 
-static void KSET(gemm_block)(const float *a, long rs, long ks, int m, const float *panels, long pstride,
-                             int n, long kc, float *c, long ldc, float alpha, int load_c, int finish,
-                             const float *prefetch) {
+INLINE void gemm_block_impl(const int BF, const float *a, long rs, long ks, int m, const void *panelsv, long pstride,
+                            int n, long kc, float *c, long ldc, float alpha, int load_c, int finish,
+                            const void *prefetch) {
+    const char *panels = (const char *)panelsv;
+    const long esize = BF ? 2 : 4;
     if (m <= 0 || n <= 0) return;
     int panelCount = (n + 15) / 16;
     int tileNP = m <= 2 ? SMALL_NP : TILE_NP;
@@ -123,10 +137,10 @@ static void KSET(gemm_block)(const float *a, long rs, long ks, int m, const floa
         int np = panelCount - p0 < tileNP ? panelCount - p0 : tileNP;
         int cols = n - p0 * 16;
         if (cols > np * 16) cols = np * 16;
-        const float *b = panels + p0 * pstride;
+        const void *b = panels + p0 * pstride * esize;
         float *cc = c + p0 * 16;
         // Next column tile of this block, or the caller's next block after the last one.
-        const float *pf = p0 + np < panelCount ? panels + (p0 + np) * pstride : prefetch;
+        const void *pf = p0 + np < panelCount ? panels + (p0 + np) * pstride * esize : prefetch;
         {
             float *c0 = c; c = cc;
             if (formRows) {
@@ -157,6 +171,18 @@ static void KSET(gemm_block)(const float *a, long rs, long ks, int m, const floa
     }
 }
 
+static void KSET(gemm_block)(const float *a, long rs, long ks, int m, const float *panels, long pstride,
+                             int n, long kc, float *c, long ldc, float alpha, int load_c, int finish,
+                             const float *prefetch) {
+    gemm_block_impl(0, a, rs, ks, m, panels, pstride, n, kc, c, ldc, alpha, load_c, finish, prefetch);
+}
+
+static void KSET(gemm_block_bf16)(const float *a, long rs, long ks, int m, const uint16_t *panels, long pstride,
+                                  int n, long kc, float *c, long ldc, float alpha, int load_c, int finish,
+                                  const uint16_t *prefetch) {
+    gemm_block_impl(1, a, rs, ks, m, panels, pstride, n, kc, c, ldc, alpha, load_c, finish, prefetch);
+}
+
 static void KSET(pack_panels)(const float *b, long b_ks, long b_cs, long kc, int n, float *dst, long pstride) {
     for (int j0 = 0, p = 0; j0 < n; j0 += 16, p++) {
         int w = n - j0 < 16 ? n - j0 : 16;
@@ -172,6 +198,17 @@ static void KSET(pack_panels)(const float *b, long b_ks, long b_cs, long kc, int
         } else {
             for (long kk = 0; kk < kc; kk++)
                 for (int lane = 0; lane < 16; lane++) panel[kk * 16 + lane] = lane < w ? b[kk * b_ks + (j0 + lane) * b_cs] : 0;
+        }
+    }
+}
+
+static void KSET(pack_panels_bf16)(const float *b, long b_ks, long b_cs, long kc, int n, uint16_t *dst, long pstride) {
+    for (int j0 = 0, p = 0; j0 < n; j0 += 16, p++) {
+        int w = n - j0 < 16 ? n - j0 : 16;
+        uint16_t *panel = dst + p * pstride;
+        for (int lane = 0; lane < 16; lane++) {
+            if (lane < w) { const float *src = b + (j0 + lane) * b_cs; for (long kk = 0; kk < kc; kk++) panel[kk * 16 + lane] = ember_bf16_bits(src[kk * b_ks]); }
+            else for (long kk = 0; kk < kc; kk++) panel[kk * 16 + lane] = 0;
         }
     }
 }
@@ -395,6 +432,8 @@ static const ember_kernels KSET(table) = {
     .tile_cols = TILE_NP * 16,
     .gemm_block = KSET(gemm_block),
     .pack_panels = KSET(pack_panels),
+    .gemm_block_bf16 = KSET(gemm_block_bf16),
+    .pack_panels_bf16 = KSET(pack_panels_bf16),
     .score_rows = KSET(score_rows),
     .weighted_sum = KSET(weighted_sum),
     .scatter_rows = KSET(scatter_rows),

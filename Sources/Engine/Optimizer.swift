@@ -78,7 +78,9 @@ public final class AdamW {
         let bc1 = 1 - powf(s.beta1, t), bc2 = 1 - powf(s.beta2, t)
         let stepSize = rate / bc1, bc2Sqrt = bc2.squareRoot()
         let decay = 1 - rate * s.weightDecay
-        let p = store.values, g = store.gradients, m = store.firstMoment, v = store.secondMoment
+        // bf16 storage: the step updates the float32 master and the values become its rounding.
+        let p = store.precise, g = store.gradients, m = store.firstMoment, v = store.secondMoment
+        let rounded: UnsafeMutablePointer<Float>? = store.storage == .bf16 ? store.values : nil
         let (b1, b2, eps) = (s.beta1, s.beta2, s.eps)
         parallelRanges(store.count, minPerThread: 1 << 14) { _, lo, hi in
             for i in lo..<hi {
@@ -88,6 +90,7 @@ public final class AdamW {
                 m[i] = mi
                 v[i] = vi
                 p[i] = p[i] * decay - stepSize * mi / (vi.squareRoot() / bc2Sqrt + eps)
+                if let rounded { rounded[i] = roundedToBF16(p[i]) }
             }
         }
         store.markModified()

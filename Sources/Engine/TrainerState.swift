@@ -58,8 +58,7 @@ extension Trainer {
             settings = AdamWSettings(lr: lr, beta1: b1, beta2: b2, eps: eps, weightDecay: wd, gradClip: clip)
         }
         // Commit.
-        store.values.update(from: weights.values, count: count)
-        store.markModified()
+        store.assign(from: weights.values)
         m.withUnsafeBufferPointer { store.firstMoment.update(from: $0.baseAddress!, count: count) }
         v.withUnsafeBufferPointer { store.secondMoment.update(from: $0.baseAddress!, count: count) }
         optimizer.settings = settings

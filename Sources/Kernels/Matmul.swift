@@ -43,24 +43,49 @@ public let panelWidth = Int(EMBER_PANEL)
 public final class PackedMatrix: @unchecked Sendable {
     public let rows: Int      // N (output features)
     public let columns: Int   // K (input features)
-    let panels: UnsafeMutablePointer<Float>
+    /// Panels hold bfloat16 values (W rounded to nearest even): half the bytes to stream, the
+    /// same chains as float panels holding the rounded values.
+    public let bf16: Bool
+    let storage: UnsafeMutableRawPointer
+    var panels: UnsafeMutablePointer<Float> { storage.assumingMemoryBound(to: Float.self) }
+    var halfPanels: UnsafeMutablePointer<UInt16> { storage.assumingMemoryBound(to: UInt16.self) }
 
-    public init(_ w: UnsafePointer<Float>, rows n: Int, columns k: Int) {
-        rows = n; columns = k
+    public init(_ w: UnsafePointer<Float>, rows n: Int, columns k: Int, bf16: Bool = false) {
+        rows = n; columns = k; self.bf16 = bf16
         let panelCount = (n + panelWidth - 1) / panelWidth
-        panels = alignedFloats(max(1, panelCount * panelWidth * k))
+        storage = .allocate(byteCount: max(1, panelCount * panelWidth * k) * (bf16 ? 2 : 4), alignment: 64)
         let table = Kernels.table
         let chunk = 16   // panels per work item
+        let (full, half) = (storage.assumingMemoryBound(to: Float.self), storage.assumingMemoryBound(to: UInt16.self))
         parallelFor((panelCount + chunk - 1) / chunk) { g in
             let j0 = g * chunk * panelWidth
-            table.pointee.pack_panels(w + j0 * k, 1, k, k, Int32(min(n - j0, chunk * panelWidth)),
-                                      self.panels + g * chunk * panelWidth * k, panelWidth * k)
+            let width = Int32(min(n - j0, chunk * panelWidth)), offset = g * chunk * panelWidth * k
+            if bf16 {
+                table.pointee.pack_panels_bf16(w + j0 * k, 1, k, k, width, half + offset, panelWidth * k)
+            } else {
+                table.pointee.pack_panels(w + j0 * k, 1, k, k, width, full + offset, panelWidth * k)
+            }
         }
     }
 
-    deinit { UnsafeMutableRawPointer(panels).deallocate() }
+    deinit { storage.deallocate() }
 
-    public var byteCount: Int { ((rows + panelWidth - 1) / panelWidth) * panelWidth * columns * 4 }
+    public var byteCount: Int { ((rows + panelWidth - 1) / panelWidth) * panelWidth * columns * (bf16 ? 2 : 4) }
+
+    /// `gemm_block` over panels starting at panel `p`, row `kk` (strides in elements).
+    @inline(__always)
+    func block(_ table: UnsafePointer<ember_kernels>, _ a: UnsafePointer<Float>, _ rs: Int, _ ks: Int, rows m: Int,
+               panel p: Int, k kk: Int, columns n: Int, depth kc: Int, _ c: UnsafeMutablePointer<Float>, _ ldc: Int,
+               alpha: Float, loadC: Bool, finish: Bool, prefetchPanel: Int?) {
+        let stride = panelWidth * columns, at = p * stride + kk * panelWidth
+        if bf16 {
+            table.pointee.gemm_block_bf16(a, rs, ks, Int32(m), halfPanels + at, stride, Int32(n), kc, c, ldc, alpha,
+                                          loadC ? 1 : 0, finish ? 1 : 0, prefetchPanel.map { UnsafePointer(halfPanels + $0 * stride) })
+        } else {
+            table.pointee.gemm_block(a, rs, ks, Int32(m), panels + at, stride, Int32(n), kc, c, ldc, alpha,
+                                     loadC ? 1 : 0, finish ? 1 : 0, prefetchPanel.map { UnsafePointer(panels + $0 * stride) })
+        }
+    }
 }
 
 /// Depth of a k block: a 32-column tile of B (kc x 32 floats) stays in L1 while the row tiles
@@ -128,6 +153,8 @@ public func gemm(m: Int, n: Int, k: Int, alpha: Float = 1, _ a: GemmA, _ b: Gemm
         }
     }
 
+    // The packed matrix outlives the loop below, which reads its storage through raw pointers.
+    defer { if case let .packed(pm) = b { withExtendedLifetime(pm) {} } }
     var jc = 0
     while jc < n {
         let nb = min(nc, n - jc)
@@ -136,11 +163,12 @@ public func gemm(m: Int, n: Int, k: Int, alpha: Float = 1, _ a: GemmA, _ b: Gemm
         while pc < k {
             let kc = min(kc0, k - pc)
             // B block: panels of columns jc..<jc+nb, rows pc..<pc+kc.
-            let panels: UnsafePointer<Float>, pstride: Int
+            var panels: UnsafeRawPointer, pstride: Int, half = false
             switch b {
             case let .packed(pm):
-                panels = UnsafePointer(pm.panels + (jc / panelWidth) * panelWidth * pm.columns + pc * panelWidth)
                 pstride = panelWidth * pm.columns
+                half = pm.bf16
+                panels = UnsafeRawPointer(pm.storage) + ((jc / panelWidth) * pstride + pc * panelWidth) * (half ? 2 : 4)
             case let .transposed(w, ld):
                 let dst = scratch!
                 pstride = panelWidth * kc
@@ -150,7 +178,7 @@ public func gemm(m: Int, n: Int, k: Int, alpha: Float = 1, _ a: GemmA, _ b: Gemm
                     table.pointee.pack_panels(w + (jc + j0) * ld + pc, 1, ld, kc, Int32(min(nb - j0, 16 * panelWidth)),
                                               dst + g * 16 * pstride, pstride)
                 }
-                panels = UnsafePointer(dst)
+                panels = UnsafeRawPointer(dst)
             case let .rows(p, ld):
                 let dst = scratch!
                 pstride = panelWidth * kc
@@ -160,20 +188,28 @@ public func gemm(m: Int, n: Int, k: Int, alpha: Float = 1, _ a: GemmA, _ b: Gemm
                     table.pointee.pack_panels(p + pc * ld + jc + j0, ld, 1, kc, Int32(min(nb - j0, 16 * panelWidth)),
                                               dst + g * 16 * pstride, pstride)
                 }
-                panels = UnsafePointer(dst)
+                panels = UnsafeRawPointer(dst)
             }
-            let loadC = accumulate || pc > 0, finish = pc + kc >= k
+            let loadC: Int32 = accumulate || pc > 0 ? 1 : 0, finish: Int32 = pc + kc >= k ? 1 : 0
             let rowBlocks = (m + rowBlock - 1) / rowBlock
             let colChunks = (nb + colChunk - 1) / colChunk
             let items = rowBlocks * colChunks
+            let esize = half ? 2 : 4
             let body = { (item: Int) in
                 let rb = item / colChunks, cb = item % colChunks
-                let r0 = rb * rowBlock, rows = min(rowBlock, m - r0)
-                let j0 = cb * colChunk, cols = min(colChunk, nb - j0)
-                let next: UnsafePointer<Float>? = small && cb + 1 < colChunks ? panels + ((j0 + colChunk) / panelWidth) * pstride : nil
-                table.pointee.gemm_block(aBase + r0 * aRS + pc * aKS, aRS, aKS, Int32(rows),
-                                         panels + (j0 / panelWidth) * pstride, pstride, Int32(cols), kc,
-                                         c + r0 * ldc + jc + j0, ldc, alpha, loadC ? 1 : 0, finish ? 1 : 0, next)
+                let r0 = rb * rowBlock, rows = Int32(min(rowBlock, m - r0))
+                let j0 = cb * colChunk, cols = Int32(min(colChunk, nb - j0))
+                let a0 = aBase + r0 * aRS + pc * aKS, c0 = c + r0 * ldc + jc + j0
+                let bp = panels + (j0 / panelWidth) * pstride * esize
+                // Decoding streams the weights: the next chunk's panels are pulled in meanwhile.
+                let next: UnsafeRawPointer? = small && cb + 1 < colChunks ? bp + colChunk / panelWidth * pstride * esize : nil
+                if half {
+                    table.pointee.gemm_block_bf16(a0, aRS, aKS, rows, bp.assumingMemoryBound(to: UInt16.self), pstride, cols, kc,
+                                                  c0, ldc, alpha, loadC, finish, next?.assumingMemoryBound(to: UInt16.self))
+                } else {
+                    table.pointee.gemm_block(a0, aRS, aKS, rows, bp.assumingMemoryBound(to: Float.self), pstride, cols, kc,
+                                             c0, ldc, alpha, loadC, finish, next?.assumingMemoryBound(to: Float.self))
+                }
             }
             if threads == 1 || items == 1 {
                 for item in 0..<items { body(item) }
@@ -216,12 +252,14 @@ public func projectSerial(_ y: UnsafeMutablePointer<Float>, ldy: Int, _ x: Unsaf
     if m == 0 || n == 0 { return }
     let table = Kernels.table
     guard let scale else {
-        table.pointee.gemm_block(x, k, 1, Int32(m), packed.panels, panelWidth * k, Int32(n), k, y, ldy, 1, 0, 1, nil)
+        packed.block(table, x, k, 1, rows: m, panel: 0, k: 0, columns: n, depth: k, y, ldy, alpha: 1, loadC: false,
+                     finish: true, prefetchPanel: nil)
         return
     }
     withUnsafeTemporaryAllocation(of: Float.self, capacity: m * n) { t in
         let tile = t.baseAddress!
-        table.pointee.gemm_block(x, k, 1, Int32(m), packed.panels, panelWidth * k, Int32(n), k, tile, n, 1, 0, 1, nil)
+        packed.block(table, x, k, 1, rows: m, panel: 0, k: 0, columns: n, depth: k, tile, n, alpha: 1, loadC: false,
+                     finish: true, prefetchPanel: nil)
         for i in 0..<m {
             let dst = y + i * ldy, src = tile + i * n
             for c in 0..<n { dst[c] += src[c] * scale }

@@ -135,7 +135,7 @@ public final class TransformerModel {
             packedVersion = parameters.version
         }
         if let p = packedCache[offset] { return p }
-        let p = PackedMatrix(parameters.values + offset, rows: rows, columns: columns)
+        let p = PackedMatrix(parameters.values + offset, rows: rows, columns: columns, bf16: parameters.storage == .bf16)
         packedCache[offset] = p
         return p
     }
@@ -221,6 +221,8 @@ public final class TransformerModel {
                 && !(architecture.tiedEmbeddings && n == "lm_head.weight")
         }
         parameters.markModified()
+        // bf16 storage: the loaded float32 values become the master (when kept) and are rounded.
+        if parameters.storage == .bf16 { parameters.useBF16(keepMaster: parameters.master != nil) }
         if !unexpected.isEmpty {
             throw ModelError.unsupported(feature: "tensors \(unexpected.prefix(5).joined(separator: ", "))\(unexpected.count > 5 ? " (+\(unexpected.count - 5) more)" : "")",
                 reason: "the checkpoint has weights that config.json does not describe for model_type '\(architecture.modelType)'")
@@ -243,7 +245,7 @@ public final class TransformerModel {
     /// Writes config.json and the weights (F32 or BF16) under their Hugging Face names into an
     /// existing directory; shards above `maxShardBytes`.
     public func save(to directory: String, dtype: DType = .f32, maxShardBytes: Int = 4 << 30) throws {
-        let arrays = bindings.map { checkpointTensor($0, from: parameters.values) }
+        let arrays = bindings.map { checkpointTensor($0, from: parameters.precise) }
         var tensors: [TensorToWrite] = []
         for (b, a) in zip(bindings, arrays) {
             a.withUnsafeBufferPointer { tensors.append(TensorToWrite(name: b.checkpointName, shape: b.shape, data: $0)) }

@@ -190,6 +190,7 @@ public final class Dispatcher {
                           "hidden_size": a.hiddenSize, "vocab_size": a.vocabSize, "max_position_embeddings": a.maxPositions,
                           "heads": a.heads, "kv_heads": a.kvHeads, "head_dim": a.headDim, "tied_embeddings": a.tiedEmbeddings],
                 "capabilities": RPCMethod.names, "loss_defaults": LossDefaults.json,
+                "weights_dtype": model.parameters.storage == .bf16 ? "bf16" : "f32",
                 "kernels": ["set": KernelSet.active.rawValue, "supported": KernelSet.supported.map(\.rawValue),
                             "backward_gemm": Compute.backwardBLAS ? "openblas" : "ember", "blas": "OpenBLAS " + BLASCore.name],
                 "limits": ["max_seq_len": configuration.capacity, "slots": configuration.slots]]

@@ -1,3 +1,4 @@
+import CKernels
 // Element types of checkpoint tensors and their conversion to the engine's fp32.
 
 /// Safetensors dtype names this engine reads (floats are converted to F32 on load).
@@ -17,14 +18,14 @@ public enum DType: String, Sendable, CaseIterable {
 @inline(__always)
 public func bf16ToFloat(_ bits: UInt16) -> Float { Float(bitPattern: UInt32(bits) << 16) }
 
-/// Float → bfloat16 bits, round to nearest even (NaN stays NaN), as PyTorch does.
+/// Float → bfloat16 bits, round to nearest even (NaN stays NaN), as PyTorch does. The rule
+/// lives in CKernels (`ember_bf16_bits`), which the bf16 weight panels are packed with too.
 @inline(__always)
-public func floatToBF16(_ x: Float) -> UInt16 {
-    let u = x.bitPattern
-    if x.isNaN { return UInt16(truncatingIfNeeded: (u >> 16) | 0x40) }
-    let rounding = UInt32(0x7FFF) + ((u >> 16) & 1)
-    return UInt16(truncatingIfNeeded: (u &+ rounding) >> 16)
-}
+public func floatToBF16(_ x: Float) -> UInt16 { ember_bf16_bits(x) }
+
+/// x rounded to the nearest bfloat16 value.
+@inline(__always)
+public func roundedToBF16(_ x: Float) -> Float { ember_bf16_round(x) }
 
 /// IEEE half bits → Float (exact, subnormals included).
 @inline(__always)

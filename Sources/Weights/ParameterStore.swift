@@ -1,6 +1,7 @@
 // All trainable parameters of a model in one contiguous fp32 buffer, with gradients and AdamW
 // moments in buffers of the identical layout, so zeroing, clipping and the optimizer are
 // single flat loops (llm.c `train_gpt2.c`).
+import Kernels
 
 /// One named slot in the flat buffer.
 public struct ParameterSlot: Sendable, Equatable {
@@ -43,6 +44,47 @@ public final class ParameterStore {
     public private(set) var firstMomentIfAllocated: UnsafeMutablePointer<Float>?
     public private(set) var secondMomentIfAllocated: UnsafeMutablePointer<Float>?
 
+    /// The weights' storage: with `.bf16` every value is a bfloat16 value (held in a float), and
+    /// training keeps the float32 master in `master` (see `useBF16`).
+    public private(set) var storage: DType = .f32
+    /// Float32 master weights (bf16 storage while training): the optimizer updates these and
+    /// writes their rounding into `values`.
+    public private(set) var master: UnsafeMutablePointer<Float>?
+
+    /// Switches to bf16 storage: keeps the current values as the float32 master when
+    /// `keepMaster` (a training server; a read-only one needs none), then rounds every value to
+    /// bfloat16. Calling it again re-rounds from new values (after a load).
+    public func useBF16(keepMaster: Bool) {
+        storage = .bf16
+        if keepMaster {
+            if master == nil { master = .allocate(capacity: max(1, count)) }
+            master!.update(from: values, count: count)
+        } else {
+            master?.deallocate(); master = nil
+        }
+        roundValues()
+    }
+
+    /// values = bf16(master) (or bf16(values) without a master), in bf16 storage.
+    public func roundValues() {
+        guard storage == .bf16 else { return }
+        let src = UnsafePointer(master ?? values), dst = values
+        parallelRanges(count, minPerThread: 1 << 16) { _, lo, hi in
+            for i in lo..<hi { dst[i] = roundedToBF16(src[i]) }
+        }
+        markModified()
+    }
+
+    /// The most precise copy of the weights: the master when there is one, else `values`.
+    public var precise: UnsafeMutablePointer<Float> { master ?? values }
+
+    /// Sets the weights from `source` (float32): the master and the rounded values in bf16
+    /// storage, `values` otherwise.
+    public func assign(from source: UnsafePointer<Float>) {
+        if let master { master.update(from: source, count: count) } else { values.update(from: source, count: count) }
+        if storage == .bf16 { roundValues() } else { markModified() }
+    }
+
     public init(layout: ParameterLayout) {
         self.layout = layout
         values = .allocate(capacity: max(1, layout.count))
@@ -51,6 +93,7 @@ public final class ParameterStore {
 
     deinit {
         values.deallocate()
+        master?.deallocate()
         gradientsIfAllocated?.deallocate()
         firstMomentIfAllocated?.deallocate()
         secondMomentIfAllocated?.deallocate()

@@ -29,6 +29,8 @@ struct EmberServer: ParsableCommand {
     @Option(name: .customLong("max-adapters"), help: "Most LoRA adapters held at once.") var maxAdapters = 64
     @Option(help: "Compute threads (default: all cores).") var threads: Int?
     @Flag(name: .customLong("read-only"), help: "Refuse every method that changes state.") var readOnly = false
+    @Option(name: .customLong("weights-dtype"), help: "f32, or bf16: weights rounded to bfloat16 and streamed as bf16 when decoding (float32 accumulation; training keeps a float32 master).")
+    var weightsDType = "f32"
     @Option(name: .customLong("served-model-name"), help: "Model id for the OpenAI routes (default: the model folder's name).")
     var servedModelName: String?
     @Option(help: "Sequences decoded together (KV-cache slots).") var slots = 64
@@ -50,6 +52,7 @@ struct EmberServer: ParsableCommand {
         guard (0...65535).contains(port) else { throw ValidationError("--port must be in 0...65535") }
         if let t = threads, t < 1 { throw ValidationError("--threads must be at least 1") }
         guard slots >= 1 else { throw ValidationError("--slots must be at least 1") }
+        guard ["f32", "bf16"].contains(weightsDType) else { throw ValidationError("--weights-dtype: f32 or bf16, not '\(weightsDType)'") }
         guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("--log-level: one of trace, debug, info, notice, warning, error, critical") }
     }
 
@@ -77,6 +80,7 @@ struct EmberServer: ParsableCommand {
         }
         let loaded: TransformerModel
         do { loaded = try TransformerModel.load(directory: dir) } catch { throw ValidationError("cannot load \(dir): \(error)") }
+        if weightsDType == "bf16" { loaded.parameters.useBF16(keepMaster: !readOnly) }
         var tokenizer: Tokenizer?
         if FileManager.default.fileExists(atPath: dir + "/tokenizer.json") {
             do { tokenizer = try Tokenizer(directory: dir) } catch { throw ValidationError("cannot load \(dir)/tokenizer.json: \(error)") }
@@ -144,7 +148,7 @@ struct EmberServer: ParsableCommand {
         }
         let banner = "ember-server \(EmberVersion.string): \(a.modelType) '\(name)', \(parameterCount) parameters, \(a.layers) layers, "
             + "hidden \(a.hiddenSize), vocab \(a.vocabSize)\(hasTokenizer ? "" : ", no tokenizer") | listening on "
-            + addresses.joined(separator: " and ") + " | \(threads) threads, \(KernelSet.active.rawValue) kernels\(readOnly ? " | read-only" : "")\(key != nil ? " | API key required" : "")"
+            + addresses.joined(separator: " and ") + " | \(threads) threads, \(KernelSet.active.rawValue) kernels, \(weightsDType) weights\(readOnly ? " | read-only" : "")\(key != nil ? " | API key required" : "")"
         FileHandle.standardOutput.write(Data((banner + "\n").utf8))
         log.info("model loaded", metadata: ["dir": "\(dir)", "kv_slots": "\(slots)", "max_seq_len": "\(capacity)",
                                             "kv_bytes": "\(scheduler.kvCacheBytes)"])

@@ -163,3 +163,82 @@ final class KernelSetModelTests: XCTestCase {
         }
     }
 }
+
+/// `--weights-dtype bf16`: every weight rounded to bfloat16, decode panels stored in bf16, a
+/// float32 master for training.
+final class BF16WeightsTests: XCTestCase {
+    override func setUp() { Compute.setThreads(2) }
+
+    /// Logits of qwen2_tied held in bf16 against transformers' float32 logits of the same
+    /// bf16-rounded checkpoint (`qwen2_tied_bf16`, scripts/make_fixtures.py): both compute in
+    /// float32, so the float32 tolerance applies; and far from the unrounded model's logits.
+    func testLogitsMatchTransformersOnBF16RoundedWeights() throws {
+        let model = try TransformerModel.load(directory: fixtureModel("qwen2_tied"))
+        model.parameters.useBF16(keepMaster: false)
+        XCTAssertNil(model.parameters.master)
+        let golden = try GoldenTests.Golden(fixtureModel("qwen2_tied_bf16"))
+        let b = golden.batch
+        let logits = try model.logits(tokens: b.tokens, positions: b.positions,
+                                      context: .packed(sequenceStarts: b.sequenceStarts), rows: Array(0..<b.tokens.count))
+        let cmp = assertClose(logits, try golden.file.floats("logits"), "bf16 logits")
+        let unrounded = try GoldenTests.Golden(fixtureModel("qwen2_tied")).file.floats("logits")
+        let moved = zip(logits, unrounded).map { abs($0 - $1) }.max()!
+        print("bf16 storage: logits max |diff| vs transformers \(cmp.maxAbsDiff); vs the float32 model \(moved)")
+        XCTAssertGreaterThan(moved, 20 * max(cmp.maxAbsDiff, 1e-6), "rounding to bf16 should move the logits")
+    }
+
+    /// A bf16-stored model is, bit for bit, the float32 model whose weights were rounded: logits,
+    /// KV-cache decoding through the bf16 panels, and every gradient.
+    func testBF16StorageIsTheRoundedFloat32ModelBitForBit() throws {
+        for name in ["llama_gqa", "qwen2_tied", "gpt2"] {
+            let dir = fixtureModel(name)
+            let bf = try TransformerModel.load(directory: dir)
+            bf.parameters.useBF16(keepMaster: true)
+            let rounded = try TransformerModel.load(directory: dir)
+            for i in 0..<rounded.parameters.count { rounded.parameters.values[i] = roundedToBF16(rounded.parameters.values[i]) }
+            rounded.parameters.markModified()
+            XCTAssertTrue((0..<bf.parameters.count).allSatisfy { bf.parameters.values[$0].bitPattern == rounded.parameters.values[$0].bitPattern })
+            let b = try GoldenTests.Golden(dir).batch
+            func run(_ m: TransformerModel, packed: Bool) throws -> [Float] {
+                m.cachesPackedWeights = packed
+                let logits = try m.logits(tokens: b.tokens, positions: b.positions,
+                                          context: .packed(sequenceStarts: b.sequenceStarts), rows: Array(0..<b.tokens.count))
+                m.parameters.zeroGradients()
+                let ce = NextTokenCrossEntropy(batch: b)
+                let r = try Training.accumulateGradients(model: m, batch: b, outputRows: ce.outputRows, chunkRows: 5, loss: ce.function)
+                return logits + [Float(r.loss)] + Array(UnsafeBufferPointer(start: m.parameters.gradients, count: m.parameters.count))
+            }
+            for packed in [false, true] {
+                let x = try run(bf, packed: packed), y = try run(rounded, packed: packed)
+                XCTAssertTrue(zip(x, y).allSatisfy { $0.bitPattern == $1.bitPattern }, "\(name) packed \(packed)")
+            }
+        }
+    }
+
+    /// AdamW on bf16 storage steps the float32 master exactly as it steps a float32 model, and the
+    /// values are the master rounded; a checkpoint saves the master.
+    func testOptimizerStepsTheMasterAndRoundsTheValues() throws {
+        let dir = fixtureModel("llama_gqa")
+        let bf = try TransformerModel.load(directory: dir), f32 = try TransformerModel.load(directory: dir)
+        bf.parameters.useBF16(keepMaster: true)
+        let n = bf.parameters.count
+        var rng = SeededRandom(seed: 3)
+        let settings = AdamWSettings(lr: 1e-2, weightDecay: 0.01, gradClip: 1.0)
+        let a = AdamW(settings: settings), c = AdamW(settings: settings)
+        for _ in 0..<3 {
+            let g = rng.normals(n, scale: 0.1)
+            g.withUnsafeBufferPointer { bf.parameters.gradients.update(from: $0.baseAddress!, count: n); f32.parameters.gradients.update(from: $0.baseAddress!, count: n) }
+            try a.step(bf.parameters)
+            try c.step(f32.parameters)
+        }
+        let master = bf.parameters.master!
+        XCTAssertTrue((0..<n).allSatisfy { master[$0].bitPattern == f32.parameters.values[$0].bitPattern }, "master = float32 trajectory")
+        XCTAssertTrue((0..<n).allSatisfy { bf.parameters.values[$0].bitPattern == roundedToBF16(master[$0]).bitPattern }, "values = bf16(master)")
+        let out = FileManager.default.temporaryDirectory.appendingPathComponent("bf16-save-\(getpid())").path
+        try FileManager.default.createDirectory(atPath: out, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: out) }
+        try bf.save(to: out)
+        let back = try TransformerModel.load(directory: out)
+        XCTAssertTrue((0..<n).allSatisfy { back.parameters.values[$0].bitPattern == master[$0].bitPattern }, "the checkpoint holds the master")
+    }
+}

@@ -48,6 +48,14 @@ typedef struct ember_kernels {
                        int n, long kc, float *c, long ldc, float alpha, int load_c, int finish,
                        const float *prefetch);
 
+    /// `gemm_block` over panels of bfloat16 values (panel_stride counted in elements): the same
+    /// chains as over float panels holding those values.
+    void (*gemm_block_bf16)(const float *a, long a_rs, long a_ks, int m, const uint16_t *panels, long panel_stride,
+                            int n, long kc, float *c, long ldc, float alpha, int load_c, int finish,
+                            const uint16_t *prefetch);
+    /// `pack_panels` into bfloat16 panels (each value rounded to nearest even, `ember_bf16_bits`).
+    void (*pack_panels_bf16)(const float *b, long b_ks, long b_cs, long kc, int n, uint16_t *dst, long panel_stride);
+
     /// Packs columns 0..<n of B(kk, j) = b[kk * b_ks + j * b_cs] (kk < kc) as panels of
     /// EMBER_PANEL columns at dst + p * panel_stride, row kk at + kk * EMBER_PANEL, zero past n.
     void (*pack_panels)(const float *b, long b_ks, long b_cs, long kc, int n, float *dst, long panel_stride);
@@ -126,6 +134,23 @@ EMBER_EXP_DEFINE(ember_exp16, ember_v16, ember_v16i)
 
 /// e^x for one value: lane 0 of `ember_exp8` (bit-identical to every vector path).
 static inline float ember_exp1(float x) { return ember_exp8((ember_v8)(x))[0]; }
+
+/// x rounded to bfloat16 (nearest, ties to even; NaN stays a quiet NaN): the upper 16 bits.
+static inline uint16_t ember_bf16_bits(float x) {
+    uint32_t u;
+    __builtin_memcpy(&u, &x, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+/// x rounded to the nearest bfloat16 value, as a float.
+static inline float ember_bf16_round(float x) {
+    uint32_t u = (uint32_t)ember_bf16_bits(x) << 16;
+    float f;
+    __builtin_memcpy(&f, &u, 4);
+    return f;
+}
 
 /// The one horizontal sum of 8 lanes: left to right, ((l0 + l1) + l2) + ... + l7.
 static inline __attribute__((always_inline)) float ember_sum8(ember_v8 v) {

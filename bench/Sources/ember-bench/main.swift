@@ -72,8 +72,12 @@ func forwardFLOPs(_ a: Architecture, tokens: Int, seqLen: Int, batch: Int) -> Do
 }
 
 /// A model of the shape with random weights at a trained model's scale (uniform ±0.035, norms 1).
-func makeModel(_ shape: Shape) throws -> TransformerModel {
+func makeModel(_ shape: Shape, training: Bool = true) throws -> TransformerModel {
     let model = try TransformerModel(config: try JSONSerialization.data(withJSONObject: shape.config))
+    defer {
+        // --weights-dtype bf16: the weights rounded to bfloat16 (a float32 master kept for training).
+        if option("--weights-dtype", "f32") == "bf16" { model.parameters.useBF16(keepMaster: training) }
+    }
     var rng = SeededRandom(seed: 42)
     let store = model.parameters
     for slot in store.layout.slots {
@@ -96,7 +100,7 @@ func benchGenerate() throws {
     let shape = Shape.named(option("--shape", "tiny"))
     let batch = Int(option("--batch", "1"))!, promptLen = Int(option("--prompt", "16"))!
     let newTokens = Int(option("--new", "128"))!
-    let model = try makeModel(shape)
+    let model = try makeModel(shape, training: false)
     var rng = SeededRandom(seed: 7)
     let V = UInt64(model.architecture.vocabSize)
     let prompts = (0..<batch).map { _ in (0..<promptLen).map { _ in Int32(rng.next() % V) } }
@@ -128,7 +132,7 @@ func benchGenerate() throws {
         }
         if i > 0 { times.append(now() - t0) }
     }
-    emit(["kind": "generate", "impl": "ember", "shape": shape.name, "batch": batch, "prompt": promptLen, "new": newTokens,
+    emit(["kind": "generate", "impl": "ember", "shape": shape.name, "batch": batch, "weights_dtype": option("--weights-dtype", "f32"), "prompt": promptLen, "new": newTokens,
           "adapters": adapterCount, "decode_tok_s": Double(batch * newTokens) / median(times), "seconds": times,
           "peak_rss_bytes": peakRSSBytes()])
 }
