@@ -223,3 +223,41 @@ def test_loss_mask_per_sequence(client):
         raise AssertionError("a mask value of 2 must be refused")
     except EmberError as e:
         assert e.kind == "invalid_params" and e.path == "params.batch[0].loss_mask[1]", e
+
+
+def test_bf16_weights_sample_score_and_train_consistently(model_dir):
+    """--weights-dtype bf16: server.info says so; the sampler and the scorer agree bit for bit on
+    the rounded weights before and after a train_step; the log-probs differ from float32's; a
+    read-only bf16 server serves the same log-probs; a bad dtype is refused at start-up."""
+    import subprocess
+    from conftest import SERVER
+    seq = [{"tokens": [5, 9, 2, 7, 1, 3], "response_start": 2}]
+    f32 = RunningServer(model_dir)
+    try:
+        lp32 = Client(f32.url).logprob(seq)["results"][0]["logprobs"]
+    finally:
+        assert f32.stop() == 0
+    s = RunningServer(model_dir, extra=["--weights-dtype", "bf16"])
+    try:
+        c = Client(s.url)
+        assert c.info()["weights_dtype"] == "bf16"
+        lp = c.logprob(seq)["results"][0]["logprobs"]
+        assert lp != lp32 and max(abs(a - b) for a, b in zip(lp, lp32)) < 0.05
+        for _ in range(2):
+            g = c.generate(prompt_tokens=[[5, 9]], max_tokens=6, temperature=1.0, seed=3)
+            smp = g["results"][0]["samples"][0]
+            scored = c.logprob([{"tokens": [5, 9] + smp["tokens"], "response_start": 2}])
+            assert scored["results"][0]["logprobs"] == smp["logprobs"], "bf16: sampler and scorer agree bit for bit"
+            step = c.train_step(loss={"mode": "ppo"}, batch=[{"tokens": [5, 9] + smp["tokens"], "response_start": 2,
+                                                             "advantage": 1.0}], optimizer={"lr": 1e-2})
+            assert step["metrics"]["grad_norm"] > 0
+        assert c.logprob(seq)["results"][0]["logprobs"] != lp, "the step moved the bf16 weights"
+    finally:
+        assert s.stop() == 0
+    ro = RunningServer(model_dir, extra=["--weights-dtype", "bf16", "--read-only"])
+    try:
+        assert Client(ro.url).logprob(seq)["results"][0]["logprobs"] == lp
+    finally:
+        assert ro.stop() == 0
+    r = subprocess.run([SERVER, "--model", model_dir, "--port", "0", "--weights-dtype", "fp8"], capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "--weights-dtype: f32 or bf16, not 'fp8'" in r.stderr, r.stderr
