@@ -34,8 +34,10 @@ def engine(quick):
     rows = []
     print(f"machine: {machine()}")
     sg = run([EMBER, "sgemm"])[0]
+    peak = max(sg['openblas_gflops'], sg['ember_project_gflops'])
+    print(f"Ember kernel set: {sg['kernels']}")
     print(f"sgemm 2048^3, 2 threads: OpenBLAS ({sg['openblas_core']} kernels) {sg['openblas_gflops']:.0f} GFLOP/s, "
-          f"Ember row-invariant kernel {sg['ember_project_gflops']:.0f} GFLOP/s")
+          f"Ember's GEMM {sg['ember_project_gflops']:.0f} GFLOP/s (peak: the larger)")
     shapes = ["tiny"] if quick else ["tiny", "0.5b"]
     print(f"\n{'shape':6} {'metric':16} {'ember':>10} {'pytorch':>10} {'ratio':>7}  ember GFLOP/s")
     for shape in shapes:
@@ -43,11 +45,68 @@ def engine(quick):
         t = run(TORCH + ["engine", "--shape", shape, "--steps", "5" if shape == "tiny" else "2"])[0]
         for key, gf in [("forward_tok_s", "forward_gflops"), ("train_tok_s", "train_gflops")]:
             print(f"{shape:6} {key:16} {e[key]:10.1f} {t[key]:10.1f} {e[key] / t[key]:6.2f}x  "
-                  f"{e[gf]:.0f} ({100 * e[gf] / sg['openblas_gflops']:.0f}% of sgemm peak)")
+                  f"{e[gf]:.0f} ({100 * e[gf] / peak:.0f}% of sgemm peak)")
         print(f"{shape:6} {'peak RSS GB':16} {e['peak_rss_bytes'] / 1e9:10.2f} {t['peak_rss_bytes'] / 1e9:10.2f}")
         rows.append({"ember": e, "pytorch": t})
     with open(os.path.join(ROOT, "bench", "out", "engine.json"), "w") as f:
         json.dump({"machine": machine(), "sgemm": sg, "runs": rows}, f, indent=1)
+
+
+def median(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
+
+
+def kernels(quick, rounds=3):
+    """The kernel sets and the backward's GEMM against each other: `ember-bench engine` under
+    EMBER_KERNELS=avx2, avx512 and avx512 with EMBER_BACKWARD_GEMM=openblas, interleaved rounds,
+    medians; then each training GEMM of the shape in Ember's GEMM and in OpenBLAS."""
+    variants = [("avx2", {"EMBER_KERNELS": "avx2"}), ("avx512", {"EMBER_KERNELS": "avx512"}),
+                ("avx512 + OpenBLAS backward", {"EMBER_KERNELS": "avx512", "EMBER_BACKWARD_GEMM": "openblas"})]
+    print(f"machine: {machine()}")
+    out = {"machine": machine(), "rounds": rounds, "engine": {}, "gemm": {}}
+    for shape in (["tiny"] if quick else ["tiny", "0.5b"]):
+        got = {name: [] for name, _ in variants}
+        for _ in range(rounds):
+            for name, env in variants:
+                got[name].append(run([EMBER, "engine", "--shape", shape], env=env)[0])
+        print(f"\n{shape}: ember-bench engine, medians of {rounds} interleaved rounds")
+        print(f"{'kernels':28} {'forward tok/s':>14} {'train tok/s':>12} {'train GFLOP/s':>14}")
+        base = median([r["train_tok_s"] for r in got["avx2"]])
+        for name, _ in variants:
+            f = median([r["forward_tok_s"] for r in got[name]]); t = median([r["train_tok_s"] for r in got[name]])
+            g = median([r["train_gflops"] for r in got[name]])
+            print(f"{name:28} {f:14.1f} {t:12.1f} {g:14.1f}   train {t / base:.2f}x avx2")
+        out["engine"][shape] = got
+        gm = run([EMBER, "gemm", "--shape", shape])[0]
+        print(f"{shape}: training GEMMs, GFLOP/s (2 threads, {gm['kernels']}): Ember / OpenBLAS")
+        for r in gm["rows"]:
+            print(f"  {r['op']:18} {r['ember']:7.1f} {r['openblas']:7.1f}  {r['ember'] / r['openblas']:.2f}x")
+        out["gemm"][shape] = gm
+    with open(os.path.join(ROOT, "bench", "out", "kernels.json"), "w") as f:
+        json.dump(out, f, indent=1)
+
+
+def bf16(quick, rounds=3):
+    """Decode with float32 and bf16 weights: `ember-bench generate` (16-token prompts, 32 new
+    tokens, greedy) at batch 1 and 32 on the 0.5B shape (tiny with --quick), interleaved rounds,
+    medians, with peak RSS."""
+    shape = "tiny" if quick else "0.5b"
+    print(f"machine: {machine()}")
+    rows = []
+    print(f"\n{'shape':6} {'batch':>5} {'f32 tok/s':>10} {'bf16 tok/s':>11} {'ratio':>6} {'f32 RSS GB':>11} {'bf16 RSS GB':>12}")
+    for batch in [1, 32]:
+        got = {"f32": [], "bf16": []}
+        for _ in range(rounds):
+            for d in ["f32", "bf16"]:
+                got[d].append(run([EMBER, "generate", "--shape", shape, "--batch", str(batch), "--new", "32",
+                                   "--weights-dtype", d])[0])
+        f = median([r["decode_tok_s"] for r in got["f32"]]); b = median([r["decode_tok_s"] for r in got["bf16"]])
+        print(f"{shape:6} {batch:5} {f:10.1f} {b:11.1f} {b / f:5.2f}x {max(r['peak_rss_bytes'] for r in got['f32']) / 1e9:11.2f} "
+              f"{max(r['peak_rss_bytes'] for r in got['bf16']) / 1e9:12.2f}")
+        rows.append({"batch": batch, "runs": got})
+    with open(os.path.join(ROOT, "bench", "out", "bf16.json"), "w") as f:
+        json.dump({"machine": machine(), "rows": rows}, f, indent=1)
 
 
 def sampling(quick, repeat=1):
@@ -57,10 +116,6 @@ def sampling(quick, repeat=1):
     the spinning worker pool of decode steps brings. With --repeat N every measurement is taken
     N times, interleaved (Ember, PyTorch, no-spin, Ember, ...), and the medians are printed with
     the median of the N per-round ratios and their range: this machine is shared and noisy."""
-    def median(xs):
-        xs = sorted(xs)
-        return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
-
     def line(shape, metric, e, t, n=None):
         ratios = [a / b for a, b in zip(e, t)]
         spread = f"  [{min(ratios):.2f}-{max(ratios):.2f}]" if len(ratios) > 1 else ""
@@ -116,9 +171,6 @@ def lora(quick, repeat=1):
     against PyTorch + PEFT on the same shape, peak RSS of each; a Qwen2.5-1.5B-shaped model
     trained with LoRA (full fine-tuning does not fit 24 GB); batch-32 decode with rows spread over
     16 resident adapters against base-only decode. Rounds interleaved, medians."""
-    def median(xs):
-        xs = sorted(xs)
-        return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
     shapes = ["tiny"] if quick else ["tiny", "0.5b"]
     rows = []
     print(f"\n{'shape':6} {'train_step ppo':24} {'tok/s':>9} {'peak RSS GB':>12}")
@@ -235,9 +287,13 @@ def tokenizer():
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    what = [a for i, a in enumerate(args) if not a.startswith("--") and (i == 0 or args[i - 1] != "--repeat")] or ["engine", "tokenizer", "sampling", "train", "lora", "chat", "json", "server"]
+    what = [a for i, a in enumerate(args) if not a.startswith("--") and (i == 0 or args[i - 1] != "--repeat")] or ["engine", "kernels", "bf16", "tokenizer", "sampling", "train", "lora", "chat", "json", "server"]
     if "engine" in what:
         engine("--quick" in args)
+    if "kernels" in what:
+        kernels("--quick" in args)
+    if "bf16" in what:
+        bf16("--quick" in args)
     if "sampling" in what:
         repeat = int(args[args.index("--repeat") + 1]) if "--repeat" in args else 1
         sampling("--quick" in args, repeat)

@@ -104,6 +104,19 @@ INLINE void tile(const int R, const int NP, const int FORM_ROWS, const int BF16,
         }                                                                                            \
     } while (0)
 
+// A column tile of np panels: np is known at compile time in each case.
+#if SMALL_NP >= 4 || TILE_NP >= 4
+#define NP_CASES_34(FORM) case 3: ROW_LOOP(3, FORM); break; case 4: ROW_LOOP(4, FORM); break;
+#else
+#define NP_CASES_34(FORM)
+#endif
+#define NP_SWITCH(FORM)                                                                              \
+    switch (np) {                                                                                    \
+    case 1: ROW_LOOP(1, FORM); break;                                                                \
+    case 2: ROW_LOOP(2, FORM); break;                                                                \
+    NP_CASES_34(FORM)                                                                                \
+    }
+
 // Per-thread copy of a transposed A block.
 static __thread float *KSET(a_buffer);
 static __thread long KSET(a_capacity);
@@ -143,29 +156,7 @@ INLINE void gemm_block_impl(const int BF, const float *a, long rs, long ks, int 
         const void *pf = p0 + np < panelCount ? panels + (p0 + np) * pstride * esize : prefetch;
         {
             float *c0 = c; c = cc;
-            if (formRows) {
-                switch (np) {
-                case 1: ROW_LOOP(1, 1); break;
-                case 2: ROW_LOOP(2, 1); break;
-#if SMALL_NP >= 3 || TILE_NP >= 3
-                case 3: ROW_LOOP(3, 1); break;
-#endif
-#if SMALL_NP >= 4 || TILE_NP >= 4
-                case 4: ROW_LOOP(4, 1); break;
-#endif
-                }
-            } else {
-                switch (np) {
-                case 1: ROW_LOOP(1, 0); break;
-                case 2: ROW_LOOP(2, 0); break;
-#if SMALL_NP >= 3 || TILE_NP >= 3
-                case 3: ROW_LOOP(3, 0); break;
-#endif
-#if SMALL_NP >= 4 || TILE_NP >= 4
-                case 4: ROW_LOOP(4, 0); break;
-#endif
-                }
-            }
+            if (formRows) { NP_SWITCH(1) } else { NP_SWITCH(0) }
             c = c0;
         }
     }

@@ -169,23 +169,19 @@ public func gemm(m: Int, n: Int, k: Int, alpha: Float = 1, _ a: GemmA, _ b: Gemm
                 pstride = panelWidth * pm.columns
                 half = pm.bf16
                 panels = UnsafeRawPointer(pm.storage) + ((jc / panelWidth) * pstride + pc * panelWidth) * (half ? 2 : 4)
-            case let .transposed(w, ld):
-                let dst = scratch!
-                pstride = panelWidth * kc
-                let chunks = (panelCount + 15) / 16
-                parallelFor(chunks, minPerThread: threads > 1 ? 1 : chunks) { g in
-                    let j0 = g * 16 * panelWidth
-                    table.pointee.pack_panels(w + (jc + j0) * ld + pc, 1, ld, kc, Int32(min(nb - j0, 16 * panelWidth)),
-                                              dst + g * 16 * pstride, pstride)
+            case .transposed, .rows:
+                // B(kk, j) = base[kk * bks + j * bcs] for this block.
+                let (base, bks, bcs): (UnsafePointer<Float>, Int, Int) = switch b {
+                case let .transposed(w, ld): (w + jc * ld + pc, 1, ld)
+                case let .rows(p, ld): (p + pc * ld + jc, ld, 1)
+                case .packed: fatalError("unreachable")
                 }
-                panels = UnsafeRawPointer(dst)
-            case let .rows(p, ld):
                 let dst = scratch!
                 pstride = panelWidth * kc
                 let chunks = (panelCount + 15) / 16
                 parallelFor(chunks, minPerThread: threads > 1 ? 1 : chunks) { g in
                     let j0 = g * 16 * panelWidth
-                    table.pointee.pack_panels(p + pc * ld + jc + j0, ld, 1, kc, Int32(min(nb - j0, 16 * panelWidth)),
+                    table.pointee.pack_panels(base + j0 * bcs, bks, bcs, kc, Int32(min(nb - j0, 16 * panelWidth)),
                                               dst + g * 16 * pstride, pstride)
                 }
                 panels = UnsafeRawPointer(dst)

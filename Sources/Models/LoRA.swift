@@ -298,14 +298,11 @@ extension LoRAAdapter {
             let dy = dY + s.rowStart
             // u = x·Aᵀ (recomputed); dB += s·dyᵀ·u; gu = s·dy·B; dA += guᵀ·x; dX += gu·A.
             project(u.pointer, x, rows: T, w + s.aOffset, outFeatures: r, inFeatures: K)
-            sgemm(transA: true, transB: false, m: O, n: r, k: T, alpha: scaling, a: dy, lda: dyStride,
-                  b: u.pointer, ldb: r, beta: 1, c: g + s.bOffset, ldc: r)
-            sgemm(transA: false, transB: false, m: T, n: r, k: O, alpha: scaling, a: dy, lda: dyStride,
-                  b: w + s.bOffset, ldb: r, beta: 0, c: gu.pointer, ldc: r)
-            sgemm(transA: true, transB: false, m: r, n: K, k: T, a: gu.pointer, lda: r, b: x, ldb: K,
-                  beta: 1, c: g + s.aOffset, ldc: K)
-            sgemm(transA: false, transB: false, m: T, n: K, k: r, a: gu.pointer, lda: r, b: w + s.aOffset, ldb: K,
-                  beta: 1, c: dX, ldc: K)
+            gemmAddScaled(m: O, n: r, k: T, alpha: scaling, .transposed(dy, ld: dyStride), .rows(u.pointer, ld: r),
+                          g + s.bOffset, ldc: r)
+            gemm(m: T, n: r, k: O, alpha: scaling, .rows(dy, ld: dyStride), .rows(w + s.bOffset, ld: r), gu.pointer, ldc: r)
+            gemm(m: r, n: K, k: T, .transposed(gu.pointer, ld: r), .rows(x, ld: K), g + s.aOffset, ldc: K, accumulate: true)
+            gemm(m: T, n: K, k: r, .rows(gu.pointer, ld: r), .rows(w + s.aOffset, ld: K), dX, ldc: K, accumulate: true)
         }
     }
 }

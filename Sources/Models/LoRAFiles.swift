@@ -128,8 +128,7 @@ extension LoRAAdapter {
         for s in sites {
             let K = s.inFeatures, O = s.outFeatures
             let delta = FloatBuffer(O * K)
-            sgemm(transA: false, transB: false, m: O, n: K, k: r, a: w + s.bOffset, lda: r, b: w + s.aOffset, ldb: K,
-                  beta: 0, c: delta.pointer, ldc: K)
+            gemm(m: O, n: K, k: r, .rows(w + s.bOffset, ld: r), .rows(w + s.aOffset, ld: K), delta.pointer, ldc: K)
             let slot = out.parameters.layout.slot(Slot.layer(s.layer, s.projection.slotName))!
             let dst = out.parameters.values + slot.offset + s.rowStart * K
             for i in 0..<(O * K) { dst[i] += delta.pointer[i] * scaling }

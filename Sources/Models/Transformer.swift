@@ -503,8 +503,13 @@ public final class TransformerModel {
         }
     }
 
+    /// Logits one chunk of the output head holds: 64M floats (256 MB). Every chunk streams the
+    /// whole head once, so on a 152k vocabulary 64 MB chunks (110 rows) left scoring 1.33x slower
+    /// (0.5B shape, 2,048 tokens: 146 -> 193 tok/s; training unchanged).
+    nonisolated(unsafe) public static var logitChunkFloats = 1 << 26
+
     /// Rows per logits chunk so that one chunk holds about `budgetFloats` logits.
-    public func defaultChunkRows(budgetFloats: Int = 1 << 24) -> Int {
+    public func defaultChunkRows(budgetFloats: Int = TransformerModel.logitChunkFloats) -> Int {
         max(1, budgetFloats / architecture.vocabSize)
     }
 

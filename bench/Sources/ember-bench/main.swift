@@ -201,6 +201,7 @@ func benchTrain() throws {
 }
 
 func benchEngine() throws {
+    if let mb = Int(option("--logit-chunk-mb", "")) { TransformerModel.logitChunkFloats = mb << 18 }
     let shape = Shape.named(option("--shape", "tiny"))
     let steps = Int(option("--steps", shape.name == "tiny" ? "5" : "2")) ?? 3
     let model = try makeModel(shape)
@@ -258,7 +259,8 @@ func benchSgemm() {
         ours.append(now() - t0)
     }
     let flops = 2 * Double(n * n * n)
-    emit(["kind": "sgemm", "threads": threads, "size": n, "openblas_core": BLASCore.name, "openblas_gflops": flops / blas.min()! / 1e9,
+    emit(["kind": "sgemm", "threads": threads, "size": n, "kernels": KernelSet.active.rawValue,
+          "openblas_core": BLASCore.name, "openblas_gflops": flops / blas.min()! / 1e9,
           "ember_project_gflops": flops / ours.min()! / 1e9])
 }
 
@@ -640,7 +642,7 @@ do {
     case "projections": benchProjections()
     case "engine": try benchEngine()
     default:
-        FileHandle.standardError.write("usage: ember-bench engine --shape tiny|0.5b [--steps N] [--threads N] | sgemm [--threads N] | tokenizer --dir D --file F | generate --shape S --batch B [--prompt P --new N] | score --shape S | projections [--rows M]\n".data(using: .utf8)!)
+        FileHandle.standardError.write("usage: ember-bench engine --shape tiny|0.5b [--steps N] [--threads N] | sgemm [--threads N] | gemm --shape S [--reps N] | tokenizer --dir D --file F | generate --shape S --batch B [--prompt P --new N] | score --shape S | projections [--rows M]\n".data(using: .utf8)!)
         exit(2)
     }
 } catch {
