@@ -212,6 +212,15 @@ INLINE float dot_tail(float s, const float *q, const float *k, int d0, int hs) {
     return s;
 }
 
+// Scores of keys j..j+3 from two 16-lane accumulators (two keys each, 8 lanes a key).
+INLINE void four_scores(float *out, v16 x01, v16 x23, const float *q, const float *k0, const float *k1,
+                        const float *k2, const float *k3, int hs8, int hs, float scale) {
+    out[0] = dot_tail(ember_sum8(__builtin_shufflevector(x01, x01, 0, 1, 2, 3, 4, 5, 6, 7)), q, k0, hs8, hs) * scale;
+    out[1] = dot_tail(ember_sum8(__builtin_shufflevector(x01, x01, 8, 9, 10, 11, 12, 13, 14, 15)), q, k1, hs8, hs) * scale;
+    out[2] = dot_tail(ember_sum8(__builtin_shufflevector(x23, x23, 0, 1, 2, 3, 4, 5, 6, 7)), q, k2, hs8, hs) * scale;
+    out[3] = dot_tail(ember_sum8(__builtin_shufflevector(x23, x23, 8, 9, 10, 11, 12, 13, 14, 15)), q, k3, hs8, hs) * scale;
+}
+
 static void KSET(score_rows)(float *scores, float *scores2, const float *q, const float *q2, const float *keys,
                              long stride, int count, int hs, float scale) {
     int hs8 = hs & ~7;
@@ -235,24 +244,8 @@ static void KSET(score_rows)(float *scores, float *scores2, const float *q, cons
                 b23 = fma16(qq2, k23, b23);
             }
         }
-        v8 h0 = __builtin_shufflevector(a01, a01, 0, 1, 2, 3, 4, 5, 6, 7);
-        v8 h1 = __builtin_shufflevector(a01, a01, 8, 9, 10, 11, 12, 13, 14, 15);
-        v8 h2 = __builtin_shufflevector(a23, a23, 0, 1, 2, 3, 4, 5, 6, 7);
-        v8 h3 = __builtin_shufflevector(a23, a23, 8, 9, 10, 11, 12, 13, 14, 15);
-        scores[j] = dot_tail(ember_sum8(h0), q, k0, hs8, hs) * scale;
-        scores[j + 1] = dot_tail(ember_sum8(h1), q, k1, hs8, hs) * scale;
-        scores[j + 2] = dot_tail(ember_sum8(h2), q, k2, hs8, hs) * scale;
-        scores[j + 3] = dot_tail(ember_sum8(h3), q, k3, hs8, hs) * scale;
-        if (q2) {
-            v8 g0 = __builtin_shufflevector(b01, b01, 0, 1, 2, 3, 4, 5, 6, 7);
-            v8 g1 = __builtin_shufflevector(b01, b01, 8, 9, 10, 11, 12, 13, 14, 15);
-            v8 g2 = __builtin_shufflevector(b23, b23, 0, 1, 2, 3, 4, 5, 6, 7);
-            v8 g3 = __builtin_shufflevector(b23, b23, 8, 9, 10, 11, 12, 13, 14, 15);
-            scores2[j] = dot_tail(ember_sum8(g0), q2, k0, hs8, hs) * scale;
-            scores2[j + 1] = dot_tail(ember_sum8(g1), q2, k1, hs8, hs) * scale;
-            scores2[j + 2] = dot_tail(ember_sum8(g2), q2, k2, hs8, hs) * scale;
-            scores2[j + 3] = dot_tail(ember_sum8(g3), q2, k3, hs8, hs) * scale;
-        }
+        four_scores(scores + j, a01, a23, q, k0, k1, k2, k3, hs8, hs, scale);
+        if (q2) four_scores(scores2 + j, b01, b23, q2, k0, k1, k2, k3, hs8, hs, scale);
     }
     for (; j < count; j++) {
         const float *k0 = keys + j * stride;
