@@ -60,21 +60,3 @@ public func addInPlace(_ a: UnsafeMutablePointer<Float>, _ b: UnsafePointer<Floa
         for i in lo..<hi { a[i] += b[i] }
     }
 }
-
-// MARK: - Lane helpers
-
-/// Loads n <= 8 floats (zeros past n).
-@inline(__always)
-func load8(_ p: UnsafePointer<Float>, _ n: Int) -> SIMD8<Float> {
-    if n == 8 { return UnsafeRawPointer(p).loadUnaligned(as: SIMD8<Float>.self) }
-    var v = SIMD8<Float>()
-    for l in 0..<n { v[l] = p[l] }
-    return v
-}
-
-/// Stores the first n <= 8 lanes.
-@inline(__always)
-func store8(_ p: UnsafeMutablePointer<Float>, _ v: SIMD8<Float>, _ n: Int) {
-    if n == 8 { UnsafeMutableRawPointer(p).storeBytes(of: v, as: SIMD8<Float>.self); return }
-    for l in 0..<n { p[l] = v[l] }
-}

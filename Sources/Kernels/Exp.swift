@@ -4,9 +4,6 @@
 // same operations, so sampling, scoring and training agree bit for bit.
 import CKernels
 
-@usableFromInline let expHi: Float = EMBER_EXP_HI
-@usableFromInline let expLo: Float = EMBER_EXP_LO   // below: 0 (no subnormal results)
-
 /// e^x lane-wise. NaN stays NaN, +inf gives +inf, -inf and x < -87.34 give 0.
 @inline(__always)
 public func exp8(_ x: SIMD8<Float>) -> SIMD8<Float> { ember_exp8(x) }
@@ -21,7 +18,3 @@ public func exp1(_ x: Float) -> Float { ember_exp1(x) }
 public func expShiftSum(_ out: UnsafeMutablePointer<Float>, _ x: UnsafePointer<Float>, _ n: Int, shift: Float) -> Float {
     Kernels.table.pointee.exp_shift_sum(out, x, n, shift)
 }
-
-/// The 8-lane sum every reduction ends with: left to right.
-@inline(__always)
-public func sum8(_ v: SIMD8<Float>) -> Float { ember_sum8(v) }
