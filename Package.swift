@@ -30,6 +30,7 @@ let package = Package(
         .systemLibrary(name: "CCurl", pkgConfig: "libcurl",
                        providers: [.apt(["libcurl4-openssl-dev"])]),
         .systemLibrary(name: "CHTTPParser", providers: [.apt(["libhttp-parser-dev"])]),
+        .systemLibrary(name: "CCrypto", pkgConfig: "libcrypto", providers: [.apt(["libssl-dev"])]),
 
         // MARK: - Layers (each depends only on the ones above it)
         // The kernel sets: C with clang vector extensions, no contraction of a·b + c (every fused
@@ -45,7 +46,8 @@ let package = Package(
                 swiftSettings: fastMath),
 
         .target(name: "RPC", dependencies: ["Engine", "Models", "Kernels", "Tokenizer", "Weights", "Chat", "JSON"], swiftSettings: fastMath),
-        .target(name: "Server", dependencies: ["RPC", "Chat", "JSON", "CHTTPParser", "CLibUV", .product(name: "Logging", package: "swift-log")],
+        .target(name: "Server", dependencies: ["RPC", "Engine", "Models", "Weights", "Chat", "JSON", "CHTTPParser", "CLibUV", "CCurl", "CCrypto",
+                                               .product(name: "Logging", package: "swift-log")],
                 swiftSettings: fastMath),
 
         // MARK: - Executables

@@ -142,7 +142,7 @@ ERROR_EXAMPLE_PATHS = {"method_not_found": "method", "invalid_params": "params.m
                        "unknown_rollout": "params.rollouts[0].rollout_id", "evicted_rollout": "params.rollouts[0].rollout_id",
                        "read_only": "method", "checkpoint_not_found": "params.name", "checkpoint_failed": "params.name",
                        "request_too_large": "params.max_tokens", "model_not_found": "model", "unknown_adapter": "params.adapter",
-                       "adapter_exists": "params.name"}
+                       "adapter_exists": "params.name", "sync_failed": "params.version"}
 
 
 def error_name(kind):
@@ -208,8 +208,12 @@ methods = [
          "limits": {"type": "object", "description": "What one request may use: max_seq_len, the tokens (prompt + generated) "
                                                      "one sequence may hold in the KV cache (--max-seq-len); slots, the "
                                                      "sequences decoded together (--slots).",
-                    "properties": {"max_seq_len": INT, "slots": INT}}},
-         ["name", "version", "weights_version", "model", "capabilities", "limits"])},
+                    "properties": {"max_seq_len": INT, "slots": INT}},
+         "role": {"type": "string", "enum": ["trainer", "replica"],
+                  "description": "replica: started with --follow; read-only to its clients, its weights follow its trainer's."},
+         "following": {"type": ["string", "null"], "description": "The trainer a replica follows (--follow URL); null on a trainer."},
+         "world_size": {"type": "integer", "minimum": 1, "description": "Ranks of the trainer (MPI); 1 without MPI."}},
+         ["name", "version", "weights_version", "model", "capabilities", "limits", "role", "following", "world_size"])},
      "errors": ["Unauthorized"],
      "example": ({}, None)},
     {"name": "tokenize", "summary": "Text to token ids with the model's tokenizer.",
@@ -364,6 +368,20 @@ methods = [
      "result": {"name": "merged", "schema": obj({"name": {"type": "string"}, "checkpoint": {"type": "string"}, "path": {"type": "string"}},
                                                 ["name", "checkpoint", "path"])},
      "errors": COMMON + ["ReadOnly", "UnknownAdapter", "CheckpointsDisabled", "CheckpointFailed"], "example": None},
+    {"name": "weights.sync", "summary": "On a replica (ember-server --follow URL): pull the trainer's weights now; answers once they are applied.",
+     "description": "Reads the trainer's manifest, downloads the tensors and adapters whose SHA-256 differs from what the replica "
+                    "holds (ranges of that one version, pinned with If-Match), checks every hash and swaps at a step boundary: "
+                    "generations in flight finish on the old weights, calls queued behind the swap see the new ones. With "
+                    "`version`, first waits (long poll, at most `timeout` seconds) until the trainer has published it. "
+                    "A server that follows nothing answers not_a_replica.",
+     "params": [p("version", NONNEG, "Wait until the trainer has published at least this weights version, then apply it."),
+                p("timeout", {"type": "number", "minimum": 0, "maximum": 3600, "default": 60}, "Seconds to wait for `version`.")],
+     "result": {"name": "synced", "schema": obj({"weights_version": ref("WeightsVersion"),
+                                                 "manifest_id": {"type": "string", "description": "The applied manifest's id (content-derived)."},
+                                                 "bytes": NONNEG, "seconds": {"type": "number"},
+                                                 "lag": {"type": "integer", "minimum": 0, "description": "Versions the trainer is ahead (as last seen)."}},
+                                                ["weights_version", "manifest_id", "bytes", "seconds", "lag"])},
+     "errors": COMMON + ["NotAReplica", "SyncFailed"], "example": None},
     {"name": "cancel", "summary": "Cancel in-flight or queued generate calls by their JSON-RPC id; they answer with kind `cancelled`.",
      "params": [p("request_id", {"type": ["string", "integer"]}, "The id the generate call was sent with.", required=True)],
      "result": {"name": "cancelled", "schema": obj({"cancelled": NONNEG}, ["cancelled"])},

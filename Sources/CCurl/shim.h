@@ -8,3 +8,6 @@ static inline CURLcode ember_curl_set_write(CURL *c, size_t (*f)(char *, size_t,
     return curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, f);
 }
 static inline CURLcode ember_curl_get_status(CURL *c, long *status) { return curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, status); }
+static inline CURLcode ember_curl_set_header(CURL *c, size_t (*f)(char *, size_t, size_t, void *)) {
+    return curl_easy_setopt(c, CURLOPT_HEADERFUNCTION, f);
+}

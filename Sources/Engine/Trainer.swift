@@ -128,6 +128,9 @@ public final class Trainer {
     public private(set) var schedule: LRSchedule = .constant
     /// +1 per optimizer step; 0 when the model was loaded.
     public internal(set) var weightsVersion = 0
+
+    /// A replica's trainer takes the version of the weights it was sent (it never steps itself).
+    public func adopt(weightsVersion version: Int) { weightsVersion = version }
     /// Frozen copy of the weights for the KL-to-reference term (`snapshotReference`).
     public private(set) var reference: TransformerModel?
     /// Adapter training: the frozen copy is of the adapter (the base never changes under it).

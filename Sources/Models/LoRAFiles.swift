@@ -11,15 +11,7 @@ extension LoRAAdapter {
     /// Writes `directory`/adapter_config.json and adapter_model.safetensors (F32) as PEFT's
     /// `save_pretrained` does; `directory` must exist.
     public func save(to directory: String, model: TransformerModel, baseModelPath: String? = nil) throws {
-        var config: [String: Any] = [
-            "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": options.rank, "lora_alpha": Double(options.alpha),
-            "target_modules": options.targetModules, "use_rslora": options.useRSLoRA, "lora_dropout": 0.0,
-            "bias": "none", "fan_in_fan_out": model.bindings.contains { $0.transposed }, "inference_mode": true,
-            "init_lora_weights": true, "use_dora": false, "rank_pattern": [String: Int](), "alpha_pattern": [String: Double](),
-            "modules_to_save": NSNull(), "layers_to_transform": NSNull(), "layers_pattern": NSNull(),
-            "base_model_name_or_path": baseModelPath.map { $0 as Any } ?? NSNull(), "revision": NSNull(),
-        ]
-        if options.alpha == options.alpha.rounded() { config["lora_alpha"] = Int(options.alpha) }
+        let config = peftConfig(model: model, baseModelPath: baseModelPath)
         var tensors: [TensorToWrite] = []
         for slot in parameters.layout.slots {
             tensors.append(TensorToWrite(name: slot.name, shape: slot.shape,
@@ -30,6 +22,28 @@ extension LoRAAdapter {
         let path = directory + "/" + Self.configFile
         guard FileManager.default.createFile(atPath: path, contents: data) else {
             throw LoRAError.invalid(path: path, reason: "could not be written")
+        }
+    }
+
+    /// adapter_config.json's content, as PEFT's `save_pretrained` writes it.
+    public func peftConfig(model: TransformerModel, baseModelPath: String? = nil) -> [String: Any] {
+        var config: [String: Any] = [
+            "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": options.rank, "lora_alpha": Double(options.alpha),
+            "target_modules": options.targetModules, "use_rslora": options.useRSLoRA, "lora_dropout": 0.0,
+            "bias": "none", "fan_in_fan_out": model.bindings.contains { $0.transposed }, "inference_mode": true,
+            "init_lora_weights": true, "use_dora": false, "rank_pattern": [String: Int](), "alpha_pattern": [String: Double](),
+            "modules_to_save": NSNull(), "layers_to_transform": NSNull(), "layers_pattern": NSNull(),
+            "base_model_name_or_path": baseModelPath.map { $0 as Any } ?? NSNull(), "revision": NSNull(),
+        ]
+        if options.alpha == options.alpha.rounded() { config["lora_alpha"] = Int(options.alpha) }
+        return config
+    }
+
+    /// adapter_model.safetensors as one image in memory (F32, PEFT's tensor names).
+    public func weightsImage() throws -> SafetensorsImage {
+        let slots = parameters.layout.slots, values = parameters.values
+        return try SafetensorsImage(tensors: slots.map { ($0.name, $0.shape) }, dtype: .f32) { i, out in
+            out.update(from: values + slots[i].offset, count: slots[i].count)
         }
     }
 

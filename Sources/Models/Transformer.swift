@@ -232,14 +232,50 @@ public final class TransformerModel {
     /// The tensor of `binding` in checkpoint layout (transposed back for GPT-2 Conv1D), read from
     /// `source`: the parameter buffer, or the gradient or moment buffer of the same layout.
     public func checkpointTensor(_ binding: TensorBinding, from source: UnsafePointer<Float>) -> [Float] {
-        guard let slot = parameters.layout.slot(binding.slot) else { return [] }
+        [Float](unsafeUninitializedCapacity: binding.shape.reduce(1, *)) { buf, n in
+            copyCheckpointTensor(binding, from: source, into: buf.baseAddress!)
+            n = buf.count
+        }
+    }
+
+    /// As `checkpointTensor`, into `out` (room for the tensor's element count).
+    public func copyCheckpointTensor(_ binding: TensorBinding, from source: UnsafePointer<Float>, into out: UnsafeMutablePointer<Float>) {
+        guard let slot = parameters.layout.slot(binding.slot) else { return }
         let src = source + slot.offset + binding.elementOffset
         let n = binding.shape.reduce(1, *)
-        guard binding.transposed else { return Array(UnsafeBufferPointer(start: src, count: n)) }
+        guard binding.transposed else { out.update(from: src, count: n); return }
         let rows = binding.shape[0], cols = binding.shape[1]
-        var out = [Float](repeating: 0, count: n)
         for r in 0..<rows { for c in 0..<cols { out[r * cols + c] = src[c * rows + r] } }
-        return out
+    }
+
+    /// The weights the model samples with (`values`, bf16-rounded in bf16 storage) under their
+    /// Hugging Face names, as one safetensors image of `dtype`: what a trainer publishes.
+    public func weightsImage(dtype: DType, metadata: [String: String] = [:]) throws -> SafetensorsImage {
+        let values = UnsafePointer(parameters.values)
+        return try SafetensorsImage(tensors: bindings.map { ($0.checkpointName, $0.shape) }, dtype: dtype, metadata: metadata) { i, out in
+            copyCheckpointTensor(bindings[i], from: values, into: out)
+        }
+    }
+
+    /// Sets checkpoint tensor `name` from raw little-endian `bytes` of `dtype` and `shape`, into
+    /// the most precise copy of the weights. Call `finishAssigning()` after the last one.
+    public func assign(tensor name: String, dtype: DType, shape: [Int], bytes: UnsafeRawPointer) throws {
+        guard let b = bindings.first(where: { $0.checkpointName == name }), let slot = parameters.layout.slot(b.slot) else {
+            throw WeightsError.missingTensor(tensor: name, searched: "the \(architecture.modelType) model's tensor table")
+        }
+        guard shape == b.shape else { throw WeightsError.shapeMismatch(tensor: name, expected: b.shape, found: shape) }
+        let dest = parameters.precise + slot.offset + b.elementOffset
+        let n = b.shape.reduce(1, *)
+        guard b.transposed else { convertToFloat(bytes, dtype: dtype, count: n, into: dest); return }
+        let tmp = FloatBuffer(n)
+        convertToFloat(bytes, dtype: dtype, count: n, into: tmp.pointer)
+        let rows = b.shape[0], cols = b.shape[1]
+        for r in 0..<rows { for c in 0..<cols { dest[c * rows + r] = tmp.pointer[r * cols + c] } }
+    }
+
+    /// After `assign`: re-rounds bf16 storage and tells the caches the weights changed.
+    public func finishAssigning() {
+        if parameters.storage == .bf16 { parameters.roundValues() } else { parameters.markModified() }
     }
 
     /// Writes config.json and the weights (F32 or BF16) under their Hugging Face names into an

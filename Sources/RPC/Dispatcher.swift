@@ -41,6 +41,8 @@ public final class Dispatcher {
         public var maxAdapters = 64
         /// The model folder the server loaded: a merged checkpoint gets its tokenizer files.
         public var modelDirectory: String?
+        /// The trainer a replica follows (`--follow`); nil for a trainer.
+        public var following: String?
         public init() {}
     }
 
@@ -120,6 +122,9 @@ public final class Dispatcher {
             case .adaptersLoad: return try adaptersLoad(p)
             case .adaptersSave: return try adaptersSave(p)
             case .adaptersMerge: return try adaptersMerge(p)
+            case .weightsSync:
+                throw RPCError(.notReplica, path: "method",
+                               hint: "weights.sync is answered by a replica's weight follower (ember-server --follow URL), not by the dispatcher")
             case .cancel:
                 throw RPCError(.invalidRequest, path: "method",
                                hint: "cancel acts on the server's queues; a dispatcher called directly runs one call at a time and has nothing to cancel")
@@ -193,7 +198,9 @@ public final class Dispatcher {
                 "weights_dtype": model.parameters.storage == .bf16 ? "bf16" : "f32",
                 "kernels": ["set": KernelSet.active.rawValue, "supported": KernelSet.supported.map(\.rawValue),
                             "backward_gemm": Compute.backwardBLAS ? "openblas" : "ember", "blas": "OpenBLAS " + BLASCore.name],
-                "limits": ["max_seq_len": configuration.capacity, "slots": configuration.slots]]
+                "limits": ["max_seq_len": configuration.capacity, "slots": configuration.slots],
+                "role": configuration.following == nil ? "trainer" : "replica",
+                "following": configuration.following.map { $0 as Any } ?? NSNull(), "world_size": 1]
     }
 
     // MARK: - Tokenizer

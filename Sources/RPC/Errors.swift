@@ -29,6 +29,8 @@ public enum ErrorKind: String, CaseIterable, Sendable, Codable {
     case modelNotFound = "model_not_found"
     case unknownAdapter = "unknown_adapter"
     case adapterExists = "adapter_exists"
+    case notReplica = "not_a_replica"
+    case syncFailed = "sync_failed"
 
     /// Code, default message and HTTP status of a kind.
     public struct Entry: Sendable, Equatable {
@@ -63,6 +65,8 @@ public enum ErrorKind: String, CaseIterable, Sendable, Codable {
         case .modelNotFound: Entry(code: -32020, message: "Model not found", httpStatus: 404)
         case .unknownAdapter: Entry(code: -32021, message: "Unknown adapter", httpStatus: 404)
         case .adapterExists: Entry(code: -32022, message: "Adapter exists", httpStatus: 409)
+        case .notReplica: Entry(code: -32023, message: "Not a replica", httpStatus: 400)
+        case .syncFailed: Entry(code: -32024, message: "Weights sync failed", httpStatus: 502)
         }
     }
 

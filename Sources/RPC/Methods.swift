@@ -20,6 +20,9 @@ public enum Scheduling: String, Sendable, CaseIterable {
     case exclusive
     /// Acts on the scheduler's own queues (`cancel`).
     case control
+    /// Answered by a replica's weight follower (`--follow`), off the compute thread; a server
+    /// that follows nothing refuses it (`not_a_replica`).
+    case follower
 }
 
 /// One method of the protocol.
@@ -43,6 +46,7 @@ public enum RPCMethod: String, CaseIterable, Sendable {
     case adaptersLoad = "adapters.load"
     case adaptersSave = "adapters.save"
     case adaptersMerge = "adapters.merge"
+    case weightsSync = "weights.sync"
     case cancel
 
     public struct Traits: Sendable, Equatable {
@@ -75,6 +79,9 @@ public enum RPCMethod: String, CaseIterable, Sendable {
         // --read-only (save writes files, as checkpoint.save does).
         case .adaptersCreate, .adaptersDelete, .adaptersLoad, .adaptersSave, .adaptersMerge:
             Traits(scheduling: .exclusive, mutates: true, retrySafe: false, largeBodies: false)
+        // A replica follows its trainer (it is read-only to its clients): pulling the trainer's
+        // current version again changes nothing, so a client may resend it.
+        case .weightsSync: Traits(scheduling: .follower, mutates: false, retrySafe: true, largeBodies: false)
         case .cancel: Traits(scheduling: .control, mutates: false, retrySafe: false, largeBodies: false)
         }
     }

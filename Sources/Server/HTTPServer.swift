@@ -13,8 +13,23 @@ public struct HTTPResponse: Sendable {
     public var contentType: String
     public var body: Data
     public var headers: [(String, String)]
-    public init(status: Int, contentType: String = "application/json", body: Data = Data(), headers: [(String, String)] = []) {
-        self.status = status; self.contentType = contentType; self.body = body; self.headers = headers
+    /// A large body sent from memory it does not copy (after `body`, which is then usually empty):
+    /// written in slices as the socket drains, the bytes kept alive until the last slice is out.
+    public var payload: SharedBytes?
+    public init(status: Int, contentType: String = "application/json", body: Data = Data(), headers: [(String, String)] = [],
+                payload: SharedBytes? = nil) {
+        self.status = status; self.contentType = contentType; self.body = body; self.headers = headers; self.payload = payload
+    }
+}
+
+/// Immutable bytes owned elsewhere (`owner` keeps them alive): a window into a published weights
+/// snapshot, for instance. Sendable by hand: the bytes never change after creation.
+public final class SharedBytes: @unchecked Sendable {
+    public let base: UnsafeRawPointer
+    public let count: Int
+    let owner: AnyObject
+    public init(base: UnsafeRawPointer, count: Int, owner: AnyObject) {
+        self.base = base; self.count = count; self.owner = owner
     }
 }
 
@@ -49,14 +64,20 @@ public final class HTTPResponder: @unchecked Sendable {
     }
 
     public func respond(_ response: HTTPResponse) {
-        server?.post(connection, seq, HTTPServer.serialize(response, keepAlive: keepAlive), final: true, keepAlive: keepAlive)
+        let head = HTTPServer.serialize(response, keepAlive: keepAlive)
+        guard let payload = response.payload, payload.count > 0 else {
+            server?.post(connection, seq, .bytes(head), final: true, keepAlive: keepAlive)
+            return
+        }
+        server?.post(connection, seq, .bytes(head), final: false, keepAlive: keepAlive)
+        server?.post(connection, seq, .payload(payload), final: true, keepAlive: keepAlive)
     }
 
     public func startStream(status: Int = 200, contentType: String, headers: [(String, String)] = []) {
         var head = "HTTP/1.1 \(status) \(HTTPServer.reason(status))\r\nContent-Type: \(contentType)\r\n"
         for (k, v) in headers { head += "\(k): \(v)\r\n" }
         head += "Transfer-Encoding: chunked\r\nConnection: \(keepAlive ? "keep-alive" : "close")\r\n\r\n"
-        server?.post(connection, seq, Data(head.utf8), final: false, keepAlive: keepAlive)
+        server?.post(connection, seq, .bytes(Data(head.utf8)), final: false, keepAlive: keepAlive)
     }
 
     public func send(_ chunk: Data) {
@@ -64,11 +85,11 @@ public final class HTTPResponder: @unchecked Sendable {
         var out = Data((String(chunk.count, radix: 16) + "\r\n").utf8)
         out.append(chunk)
         out.append(contentsOf: [13, 10])
-        server?.post(connection, seq, out, final: false, keepAlive: keepAlive)
+        server?.post(connection, seq, .bytes(out), final: false, keepAlive: keepAlive)
     }
 
     public func finish() {
-        server?.post(connection, seq, Data("0\r\n\r\n".utf8), final: true, keepAlive: keepAlive)
+        server?.post(connection, seq, .bytes(Data("0\r\n\r\n".utf8)), final: true, keepAlive: keepAlive)
     }
 }
 
@@ -93,7 +114,7 @@ public final class HTTPServer: @unchecked Sendable {
     /// Called on the loop thread when a connection closes (its pending work can be cancelled).
     let onDisconnect: (@Sendable (Int) -> Void)?
     private let lock = NSLock()
-    private var outbox: [(conn: Int, seq: Int, bytes: Data, final: Bool, keepAlive: Bool)] = []
+    private var outbox: [(conn: Int, seq: Int, piece: Piece, final: Bool, keepAlive: Bool)] = []
     private var stopping = false
     private var stopStarted = false
     var connections: [Int: Connection] = [:]
@@ -265,16 +286,16 @@ public final class HTTPServer: @unchecked Sendable {
 
     /// Queues bytes of response `seq` on connection `conn` (any thread; on the loop thread itself
     /// the bytes go straight to the connection).
-    func post(_ conn: Int, _ seq: Int, _ bytes: Data, final: Bool, keepAlive: Bool) {
+    func post(_ conn: Int, _ seq: Int, _ piece: Piece, final: Bool, keepAlive: Bool) {
         if let t = loopThread, pthread_equal(t, pthread_self()) != 0 {
-            connections[conn]?.deliver(seq: seq, bytes: bytes, final: final, keepAlive: keepAlive)
+            connections[conn]?.deliver(seq: seq, piece: piece, final: final, keepAlive: keepAlive)
             return
         }
         // The lock also keeps the wake-up handle open while it is signalled.
         lock.lock()
         defer { lock.unlock() }
         guard !wakeupClosed else { return }
-        outbox.append((conn, seq, bytes, final, keepAlive))
+        outbox.append((conn, seq, piece, final, keepAlive))
         uv_async_send(wakeup)
     }
 
@@ -289,7 +310,7 @@ public final class HTTPServer: @unchecked Sendable {
         guard ok == 0, !stopStarted else { conn.close(); return }
         if connections.count > maxConnections {
             let body = Data(#"{"error":"too many connections"}"#.utf8)
-            conn.deliver(seq: 0, bytes: Self.serialize(HTTPResponse(status: 503, body: body), keepAlive: false), final: true, keepAlive: false)
+            conn.deliver(seq: 0, piece: .bytes(Self.serialize(HTTPResponse(status: 503, body: body), keepAlive: false)), final: true, keepAlive: false)
             return
         }
         conn.startReading()
@@ -312,7 +333,7 @@ public final class HTTPServer: @unchecked Sendable {
         outbox = []
         let stop = stopping
         lock.unlock()
-        for i in items { connections[i.conn]?.deliver(seq: i.seq, bytes: i.bytes, final: i.final, keepAlive: i.keepAlive) }
+        for i in items { connections[i.conn]?.deliver(seq: i.seq, piece: i.piece, final: i.final, keepAlive: i.keepAlive) }
         if stop && !stopStarted {
             stopStarted = true
             for l in listeners { uv_close(l.handle.assumingMemoryBound(to: uv_handle_t.self)) { $0?.deallocate() } }
@@ -364,8 +385,8 @@ public final class HTTPServer: @unchecked Sendable {
 
     static func serialize(_ r: HTTPResponse, keepAlive: Bool) -> Data {
         var head = "HTTP/1.1 \(r.status) \(reason(r.status))\r\n"
-        if r.status != 204 {
-            head += "Content-Type: \(r.contentType)\r\nContent-Length: \(r.body.count)\r\n"
+        if r.status != 204 && r.status != 304 {
+            head += "Content-Type: \(r.contentType)\r\nContent-Length: \(r.body.count + (r.payload?.count ?? 0))\r\n"
         }
         for (k, v) in r.headers { head += "\(k): \(v)\r\n" }
         head += "Connection: \(keepAlive ? "keep-alive" : "close")\r\n\r\n"
@@ -379,12 +400,16 @@ public final class HTTPServer: @unchecked Sendable {
         case 100: "Continue"
         case 200: "OK"
         case 204: "No Content"
+        case 206: "Partial Content"
+        case 304: "Not Modified"
         case 400: "Bad Request"
         case 401: "Unauthorized"
         case 404: "Not Found"
         case 405: "Method Not Allowed"
         case 413: "Content Too Large"
         case 408: "Request Timeout"
+        case 412: "Precondition Failed"
+        case 416: "Range Not Satisfiable"
         case 431: "Request Header Fields Too Large"
         case 500: "Internal Server Error"
         case 503: "Service Unavailable"
@@ -398,6 +423,20 @@ public enum ServerError: Error, CustomStringConvertible {
     public var description: String { switch self { case let .bind(s): s } }
 }
 
+/// Part of a response on its way to the socket.
+enum Piece {
+    case bytes(Data)
+    case payload(SharedBytes)
+}
+
+/// A payload slice in flight: the connection to continue and the bytes to keep alive.
+/// Sendable by hand: created and released on the loop thread.
+final class SliceWrite: @unchecked Sendable {
+    let connection: Connection
+    let bytes: SharedBytes
+    init(connection: Connection, bytes: SharedBytes) { self.connection = connection; self.bytes = bytes }
+}
+
 /// One client connection.
 /// Sendable by hand: created, read and freed on the loop thread only (libuv callbacks).
 final class Connection: @unchecked Sendable {
@@ -408,8 +447,8 @@ final class Connection: @unchecked Sendable {
     let timer: UnsafeMutablePointer<uv_timer_t>
     let parser: HTTPRequestParser
     var nextSeq = 0, nextToSend = 0
-    /// Bytes of responses not yet written, by sequence number; `final` once the response is whole.
-    var ready: [Int: (pieces: [Data], final: Bool, keepAlive: Bool)] = [:]
+    /// Pieces of responses not yet written, by sequence number; `final` once the response is whole.
+    var ready: [Int: (pieces: [Piece], final: Bool, keepAlive: Bool)] = [:]
     var closing = false
     var shuttingDown = false
     /// Stop reading; close once every response owed is written.
@@ -454,7 +493,7 @@ final class Connection: @unchecked Sendable {
             let body = Data(#"{"error":"request not completed in time"}"#.utf8)
             draining = true
             uv_read_stop(stream)
-            deliver(seq: nextSeq, bytes: HTTPServer.serialize(HTTPResponse(status: 408, body: body), keepAlive: false), final: true, keepAlive: false)
+            deliver(seq: nextSeq, piece: .bytes(HTTPServer.serialize(HTTPResponse(status: 408, body: body), keepAlive: false)), final: true, keepAlive: false)
             nextSeq += 1
         } else if nextToSend < nextSeq {
             arm()                                   // a response is being computed: not idle
@@ -497,30 +536,73 @@ final class Connection: @unchecked Sendable {
         } catch let e as HTTPParseError {
             // Answer in order after what is already queued, then close.
             let body = Data("{\"error\":\"\(e.description)\"}".utf8)
-            deliver(seq: nextSeq, bytes: HTTPServer.serialize(HTTPResponse(status: e.status, body: body), keepAlive: false), final: true, keepAlive: false)
+            deliver(seq: nextSeq, piece: .bytes(HTTPServer.serialize(HTTPResponse(status: e.status, body: body), keepAlive: false)), final: true, keepAlive: false)
             nextSeq += 1
         } catch {
             close()
         }
     }
 
-    /// Queues bytes of response `seq`; writes whatever is next in order.
-    func deliver(seq: Int, bytes: Data, final: Bool, keepAlive: Bool) {
+    /// Queues a piece of response `seq`; writes whatever is next in order.
+    func deliver(seq: Int, piece: Piece, final: Bool, keepAlive: Bool) {
         guard !closing, !shuttingDown else { return }
         var entry = ready[seq] ?? ([], false, keepAlive)
-        entry.pieces.append(bytes)
+        entry.pieces.append(piece)
         entry.final = final
         entry.keepAlive = keepAlive
         ready[seq] = entry
-        while var e = ready[nextToSend] {
-            for b in e.pieces { write(b) }
-            e.pieces = []
-            guard e.final else { ready[nextToSend] = e; break }
+        flush()
+    }
+
+    /// Writes the pieces owed in order; stops while a payload is being streamed (its last slice's
+    /// write completion calls back here).
+    func flush() {
+        while streaming == nil, !closing, var e = ready[nextToSend] {
+            while streaming == nil, !e.pieces.isEmpty {
+                switch e.pieces.removeFirst() {
+                case let .bytes(b): write(b)
+                case let .payload(p): streaming = (p, 0); pump(inFlush: true)
+                }
+            }
+            guard streaming == nil, e.final else { ready[nextToSend] = e; return }
             ready[nextToSend] = nil
             nextToSend += 1
             if !e.keepAlive { shutdownAndClose(); return }
         }
-        if draining && nextToSend == nextSeq { shutdownAndClose() }
+        if streaming == nil && draining && nextToSend == nextSeq { shutdownAndClose() }
+    }
+
+    /// The payload being written and the offset of its next slice.
+    var streaming: (bytes: SharedBytes, offset: Int)?
+    static let sliceBytes = 4 << 20, queuedBytes = 16 << 20
+
+    /// Queues slices of the streaming payload while libuv holds less than `queuedBytes`; each
+    /// slice points into the payload (no copy) and keeps it alive until written.
+    func pump(inFlush: Bool = false) {
+        guard var (p, offset) = streaming, !closing else { return }
+        while offset < p.count && uv_stream_get_write_queue_size(stream) < Self.queuedBytes {
+            let n = min(Self.sliceBytes, p.count - offset)
+            let req = UnsafeMutablePointer<uv_write_t>.allocate(capacity: 1)
+            req.pointee.data = Unmanaged.passRetained(SliceWrite(connection: self, bytes: p)).toOpaque()
+            var buf = uv_buf_init(UnsafeMutablePointer(mutating: p.base.assumingMemoryBound(to: CChar.self) + offset), UInt32(n))
+            let rc = uv_write(req, stream, &buf, 1) { req, status in
+                let w = Unmanaged<SliceWrite>.fromOpaque(req!.pointee.data).takeRetainedValue()
+                req!.deallocate()
+                if status == 0 && !w.connection.closing { w.connection.pump() }
+            }
+            if rc != 0 {
+                Unmanaged<SliceWrite>.fromOpaque(req.pointee.data).release()
+                req.deallocate()
+                streaming = nil
+                close()
+                return
+            }
+            offset += n
+        }
+        if offset < p.count { streaming = (p, offset); return }
+        // Everything is queued: the response can complete, and what follows it can be written.
+        streaming = nil
+        if !inFlush { flush() }
     }
 
     /// Server stopping: no new requests; close after the responses owed are written.
@@ -528,7 +610,7 @@ final class Connection: @unchecked Sendable {
         guard !closing else { return }
         draining = true
         uv_read_stop(stream)
-        if nextToSend == nextSeq { shutdownAndClose() }
+        if nextToSend == nextSeq && streaming == nil { shutdownAndClose() }
     }
 
     func write(_ bytes: Data) {

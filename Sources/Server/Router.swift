@@ -59,9 +59,12 @@ public enum Router {
     static let encoder = DispatchQueue(label: "ember.encode")
 
     public static func makeHandler(scheduler: Scheduler, apiKey: String? = nil, modelName: String = "ember",
+                                   follower: WeightFollower? = nil,
                                    logger: Logger = Logger(label: "ember.server")) -> HTTPServer.Handler {
         let metrics = RequestMetrics(logger: logger)
         let openAI = OpenAIRoutes(scheduler: scheduler, modelName: modelName, logger: logger)
+        let publisher = WeightPublisher(scheduler: scheduler, logger: logger)
+        let weights = WeightRoutes(publisher: publisher, logger: logger)
         return { request, responder in
             logger.debug("request", metadata: ["method": "\(request.method)", "path": "\(request.path)",
                                                "bytes": "\(request.body.count)", "connection": "\(responder.connection)"])
@@ -79,14 +82,19 @@ public enum Router {
                 rpc(request.body, scheduler, metrics, responder)
             case ("GET", "/metrics"):
                 responder.respond(HTTPResponse(status: 200, contentType: "text/plain; version=0.0.4",
-                                               body: Data(prometheus(scheduler.gauges, metrics).utf8)))
+                                               body: Data(prometheus(scheduler.gauges, metrics, publisher: publisher, follower: follower).utf8)))
+            case ("GET", "/v1/weights/manifest"):
+                weights.manifest(request, responder)
+            case ("GET", "/v1/weights"):
+                weights.weights(request, responder)
             case ("GET", "/v1/models"):
                 responder.respond(openAI.models())
             case ("POST", "/v1/completions"):
                 openAI.completions(request, responder)
             case ("POST", "/v1/chat/completions"):
                 openAI.chatCompletions(request, responder)
-            case (_, "/rpc"), (_, "/healthz"), (_, "/metrics"), (_, "/v1/models"), (_, "/v1/completions"), (_, "/v1/chat/completions"):
+            case (_, "/rpc"), (_, "/healthz"), (_, "/metrics"), (_, "/v1/models"), (_, "/v1/completions"), (_, "/v1/chat/completions"),
+                 (_, "/v1/weights/manifest"), (_, "/v1/weights"):
                 responder.respond(HTTPResponse(status: 405, body: Data(#"{"error":"method not allowed"}"#.utf8)))
             default:
                 responder.respond(HTTPResponse(status: 404, body: Data(#"{"error":"not found"}"#.utf8)))
@@ -168,7 +176,8 @@ public enum Router {
 
 extension Router {
     /// Prometheus text exposition format 0.0.4.
-    static func prometheus(_ g: Scheduler.Gauges, _ metrics: RequestMetrics) -> String {
+    static func prometheus(_ g: Scheduler.Gauges, _ metrics: RequestMetrics, publisher: WeightPublisher? = nil,
+                           follower: WeightFollower? = nil) -> String {
         let m = metrics.snapshot()
         var s = ""
         func family(_ name: String, _ type: String, _ help: String) { s += "# HELP \(name) \(help)\n# TYPE \(name) \(type)\n" }
@@ -191,9 +200,24 @@ extension Router {
             ("ember_kv_cache_bytes_in_use", "gauge", "KV cache bytes held by running sequences", g.kvBytesInUse),
             ("ember_rollout_store_bytes", "gauge", "bytes held by the rollout store", g.rolloutBytes),
         ]
-        for (name, type, help, value) in gauges {
+        var all: [(String, String, String, Double)] = gauges.map { ($0.0, $0.1, $0.2, Double($0.3)) }
+        if let f = publisher?.figures {
+            all += [("ember_weights_publications_total", "counter", "weight publications built (GET /v1/weights/manifest)", Double(f.published)),
+                    ("ember_weights_served_bytes_total", "counter", "bytes of weights served by GET /v1/weights", Double(f.servedBytes)),
+                    ("ember_weights_publication_bytes", "gauge", "size of the current publication's safetensors body", Double(f.imageBytes))]
+        }
+        if let f = follower?.figures {
+            all += [("ember_weights_syncs_total", "counter", "versions this replica pulled and applied", Double(f.syncs)),
+                    ("ember_weights_sync_errors_total", "counter", "failed pulls (retried)", Double(f.errors)),
+                    ("ember_weights_sync_bytes_total", "counter", "bytes downloaded by weight syncs", Double(f.bytesTotal)),
+                    ("ember_weights_sync_seconds_total", "counter", "seconds spent in weight syncs (download and swap)", f.secondsTotal),
+                    ("ember_weights_last_sync_bytes", "gauge", "bytes downloaded by the last sync", Double(f.lastBytes)),
+                    ("ember_weights_last_sync_seconds", "gauge", "seconds the last sync took", f.lastSeconds),
+                    ("ember_weights_lag_versions", "gauge", "trainer's latest version seen minus the version applied", Double(f.lag))]
+        }
+        for (name, type, help, value) in all {
             family(name, type, help)
-            s += "\(name) \(value)\n"
+            s += value == value.rounded() && abs(value) < 1e15 ? "\(name) \(Int(value))\n" : "\(name) \(value)\n"
         }
         return s
     }

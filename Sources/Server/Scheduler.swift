@@ -38,7 +38,7 @@ public final class Scheduler: @unchecked Sendable {
         case generate(GenerateWork)
         case score(Params)
         /// Changes state: waits for a step boundary with nothing queued before it.
-        case exclusive(RPCMethod, Any?)
+        case exclusive(@Sendable (Dispatcher) throws -> Any)
         /// Reads state: runs at the next pass whatever is queued.
         case read(@Sendable (Dispatcher) throws -> Any)
         case cancel(Any?)
@@ -92,7 +92,14 @@ public final class Scheduler: @unchecked Sendable {
                        running: d.generator.runningCount, kvBytes: d.generator.kvCacheBytes, kvBytesInUse: d.generator.kvBytesInUse,
                        rolloutBytes: d.rollouts.bytes, generatorSteps: generatorSteps, scoreForwards: scoreForwards,
                        adapters: d.adapterNames)
-        cond.lock(); published = g; cond.unlock()
+        cond.lock(); published = g; let observer = weightsObserver; cond.unlock()
+        if let observer {
+            let key = d.publicationKey
+            if key != lastPublicationKey {
+                lastPublicationKey = key
+                observer(key)
+            }
+        }
     }
 
     // Compute-thread state.
@@ -141,8 +148,11 @@ public final class Scheduler: @unchecked Sendable {
         cond.lock()
         let wasRunning = !stopping && thread != nil
         stopping = true
+        let observers = stopObservers
+        stopObservers = []
         cond.signal()
         cond.unlock()
+        for o in observers { o() }
         if wasRunning {
             finished.wait()
             // The Thread keeps its closure (and so this scheduler) alive: let both go.
@@ -177,7 +187,16 @@ public final class Scheduler: @unchecked Sendable {
         case (.control, _):
             work = .cancel(params)
         case (.exclusive, _):
-            work = .exclusive(method, params)
+            work = .exclusive { d in try d.call(method, box.value) }
+        case (.follower, _):
+            cond.lock(); let hook = followerHook; cond.unlock()
+            guard let hook else {
+                completion(.failure(RPCError(.notReplica, path: "method",
+                                             hint: "\(method.name) acts on a replica; start ember-server with --follow URL")))
+                return
+            }
+            hook(method, params, completion)
+            return
         case (.read, _):
             work = .read { d in try d.call(method, box.value) }
         }
@@ -188,6 +207,35 @@ public final class Scheduler: @unchecked Sendable {
     public func submit(generate: GenerateWork, owner: Int, completion: @escaping Completion) {
         enqueue(Job(work: .generate(generate), owner: owner, rpcId: nil, completion: completion))
     }
+
+    /// Runs `body` alone on the compute thread at a step boundary, after every call queued before
+    /// it (the generations in flight finish first): how a replica swaps in new weights.
+    public func exclusive(owner: Int = 0, _ body: @escaping @Sendable (Dispatcher) throws -> Any, completion: @escaping Completion) {
+        enqueue(Job(work: .exclusive(body), owner: owner, rpcId: nil, completion: completion))
+    }
+
+    /// Answers the methods the protocol table schedules on the weight follower (a replica's
+    /// `weights.sync`); without one they are refused as `not_a_replica`.
+    public typealias FollowerHook = @Sendable (RPCMethod, Any?, @escaping Completion) -> Void
+    public func setFollowerHook(_ hook: @escaping FollowerHook) {
+        cond.lock(); followerHook = hook; cond.unlock()
+    }
+    private var followerHook: FollowerHook?
+
+    /// Runs `observer` when the scheduler stops (long polls answer at once instead of holding
+    /// the shutdown for their timeout).
+    public func onStop(_ observer: @escaping @Sendable () -> Void) {
+        cond.lock(); stopObservers.append(observer); cond.unlock()
+    }
+    private var stopObservers: [@Sendable () -> Void] = []
+
+    /// Called on the compute thread after a pass in which the published weights changed (a
+    /// step, a load, an adapter created, trained or deleted), with the new publication key.
+    public func setWeightsObserver(_ observer: @escaping @Sendable (String) -> Void) {
+        cond.lock(); weightsObserver = observer; cond.unlock()
+    }
+    private var weightsObserver: (@Sendable (String) -> Void)?
+    private var lastPublicationKey = ""
 
     /// Runs `body` on the compute thread at the next pass (reads of live state such as /metrics).
     public func read(owner: Int = 0, _ body: @escaping @Sendable (Dispatcher) throws -> Any, completion: @escaping Completion) {
@@ -287,7 +335,7 @@ public final class Scheduler: @unchecked Sendable {
                 if blocked { keep.append(job); continue }
                 do { scores.append((job, try dispatcher.prepareLogprob(params))) }
                 catch { job.completion(.failure(Dispatcher.translate(error))) }
-            case let .exclusive(method, params):
+            case let .exclusive(body):
                 if blocked || !dispatcher.generator.isIdle {
                     blocked = true
                     keep.append(job)
@@ -297,7 +345,7 @@ public final class Scheduler: @unchecked Sendable {
                 scores = []
                 // Figures are published before the answer goes out: a client that reads
                 // /metrics after its answer sees the call counted.
-                let outcome = Result { try self.dispatcher.call(method, params) }
+                let outcome = Result { try body(self.dispatcher) }
                 publish()
                 switch outcome {
                 case let .success(v): job.completion(.success(v))

@@ -208,22 +208,7 @@ public enum SafetensorsWriter {
         guard dtype == .f32 || dtype == .bf16 else {
             throw WeightsError.writeFailed(path: path, reason: "writing supports F32 and BF16, not \(dtype.rawValue)")
         }
-        var header: [String: Any] = [:]
-        var meta = metadata
-        if meta["format"] == nil { meta["format"] = "pt" }
-        header["__metadata__"] = meta
-        var offset = 0
-        for t in tensors {
-            let count = t.shape.reduce(1, *)
-            guard count == t.data.count else {
-                throw WeightsError.writeFailed(path: path, reason: "tensor '\(t.name)' has \(t.data.count) values for shape \(t.shape)")
-            }
-            let bytes = count * dtype.byteSize
-            header[t.name] = ["dtype": dtype.rawValue, "shape": t.shape, "data_offsets": [offset, offset + bytes]] as [String: Any]
-            offset += bytes
-        }
-        var headerBytes = try JSONSerialization.data(withJSONObject: header, options: [.sortedKeys])
-        while headerBytes.count % 8 != 0 { headerBytes.append(0x20) }
+        let headerBytes = try header(tensors.map { ($0.name, $0.shape, $0.data.count) }, dtype: dtype, metadata: metadata, path: path)
         guard let file = FileHandleWriter(path: path) else {
             throw WeightsError.writeFailed(path: path, reason: String(cString: strerror(errno)))
         }
@@ -250,6 +235,86 @@ public enum SafetensorsWriter {
         }
         try file.sync()
     }
+}
+
+extension SafetensorsWriter {
+    /// The header of a file holding `tensors` (name, shape, value count) in the order given,
+    /// padded with spaces to a multiple of 8 bytes.
+    static func header(_ tensors: [(name: String, shape: [Int], count: Int)], dtype: DType, metadata: [String: String],
+                       path: String) throws -> Data {
+        var header: [String: Any] = [:]
+        var meta = metadata
+        if meta["format"] == nil { meta["format"] = "pt" }
+        header["__metadata__"] = meta
+        var offset = 0
+        for t in tensors {
+            let count = t.shape.reduce(1, *)
+            guard count == t.count else {
+                throw WeightsError.writeFailed(path: path, reason: "tensor '\(t.name)' has \(t.count) values for shape \(t.shape)")
+            }
+            let bytes = count * dtype.byteSize
+            header[t.name] = ["dtype": dtype.rawValue, "shape": t.shape, "data_offsets": [offset, offset + bytes]] as [String: Any]
+            offset += bytes
+        }
+        var headerBytes = try JSONSerialization.data(withJSONObject: header, options: [.sortedKeys])
+        while headerBytes.count % 8 != 0 { headerBytes.append(0x20) }
+        return headerBytes
+    }
+}
+
+/// A whole safetensors file in memory, immutable once built: what `GET /v1/weights` serves.
+/// Sendable by hand: the bytes are written in `init` and only read after.
+public final class SafetensorsImage: @unchecked Sendable {
+    /// One tensor: where its bytes lie in the image.
+    public struct Entry: Sendable {
+        public let name: String
+        public let dtype: DType
+        public let shape: [Int]
+        /// Offset from the start of the image (header included) and length in bytes.
+        public let offset: Int, length: Int
+    }
+    public let bytes: UnsafeMutableRawPointer
+    public let count: Int
+    public let entries: [Entry]
+
+    /// Lays out `tensors` (name and shape) as one file of `dtype` (F32 or BF16); `fill(i, out)`
+    /// writes tensor i's values as floats into `out` (scratch of its element count), which are
+    /// then encoded in place.
+    public init(tensors: [(name: String, shape: [Int])], dtype: DType, metadata: [String: String] = [:],
+                fill: (Int, UnsafeMutablePointer<Float>) -> Void) throws {
+        guard dtype == .f32 || dtype == .bf16 else {
+            throw WeightsError.writeFailed(path: "<memory>", reason: "images hold F32 or BF16, not \(dtype.rawValue)")
+        }
+        let counts = tensors.map { $0.shape.reduce(1, *) }
+        let header = try SafetensorsWriter.header(zip(tensors, counts).map { ($0.0.name, $0.0.shape, $0.1) }, dtype: dtype,
+                                                  metadata: metadata, path: "<memory>")
+        let dataStart = 8 + header.count
+        let total = dataStart + counts.reduce(0, +) * dtype.byteSize
+        let bytes = UnsafeMutableRawPointer.allocate(byteCount: max(total, 1), alignment: 64)
+        self.bytes = bytes
+        count = total
+        bytes.storeBytes(of: UInt64(header.count).littleEndian, as: UInt64.self)
+        header.withUnsafeBytes { (bytes + 8).copyMemory(from: $0.baseAddress!, byteCount: header.count) }
+        var entries: [Entry] = []
+        var offset = dataStart
+        let scratch = UnsafeMutablePointer<Float>.allocate(capacity: max(1, counts.max() ?? 1))
+        defer { scratch.deallocate() }
+        for (i, t) in tensors.enumerated() {
+            let n = counts[i], length = n * dtype.byteSize
+            fill(i, scratch)
+            if dtype == .f32 {
+                (bytes + offset).copyMemory(from: scratch, byteCount: length)
+            } else {
+                let out = (bytes + offset).assumingMemoryBound(to: UInt16.self)
+                for k in 0..<n { out[k] = floatToBF16(scratch[k]).littleEndian }
+            }
+            entries.append(Entry(name: t.name, dtype: dtype, shape: t.shape, offset: offset, length: length))
+            offset += length
+        }
+        self.entries = entries
+    }
+
+    deinit { bytes.deallocate() }
 }
 
 /// Minimal buffered-free POSIX file writer with error reporting and fsync.

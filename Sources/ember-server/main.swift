@@ -31,6 +31,10 @@ struct EmberServer: ParsableCommand {
     @Flag(name: .customLong("read-only"), help: "Refuse every method that changes state.") var readOnly = false
     @Option(name: .customLong("weights-dtype"), help: "f32, or bf16: weights rounded to bfloat16 and streamed as bf16 when decoding (float32 accumulation; training keeps a float32 master).")
     var weightsDType = "f32"
+    @Option(name: .customLong("follow"), help: "Run as a read-only sampler replica of the trainer at this URL: pull, check and swap in each new weights version.")
+    var follow: String?
+    @Option(name: .customLong("follow-api-key"), help: "The trainer's API key, for --follow (or EMBER_FOLLOW_API_KEY).")
+    var followApiKey: String?
     @Option(name: .customLong("served-model-name"), help: "Model id for the OpenAI routes (default: the model folder's name).")
     var servedModelName: String?
     @Option(help: "Sequences decoded together (KV-cache slots).") var slots = 64
@@ -53,6 +57,10 @@ struct EmberServer: ParsableCommand {
         if let t = threads, t < 1 { throw ValidationError("--threads must be at least 1") }
         guard slots >= 1 else { throw ValidationError("--slots must be at least 1") }
         guard ["f32", "bf16"].contains(weightsDType) else { throw ValidationError("--weights-dtype: f32 or bf16, not '\(weightsDType)'") }
+        if let f = follow, !(f.hasPrefix("http://") || f.hasPrefix("https://")) {
+            throw ValidationError("--follow: an http:// or https:// URL of the trainer, not '\(f)'")
+        }
+        if followApiKey != nil && follow == nil { throw ValidationError("--follow-api-key needs --follow") }
         guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("--log-level: one of trace, debug, info, notice, warning, error, critical") }
     }
 
@@ -80,6 +88,8 @@ struct EmberServer: ParsableCommand {
         }
         let loaded: TransformerModel
         do { loaded = try TransformerModel.load(directory: dir) } catch { throw ValidationError("cannot load \(dir): \(error)") }
+        // A replica is read-only to its clients: its weights change only by following.
+        let readOnly = self.readOnly || follow != nil
         if weightsDType == "bf16" { loaded.parameters.useBF16(keepMaster: !readOnly) }
         var tokenizer: Tokenizer?
         if FileManager.default.fileExists(atPath: dir + "/tokenizer.json") {
@@ -106,6 +116,7 @@ struct EmberServer: ParsableCommand {
         config.maxQueuedSequences = maxQueuedSequences
         config.maxAdapters = maxAdapters
         config.modelDirectory = URL(fileURLWithPath: dir).standardizedFileURL.path
+        config.following = follow
         for d in adapterDirs {
             var isDir: ObjCBool = false
             guard FileManager.default.fileExists(atPath: d, isDirectory: &isDir), isDir.boolValue else {
@@ -125,6 +136,9 @@ struct EmberServer: ParsableCommand {
         let parameterCount = loaded.parameterCount, hasTokenizer = tokenizer != nil
         let scheduler = Scheduler(dispatcher: Dispatcher(model: loaded, tokenizer: tokenizer, configuration: config))
         let name = servedModelName ?? URL(fileURLWithPath: dir).standardizedFileURL.lastPathComponent
+        let follower = follow.map {
+            WeightFollower(url: $0, apiKey: followApiKey ?? ProcessInfo.processInfo.environment["EMBER_FOLLOW_API_KEY"], scheduler: scheduler, logger: log)
+        }
         var endpoints: [Endpoint] = [.tcp(host: host, port: port)]
         if let path = unixSocket { endpoints.append(.unix(path: path)) }
         let server: HTTPServer
@@ -132,13 +146,23 @@ struct EmberServer: ParsableCommand {
             server = try HTTPServer(endpoints: endpoints, maxBodyBytes: maxBodyMB << 20,
                                     requestTimeoutMs: UInt64(requestTimeout * 1000), idleTimeoutMs: UInt64(idleTimeout * 1000),
                                     maxConnections: maxConnections, onDisconnect: { scheduler.disconnected(owner: $0) },
-                                    handler: Router.makeHandler(scheduler: scheduler, apiKey: key, modelName: name, logger: log))
+                                    handler: Router.makeHandler(scheduler: scheduler, apiKey: key, modelName: name, follower: follower, logger: log))
         } catch { throw ValidationError("\(error)") }
         scheduler.start()
+        if let follower {
+            // The replica serves only once it holds the trainer's current weights.
+            log.notice("following", metadata: ["url": "\(follower.url)"])
+            do { try follower.initialSync() } catch {
+                scheduler.stop()
+                throw ValidationError("--follow \(follower.url): \(error)")
+            }
+            follower.start()
+        }
 
         // Graceful shutdown on SIGINT / SIGTERM: stop accepting, answer in-flight calls, exit 0.
         server.onSignals([SIGINT, SIGTERM]) {
             log.notice("shutting down")
+            follower?.stop()
             scheduler.stop()
             server.stop()
         }
@@ -148,7 +172,7 @@ struct EmberServer: ParsableCommand {
         }
         let banner = "ember-server \(EmberVersion.string): \(a.modelType) '\(name)', \(parameterCount) parameters, \(a.layers) layers, "
             + "hidden \(a.hiddenSize), vocab \(a.vocabSize)\(hasTokenizer ? "" : ", no tokenizer") | listening on "
-            + addresses.joined(separator: " and ") + " | \(threads) threads, \(KernelSet.active.rawValue) kernels, \(weightsDType) weights\(readOnly ? " | read-only" : "")\(key != nil ? " | API key required" : "")"
+            + addresses.joined(separator: " and ") + " | \(threads) threads, \(KernelSet.active.rawValue) kernels, \(weightsDType) weights\(follow.map { " | replica following \($0) at version \(follower!.appliedVersion)" } ?? (readOnly ? " | read-only" : ""))\(key != nil ? " | API key required" : "")"
         FileHandle.standardOutput.write(Data((banner + "\n").utf8))
         log.info("model loaded", metadata: ["dir": "\(dir)", "kv_slots": "\(slots)", "max_seq_len": "\(capacity)",
                                             "kv_bytes": "\(scheduler.kvCacheBytes)"])

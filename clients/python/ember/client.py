@@ -289,6 +289,12 @@ class Client:
         """Writes base + adapter as a full Hugging Face checkpoint named `checkpoint`."""
         return self.call("adapters.merge", {"name": name, "checkpoint": checkpoint})
 
+    # Replicas (ember-server --follow URL)
+    def weights_sync(self, version: Optional[int] = None, timeout: Optional[float] = None) -> dict:
+        """On a replica: pull the trainer's weights now (first waiting until it has published
+        `version`, when given); answers once they are applied, with `weights_version`."""
+        return self.call("weights.sync", {"version": version, "timeout": timeout})
+
     def release_rollouts(self, rollout_ids: Sequence[str]) -> int:
         return self.call("rollouts.release", {"rollout_ids": list(rollout_ids)})["released"]
 

@@ -120,6 +120,12 @@ METHODS = {
         "retry_safe": False,
         "large_bodies": False
     },
+    "weights.sync": {
+        "scheduling": "follower",
+        "mutates": False,
+        "retry_safe": True,
+        "large_bodies": False
+    },
     "cancel": {
         "scheduling": "control",
         "mutates": False,
@@ -154,5 +160,7 @@ ERROR_CODES = {
     "request_too_large": -32017,
     "model_not_found": -32020,
     "unknown_adapter": -32021,
-    "adapter_exists": -32022
+    "adapter_exists": -32022,
+    "not_a_replica": -32023,
+    "sync_failed": -32024
 }

@@ -34,7 +34,8 @@ def test_client_protocol_module_matches_the_spec_and_the_server(client):
     assert protocol.VERSION == DOC["info"]["version"] == client.info()["version"] == ember.__version__
     # The retry set is the table's: exactly the methods that change nothing.
     assert protocol.RETRY_SAFE == {n for n, m in METHODS.items() if m["x-ember"]["retry_safe"]}
-    assert protocol.RETRY_SAFE == {"server.info", "tokenize", "detokenize", "chat.render", "logprob", "checkpoint.list", "adapters.list"}
+    assert protocol.RETRY_SAFE == {"server.info", "tokenize", "detokenize", "chat.render", "logprob", "checkpoint.list", "adapters.list",
+                                  "weights.sync"}
 
 
 def test_loss_defaults_come_from_the_server(client):

@@ -1,0 +1,479 @@
+"""Weight publishing (GET /v1/weights/manifest, GET /v1/weights) and sampler replicas
+(ember-server --follow URL): versions are immutable, hashes check every byte, only changed
+tensors travel, and a replica samples bit for bit as its trainer does at the same version."""
+import hashlib
+import json
+import os
+import socket
+import struct
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from conftest import ROOT, SERVER, RunningServer, tiny_model
+from ember import Client, EmberError
+
+KEY = "trainer-key"
+
+
+def get(url, headers=None, key=KEY):
+    h = dict(headers or {})
+    if key:
+        h["Authorization"] = f"Bearer {key}"
+    req = urllib.request.Request(url, headers=h)
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def ce_batch(seed=0, n=4):
+    """A cross-entropy batch over the tiny model's vocabulary."""
+    import random
+    rng = random.Random(seed)
+    return [{"tokens": [rng.randrange(1, 8000) for _ in range(12)], "response_start": 4, "advantage": 1.0} for _ in range(n)]
+
+
+def step(client, seed=0, adapter=None):
+    return client.train_step({"mode": "cross_entropy"}, batch=ce_batch(seed), optimizer={"lr": 1e-2}, adapter=adapter)
+
+
+def metrics(url):
+    _, _, body = get(url + "/metrics")
+    out = {}
+    for line in body.decode().splitlines():
+        if line and not line.startswith("#"):
+            k, v = line.rsplit(" ", 1)
+            out[k] = float(v)
+    return out
+
+
+def same_samples(a, b):
+    sa = [s for r in a["results"] for s in r["samples"]]
+    sb = [s for r in b["results"] for s in r["samples"]]
+    assert [s["tokens"] for s in sa] == [s["tokens"] for s in sb]
+    # Bit for bit: JSON floats round-trip exactly.
+    assert [s["logprobs"] for s in sa] == [s["logprobs"] for s in sb]
+    return sa
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return tiny_model(str(tmp_path_factory.mktemp("replica-model")))
+
+
+@pytest.fixture(scope="module")
+def trainer(model):
+    s = RunningServer(model, ["--api-key", KEY])
+    yield s
+    s.stop()
+
+
+def follow(model, trainer_url, extra=(), key=KEY):
+    return RunningServer(model, ["--follow", trainer_url, *(["--follow-api-key", key] if key else []), *extra],
+                         log_level="info", stderr=subprocess.DEVNULL)
+
+
+def test_manifest_describes_the_body_byte_for_byte(trainer):
+    status, headers, body = get(trainer.url + "/v1/weights/manifest")
+    assert status == 200
+    m = json.loads(body)
+    assert headers["ETag"] == f'"{m["weights_version"]}"'
+    assert m["model"]["model_type"] == "qwen2" and m["dtype"] == "F32" and m["adapters"] == []
+    status, headers, weights = get(trainer.url + "/v1/weights")
+    assert status == 200 and headers["ETag"] == f'"{m["weights_version"]}"' and len(weights) == m["length"]
+    assert headers["Accept-Ranges"] == "bytes"
+    # The body is a safetensors file whose header agrees with the manifest, and every tensor's
+    # bytes hash to its digest.
+    n = struct.unpack("<Q", weights[:8])[0]
+    header = json.loads(weights[8:8 + n])
+    assert {t["name"] for t in m["tensors"]} == set(header) - {"__metadata__"}
+    for t in m["tensors"]:
+        h = header[t["name"]]
+        assert h["shape"] == t["shape"] and h["dtype"] == t["dtype"]
+        assert 8 + n + h["data_offsets"][0] == t["offset"] and h["data_offsets"][1] - h["data_offsets"][0] == t["length"]
+        assert hashlib.sha256(weights[t["offset"]:t["offset"] + t["length"]]).hexdigest() == t["sha256"]
+
+
+def test_an_unchanged_model_publishes_its_files_values(model, tmp_path):
+    # A fresh server publishes exactly the values of its model folder's safetensors.
+    s = RunningServer(model)
+    try:
+        m = json.loads(get(s.url + "/v1/weights/manifest", key=None)[2])
+        _, _, weights = get(s.url + "/v1/weights", key=None)
+        with open(os.path.join(model, "model.safetensors"), "rb") as f:
+            original = f.read()
+        n = struct.unpack("<Q", original[:8])[0]
+        header = json.loads(original[8:8 + n])
+        for t in m["tensors"]:
+            a, b = header[t["name"]]["data_offsets"]
+            assert weights[t["offset"]:t["offset"] + t["length"]] == original[8 + n + a:8 + n + b], t["name"]
+    finally:
+        s.stop()
+
+
+def test_ranges_preconditions_and_bad_queries(trainer):
+    _, _, whole = get(trainer.url + "/v1/weights")
+    version = json.loads(get(trainer.url + "/v1/weights/manifest")[2])["weights_version"]
+    status, headers, part = get(trainer.url + "/v1/weights", {"Range": "bytes=100-1123"})
+    assert status == 206 and part == whole[100:1124] and headers["Content-Range"] == f"bytes 100-1123/{len(whole)}"
+    status, _, tail = get(trainer.url + "/v1/weights", {"Range": "bytes=-10"})
+    assert status == 206 and tail == whole[-10:]
+    status, headers, _ = get(trainer.url + "/v1/weights", {"Range": f"bytes={len(whole)}-"})
+    assert status == 416 and headers["Content-Range"] == f"bytes */{len(whole)}"
+    # If-Range with another version: the whole body, not a range of a different file.
+    status, _, body = get(trainer.url + "/v1/weights", {"Range": "bytes=0-9", "If-Range": '"999"'})
+    assert status == 200 and body == whole
+    status, _, body = get(trainer.url + "/v1/weights", {"If-Match": '"999"'})
+    assert status == 412 and json.loads(body)["path"] == "header.If-Match"
+    assert get(trainer.url + "/v1/weights", {"If-Match": f'"{version}"'})[0] == 200
+    status, _, body = get(trainer.url + "/v1/weights/manifest?after=x")
+    assert status == 400 and json.loads(body)["path"] == "query.after"
+    status, _, body = get(trainer.url + "/v1/weights?version=3")
+    assert status == 400 and json.loads(body)["path"] == "query.version"
+    status, _, body = get(trainer.url + "/v1/weights?adapter=nope")
+    assert status == 404 and json.loads(body)["path"] == "query.adapter"
+    # Behind the API key.
+    assert get(trainer.url + "/v1/weights/manifest", key=None)[0] == 401
+    assert get(trainer.url + "/v1/weights", key="wrong")[0] == 401
+    # A long poll with nothing new answers 304 at its timeout.
+    t0 = time.time()
+    status, _, _ = get(trainer.url + f"/v1/weights/manifest?after={version}&timeout=1")
+    assert status == 304 and 0.9 < time.time() - t0 < 10
+
+
+def test_long_poll_answers_when_a_step_lands_and_versions_stay_immutable(trainer):
+    c = Client(trainer.url, api_key=KEY)
+    m0 = json.loads(get(trainer.url + "/v1/weights/manifest")[2])
+    _, _, old = get(trainer.url + "/v1/weights", {"If-Match": f'"{m0["weights_version"]}"'})
+    answer = {}
+
+    def poll():
+        answer["r"] = get(trainer.url + f"/v1/weights/manifest?after={m0['weights_version']}&timeout=60")
+        answer["t"] = time.time()
+
+    t = threading.Thread(target=poll)
+    t.start()
+    time.sleep(0.5)
+    assert "r" not in answer
+    stepped = time.time()
+    v = step(c)["weights_version"]
+    t.join(30)
+    status, headers, body = answer["r"]
+    m1 = json.loads(body)
+    assert status == 200 and m1["weights_version"] == v == m0["weights_version"] + 1 and answer["t"] >= stepped
+    assert m1["manifest_id"] != m0["manifest_id"]
+    changed = {t["name"] for t in m1["tensors"]} - {(t["name"]) for t in m1["tensors"] if t in m0["tensors"]}
+    assert changed, "a step changes tensors"
+    # The old version is gone once nothing holds it; asking for it by ETag is refused, never mixed.
+    status, _, _ = get(trainer.url + "/v1/weights", {"If-Match": f'"{m0["weights_version"]}"', "Range": "bytes=0-99"})
+    assert status in (206, 412)
+    if status == 206:
+        assert get(trainer.url + "/v1/weights", {"If-Match": f'"{m0["weights_version"]}"', "Range": "bytes=0-99"})[2] == old[:100]
+    _, _, new = get(trainer.url + "/v1/weights")
+    for t in m1["tensors"]:
+        assert hashlib.sha256(new[t["offset"]:t["offset"] + t["length"]]).hexdigest() == t["sha256"]
+
+
+def test_replica_samples_and_scores_bit_for_bit_with_its_trainer(model, trainer):
+    c = Client(trainer.url, api_key=KEY)
+    step(c, seed=1)
+    replica = follow(model, trainer.url)
+    try:
+        r = Client(replica.url)
+        info = r.info()
+        assert info["role"] == "replica" and info["following"] == trainer.url and info["world_size"] == 1
+        assert c.info()["role"] == "trainer" and c.info()["following"] is None
+        assert "replica following" in replica.banner
+        # It starts at the trainer's version, having downloaded what a step changed.
+        assert info["weights_version"] == c.info()["weights_version"]
+        assert metrics(replica.url)["ember_weights_syncs_total"] == 1
+        # Read-only to its clients.
+        with pytest.raises(EmberError) as e:
+            step(r)
+        assert e.value.kind == "read_only"
+        # Same version, same samples and scores, bit for bit.
+        prompts = [[5, 17, 99, 3], [42, 7]]
+        a = c.generate(prompt_tokens=prompts, n=3, max_tokens=12, seed=11)
+        b = r.generate(prompt_tokens=prompts, n=3, max_tokens=12, seed=11)
+        samples = same_samples(a, b)
+        assert all(s["weights_version"] == info["weights_version"] for s in samples)
+        seqs = [{"tokens": p + s["tokens"], "response_start": len(p)} for p, res in zip(prompts, b["results"]) for s in res["samples"]]
+        assert c.logprob(seqs)["results"] == r.logprob(seqs)["results"]
+        # A new step: weights.sync answers once it is applied; again identical.
+        v = step(c, seed=2)["weights_version"]
+        got = r.weights_sync(version=v)
+        assert got["weights_version"] == v and got["bytes"] > 0
+        # The answer is the spec's.
+        with open(os.path.join(ROOT, "Protocol", "openrpc.json")) as f:
+            spec = next(m for m in json.load(f)["methods"] if m["name"] == "weights.sync")["result"]["schema"]
+        assert set(got) == set(spec["properties"]) and set(spec["required"]) <= set(got)
+        same_samples(c.generate(prompt_tokens=prompts, n=2, max_tokens=10, seed=5),
+                     r.generate(prompt_tokens=prompts, n=2, max_tokens=10, seed=5))
+        # Without weights.sync the replica follows by itself (long poll).
+        v = step(c, seed=3)["weights_version"]
+        deadline = time.time() + 20
+        while r.info()["weights_version"] != v and time.time() < deadline:
+            time.sleep(0.1)
+        assert r.info()["weights_version"] == v
+        m = metrics(replica.url)
+        assert m["ember_weights_lag_versions"] == 0 and m["ember_weights_syncs_total"] >= 3
+        # A sync with nothing new moves nothing.
+        assert r.weights_sync()["weights_version"] == v
+    finally:
+        replica.stop()
+
+
+def test_adapter_updates_travel_alone(model, trainer):
+    c = Client(trainer.url, api_key=KEY)
+    replica = follow(model, trainer.url)
+    try:
+        r = Client(replica.url)
+        base_bytes = json.loads(get(trainer.url + "/v1/weights/manifest")[2])["length"]
+        c.create_adapter("tenant-a", rank=4, seed=1)
+        step(c, seed=4, adapter="tenant-a")
+        m = json.loads(get(trainer.url + "/v1/weights/manifest")[2])
+        (a,) = m["adapters"]
+        assert a["name"] == "tenant-a" and a["weights_version"] == 1 and a["rank"] == 4 and a["config"]["peft_type"] == "LORA"
+        status, headers, blob = get(trainer.url + "/v1/weights?adapter=tenant-a")
+        assert status == 200 and hashlib.sha256(blob).hexdigest() == a["sha256"] == headers["ETag"].strip('"')
+        got = r.weights_sync()
+        # Only the adapter moved: megabytes at most, never the base.
+        assert got["bytes"] == a["length"] and got["bytes"] < base_bytes / 4
+        assert [x["name"] for x in r.list_adapters()] == ["tenant-a"] and r.list_adapters()[0]["weights_version"] == 1
+        prompts = [[9, 8, 7]]
+        same_samples(c.generate(prompt_tokens=prompts, n=2, max_tokens=8, seed=2, adapter="tenant-a"),
+                     r.generate(prompt_tokens=prompts, n=2, max_tokens=8, seed=2, adapter="tenant-a"))
+        c.delete_adapter("tenant-a")
+        assert r.weights_sync()["bytes"] == 0 and r.list_adapters() == []
+    finally:
+        replica.stop()
+
+
+def test_in_flight_generations_finish_on_the_old_weights(model, trainer):
+    c = Client(trainer.url, api_key=KEY)
+    replica = follow(model, trainer.url)
+    try:
+        r = Client(replica.url)
+        before = r.info()["weights_version"]
+        out = {}
+
+        def long_generation():
+            out["g"] = r.generate(prompt_tokens=[[1, 2, 3]] * 4, max_tokens=200, ignore_eos=True, seed=1)
+            out["t"] = time.time()
+
+        t = threading.Thread(target=long_generation)
+        t.start()
+        time.sleep(0.3)
+        v = step(c, seed=5)["weights_version"]
+        synced = r.weights_sync(version=v)
+        done = time.time()
+        t.join(60)
+        assert synced["weights_version"] == v
+        # The generation that was running when the swap was queued finished first, on the old weights.
+        assert out["t"] <= done
+        assert {s["weights_version"] for res in out["g"]["results"] for s in res["samples"]} == {before}
+        assert all(len(s["tokens"]) == 200 for res in out["g"]["results"] for s in res["samples"])
+        after = r.generate(prompt_tokens=[[1, 2, 3]], max_tokens=4, seed=1)
+        assert after["results"][0]["samples"][0]["weights_version"] == v
+    finally:
+        replica.stop()
+
+
+def test_sync_errors_are_named(model, trainer, tmp_path):
+    c = Client(trainer.url, api_key=KEY)
+    with pytest.raises(EmberError) as e:
+        c.weights_sync()
+    assert e.value.kind == "not_a_replica" and "--follow" in e.value.hint
+    # A wrong key or another model stops the replica at start, with the reason.
+    for extra, key, words in [((), "wrong", "refused this replica's key"),
+                              ((), KEY, "serves another model")]:
+        other = model if key == "wrong" else tiny_model(str(tmp_path / "other"), hidden=48, heads=4, kv_heads=2)
+        p = subprocess.run([SERVER, "--model", other, "--port", "0", "--follow", trainer.url, "--follow-api-key", key],
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode != 0 and words in p.stderr, p.stderr
+    p = subprocess.run([SERVER, "--follow", "ftp://x"], capture_output=True, text=True, timeout=60)
+    assert p.returncode != 0 and "--follow" in p.stderr
+    replica = follow(model, trainer.url)
+    try:
+        r = Client(replica.url)
+        with pytest.raises(EmberError) as e:
+            r.call("weights.sync", {"version": -1})
+        assert e.value.path == "params.version"
+        with pytest.raises(EmberError) as e:
+            r.call("weights.sync", {"version": 10 ** 6, "timeout": 1})
+        assert e.value.kind == "sync_failed" and e.value.path == "params.version"
+    finally:
+        replica.stop()
+
+
+class CuttingProxy:
+    """Forwards TCP to `target`; the first response to a GET /v1/weights (not the manifest) is cut
+    after `cut` bytes, as a torn download."""
+
+    def __init__(self, target, cut):
+        host, port = target.replace("http://", "").rsplit(":", 1)
+        self.target = (host, int(port))
+        self.cut = cut
+        self.cuts = 0
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self):
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self.serve, args=(client,), daemon=True).start()
+
+    def serve(self, client):
+        upstream = socket.create_connection(self.target)
+        first = client.recv(65536)
+        cutting = first.startswith(b"GET /v1/weights ") and self.cuts == 0
+        if cutting:
+            self.cuts += 1
+        upstream.sendall(first)
+
+        def up():
+            try:
+                while True:
+                    d = client.recv(65536)
+                    if not d:
+                        break
+                    upstream.sendall(d)
+            except OSError:
+                pass
+
+        threading.Thread(target=up, daemon=True).start()
+        sent = 0
+        try:
+            while True:
+                d = upstream.recv(65536)
+                if not d:
+                    break
+                if cutting and sent + len(d) > self.cut:
+                    client.sendall(d[: self.cut - sent])
+                    break
+                client.sendall(d)
+                sent += len(d)
+        except OSError:
+            pass
+        # shutdown, not only close: the reader thread's recv would keep the socket open.
+        for s in (client, upstream):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+
+def test_a_torn_download_resumes_where_it_broke(model, trainer):
+    c = Client(trainer.url, api_key=KEY)
+    step(c, seed=6)
+    proxy = CuttingProxy(trainer.url, cut=300_000)
+    replica = follow(model, proxy.url)
+    try:
+        r = Client(replica.url)
+        assert proxy.cuts == 1
+        m = metrics(replica.url)
+        assert m["ember_weights_sync_errors_total"] >= 1 and m["ember_weights_syncs_total"] == 1
+        assert r.info()["weights_version"] == c.info()["weights_version"]
+        # Resumed, not restarted: the bytes counted once.
+        manifest = json.loads(get(trainer.url + "/v1/weights/manifest")[2])
+        assert m["ember_weights_last_sync_bytes"] <= manifest["length"]
+        prompts = [[4, 4, 4]]
+        same_samples(c.generate(prompt_tokens=prompts, n=2, max_tokens=8, seed=3),
+                     r.generate(prompt_tokens=prompts, n=2, max_tokens=8, seed=3))
+    finally:
+        replica.stop()
+        proxy.sock.close()
+
+
+class Hosts:
+    """Two test hosts in network namespaces on a bridge (docs/test-hosts.md's recipe); the root
+    namespace joins the bridge as .254. Removed on exit, even after a failure."""
+
+    def __init__(self, names=("a", "b")):
+        tag = f"{os.getpid() % 10000}{int(time.time() * 1000) % 100}"
+        self.subnet = f"10.77.{os.getpid() % 200 + 20}"
+        self.bridge = f"brem{tag}"[:15]
+        self.hosts = {n: f"em{tag}{n}" for n in names}
+        self.addresses = {n: f"{self.subnet}.{i + 1}" for i, n in enumerate(names)}
+
+    def ip(self, *args, check=True):
+        return subprocess.run(["ip", *args], check=check, capture_output=True, text=True)
+
+    def __enter__(self):
+        if os.geteuid() != 0:
+            pytest.fail("the multi-host tests make network namespaces and need root (CI runs as root)")
+        try:
+            self.ip("link", "add", self.bridge, "type", "bridge")
+            self.ip("link", "set", self.bridge, "up")
+            self.ip("addr", "add", f"{self.subnet}.254/24", "dev", self.bridge)
+            for n, ns in self.hosts.items():
+                self.ip("netns", "add", ns)
+                veth = f"v{ns}"[:15]
+                self.ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
+                self.ip("link", "set", veth, "master", self.bridge)
+                self.ip("link", "set", veth, "up")
+                self.ip("-n", ns, "link", "set", "lo", "up")
+                self.ip("-n", ns, "link", "set", "eth0", "up")
+                self.ip("-n", ns, "addr", "add", f"{self.addresses[n]}/24", "dev", "eth0")
+        except Exception:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def prefix(self, name):
+        return ("ip", "netns", "exec", self.hosts[name])
+
+    def link(self, name, up):
+        self.ip("-n", self.hosts[name], "link", "set", "eth0", "up" if up else "down")
+
+    def __exit__(self, *exc):
+        for ns in self.hosts.values():
+            self.ip("netns", "del", ns, check=False)
+        self.ip("link", "del", self.bridge, check=False)
+
+
+def test_a_replica_on_another_host_follows_through_a_partition(model):
+    with Hosts() as hosts:
+        trainer = RunningServer(model, ["--host", hosts.addresses["a"], "--api-key", KEY], prefix=hosts.prefix("a"))
+        replica = None
+        try:
+            c = Client(trainer.url, api_key=KEY)
+            assert trainer.url.startswith(f"http://{hosts.addresses['a']}:")
+            v = step(c, seed=7)["weights_version"]
+            replica = RunningServer(model, ["--host", hosts.addresses["b"], "--follow", trainer.url, "--follow-api-key", KEY],
+                                    prefix=hosts.prefix("b"), stderr=subprocess.DEVNULL)
+            r = Client(replica.url)
+            assert r.info()["weights_version"] == v and r.info()["following"] == trainer.url
+            prompts = [[3, 1, 4, 1, 5]]
+            same_samples(c.generate(prompt_tokens=prompts, n=2, max_tokens=8, seed=9),
+                         r.generate(prompt_tokens=prompts, n=2, max_tokens=8, seed=9))
+            # Partition the trainer: the replica keeps serving the version it holds and counts failures.
+            hosts.link("a", up=False)
+            with pytest.raises(EmberError) as e:
+                r.weights_sync(timeout=0)
+            assert e.value.kind == "sync_failed"
+            assert r.generate(prompt_tokens=prompts, max_tokens=4, seed=1)["results"][0]["samples"][0]["weights_version"] == v
+            # Heal: a step taken meanwhile arrives.
+            hosts.link("a", up=True)
+            v2 = step(c, seed=8)["weights_version"]
+            assert r.weights_sync(version=v2, timeout=60)["weights_version"] == v2
+            same_samples(c.generate(prompt_tokens=prompts, n=2, max_tokens=8, seed=9),
+                         r.generate(prompt_tokens=prompts, n=2, max_tokens=8, seed=9))
+            assert metrics(replica.url)["ember_weights_sync_errors_total"] >= 1
+        finally:
+            if replica:
+                replica.stop()
+            trainer.stop()
