@@ -97,7 +97,11 @@ schemas = {
                                  "loss_mask": {"type": "array", "items": {"enum": [0, 1]},
                                                "description": "One per response token: 1 trained, 0 context only (no loss term, "
                                                               "not counted by any aggregation or selection), e.g. tool results in "
-                                                              "a multi-turn rollout. Default: all 1."}}},
+                                                              "a multi-turn rollout. Default: all 1."},
+                                 "weights_version": {"type": "integer", "minimum": 0,
+                                                     "description": "The weights version the sequence was sampled under (a replica's "
+                                                                    "generate states it per sample): metrics.staleness counts sequences "
+                                                                    "by the trainer's version minus this one."}}},
     "RolloutReward": {"type": "object", "required": ["rollout_id", "reward"], "additionalProperties": False,
                       "properties": {"rollout_id": {"type": "string"}, "reward": NUM,
                                      "group": {"type": ["string", "integer"], "description": "Advantages are normalised within a group (e.g. one prompt)."}}},
@@ -120,7 +124,15 @@ schemas = {
                                                               "description": "lp_reg: the regularised tokens by current probability, "
                                                                              "counts in [0, 1e-4), [1e-4, 1e-3), [1e-3, 1e-2), [1e-2, 0.1), [0.1, 1]."},
                                "logprob_max_abs_diff": NUM_OR_NULL, "optimizer_steps": NONNEG,
-                               "seconds_forward": NUM, "seconds_backward": NUM, "seconds_optimizer": NUM}},
+                               "seconds_forward": NUM, "seconds_backward": NUM, "seconds_optimizer": NUM,
+                               "rollout_is_mean": NUM, "rollout_is_min": NUM, "rollout_is_max": NUM,
+                               "rollout_corrected_fraction": {"type": "number", "minimum": 0, "maximum": 1,
+                                                              "description": "With rollout_correction: the importance ratios pi_old/pi_sampler "
+                                                                             "(per token, or per sequence) before truncation, and the share "
+                                                                             "truncated or masked."},
+                               "staleness": {"type": "object", "additionalProperties": NONNEG,
+                                             "description": "Sequences by staleness (the trainer's weights version minus the one each "
+                                                            "was sampled under), for items that state it and for rollouts."}}},
     "Adapter": {"type": "object", "required": ["name", "rank", "alpha", "use_rslora", "target_modules", "modules", "parameters",
                                                "weights_version", "optimizer_steps"],
                 "properties": {"name": {"type": "string"}, "rank": INT, "alpha": NUM, "use_rslora": {"type": "boolean"},
@@ -297,7 +309,14 @@ methods = [
                 p("loss", ref("Loss"), required=True), p("optimizer", ref("OptimizerSettings"), "Overrides for this call only."),
                 p("mini_batches", {"type": "integer", "minimum": 1, "default": 1}),
                 p("micro_batch_tokens", {"type": "integer", "minimum": 1}, "Token budget per forward/backward; the update equals one big batch."),
-                p("dry_run", {"type": "boolean", "default": False}), ADAPTER],
+                p("dry_run", {"type": "boolean", "default": False}), ADAPTER,
+                p("rollout_correction", obj({"mode": {"enum": ["none", "truncate", "mask"]},
+                                             "level": {"enum": ["token", "sequence"], "default": "token"},
+                                             "cap": {"type": "number", "minimum": 1, "default": 2}}, ["mode"]),
+                  "Off-policy samples (earlier versions, replicas): each item's old_logprobs are the sampler's; the trainer "
+                  "recomputes pi_old with its weights before the step (the clipped ratio's denominator) and weighs each policy "
+                  "term by w = pi_old/pi_sampler, per token or per sequence (the product over its trained tokens). truncate: "
+                  "min(w, cap). mask: tokens (sequences) with w outside [1/cap, cap] leave the loss as loss_mask 0 would.")],
      "result": {"name": "step", "schema": obj({"weights_version": ref("WeightsVersion"), "metrics": ref("Metrics")}, ["weights_version", "metrics"])},
      "errors": COMMON + ["ReadOnly", "NonFinite", "UnknownRollout", "EvictedRollout", "RequestTooLarge", "UnknownAdapter"],
      "example": ({"batch": [{"tokens": [1, 2, 3, 4, 5], "response_start": 2, "advantage": 1.0}], "loss": {"mode": "lp_reg"},

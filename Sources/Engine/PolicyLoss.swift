@@ -16,10 +16,13 @@ public struct PolicyTokens: Sendable {
     public var proxyLogprobs: [Float]
     /// Reference-policy log-probabilities (for klCoef > 0).
     public var refLogprobs: [Float]?
+    /// Rollout correction: importance weight of each token's policy term (nil: all 1).
+    public var correction: [Float]?
     public init(sequence: [Int], targets: [Int32], advantages: [Float], oldLogprobs: [Float], proxyLogprobs: [Float],
-                refLogprobs: [Float]? = nil) {
+                refLogprobs: [Float]? = nil, correction: [Float]? = nil) {
         self.sequence = sequence; self.targets = targets; self.advantages = advantages
         self.oldLogprobs = oldLogprobs; self.proxyLogprobs = proxyLogprobs; self.refLogprobs = refLogprobs
+        self.correction = correction
     }
     public var count: Int { targets.count }
 }
@@ -154,7 +157,8 @@ public struct PolicyLossPlan: Sendable {
     /// and reference KL; the entropy bonus is applied in `apply`).
     public func term(_ i: Int, logprob lp: Float) -> (loss: Double, dLogprob: Float) {
         let (loss, grad) = policyTerm(i, logprob: lp)
-        let w = weights[i]
+        // The rollout-correction weight scales the policy term only (a constant: no gradient).
+        let w = weights[i] * (tokens.correction?[i] ?? 1)
         var total = Double(loss * w)
         var g = grad * w
         if config.klCoef != 0, let ref = tokens.refLogprobs?[i] {

@@ -51,7 +51,8 @@ extension Trainer {
             items.append(TrainItem(tokens: f.tokens, responseStart: f.responseStart,
                                    advantages: Array(repeating: Float(advantages[i]), count: n),
                                    oldLogprobs: sameTemperature ? f.logprobs : nil,
-                                   proxyLogprobs: sameTemperature && proxy != nil && f.proxy == proxy ? f.proxyLogprobs : nil))
+                                   proxyLogprobs: sameTemperature && proxy != nil && f.proxy == proxy ? f.proxyLogprobs : nil,
+                                   samplerVersion: f.weightsVersion))
         }
         return items
     }

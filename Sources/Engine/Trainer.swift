@@ -23,12 +23,17 @@ public struct TrainItem: Sendable {
     /// policy, entropy or KL term, and it counts in no aggregation or selection (tool results
     /// and user turns of a multi-turn rollout).
     public var lossMask: [Bool]?
+    /// The weights version the sequence was sampled under (a replica's), for staleness metrics.
+    public var samplerVersion: Int?
+    /// Rollout correction: the importance weight of each response token's policy term (set by
+    /// the trainer from `RolloutCorrection`, never by callers).
+    var correction: [Float]?
 
     public init(tokens: [Int32], responseStart: Int, advantages: [Float], oldLogprobs: [Float]? = nil,
-                proxyLogprobs: [Float]? = nil, refLogprobs: [Float]? = nil, lossMask: [Bool]? = nil) {
+                proxyLogprobs: [Float]? = nil, refLogprobs: [Float]? = nil, lossMask: [Bool]? = nil, samplerVersion: Int? = nil) {
         self.tokens = tokens; self.responseStart = responseStart; self.advantages = advantages
         self.oldLogprobs = oldLogprobs; self.proxyLogprobs = proxyLogprobs; self.refLogprobs = refLogprobs
-        self.lossMask = lossMask
+        self.lossMask = lossMask; self.samplerVersion = samplerVersion
     }
 
     public var responseLength: Int { tokens.count - responseStart }
@@ -39,8 +44,10 @@ public struct TrainItem: Sendable {
     func masked() -> TrainItem {
         guard let m = lossMask else { return self }
         func keep(_ a: [Float]?) -> [Float]? { a.map { zip($0, m).filter { $0.1 }.map { $0.0 } } }
-        return TrainItem(tokens: tokens, responseStart: responseStart, advantages: keep(advantages)!, oldLogprobs: keep(oldLogprobs),
-                         proxyLogprobs: keep(proxyLogprobs), refLogprobs: keep(refLogprobs), lossMask: m)
+        var out = TrainItem(tokens: tokens, responseStart: responseStart, advantages: keep(advantages)!, oldLogprobs: keep(oldLogprobs),
+                            proxyLogprobs: keep(proxyLogprobs), refLogprobs: keep(refLogprobs), lossMask: m, samplerVersion: samplerVersion)
+        out.correction = keep(correction)
+        return out
     }
 
     /// Response token offsets the loss trains.
@@ -101,6 +108,12 @@ public struct TrainMetrics: Sendable {
     public static let probabilityBucketEdges: [Float] = [1e-4, 1e-3, 1e-2, 1e-1]
     /// max |provided old log-prob − recomputed log-prob| (sampler/trainer agreement).
     public var logprobMaxAbsDiff = 0.0
+    /// Rollout correction: the importance ratios π_old/π_sampler over trained tokens (token
+    /// level) or sequences (sequence level) before truncation, and the share truncated or masked.
+    public var rolloutIS: (mean: Double, min: Double, max: Double, corrected: Double)?
+    /// Sequences by staleness (the trainer's version minus the sampler's), for items that name
+    /// the version they were sampled under.
+    public var staleness: [Int: Int] = [:]
     public var optimizerSteps = 0
     public var secondsForward = 0.0
     public var secondsBackward = 0.0
@@ -176,8 +189,12 @@ public final class Trainer {
     /// `self.optimizer.settings` for good).
     public func step(items: [TrainItem], config: LossConfig, miniBatches: Int = 1, microBatchTokens: Int? = nil,
                      proxy: ProxySpec? = nil, optimizer override: AdamWSettings? = nil,
-                     dryRun: Bool = false) throws -> TrainMetrics {
+                     dryRun: Bool = false, correction: RolloutCorrection = .none) throws -> TrainMetrics {
         try validate(items, config: config, miniBatches: miniBatches)
+        if correction.mode != .none, let i = items.firstIndex(where: { $0.oldLogprobs == nil }) {
+            throw TrainError.invalid(path: "batch[\(i)].old_logprobs",
+                                     reason: "rollout_correction needs the sampler's log-probabilities of every item")
+        }
         if let o = override {
             guard o.lr >= 0, o.lr.isFinite, o.beta1 >= 0, o.beta1 < 1, o.beta2 >= 0, o.beta2 < 1, o.eps > 0,
                   o.weightDecay >= 0, o.gradClip >= 0 else {
@@ -214,7 +231,20 @@ public final class Trainer {
                                            temperature: config.temperature, adapters: adapterList(items.count, referenceAdapter))
             for i in items.indices where items[i].refLogprobs == nil { items[i].refLogprobs = scored[i].logprobs }
         }
+        if correction.mode != .none {
+            // π_old is the trainer's policy now (the proximal policy of the clipped ratio); the
+            // sampler's log-probabilities become importance weights (verl's rollout correction).
+            let scored = try Scoring.score(model: model, sequences: items.map { ScoredSequence(tokens: $0.tokens, responseStart: $0.responseStart) },
+                                           temperature: config.temperature, adapters: adapterList(items.count, adapter))
+            metrics.rolloutIS = correction.apply(to: &items, proximal: scored.map(\.logprobs))
+        }
+        for item in items {
+            if let v = item.samplerVersion { metrics.staleness[weightsVersion - v, default: 0] += 1 }
+        }
         metrics.secondsForward += Date().timeIntervalSince(t0)
+        guard items.contains(where: { $0.trainedLength > 0 }) else {
+            throw TrainError.invalid(path: "rollout_correction", reason: "every token was masked by the correction (raise cap)")
+        }
         // From here on each item's per-token arrays hold its trained tokens only.
         items = items.map { $0.masked() }
 
@@ -299,7 +329,9 @@ public final class Trainer {
         let tokens = PolicyTokens(sequence: sequence, targets: targets, advantages: items.flatMap { $0.advantages },
                                   oldLogprobs: items.flatMap { $0.oldLogprobs! },
                                   proxyLogprobs: items.flatMap { $0.proxyLogprobs ?? Array(repeating: -.infinity, count: $0.trainedLength) },
-                                  refLogprobs: config.klCoef != 0 ? items.flatMap { $0.refLogprobs! } : nil)
+                                  refLogprobs: config.klCoef != 0 ? items.flatMap { $0.refLogprobs! } : nil,
+                                  correction: items.contains { $0.correction != nil }
+                                      ? items.flatMap { $0.correction ?? Array(repeating: 1, count: $0.trainedLength) } : nil)
         let starts = items.reduce(into: [0]) { $0.append($0.last! + $1.trainedLength) }
         var forced: [Bool]?
         if case let .lpReg(o) = config.mode, o.selection == .microBatch, micro.count > 1 {

@@ -116,7 +116,7 @@ extension Dispatcher {
 
     func trainStep(_ p: Params) throws -> Any {
         try p.only(["batch", "rollouts", "advantage_estimator", "drop_constant_groups", "loss", "optimizer",
-                    "mini_batches", "micro_batch_tokens", "dry_run", "adapter"])
+                    "mini_batches", "micro_batch_tokens", "dry_run", "adapter", "rollout_correction"])
         let trainer = try trainer(for: p)
         let config = try lossConfig(p)
         var proxy: ProxySpec?
@@ -124,7 +124,8 @@ extension Dispatcher {
         var items: [TrainItem] = []
         if p.has("batch") {
             for b in try p.objects("batch") {
-                try b.only(["tokens", "response_start", "advantage", "old_logprobs", "proxy_logprobs", "ref_logprobs", "loss_mask"])
+                try b.only(["tokens", "response_start", "advantage", "old_logprobs", "proxy_logprobs", "ref_logprobs", "loss_mask",
+                            "weights_version"])
                 let tokens = try b.tokens("tokens")
                 let start = try b.int("response_start", min: 1)
                 let n = max(0, tokens.count - start)
@@ -140,7 +141,8 @@ extension Dispatcher {
                                                throw RPCError.invalidParams(path: "\(b.path).loss_mask[\(k)]", "0 (context only) or 1 (trained)")
                                            }
                                            return v == 1
-                                       } : nil))
+                                       } : nil,
+                                       samplerVersion: b.has("weights_version") ? try b.int("weights_version", min: 0) : nil))
             }
         }
         if p.has("rollouts") {
@@ -160,9 +162,17 @@ extension Dispatcher {
             try o.only(["lr", "betas", "eps", "weight_decay", "grad_clip"])
             return try adamW(o, base: trainer.optimizer.settings)
         }
+        var correction = RolloutCorrection.none
+        if let c = try p.object("rollout_correction") {
+            try c.only(["mode", "level", "cap"])
+            correction = RolloutCorrection(
+                mode: RolloutCorrection.Mode(rawValue: try c.string("mode", oneOf: RolloutCorrection.Mode.allCases.map(\.rawValue)))!,
+                level: RolloutCorrection.Level(rawValue: try c.string("level", "token", oneOf: RolloutCorrection.Level.allCases.map(\.rawValue)))!,
+                cap: try c.float("cap", RolloutCorrection.defaultCap, min: 1))
+        }
         let m = try trainer.step(items: items, config: config, miniBatches: try p.int("mini_batches", 1, min: 1),
                                  microBatchTokens: p.has("micro_batch_tokens") ? try p.int("micro_batch_tokens", min: 1) : nil,
-                                 optimizer: override, dryRun: try p.bool("dry_run", false))
+                                 optimizer: override, dryRun: try p.bool("dry_run", false), correction: correction)
         var metrics: [String: Any] = [
             "loss": m.loss, "pg_loss": m.pgLoss, "entropy": m.entropy, "clipfrac_low": m.clipFracLow,
             "clipfrac_high": m.clipFracHigh, "ppo_kl": m.ppoKL, "kl_ref": m.refKL, "grad_norm": m.gradNorm, "lr": m.lr,
@@ -171,6 +181,13 @@ extension Dispatcher {
             "seconds_forward": m.secondsForward, "seconds_backward": m.secondsBackward, "seconds_optimizer": m.secondsOptimizer,
         ]
         if let t = m.lpRegThreshold { metrics["lp_reg_threshold"] = t }
+        if let r = m.rolloutIS {
+            metrics["rollout_is_mean"] = r.mean; metrics["rollout_is_min"] = r.min; metrics["rollout_is_max"] = r.max
+            metrics["rollout_corrected_fraction"] = r.corrected
+        }
+        if !m.staleness.isEmpty {
+            metrics["staleness"] = Dictionary(uniqueKeysWithValues: m.staleness.map { (String($0.key), $0.value) })
+        }
         metrics["proxy_noise_mass"] = m.proxyNoiseMass
         if m.lowProbabilityTokens > 0 {
             metrics["low_prob_proxy_kept"] = Double(m.lowProbabilityProxyKept) / Double(m.lowProbabilityTokens)
