@@ -134,7 +134,7 @@ extension Dispatcher {
                 else { advantages = Array(repeating: try b.float("advantage", config.mode == .crossEntropy ? 0 : nil), count: n) }
                 items.append(TrainItem(tokens: tokens, responseStart: start, advantages: advantages,
                                        oldLogprobs: b.has("old_logprobs") ? try b.floats("old_logprobs") : nil,
-                                       proxyLogprobs: b.has("proxy_logprobs") ? try b.floats("proxy_logprobs") : nil,
+                                       proxyLogprobs: b.has("proxy_logprobs") ? try b.floats("proxy_logprobs", null: -.infinity) : nil,
                                        refLogprobs: b.has("ref_logprobs") ? try b.floats("ref_logprobs") : nil,
                                        lossMask: b.has("loss_mask") ? try b.floats("loss_mask").enumerated().map { k, v in
                                            guard v == 0 || v == 1 else {

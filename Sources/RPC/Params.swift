@@ -116,6 +116,19 @@ public struct Params {
         return try list.enumerated().map { i, v in try Self.tokenList(v, path: "\(sub(key))[\(i)]") }
     }
 
+    /// As `floats`, with null read as `null` (proxy log-probabilities: null, as the server writes
+    /// it, is a token the proxy dropped, −infinity).
+    public func floats(_ key: String, null: Float) throws -> [Float] {
+        guard let list = object[key] as? [Any], list.contains(where: { $0 is NSNull }) else { return try floats(key) }
+        return try list.enumerated().map { i, v in
+            if v is NSNull { return null }
+            guard let d = JSONNumber.classify(v)?.double, d.isFinite else {
+                throw RPCError.invalidParams(path: "\(sub(key))[\(i)]", "expected a finite number or null")
+            }
+            return Float(d)
+        }
+    }
+
     public func floats(_ key: String) throws -> [Float] {
         if let v = object[key], type(of: v) == [Double].self || type(of: v) == [Int].self {
             let values = (v as? [Double]) ?? (v as! [Int]).map(Double.init)

@@ -250,13 +250,16 @@ class Client:
     def train_step(self, loss: dict, batch: Optional[Sequence[dict]] = None, rollouts: Optional[Sequence[dict]] = None,
                    advantage_estimator: Optional[str] = None, drop_constant_groups: Optional[bool] = None,
                    optimizer: Optional[dict] = None, mini_batches: Optional[int] = None,
-                   micro_batch_tokens: Optional[int] = None, dry_run: bool = False, adapter: Optional[str] = None) -> dict:
-        """One update of the full model, or of the LoRA `adapter` (base frozen) when named."""
+                   micro_batch_tokens: Optional[int] = None, dry_run: bool = False, adapter: Optional[str] = None,
+                   rollout_correction: Optional[dict] = None) -> dict:
+        """One update of the full model, or of the LoRA `adapter` (base frozen) when named;
+        `rollout_correction` ({mode, level, cap}) weighs off-policy samples (Protocol/README.md)."""
         return self.call("train_step", {
             "loss": loss, "batch": list(batch) if batch is not None else None,
             "rollouts": list(rollouts) if rollouts is not None else None, "advantage_estimator": advantage_estimator,
             "drop_constant_groups": drop_constant_groups, "optimizer": optimizer, "mini_batches": mini_batches,
-            "micro_batch_tokens": micro_batch_tokens, "dry_run": dry_run or None, "adapter": adapter})
+            "micro_batch_tokens": micro_batch_tokens, "dry_run": dry_run or None, "adapter": adapter,
+            "rollout_correction": rollout_correction})
 
     def configure_optimizer(self, adapter: Optional[str] = None, **settings) -> dict:
         return self.call("optimizer.configure", {**settings, "adapter": adapter})

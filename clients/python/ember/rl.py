@@ -3,11 +3,17 @@
     python -m ember.rl --start-server --task arithmetic --steps 40 --out runs/lpreg
     python -m ember.rl --server http://127.0.0.1:8377 --loss ppo --loss-options '{"eps_high": 0.28}'
 
+    python -m ember.rl --server http://trainer:8377 --replica http://r1:8377 --replica http://r2:8377 \
+        --max-off-policy-steps 2 --rollout-correction truncate
+
 Each step draws --prompts training problems, samples --samples answers each (seeded), checks them
 with the task's exact verifier, and sends one on-policy train_step referring to the rollouts by
 id with their rewards (group = prompt; advantages by --advantage). Every --eval-every steps it
 measures greedy pass@1 (and sampled pass@k) on a fixed held-out set. Writes metrics.jsonl,
 eval.jsonl, plots/*.png and state.json under --out; --resume continues from the last checkpoint.
+With --replica, sampler replicas (ember-server --follow) draw the rollouts up to
+--max-off-policy-steps steps ahead of the trainer (ember.asyncrl); K = 0 is the synchronous
+loop, bit for bit.
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ from typing import Dict, List, Optional
 from . import advantages, tasks, verifiers
 from .client import Client, EmberError
 from .multiturn import run_episodes
+from .asyncrl import AsyncSampler, ReplicaPool
 
 LOSS_PRESETS = {
     # name: (mode, options, entropy_coef) -- the comparison's methods (docs/results.md)
@@ -287,7 +294,35 @@ def parse_args(argv=None):
     ap.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: twice the rank)")
     ap.add_argument("--lora-targets", default="all-linear", help="comma-separated module names, or all-linear")
     ap.add_argument("--lora-name", default="rl", help="the adapter's name on the server")
-    return ap.parse_args(argv)
+    ap.add_argument("--replica", action="append", default=[],
+                    help="URL of a sampler replica (ember-server --follow the trainer); repeat for several")
+    ap.add_argument("--replica-api-key", help="API key of the replicas (default: --api-key)")
+    ap.add_argument("--max-off-policy-steps", type=int, default=0,
+                    help="with --replica: sample up to K steps ahead of the trainer (staleness <= K; 0 = on-policy)")
+    ap.add_argument("--rollout-correction", default="none",
+                    help="weigh off-policy samples: none, or MODE[:LEVEL[:CAP]] with MODE truncate|mask, LEVEL token|sequence")
+    args = ap.parse_args(argv)
+    if args.max_off_policy_steps < 0:
+        ap.error("--max-off-policy-steps must be >= 0")
+    if args.max_off_policy_steps and not args.replica:
+        ap.error("--max-off-policy-steps needs --replica URL (the replicas sample ahead of the trainer)")
+    args.correction = parse_correction(ap, args.rollout_correction)
+    return args
+
+
+def parse_correction(ap, text: str) -> Optional[dict]:
+    if text == "none":
+        return None
+    parts = text.split(":")
+    if parts[0] not in ("truncate", "mask") or len(parts) > 3 or (len(parts) > 1 and parts[1] not in ("token", "sequence")):
+        ap.error(f"--rollout-correction: none, or MODE[:LEVEL[:CAP]] (truncate|mask, token|sequence), not {text!r}")
+    out = {"mode": parts[0], "level": parts[1] if len(parts) > 1 else "token"}
+    if len(parts) > 2:
+        try:
+            out["cap"] = float(parts[2])
+        except ValueError:
+            ap.error(f"--rollout-correction: CAP must be a number, not {parts[2]!r}")
+    return out
 
 
 def main(argv=None) -> int:
@@ -307,6 +342,7 @@ def main(argv=None) -> int:
         url = args.server or "http://127.0.0.1:8377"
     client = Client(url, api_key=args.api_key)
     state_path = os.path.join(args.out, "state.json")
+    sampler = None
     try:
         client.wait_until_healthy(60)
         info = client.info()
@@ -365,13 +401,29 @@ def main(argv=None) -> int:
                   + "".join(f", {k} {v:.3f}" for k, v in first.items() if k.startswith("pass@") and k != "pass@1"),
                   file=sys.stderr)
         bar = Progress(args.steps, start)
+        if args.replica:
+            if any(tasks.is_multiturn(t) for t in task_names):
+                raise SystemExit("--replica: multi-turn tasks run synchronously for now (drop --replica for them)")
+            version = client.info()["weights_version"] if adapter is None else \
+                next(a["weights_version"] for a in client.list_adapters() if a["name"] == adapter)
+            sampler = AsyncSampler(ReplicaPool(args.replica, api_key=args.replica_api_key or args.api_key), args,
+                                   task_names, proxy, adapter, start=start, start_version=version)
         for step in range(start + 1, args.steps + 1):
             t0 = time.time()
             rng = random.Random(f"{args.seed}:{step}")
             name = task_names[(step - 1) % len(task_names)] if len(task_names) > 1 else task_names[0]
             task = tasks.get(name)
             problems = tasks.sample(task, "train", args.prompts, seed=args.seed * 100003 + step)
-            if tasks.is_multiturn(name):
+            if sampler is not None:
+                got = sampler.batch(step)
+                t1 = time.time()
+                rewards, lengths, sparks = got["rewards"], got["lengths"], got["sparks"]
+                result = client.train_step(loss=loss, batch=got["items"],
+                                           mini_batches=args.mini_batches if args.mini_batches > 1 else None,
+                                           adapter=adapter, rollout_correction=args.correction)
+                sampler.trained(step, result["weights_version"])
+                refs = []
+            elif tasks.is_multiturn(name):
                 items, rewards, lengths, sparks = sample_episodes(client, problems, args, rng.randrange(2 ** 31), proxy, adapter)
                 t1 = time.time()
                 result = client.train_step(loss=loss, batch=items, mini_batches=args.mini_batches if args.mini_batches > 1 else None,
@@ -403,6 +455,13 @@ def main(argv=None) -> int:
                    "logprob_max_abs_diff": m["logprob_max_abs_diff"], "sample_seconds": t1 - t0,
                    "train_seconds": time.time() - t1, "step_seconds": time.time() - t0,
                    "proxy_noise_mass": m["proxy_noise_mass"], "low_prob_proxy_kept": m.get("low_prob_proxy_kept")}
+            if sampler is not None:
+                # Sampling ran beside training: what the trainer waited for, and how stale it was.
+                rec.update({"sample_seconds": got["sample_seconds"], "wait_seconds": t1 - t0,
+                            "staleness": m.get("staleness", {}), "sampler_versions": got["versions"]})
+                for key in ("rollout_is_mean", "rollout_is_min", "rollout_is_max", "rollout_corrected_fraction"):
+                    if key in m:
+                        rec[key] = m[key]
             if "lp_reg_tokens" in m:
                 rec["lp_reg_tokens"] = m["lp_reg_tokens"]
                 rec["lp_reg_probability_buckets"] = m["lp_reg_probability_buckets"]
@@ -436,6 +495,8 @@ def main(argv=None) -> int:
         print(f"held-out pass@1: before {before['pass@1']:.3f} after {after['pass@1']:.3f} ({n} problems, greedy)")
         return 0
     finally:
+        if sampler is not None:
+            sampler.stop()
         if server is not None:
             stop_server(server)
 

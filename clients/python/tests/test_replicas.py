@@ -541,3 +541,51 @@ def test_rollout_correction_weighs_off_policy_samples(trainer):
         with pytest.raises(EmberError) as e:
             c.call("train_step", {"loss": loss, "batch": batch(0.0), "dry_run": True, "rollout_correction": bad})
         assert e.value.path == path, (bad, e.value.path)
+
+
+def rl_args(url, out, *extra):
+    return ["--server", url, "--api-key", KEY, "--task", "arithmetic", "--steps", "3", "--prompts", "4", "--samples", "4",
+            "--max-tokens", "10", "--eval-every", "100", "--eval-size", "4", "--eval-k", "1", "--probes", "0",
+            "--out", out, "--method", "lp_reg", "--loss-options", '{"rho": 0.5}', "--lr", "1e-3", *extra]
+
+
+def test_async_rl_with_k0_is_the_synchronous_run_bit_for_bit(model, tmp_path):
+    from ember import rl
+    sync_trainer = RunningServer(model, ["--api-key", KEY])
+    async_trainer = RunningServer(model, ["--api-key", KEY])
+    replicas = []
+    try:
+        assert rl.main(rl_args(sync_trainer.url, str(tmp_path / "sync"))) == 0
+        replicas = [follow(model, async_trainer.url)]
+        assert rl.main(rl_args(async_trainer.url, str(tmp_path / "async"), "--replica", replicas[0].url,
+                               "--max-off-policy-steps", "0")) == 0
+        a = [json.loads(l) for l in open(tmp_path / "sync" / "metrics.jsonl")]
+        b = [json.loads(l) for l in open(tmp_path / "async" / "metrics.jsonl")]
+        for x, y in zip(a, b):
+            for key in ("reward", "loss", "pg_loss", "entropy", "grad_norm", "lp_reg_selected", "lp_reg_regularized", "weights_version"):
+                assert x[key] == y[key], (key, x[key], y[key])
+            assert y["staleness"] == {"0": 16} and y["sampler_versions"] == [x["weights_version"] - 1]
+        # The same weights, byte for byte.
+        ms = json.loads(get(sync_trainer.url + "/v1/weights/manifest")[2])
+        ma = json.loads(get(async_trainer.url + "/v1/weights/manifest")[2])
+        assert [t["sha256"] for t in ms["tensors"]] == [t["sha256"] for t in ma["tensors"]]
+        assert ms["manifest_id"] == ma["manifest_id"]
+        # K = 2 on two replicas: sampling runs ahead, staleness stays within K, nothing is dropped,
+        # and the correction reports its importance ratios.
+        replicas.append(follow(model, async_trainer.url))
+        out = str(tmp_path / "k2")
+        assert rl.main(rl_args(async_trainer.url, out, "--replica", replicas[0].url, "--replica", replicas[1].url,
+                               "--max-off-policy-steps", "2", "--rollout-correction", "truncate:token:2", "--steps", "5")) == 0
+        k2 = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
+        assert [m["step"] for m in k2] == [1, 2, 3, 4, 5]
+        for m in k2:
+            assert sum(m["staleness"].values()) == 16 and all(0 <= int(s) <= 2 for s in m["staleness"])
+            assert m["rollout_is_min"] <= m["rollout_is_mean"] <= m["rollout_is_max"]
+        assert k2[0]["staleness"] == {"0": 16}
+        assert any(int(s) > 0 for m in k2 for s in m["staleness"]), "sampling ran ahead of training"
+        assert [m["weights_version"] for m in k2] == list(range(k2[0]["weights_version"], k2[0]["weights_version"] + 5))
+    finally:
+        for r in replicas:
+            r.stop()
+        sync_trainer.stop()
+        async_trainer.stop()
