@@ -312,15 +312,21 @@ def test_sync_errors_are_named(model, trainer, tmp_path):
         replica.stop()
 
 
-class CuttingProxy:
-    """Forwards TCP to `target`; the first response to a GET /v1/weights (not the manifest) is cut
-    after `cut` bytes, as a torn download."""
+class FaultProxy:
+    """Forwards TCP to `target` and damages responses to GET /v1/weights (not the manifest):
+    `cut` bytes then a closed connection (once), `corrupt` (flip one body byte while set), or
+    `slow` (seconds of sleep per 64 KB while set); `dead` stops forwarding (the host is gone)."""
 
-    def __init__(self, target, cut):
+    def __init__(self, target, cut=None):
         host, port = target.replace("http://", "").rsplit(":", 1)
         self.target = (host, int(port))
         self.cut = cut
         self.cuts = 0
+        self.corrupt = False
+        self.corrupted = 0
+        self.slow = 0.0
+        # Set: the far host is gone; what the kernel had buffered from it is lost too.
+        self.dead = False
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(16)
@@ -336,11 +342,17 @@ class CuttingProxy:
             threading.Thread(target=self.serve, args=(client,), daemon=True).start()
 
     def serve(self, client):
-        upstream = socket.create_connection(self.target)
+        try:
+            upstream = socket.create_connection(self.target)
+        except OSError:
+            client.close()
+            return
         first = client.recv(65536)
-        cutting = first.startswith(b"GET /v1/weights ") and self.cuts == 0
+        weights = first.startswith(b"GET /v1/weights ")
+        cutting = weights and self.cut is not None and self.cuts == 0
         if cutting:
             self.cuts += 1
+        corrupting = weights and self.corrupt
         upstream.sendall(first)
 
         def up():
@@ -358,10 +370,19 @@ class CuttingProxy:
         try:
             while True:
                 d = upstream.recv(65536)
-                if not d:
+                if not d or self.dead:
                     break
+                if corrupting and b"\r\n\r\n" in d and len(d) > d.index(b"\r\n\r\n") + 8:
+                    i = d.index(b"\r\n\r\n") + 8
+                    d = d[:i] + bytes([d[i] ^ 0xFF]) + d[i + 1:]
+                    corrupting = False
+                    self.corrupted += 1
                 if cutting and sent + len(d) > self.cut:
                     client.sendall(d[: self.cut - sent])
+                    break
+                if weights and self.slow:
+                    time.sleep(self.slow)
+                if self.dead:
                     break
                 client.sendall(d)
                 sent += len(d)
@@ -379,7 +400,7 @@ class CuttingProxy:
 def test_a_torn_download_resumes_where_it_broke(model, trainer):
     c = Client(trainer.url, api_key=KEY)
     step(c, seed=6)
-    proxy = CuttingProxy(trainer.url, cut=300_000)
+    proxy = FaultProxy(trainer.url, cut=300_000)
     replica = follow(model, proxy.url)
     try:
         r = Client(replica.url)
@@ -589,3 +610,93 @@ def test_async_rl_with_k0_is_the_synchronous_run_bit_for_bit(model, tmp_path):
             r.stop()
         sync_trainer.stop()
         async_trainer.stop()
+
+
+def test_a_corrupted_download_is_refused_and_the_old_version_kept(model, trainer):
+    c = Client(trainer.url, api_key=KEY)
+    proxy = FaultProxy(trainer.url)
+    replica = follow(model, proxy.url)
+    try:
+        r = Client(replica.url)
+        old = r.info()["weights_version"]
+        seqs = [{"tokens": [7, 8, 9, 10, 11, 12], "response_start": 2}]
+        before = r.logprob(seqs)["results"]
+        proxy.corrupt = True
+        v = step(c, seed=10)["weights_version"]
+        with pytest.raises(EmberError) as e:
+            r.weights_sync(version=v)
+        assert e.value.kind == "sync_failed" and "SHA-256" in e.value.hint and proxy.corrupted >= 1
+        assert r.info()["weights_version"] == old and r.logprob(seqs)["results"] == before, "the old version is kept whole"
+        proxy.corrupt = False
+        assert r.weights_sync(version=v)["weights_version"] == v
+        assert r.logprob(seqs)["results"] == c.logprob(seqs)["results"]
+    finally:
+        replica.stop()
+        proxy.sock.close()
+
+
+def test_a_trainer_killed_mid_publish_leaves_replicas_on_the_last_whole_version(model, tmp_path):
+    trainer = RunningServer(model, ["--api-key", KEY])
+    proxy = FaultProxy(trainer.url)
+    replica = follow(model, proxy.url)
+    try:
+        c, r = Client(trainer.url, api_key=KEY), Client(replica.url)
+        seqs = [{"tokens": [3, 5, 7, 9, 11], "response_start": 2}]
+        old = r.info()["weights_version"]
+        before = r.logprob(seqs)["results"]
+        assert before == c.logprob(seqs)["results"]
+        proxy.slow = 0.05       # about 1.3 MB/s: the download of a step takes about a second
+        step(c, seed=11)
+        time.sleep(0.4)         # the replica's long poll has seen the step and is downloading
+        trainer.process.kill()
+        proxy.dead = True
+        trainer.process.wait()
+        time.sleep(1.0)
+        assert r.info()["weights_version"] == old and r.logprob(seqs)["results"] == before
+        out = r.generate(prompt_tokens=[[1, 2]], max_tokens=4, seed=1)
+        assert out["results"][0]["samples"][0]["weights_version"] == old
+        assert metrics(replica.url)["ember_weights_sync_errors_total"] >= 1
+    finally:
+        replica.stop()
+        proxy.sock.close()
+        if trainer.process.poll() is None:
+            trainer.stop()
+
+
+def test_a_restarted_replica_catches_up_and_a_dead_one_is_routed_around(model, trainer):
+    from ember.asyncrl import ReplicaPool
+    c = Client(trainer.url, api_key=KEY)
+    a, b = follow(model, trainer.url), follow(model, trainer.url)
+    try:
+        # Killed while generating: the pool moves the call to the other replica.
+        pool = ReplicaPool([a.url, b.url])
+        out = {}
+
+        def long_call():
+            out["r"] = pool.call(lambda cl: cl.generate(prompt_tokens=[[1, 2, 3]] * 32, n=4, max_tokens=200, ignore_eos=True, seed=2))
+
+        t = threading.Thread(target=long_call)
+        t.start()
+        deadline = time.time() + 10
+        while sum(pool.in_flight) == 0 and time.time() < deadline:
+            time.sleep(0.01)
+        busy = pool.in_flight.index(1)
+        victim = (a, b)[busy]
+        time.sleep(0.2)
+        victim.process.kill()
+        victim.process.wait()
+        t.join(60)
+        assert len(out["r"]["results"]) == 32 and all(len(s["tokens"]) == 200 for x in out["r"]["results"] for s in x["samples"])
+        assert pool.down_until[busy] > time.time() - 1
+        # A restarted replica catches up on the steps it missed.
+        step(c, seed=12)
+        v = step(c, seed=13)["weights_version"]
+        restarted = follow(model, trainer.url)
+        try:
+            assert Client(restarted.url).info()["weights_version"] == v
+        finally:
+            restarted.stop()
+    finally:
+        for s in (a, b):
+            if s.process.poll() is None:
+                s.stop()
