@@ -311,9 +311,92 @@ def tokenizer():
         json.dump({"machine": machine(), "runs": rows}, f, indent=1)
 
 
+def replicas(quick, rounds=3):
+    """Weight sync between a trainer and a replica on loopback: a replica started from other
+    weights pulls the whole model (every tensor's hash differs), then an adapter update (LoRA
+    rank 16 on all linear layers after one adapter train_step) travels alone. Also the cold
+    publication (the trainer's copy and hashes on the first manifest request). 0.5B shape (tiny
+    with --quick), medians of `rounds` replica starts."""
+    import re, shutil, subprocess, tempfile, time, urllib.request
+    sys.path.insert(0, os.path.join(ROOT, "clients", "python"))
+    from ember import Client
+    shape = "tiny" if quick else "0.5b"
+    srv = os.path.join(ROOT, ".build", "release", "ember-server")
+    work = tempfile.mkdtemp(prefix="ember-bench-replicas-")
+    print(f"machine: {machine()}")
+
+    def start(cmd):
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        line = p.stdout.readline()
+        m = re.search(r"listening on (http://[^ |]+)", line)
+        if not m:
+            p.kill()
+            raise SystemExit(f"ember-server did not start: {line!r}")
+        return p, m.group(1)
+
+    def metrics(url):
+        out = {}
+        for line in urllib.request.urlopen(url + "/metrics").read().decode().splitlines():
+            if line and not line.startswith("#"):
+                k, v = line.rsplit(" ", 1)
+                out[k] = float(v)
+        return out
+
+    procs = []
+    try:
+        a, b = os.path.join(work, "trainer"), os.path.join(work, "other")
+        run([EMBER, "write-model", "--shape", shape, "--out", a, "--seed", "42"])
+        run([EMBER, "write-model", "--shape", shape, "--out", b, "--seed", "7"])
+        small = ["--slots", "4", "--max-seq-len", "256"]   # the KV cache is allocated up front
+        trainer, turl = start([srv, "--model", a, "--port", "0", "--threads", "2", "--log-level", "warning", *small])
+        procs.append(trainer)
+        t0 = time.time()
+        manifest = json.loads(urllib.request.urlopen(turl + "/v1/weights/manifest").read())
+        cold = time.time() - t0
+        size = manifest["length"]
+        # First sync of a new replica process: every buffer is fresh memory (on this VM the host
+        # backs pages at first touch, which dominates; docs/benchmarks.md).
+        t0 = time.time()
+        rep, rurl = start([srv, "--model", b, "--port", "0", "--threads", "2", "--log-level", "warning", *small, "--follow", turl])
+        procs.append(rep)
+        m = metrics(rurl)
+        first = {"bytes": m["ember_weights_last_sync_bytes"], "seconds": m["ember_weights_last_sync_seconds"],
+                 "start_seconds": time.time() - t0}
+        c, r = Client(turl), Client(rurl)
+        batch = [{"tokens": list(range(1, 33)), "response_start": 16, "advantage": 1.0}]
+        # Steady state: a full-model step changes every tensor; the replica pulls all of them.
+        full = []
+        for _ in range(rounds):
+            v = c.train_step({"mode": "ppo"}, batch=batch, optimizer={"lr": 1e-6})["weights_version"]
+            got = r.weights_sync(version=v, timeout=600)
+            full.append({"bytes": got["bytes"], "seconds": got["seconds"]})
+        c.create_adapter("bench", rank=16, seed=0)
+        adapter = []
+        for i in range(rounds):
+            c.train_step({"mode": "ppo"}, batch=batch, adapter="bench")
+            got = r.weights_sync()
+            adapter.append({"bytes": got["bytes"], "seconds": got["seconds"]})
+        f = median([x["seconds"] for x in full]); fb = full[0]["bytes"]
+        ad = median([x["seconds"] for x in adapter]); ab = adapter[0]["bytes"]
+        print(f"\nweight sync on loopback ({shape}: {size / 1e9:.2f} GB published, F32)")
+        print(f"cold publication (copy + SHA-256 of every tensor, first manifest request): {cold:.2f} s")
+        print(f"first sync of a new replica started from other weights: {first['bytes'] / 1e9:.2f} GB in {first['seconds']:.2f} s "
+              f"(start to listening {first['start_seconds']:.2f} s)")
+        print(f"full sync after a full-model step: {fb / 1e9:.2f} GB in {f:.2f} s = {fb / f / 1e9:.2f} GB/s (median of {rounds})")
+        print(f"adapter update (LoRA r16, all linear): {ab / 1e6:.2f} MB in {ad * 1000:.1f} ms (median of {rounds})")
+        with open(os.path.join(ROOT, "bench", "out", "replicas.json"), "w") as fh:
+            json.dump({"machine": machine(), "shape": shape, "publication_bytes": size, "cold_publication_seconds": cold,
+                       "first": first, "full": full, "adapter": adapter}, fh, indent=1)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate(); p.wait(timeout=60)
+        shutil.rmtree(work, ignore_errors=True)
+
+
 if __name__ == "__main__":
     args = sys.argv[1:]
-    what = [a for i, a in enumerate(args) if not a.startswith("--") and (i == 0 or args[i - 1] != "--repeat")] or ["engine", "kernels", "bf16", "vllm", "tokenizer", "sampling", "train", "lora", "chat", "json", "server"]
+    what = [a for i, a in enumerate(args) if not a.startswith("--") and (i == 0 or args[i - 1] != "--repeat")] or ["engine", "kernels", "bf16", "vllm", "tokenizer", "sampling", "train", "lora", "chat", "json", "server", "replicas"]
     if "engine" in what:
         engine("--quick" in args)
     if "kernels" in what:
@@ -337,3 +420,5 @@ if __name__ == "__main__":
         json_cost()
     if "server" in what:
         server()
+    if "replicas" in what:
+        replicas("--quick" in args)

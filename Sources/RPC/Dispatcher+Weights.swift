@@ -3,6 +3,7 @@
 // `publishWeights` builds; its WeightFollower downloads and checks, and `applyFollowed` swaps.
 import Engine
 import Foundation
+import Kernels
 import Models
 import Weights
 
@@ -32,9 +33,11 @@ public struct PublishedWeights: @unchecked Sendable {
 public struct FollowedWeights: @unchecked Sendable {
     public struct Tensor {
         public let name: String, dtype: DType, shape: [Int]
+        /// The tensor is `range` of `bytes` (a downloaded run of tensors, shared, not copied).
         public let bytes: Data
-        public init(name: String, dtype: DType, shape: [Int], bytes: Data) {
-            self.name = name; self.dtype = dtype; self.shape = shape; self.bytes = bytes
+        public let range: Range<Int>
+        public init(name: String, dtype: DType, shape: [Int], bytes: Data, range: Range<Int>) {
+            self.name = name; self.dtype = dtype; self.shape = shape; self.bytes = bytes; self.range = range
         }
     }
     public struct Adapter {
@@ -97,6 +100,31 @@ extension Dispatcher {
                                 image: image, adapters: adapters)
     }
 
+    /// The SHA-256 (by `hash`) of every checkpoint tensor as it would be published in `dtype`,
+    /// without building an image: F32 tensors stored as published are hashed in place.
+    public func tensorDigests(dtype: DType, hash: @Sendable (UnsafeRawPointer, Int) -> String) -> [String: String] {
+        let values = UnsafePointer(model.parameters.values)
+        let bindings = model.bindings
+        let digests = DigestSlots(bindings.count)
+        let model = self.model
+        parallelRanges(bindings.count) { _, lo, hi in for i in lo..<hi {
+            let b = bindings[i], n = b.shape.reduce(1, *)
+            if dtype == .f32 && !b.transposed, let slot = model.parameters.layout.slot(b.slot) {
+                digests.set(i, hash(values + slot.offset + b.elementOffset, n * 4))
+                continue
+            }
+            let scratch = UnsafeMutablePointer<Float>.allocate(capacity: max(1, n))
+            defer { scratch.deallocate() }
+            model.copyCheckpointTensor(b, from: values, into: scratch)
+            if dtype == .f32 { digests.set(i, hash(scratch, n * 4)); continue }
+            let half = UnsafeMutablePointer<UInt16>.allocate(capacity: max(1, n))
+            defer { half.deallocate() }
+            for k in 0..<n { half[k] = floatToBF16(scratch[k]).littleEndian }
+            digests.set(i, hash(half, n * 2))
+        } }
+        return Dictionary(uniqueKeysWithValues: zip(bindings.map(\.checkpointName), digests.values))
+    }
+
     /// Whether `config` (a trainer's config.json) describes the model this server holds.
     public func sameModel(_ config: Any) -> Bool {
         // Compared as canonical JSON (sorted keys), both sides parsed by the same parser.
@@ -127,13 +155,15 @@ extension Dispatcher {
             guard let b = model.bindings.first(where: { $0.checkpointName == t.name }) else {
                 throw RPCError(.syncFailed, hint: "the trainer sent tensor '\(t.name)', which this model does not have")
             }
-            guard b.shape == t.shape, t.bytes.count == t.shape.reduce(1, *) * t.dtype.byteSize else {
-                throw RPCError(.syncFailed, hint: "tensor '\(t.name)' arrived with shape \(t.shape) (\(t.bytes.count) bytes); this model's is \(b.shape)")
+            guard b.shape == t.shape, t.range.count == t.shape.reduce(1, *) * t.dtype.byteSize, t.range.upperBound <= t.bytes.count else {
+                throw RPCError(.syncFailed, hint: "tensor '\(t.name)' arrived with shape \(t.shape) (\(t.range.count) bytes); this model's is \(b.shape)")
             }
         }
         // Commit.
         for t in update.tensors {
-            try t.bytes.withUnsafeBytes { try model.assign(tensor: t.name, dtype: t.dtype, shape: t.shape, bytes: $0.baseAddress!) }
+            try t.bytes.withUnsafeBytes {
+                try model.assign(tensor: t.name, dtype: t.dtype, shape: t.shape, bytes: $0.baseAddress! + t.range.lowerBound)
+            }
         }
         if !update.tensors.isEmpty { model.finishAssigning() }
         var trainers: [String: Trainer] = [:]
@@ -147,4 +177,14 @@ extension Dispatcher {
         trainer.adopt(weightsVersion: update.weightsVersion)
         return ["weights_version": trainer.weightsVersion]
     }
+}
+
+/// One slot per tensor, each written by one thread of a parallel loop.
+final class DigestSlots: @unchecked Sendable {
+    private let slots: UnsafeMutablePointer<String>
+    private let n: Int
+    init(_ n: Int) { self.n = n; slots = .allocate(capacity: max(1, n)); slots.initialize(repeating: "", count: max(1, n)) }
+    deinit { slots.deinitialize(count: max(1, n)); slots.deallocate() }
+    func set(_ i: Int, _ v: String) { slots[i] = v }
+    var values: [String] { Array(UnsafeBufferPointer(start: slots, count: n)) }
 }

@@ -13,10 +13,14 @@ enum HTTPClient {
         var headers: [String: String]
     }
 
-    /// Collects the body and the headers.
+    /// Collects the body (or hands it to `onData`) and the headers.
     final class Sink {
         var body = Data()
         var headers: [String: String] = [:]
+        /// Receives the body as it arrives (with the response's status) instead of `body`;
+        /// false aborts the transfer.
+        var onData: ((Int, UnsafeRawBufferPointer) -> Bool)?
+        var status = 0
     }
 
     private static let initialised: Bool = {
@@ -25,7 +29,8 @@ enum HTTPClient {
     }()
 
     /// GETs `url` with `headers` ("Name: value"); `timeout` bounds the whole transfer (seconds).
-    static func get(_ url: String, headers: [String], timeout: Int, expectedBytes: Int = 0) -> Response {
+    static func get(_ url: String, headers: [String], timeout: Int, expectedBytes: Int = 0,
+                    onData: ((Int, UnsafeRawBufferPointer) -> Bool)? = nil) -> Response {
         _ = initialised
         guard let curl = curl_easy_init() else { return Response(status: 0, body: Data(), failure: "cannot initialise libcurl", headers: [:]) }
         defer { curl_easy_cleanup(curl) }
@@ -38,12 +43,16 @@ enum HTTPClient {
         _ = ember_curl_set_long(curl, CURLOPT_CONNECTTIMEOUT, min(timeout, 10))
         _ = ember_curl_set_long(curl, CURLOPT_NOSIGNAL, 1)
         let sink = Sink()
-        sink.body.reserveCapacity(expectedBytes)
+        sink.onData = onData
+        if onData == nil { sink.body.reserveCapacity(expectedBytes) }
+        _ = ember_curl_set_long(curl, CURLOPT_BUFFERSIZE, 512 << 10)
         let me = Unmanaged.passUnretained(sink).toOpaque()
         _ = ember_curl_set_write(curl) { ptr, size, count, user in
             let sink = Unmanaged<Sink>.fromOpaque(user!).takeUnretainedValue()
             let n = size * count
-            if n > 0 { ptr!.withMemoryRebound(to: UInt8.self, capacity: n) { sink.body.append($0, count: n) } }
+            guard n > 0 else { return 0 }
+            if let f = sink.onData { return f(sink.status, UnsafeRawBufferPointer(start: ptr, count: n)) ? n : 0 }
+            ptr!.withMemoryRebound(to: UInt8.self, capacity: n) { sink.body.append($0, count: n) }
             return n
         }
         _ = ember_curl_set_pointer(curl, CURLOPT_WRITEDATA, me)
@@ -51,7 +60,11 @@ enum HTTPClient {
             let sink = Unmanaged<Sink>.fromOpaque(user!).takeUnretainedValue()
             let n = size * count
             let line = String(decoding: UnsafeRawBufferPointer(start: ptr, count: n), as: UTF8.self)
-            if let colon = line.firstIndex(of: ":") {
+            if line.hasPrefix("HTTP/") {
+                // A new response (after a 100 Continue, say): its status, and no headers yet.
+                sink.status = Int(line.split(separator: " ").dropFirst().first ?? "") ?? 0
+                sink.headers = [:]
+            } else if let colon = line.firstIndex(of: ":") {
                 sink.headers[line[..<colon].lowercased()] = line[line.index(after: colon)...].trimmingCharacters(in: .whitespacesAndNewlines)
             }
             return n

@@ -26,9 +26,9 @@ public final class WeightFollower: @unchecked Sendable {
     private var tensorHashes: [String: String] = [:]
     private var adapterHashes: [String: String] = [:]
     private var checkedModel = false
-    /// Tensors downloaded and verified but not applied yet, by hash: a sync restarted on a newer
-    /// version keeps the ones that did not change.
-    private var stagedTensors: [String: Data] = [:]
+    /// Tensors downloaded and verified but not applied yet, by hash (a run of tensors and the
+    /// tensor's range in it): a sync restarted on a newer version keeps the ones that did not change.
+    private var stagedTensors: [String: (Data, Range<Int>)] = [:]
 
     // Under lock.
     private var applied = (version: -1, id: "")
@@ -154,26 +154,17 @@ public final class WeightFollower: @unchecked Sendable {
         if tensorHashes.isEmpty {
             // What this replica holds already (same base model: nothing to download until a step).
             guard let dtype = DType(rawValue: m.tensors.first?.dtype ?? "F32") else { throw FollowError.corrupt("unknown dtype in the manifest") }
-            let image = try wait { d in try d.model.weightsImage(dtype: dtype) } as! SafetensorsImage
-            for e in image.entries { tensorHashes[e.name] = SHA256.hex(image.bytes + e.offset, count: e.length) }
+            tensorHashes = try wait { d in d.tensorDigests(dtype: dtype) { SHA256.hex($0, count: $1) } } as! [String: String]
         }
         var bytes = 0
-        // Base tensors: contiguous runs of changed tensors, one pinned range request each.
+        var downloadSeconds = 0.0
+        // Base tensors: changed ones in contiguous parts, fetched on two connections, each tensor's
+        // hash checked as soon as its bytes are in.
         let changed = m.tensors.filter { tensorHashes[$0.name] != $0.sha256 && stagedTensors[$0.sha256] == nil }
-        var runs: [[Manifest.Tensor]] = []
-        for t in changed.sorted(by: { $0.offset < $1.offset }) {
-            if let last = runs.last?.last, last.offset + last.length == t.offset { runs[runs.count - 1].append(t) } else { runs.append([t]) }
-        }
-        for run in runs {
-            let lo = run[0].offset, hi = run.last!.offset + run.last!.length
-            let data = try download(from: lo, to: hi, etag: "\"\(m.version)\"", query: "")
-            bytes += data.count
-            for t in run {
-                let slice = data.subdata(in: (t.offset - lo)..<(t.offset - lo + t.length))
-                guard SHA256.hex(slice) == t.sha256 else { throw FollowError.corrupt("tensor '\(t.name)' does not match its SHA-256") }
-                stagedTensors[t.sha256] = slice
-            }
-        }
+        let td = Date()
+        let fetched = try fetchTensors(changed, etag: "\"\(m.version)\"")
+        downloadSeconds = Date().timeIntervalSince(td)
+        for (sha, v) in fetched { stagedTensors[sha] = v; bytes += v.1.count }
         // Adapters whose bytes changed: whole files (megabytes), written as PEFT folders.
         try? FileManager.default.createDirectory(atPath: staging, withIntermediateDirectories: true)
         var adapters: [FollowedWeights.Adapter] = []
@@ -196,10 +187,13 @@ public final class WeightFollower: @unchecked Sendable {
         }
         defer { for f in folders { try? FileManager.default.removeItem(atPath: f) } }
         let tensors = m.tensors.filter { tensorHashes[$0.name] != $0.sha256 }.map { t in
-            FollowedWeights.Tensor(name: t.name, dtype: DType(rawValue: t.dtype) ?? .f32, shape: t.shape, bytes: stagedTensors[t.sha256]!)
+            FollowedWeights.Tensor(name: t.name, dtype: DType(rawValue: t.dtype) ?? .f32, shape: t.shape,
+                                   bytes: stagedTensors[t.sha256]!.0, range: stagedTensors[t.sha256]!.1)
         }
         let update = FollowedWeights(weightsVersion: m.version, tensors: tensors, adapters: adapters)
+        let ts = Date()
         _ = try wait { d in try d.applyFollowed(update) }
+        let swapSeconds = Date().timeIntervalSince(ts)
         for t in m.tensors { tensorHashes[t.name] = t.sha256 }
         adapterHashes = Dictionary(uniqueKeysWithValues: m.adapters.map { ($0.name, $0.sha256) })
         stagedTensors = [:]
@@ -210,8 +204,80 @@ public final class WeightFollower: @unchecked Sendable {
         lock.unlock()
         logger.info("weights synced", metadata: ["weights_version": "\(m.version)", "tensors": "\(tensors.count)",
                                                  "adapters": "\(adapters.filter { $0.folder != nil }.count)", "bytes": "\(bytes)",
-                                                 "seconds": "\(String(format: "%.3f", seconds))"])
+                                                 "seconds": "\(String(format: "%.3f", seconds))",
+                                                 "download_seconds": "\(String(format: "%.3f", downloadSeconds))",
+                                                 "swap_seconds": "\(String(format: "%.3f", swapSeconds))"])
         return bytes
+    }
+
+    /// Downloads `tensors` of the version `etag` names: contiguous runs split into parts of at
+    /// most half the bytes, two connections at a time. Each part lands in one buffer; each tensor
+    /// is hashed as soon as its last byte arrives (while the rest streams in); a broken transfer
+    /// resumes where it stopped. Returns, by digest, each tensor's buffer and range.
+    private func fetchTensors(_ tensors: [Manifest.Tensor], etag: String) throws -> [String: (Data, Range<Int>)] {
+        guard !tensors.isEmpty else { return [:] }
+        let total = tensors.reduce(0) { $0 + $1.length }
+        let laneCount = Self.lanes
+        let most = max(1, (total + laneCount - 1) / laneCount)
+        var parts: [[Manifest.Tensor]] = []
+        for t in tensors.sorted(by: { $0.offset < $1.offset }) {
+            if let last = parts.last?.last, last.offset + last.length == t.offset,
+               parts[parts.count - 1].reduce(0, { $0 + $1.length }) + t.length <= most {
+                parts[parts.count - 1].append(t)
+            } else {
+                parts.append([t])
+            }
+        }
+        let jobs = parts.map { PartDownload(tensors: $0) }
+        // The larger parts first, each to the least loaded lane.
+        let order = jobs.indices.sorted { jobs[$0].length > jobs[$1].length }
+        var lanes = [[Int]](repeating: [], count: laneCount), load = [Int](repeating: 0, count: laneCount)
+        for i in order { let l = load.indices.min { load[$0] < load[$1] }!; lanes[l].append(i); load[l] += jobs[i].length }
+        let box = FollowerBox(follower: self), assigned = lanes
+        DispatchQueue.concurrentPerform(iterations: laneCount) { lane in
+            for i in assigned[lane] where jobs[i].failure == nil { box.follower.run(jobs[i], etag: etag) }
+        }
+        if let f = jobs.compactMap(\.failure).first { throw f }
+        var out: [String: (Data, Range<Int>)] = [:]
+        for j in jobs {
+            let data = j.take()
+            for t in j.tensors { out[t.sha256] = (data, (t.offset - j.lo)..<(t.offset - j.lo + t.length)) }
+        }
+        return out
+    }
+
+    /// Connections a sync downloads on (EMBER_SYNC_LANES, default 2).
+    static let lanes = max(1, min(8, Int(ProcessInfo.processInfo.environment["EMBER_SYNC_LANES"] ?? "") ?? 2))
+
+    /// One part: requests its remaining range until it is whole (at most 5 tries), hashing
+    /// tensors as they complete.
+    fileprivate func run(_ job: PartDownload, etag: String) {
+        var attempts = 0
+        while job.received < job.length {
+            let start = job.lo + job.received
+            var errorBody = Data()
+            let r = HTTPClient.get(url + "/v1/weights", headers: authHeaders + ["If-Match: \(etag)", "Range: bytes=\(start)-\(job.hi - 1)"],
+                                   timeout: 600) { status, chunk in
+                guard status == 206 else { if errorBody.count < 1024 { errorBody.append(contentsOf: chunk) }; return true }
+                return job.accept(chunk)
+            }
+            if r.status == 412 { job.failure = FollowError.superseded; return }
+            if let c = job.corrupt { job.failure = FollowError.corrupt("tensor '\(c)' does not match its SHA-256"); return }
+            if r.status != 206 && r.status != 0 {
+                job.failure = FollowError.transport("\(url)/v1/weights answered \(r.status): \(String(decoding: errorBody.prefix(300), as: UTF8.self))")
+                return
+            }
+            if job.received < job.length {
+                attempts += 1
+                guard attempts < 5 else {
+                    job.failure = FollowError.transport("the download from \(url) broke off \(attempts) times: \(r.failure ?? "short body")")
+                    return
+                }
+                logger.notice("weights download interrupted; resuming", metadata: ["received": "\(job.received)", "of": "\(job.length)",
+                                                                                  "error": "\(r.failure ?? "short body")"])
+                lock.lock(); errors += 1; lock.unlock()
+            }
+        }
     }
 
     /// Bytes [lo, hi) of the body of version `etag`; a broken transfer resumes where it stopped.
@@ -225,6 +291,8 @@ public final class WeightFollower: @unchecked Sendable {
                                    headers: authHeaders + ["If-Match: \(etag)", "Range: bytes=\(start)-\(hi - 1)"],
                                    timeout: 600, expectedBytes: hi - start)
             if r.status == 412 { throw FollowError.superseded }
+            // The usual case, the whole range in one answer: its buffer is the result (no copy).
+            if r.status == 206 && data.isEmpty && r.body.count == hi - start { return r.body }
             if r.status == 206 || (r.status == 0 && !r.body.isEmpty) {
                 // A 206 only: a transfer cut short keeps what arrived, and the next request continues.
                 if r.status == 206 || r.headers["content-range"]?.hasPrefix("bytes \(start)-") == true {
@@ -363,4 +431,61 @@ public final class WeightFollower: @unchecked Sendable {
         return ["weights_version": applied.version, "manifest_id": applied.id, "bytes": lastBytes, "seconds": lastSeconds,
                 "lag": max(0, latestSeen - applied.version)]
     }
+}
+
+/// A part of a download: contiguous tensors, their buffer, the bytes in, the tensors checked.
+/// Sendable by hand: one lane's thread uses it at a time.
+final class PartDownload: @unchecked Sendable {
+    let tensors: [WeightFollower.Manifest.Tensor]
+    let lo: Int, hi: Int
+    var length: Int { hi - lo }
+    private let buffer: UnsafeMutableRawPointer
+    private var taken = false
+    var received = 0
+    private var checked = 0
+    var corrupt: String?
+    var failure: Error?
+
+    init(tensors: [WeightFollower.Manifest.Tensor]) {
+        self.tensors = tensors
+        lo = tensors[0].offset
+        hi = tensors.last!.offset + tensors.last!.length
+        buffer = .allocate(byteCount: max(1, hi - lo), alignment: 64)
+    }
+
+    deinit { if !taken { buffer.deallocate() } }
+
+    /// Appends arrived bytes; hashes every tensor they complete. False (abort) on a mismatch or
+    /// more bytes than asked for.
+    func accept(_ chunk: UnsafeRawBufferPointer) -> Bool {
+        guard received + chunk.count <= length else { corrupt = tensors.last!.name; return false }
+        if let base = chunk.baseAddress { (buffer + received).copyMemory(from: base, byteCount: chunk.count) }
+        received += chunk.count
+        while checked < tensors.count, tensors[checked].offset + tensors[checked].length <= lo + received {
+            let t = tensors[checked]
+            guard SHA256.hex(buffer + (t.offset - lo), count: t.length) == t.sha256 else { corrupt = t.name; return false }
+            checked += 1
+        }
+        return true
+    }
+
+    /// The whole part as Data, owning the buffer from here on.
+    func take() -> Data {
+        taken = true
+        let p = buffer
+        return Data(bytesNoCopy: p, count: length, deallocator: .custom { _, _ in p.deallocate() })
+    }
+}
+
+/// The follower, for the download lanes (its state is locked where they touch it).
+struct FollowerBox: @unchecked Sendable { let follower: WeightFollower }
+
+/// One verdict per tensor, each written by one thread of a parallel loop.
+final class DigestChecks: @unchecked Sendable {
+    private let slots: UnsafeMutablePointer<Bool>
+    private let n: Int
+    init(_ n: Int) { self.n = n; slots = .allocate(capacity: max(1, n)); slots.initialize(repeating: false, count: max(1, n)) }
+    deinit { slots.deallocate() }
+    func set(_ i: Int, _ v: Bool) { slots[i] = v }
+    var firstFalse: Int? { (0..<n).first { !slots[$0] } }
 }

@@ -116,7 +116,10 @@ public final class WeightPublisher: @unchecked Sendable {
         lock.unlock()
         scheduler.read({ d -> Any in
             if let previous, previous.weights.key == d.publicationKey { return previous }
-            return try d.publishWeights(reusing: previous?.weights)
+            let t0 = Date()
+            let w = try d.publishWeights(reusing: previous?.weights)
+            self.logger.debug("weights copied", metadata: ["seconds": "\(String(format: "%.3f", Date().timeIntervalSince(t0)))"])
+            return w
         }) { [self] raw in
             // Hashing runs off the compute thread.
             let box = JSONValue(try? raw.get())

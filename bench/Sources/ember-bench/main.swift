@@ -78,7 +78,7 @@ func makeModel(_ shape: Shape, training: Bool = true) throws -> TransformerModel
         // --weights-dtype bf16: the weights rounded to bfloat16 (a float32 master kept for training).
         if option("--weights-dtype", "f32") == "bf16" { model.parameters.useBF16(keepMaster: training) }
     }
-    var rng = SeededRandom(seed: 42)
+    var rng = SeededRandom(seed: UInt64(option("--seed", "42"))!)
     let store = model.parameters
     for slot in store.layout.slots {
         let p = store.values + slot.offset
@@ -627,8 +627,22 @@ func benchChat() throws {
           "chat_share_percent": 100 * (render + encode) / generate, "text_chars": text.count])
 }
 
+/// A model folder of the shape with random weights (config.json + model.safetensors, F32):
+/// `ember-bench write-model --shape 0.5b --out DIR [--seed N]`, for server benchmarks.
+func benchWriteModel() throws {
+    let shape = Shape.named(option("--shape", "tiny"))
+    let out = option("--out", "")
+    guard !out.isEmpty else { throw WeightsError.writeFailed(path: "--out", reason: "give --out DIR") }
+    try FileManager.default.createDirectory(atPath: out, withIntermediateDirectories: true)
+    let model = try makeModel(shape, training: false)
+    let t0 = now()
+    try model.save(to: out)
+    emit(["kind": "write-model", "shape": shape.name, "dir": out, "parameters": model.parameterCount, "seconds": now() - t0])
+}
+
 do {
     switch args.first {
+    case "write-model": try benchWriteModel()
     case "chat": try benchChat()
     case "load": try benchLoad()
     case "server-latency": try benchServerLatency()
@@ -642,7 +656,7 @@ do {
     case "projections": benchProjections()
     case "engine": try benchEngine()
     default:
-        FileHandle.standardError.write("usage: ember-bench engine --shape tiny|0.5b [--steps N] [--threads N] | sgemm [--threads N] | gemm --shape S [--reps N] | tokenizer --dir D --file F | generate --shape S --batch B [--prompt P --new N] | score --shape S | projections [--rows M]\n".data(using: .utf8)!)
+        FileHandle.standardError.write("usage: ember-bench engine --shape tiny|0.5b [--steps N] [--threads N] | sgemm [--threads N] | gemm --shape S [--reps N] | tokenizer --dir D --file F | generate --shape S --batch B [--prompt P --new N] | score --shape S | projections [--rows M] | write-model --shape S --out DIR [--seed N]\n".data(using: .utf8)!)
         exit(2)
     }
 } catch {
