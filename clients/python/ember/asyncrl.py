@@ -34,6 +34,15 @@ class ReplicaPool:
         self.cooldown = cooldown
         self.lock = threading.Lock()
 
+    def update(self, urls: Sequence[str]) -> None:
+        """New addresses (a replaced replica): counts restart for the changed ones."""
+        with self.lock:
+            for i, u in enumerate(urls):
+                if u != self.urls[i]:
+                    self.urls[i] = u
+                    self.clients[i] = Client(u, api_key=self.clients[i].api_key)
+                    self.down_until[i] = 0.0
+
     def _pick(self, tried) -> int:
         with self.lock:
             now = time.time()

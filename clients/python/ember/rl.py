@@ -296,6 +296,11 @@ def parse_args(argv=None):
     ap.add_argument("--lora-name", default="rl", help="the adapter's name on the server")
     ap.add_argument("--replica", action="append", default=[],
                     help="URL of a sampler replica (ember-server --follow the trainer); repeat for several")
+    ap.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                    help="start the trainer and --replicas followers as Ray actors (on the cluster at ADDRESS, or a local Ray) "
+                         "and sample on them (ember.cluster)")
+    ap.add_argument("--replicas", type=int, default=1, help="with --ray: sampler replicas to start")
+    ap.add_argument("--cpus-per-server", type=float, default=1, help="with --ray: CPUs each ember-server asks Ray for")
     ap.add_argument("--replica-api-key", help="API key of the replicas (default: --api-key)")
     ap.add_argument("--max-off-policy-steps", type=int, default=0,
                     help="with --replica: sample up to K steps ahead of the trainer (staleness <= K; 0 = on-policy)")
@@ -304,8 +309,10 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if args.max_off_policy_steps < 0:
         ap.error("--max-off-policy-steps must be >= 0")
-    if args.max_off_policy_steps and not args.replica:
-        ap.error("--max-off-policy-steps needs --replica URL (the replicas sample ahead of the trainer)")
+    if args.max_off_policy_steps and not (args.replica or args.ray is not None):
+        ap.error("--max-off-policy-steps needs --replica URL or --ray (the replicas sample ahead of the trainer)")
+    if args.ray is not None and (args.replica or args.start_server or args.server):
+        ap.error("--ray starts its own trainer and replicas: drop --server, --start-server and --replica")
     args.correction = parse_correction(ap, args.rollout_correction)
     return args
 
@@ -336,7 +343,17 @@ def main(argv=None) -> int:
             "entropy_coef": args.entropy_coef if args.entropy_coef is not None else entropy}
 
     server = None
-    if args.start_server:
+    cluster = None
+    if args.ray is not None:
+        from .cluster import Cluster
+        common = ["--threads", str(args.threads), "--slots", str(args.slots), "--max-seq-len", str(args.max_seq_len),
+                  "--log-level", "warning"]
+        cluster = Cluster(replicas=args.replicas, address=args.ray or None, model=args.model, cpus_per_server=args.cpus_per_server,
+                          trainer_args=[*common, "--checkpoint-dir", os.path.abspath(os.path.join(args.out, "checkpoints"))],
+                          replica_args=common, api_key=args.api_key, ember_server=args.ember_server)
+        url = cluster.trainer_url
+        print(f"ray: trainer {url}, replicas {', '.join(cluster.urls)}", file=sys.stderr)
+    elif args.start_server:
         server, url = start_server(args)
     else:
         url = args.server or "http://127.0.0.1:8377"
@@ -401,12 +418,13 @@ def main(argv=None) -> int:
                   + "".join(f", {k} {v:.3f}" for k, v in first.items() if k.startswith("pass@") and k != "pass@1"),
                   file=sys.stderr)
         bar = Progress(args.steps, start)
-        if args.replica:
+        if args.replica or cluster is not None:
             if any(tasks.is_multiturn(t) for t in task_names):
                 raise SystemExit("--replica: multi-turn tasks run synchronously for now (drop --replica for them)")
             version = client.info()["weights_version"] if adapter is None else \
                 next(a["weights_version"] for a in client.list_adapters() if a["name"] == adapter)
-            sampler = AsyncSampler(ReplicaPool(args.replica, api_key=args.replica_api_key or args.api_key), args,
+            pool = cluster.pool if cluster is not None else ReplicaPool(args.replica, api_key=args.replica_api_key or args.api_key)
+            sampler = AsyncSampler(pool, args,
                                    task_names, proxy, adapter, start=start, start_version=version)
         for step in range(start + 1, args.steps + 1):
             t0 = time.time()
@@ -497,6 +515,8 @@ def main(argv=None) -> int:
     finally:
         if sampler is not None:
             sampler.stop()
+        if cluster is not None:
+            cluster.stop()
         if server is not None:
             stop_server(server)
 

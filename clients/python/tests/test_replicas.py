@@ -327,6 +327,7 @@ class FaultProxy:
         self.slow = 0.0
         # Set: the far host is gone; what the kernel had buffered from it is lost too.
         self.dead = False
+        self.lock = threading.Lock()
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(16)
@@ -349,9 +350,7 @@ class FaultProxy:
             return
         first = client.recv(65536)
         weights = first.startswith(b"GET /v1/weights ")
-        cutting = weights and self.cut is not None and self.cuts == 0
-        if cutting:
-            self.cuts += 1
+        cutting = weights and self.cut is not None
         corrupting = weights and self.corrupt
         upstream.sendall(first)
 
@@ -378,8 +377,13 @@ class FaultProxy:
                     corrupting = False
                     self.corrupted += 1
                 if cutting and sent + len(d) > self.cut:
-                    client.sendall(d[: self.cut - sent])
-                    break
+                    with self.lock:         # one cut in all, on whichever response gets there first
+                        cut_now = self.cuts == 0
+                        self.cuts += cut_now
+                    if cut_now:
+                        client.sendall(d[: self.cut - sent])
+                        break
+                    cutting = False
                 if weights and self.slow:
                     time.sleep(self.slow)
                 if self.dead:
@@ -400,7 +404,7 @@ class FaultProxy:
 def test_a_torn_download_resumes_where_it_broke(model, trainer):
     c = Client(trainer.url, api_key=KEY)
     step(c, seed=6)
-    proxy = FaultProxy(trainer.url, cut=300_000)
+    proxy = FaultProxy(trainer.url, cut=200_000)
     replica = follow(model, proxy.url)
     try:
         r = Client(replica.url)
