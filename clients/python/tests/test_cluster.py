@@ -4,6 +4,7 @@ catches up, and `python -m ember.rl --ray --replicas N` runs the async loop on t
 import json
 import os
 import signal
+import subprocess
 import time
 
 import pytest
@@ -70,3 +71,67 @@ def test_rl_runs_on_ray(local_ray, model, tmp_path):
     metrics = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
     assert [m["step"] for m in metrics] == [1, 2, 3]
     assert all(sum(m["staleness"].values()) == 16 and all(int(k) <= 1 for k in m["staleness"]) for m in metrics)
+
+
+def test_ray_spans_network_namespace_hosts(model):
+    """A Ray head and two workers on three test hosts (network namespaces): the trainer and the
+    replicas land on different hosts, follow across the bridge, and a killed replica is replaced."""
+    import secrets
+    from test_replicas import Hosts
+    ray_bin = os.path.join(os.path.dirname(os.path.abspath(os.sys.executable)), "ray")
+    token = secrets.token_hex(32)
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+    with Hosts(("a", "b", "c")) as hosts:
+        def ray_cli(name, *args):
+            return subprocess.run([*hosts.prefix(name), ray_bin, *args], env=env, capture_output=True, text=True, timeout=120)
+        head = f"{hosts.addresses['a']}:6379"
+        try:
+            r = ray_cli("a", "start", "--head", "--node-ip-address", hosts.addresses["a"], "--port", "6379", "--num-cpus", "1",
+                        "--include-dashboard", "false", "--disable-usage-stats")
+            assert r.returncode == 0, r.stderr[-2000:]
+            for name in ("b", "c"):
+                r = ray_cli(name, "start", "--address", head, "--node-ip-address", hosts.addresses[name], "--num-cpus", "1",
+                            "--disable-usage-stats")
+                assert r.returncode == 0, r.stderr[-2000:]
+            # The driver runs on the head's host (a driver needs a raylet on its own node), in its
+            # own process: Ray reads its auth settings when it is imported.
+            driver = subprocess.run([*hosts.prefix("a"), os.sys.executable, "-c", DRIVER, head, hosts.addresses["a"], model, KEY],
+                                    env={**env, "PYTHONPATH": os.pathsep.join(os.sys.path)}, capture_output=True, text=True,
+                                    timeout=300)
+            assert driver.returncode == 0, driver.stderr[-3000:]
+            got = json.loads(driver.stdout.strip().splitlines()[-1])
+            assert set(got["ips"]) == set(hosts.addresses.values()), "one server per host"
+            assert got["synced"] == [got["version"]] * 2 and got["same_logprobs"]
+            assert got["restarts"] == 1 and got["replaced_version"] == got["version"]
+        finally:
+            for name in ("c", "b", "a"):
+                ray_cli(name, "stop", "--force")
+
+
+DRIVER = """
+import json, os, signal, sys, time
+import ray
+from ember import Client
+from ember.cluster import Cluster
+head, ip, model, key = sys.argv[1:5]
+ray.init(address=head, _node_ip_address=ip, log_to_driver=False)
+small = ["--threads", "1", "--slots", "16", "--max-seq-len", "256", "--log-level", "warning"]
+with Cluster(replicas=2, model=model, cpus_per_server=1, trainer_args=small, replica_args=small, api_key=key,
+             check_seconds=0.5) as c:
+    out = {"ips": [u.split("//")[1].rsplit(":", 1)[0] for u in [c.trainer_url, *c.urls]]}
+    trainer = c.client()
+    v = trainer.train_step({"mode": "cross_entropy"}, batch=[{"tokens": [4, 5, 6, 7], "response_start": 2}],
+                           optimizer={"lr": 1e-2})["weights_version"]
+    seqs = [{"tokens": [4, 5, 6, 7, 8], "response_start": 2}]
+    out["version"] = v
+    out["synced"] = [Client(u, api_key=key).weights_sync(version=v)["weights_version"] for u in c.urls]
+    out["same_logprobs"] = all(Client(u, api_key=key).logprob(seqs)["results"] == trainer.logprob(seqs)["results"] for u in c.urls)
+    old = c.urls[1]
+    os.kill(c.replica_pid(1), signal.SIGKILL)     # another network namespace, the same PID space
+    deadline = time.time() + 60
+    while c.restarts == 0 and time.time() < deadline:
+        time.sleep(0.2)
+    out["restarts"] = c.restarts
+    out["replaced_version"] = Client(c.urls[1], api_key=key).info()["weights_version"] if c.urls[1] != old else None
+print(json.dumps(out))
+"""
