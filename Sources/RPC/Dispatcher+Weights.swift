@@ -179,12 +179,14 @@ extension Dispatcher {
     }
 }
 
-/// One slot per tensor, each written by one thread of a parallel loop.
-final class DigestSlots: @unchecked Sendable {
+/// One digest per tensor, each written by one thread of a parallel loop (the publisher's hashes
+/// and a replica's own).
+/// Sendable by hand: each slot has one writer, and `values` is read after the loop.
+public final class DigestSlots: @unchecked Sendable {
     private let slots: UnsafeMutablePointer<String>
     private let n: Int
-    init(_ n: Int) { self.n = n; slots = .allocate(capacity: max(1, n)); slots.initialize(repeating: "", count: max(1, n)) }
+    public init(_ n: Int) { self.n = n; slots = .allocate(capacity: max(1, n)); slots.initialize(repeating: "", count: max(1, n)) }
     deinit { slots.deinitialize(count: max(1, n)); slots.deallocate() }
-    func set(_ i: Int, _ v: String) { slots[i] = v }
-    var values: [String] { Array(UnsafeBufferPointer(start: slots, count: n)) }
+    public func set(_ i: Int, _ v: String) { slots[i] = v }
+    public var values: [String] { Array(UnsafeBufferPointer(start: slots, count: n)) }
 }

@@ -26,7 +26,7 @@ final class Publication: @unchecked Sendable {
             tensorHashes = previous.tensorHashes
         } else {
             let image = w.image, entries = image.entries
-            let hashes = HashSlots(entries.count)
+            let hashes = DigestSlots(entries.count)
             DispatchQueue.concurrentPerform(iterations: entries.count) { i in
                 hashes.set(i, SHA256.hex(image.bytes + entries[i].offset, count: entries[i].length))
             }
@@ -206,16 +206,6 @@ public final class WeightPublisher: @unchecked Sendable {
         lock.lock(); defer { lock.unlock() }
         return (published, servedBytes, current?.weights.image.count ?? 0)
     }
-}
-
-/// One slot per tensor, each written by one thread of a parallel loop.
-final class HashSlots: @unchecked Sendable {
-    private let slots: UnsafeMutablePointer<String>
-    private let n: Int
-    init(_ n: Int) { self.n = n; slots = .allocate(capacity: max(1, n)); slots.initialize(repeating: "", count: max(1, n)) }
-    deinit { slots.deinitialize(count: max(1, n)); slots.deallocate() }
-    func set(_ i: Int, _ v: String) { slots[i] = v }
-    var values: [String] { Array(UnsafeBufferPointer(start: slots, count: n)) }
 }
 
 final class WeakPublication: @unchecked Sendable {
