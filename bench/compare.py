@@ -394,6 +394,59 @@ def replicas(quick, rounds=3):
         shutil.rmtree(work, ignore_errors=True)
 
 
+def rl_scaling(steps=8):
+    """An end-to-end RLVR step (the default model, arithmetic, 32 prompts x 8 samples, 96 tokens)
+    with the synchronous loop on one server, and with 1 trainer + N = 1, 2 follower replicas
+    sampling one step ahead (K = 1), all on this machine's 2 cores. Mean seconds per step over
+    steps 2..`steps`, and the trainer's wait for batches."""
+    import re, shutil, subprocess, tempfile
+    srv = os.path.join(ROOT, ".build", "release", "ember-server")
+    work = tempfile.mkdtemp(prefix="ember-bench-rl-")
+    env = {**os.environ, "PYTHONPATH": os.path.join(ROOT, "clients", "python")}
+    print(f"machine: {machine()}")
+
+    def start(cmd):
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        m = re.search(r"listening on (http://[^ |]+)", p.stdout.readline())
+        return p, m.group(1)
+
+    rows = []
+    try:
+        for n in [0, 1, 2]:
+            procs = []
+            trainer, turl = start([srv, "--port", "0", "--threads", "2", "--log-level", "warning", "--slots", "256",
+                                   "--max-seq-len", "256"])
+            procs.append(trainer)
+            urls = []
+            for _ in range(n):
+                p, u = start([srv, "--port", "0", "--threads", "2", "--log-level", "warning", "--slots", "256",
+                              "--max-seq-len", "256", "--follow", turl])
+                procs.append(p); urls.append(u)
+            out = os.path.join(work, f"n{n}")
+            cmd = [sys.executable, "-m", "ember.rl", "--server", turl, "--task", "arithmetic", "--steps", str(steps),
+                   "--eval-every", "1000", "--eval-size", "8", "--eval-k", "1", "--probes", "0", "--out", out]
+            for u in urls:
+                cmd += ["--replica", u]
+            if n:
+                cmd += ["--max-off-policy-steps", "1"]
+            subprocess.run(cmd, env=env, check=True, capture_output=True)
+            ms = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))][1:]
+            step = sum(m["step_seconds"] for m in ms) / len(ms)
+            wait = sum(m.get("wait_seconds", m["sample_seconds"]) for m in ms) / len(ms)
+            train = sum(m["train_seconds"] for m in ms) / len(ms)
+            rows.append({"replicas": n, "step_seconds": step, "wait_seconds": wait, "train_seconds": train})
+            for p in procs:
+                p.terminate(); p.wait(timeout=60)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"\n{'setup':28} {'s/step':>7} {'waiting':>8} {'training':>9}")
+    for r in rows:
+        name = "synchronous, one server" if r["replicas"] == 0 else f"trainer + {r['replicas']} replica(s), K = 1"
+        print(f"{name:28} {r['step_seconds']:7.2f} {r['wait_seconds']:8.2f} {r['train_seconds']:9.2f}")
+    with open(os.path.join(ROOT, "bench", "out", "rl_scaling.json"), "w") as f:
+        json.dump({"machine": machine(), "rows": rows}, f, indent=1)
+
+
 if __name__ == "__main__":
     args = sys.argv[1:]
     what = [a for i, a in enumerate(args) if not a.startswith("--") and (i == 0 or args[i - 1] != "--repeat")] or ["engine", "kernels", "bf16", "vllm", "tokenizer", "sampling", "train", "lora", "chat", "json", "server", "replicas"]
@@ -422,3 +475,5 @@ if __name__ == "__main__":
         server()
     if "replicas" in what:
         replicas("--quick" in args)
+    if "rl_scaling" in what:
+        rl_scaling()
