@@ -29,7 +29,7 @@ enum HTTPClient {
     }()
 
     /// GETs `url` with `headers` ("Name: value"); `timeout` bounds the whole transfer (seconds).
-    static func get(_ url: String, headers: [String], timeout: Int, expectedBytes: Int = 0,
+    static func get(_ url: String, headers: [String], timeout: Int,
                     onData: ((Int, UnsafeRawBufferPointer) -> Bool)? = nil) -> Response {
         _ = initialised
         guard let curl = curl_easy_init() else { return Response(status: 0, body: Data(), failure: "cannot initialise libcurl", headers: [:]) }
@@ -44,7 +44,6 @@ enum HTTPClient {
         _ = ember_curl_set_long(curl, CURLOPT_NOSIGNAL, 1)
         let sink = Sink()
         sink.onData = onData
-        if onData == nil { sink.body.reserveCapacity(expectedBytes) }
         _ = ember_curl_set_long(curl, CURLOPT_BUFFERSIZE, 512 << 10)
         let me = Unmanaged.passUnretained(sink).toOpaque()
         _ = ember_curl_set_write(curl) { ptr, size, count, user in

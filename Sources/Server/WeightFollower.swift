@@ -175,9 +175,13 @@ public final class WeightFollower: @unchecked Sendable {
                 continue
             }
             let name = a.name.addingPercentEncoding(withAllowedCharacters: .alphanumerics) ?? a.name
-            let data = try download(from: 0, to: a.length, etag: "\"\(a.sha256)\"", query: "?adapter=\(name)")
+            // The whole file as one part: resumed like base tensors, its hash checked as it completes.
+            let job = PartDownload(tensors: [Manifest.Tensor(name: "adapter \(a.name)", dtype: "F32", sha256: a.sha256, shape: [a.length],
+                                                             offset: 0, length: a.length)])
+            run(job, etag: "\"\(a.sha256)\"", query: "?adapter=\(name)")
+            if let f = job.failure { throw f }
+            let data = job.take()
             bytes += data.count
-            guard SHA256.hex(data) == a.sha256 else { throw FollowError.corrupt("adapter '\(a.name)' does not match its SHA-256") }
             let folder = staging + "/\(a.sha256.prefix(16))"
             try FileManager.default.createDirectory(atPath: folder, withIntermediateDirectories: true)
             try data.write(to: URL(fileURLWithPath: folder + "/adapter_model.safetensors"))
@@ -251,12 +255,12 @@ public final class WeightFollower: @unchecked Sendable {
 
     /// One part: requests its remaining range until it is whole (at most 5 tries), hashing
     /// tensors as they complete.
-    fileprivate func run(_ job: PartDownload, etag: String) {
+    fileprivate func run(_ job: PartDownload, etag: String, query: String = "") {
         var attempts = 0
         while job.received < job.length {
             let start = job.lo + job.received
             var errorBody = Data()
-            let r = HTTPClient.get(url + "/v1/weights", headers: authHeaders + ["If-Match: \(etag)", "Range: bytes=\(start)-\(job.hi - 1)"],
+            let r = HTTPClient.get(url + "/v1/weights" + query, headers: authHeaders + ["If-Match: \(etag)", "Range: bytes=\(start)-\(job.hi - 1)"],
                                    timeout: 600) { status, chunk in
                 guard status == 206 else { if errorBody.count < 1024 { errorBody.append(contentsOf: chunk) }; return true }
                 return job.accept(chunk)
@@ -278,40 +282,6 @@ public final class WeightFollower: @unchecked Sendable {
                 lock.lock(); errors += 1; lock.unlock()
             }
         }
-    }
-
-    /// Bytes [lo, hi) of the body of version `etag`; a broken transfer resumes where it stopped.
-    private func download(from lo: Int, to hi: Int, etag: String, query: String) throws -> Data {
-        var data = Data()
-        data.reserveCapacity(hi - lo)
-        var attempts = 0
-        while lo + data.count < hi {
-            let start = lo + data.count
-            let r = HTTPClient.get(url + "/v1/weights" + query,
-                                   headers: authHeaders + ["If-Match: \(etag)", "Range: bytes=\(start)-\(hi - 1)"],
-                                   timeout: 600, expectedBytes: hi - start)
-            if r.status == 412 { throw FollowError.superseded }
-            // The usual case, the whole range in one answer: its buffer is the result (no copy).
-            if r.status == 206 && data.isEmpty && r.body.count == hi - start { return r.body }
-            if r.status == 206 || (r.status == 0 && !r.body.isEmpty) {
-                // A 206 only: a transfer cut short keeps what arrived, and the next request continues.
-                if r.status == 206 || r.headers["content-range"]?.hasPrefix("bytes \(start)-") == true {
-                    data.append(r.body.prefix(hi - start))
-                }
-            } else if r.status == 200 {
-                data.append(r.body.dropFirst(start).prefix(hi - start))
-            } else if r.status != 0 {
-                throw FollowError.transport("\(url)/v1/weights\(query) answered \(r.status): \(String(decoding: r.body.prefix(300), as: UTF8.self))")
-            }
-            if lo + data.count < hi {
-                attempts += 1
-                guard attempts < 5 else { throw FollowError.transport("the download from \(url) broke off \(attempts) times: \(r.failure ?? "short body")") }
-                logger.notice("weights download interrupted; resuming", metadata: ["received": "\(data.count)", "of": "\(hi - lo)",
-                                                                                  "error": "\(r.failure ?? "short body")"])
-                lock.lock(); errors += 1; lock.unlock()
-            }
-        }
-        return data
     }
 
     /// Runs `body` as an exclusive job on the compute thread and waits for it.
