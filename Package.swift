@@ -45,7 +45,12 @@ let package = Package(
         .target(name: "Engine", dependencies: ["Kernels", "Weights", "Models", "Tokenizer"],
                 swiftSettings: fastMath),
 
-        .target(name: "RPC", dependencies: ["Engine", "Models", "Kernels", "Tokenizer", "Weights", "Chat", "JSON"], swiftSettings: fastMath),
+        // Open MPI for data-parallel training, loaded at run time only under mpirun (no link-time
+        // dependency: a server started alone never touches it).
+        .target(name: "CMPI", linkerSettings: [.linkedLibrary("dl")]),
+        .target(name: "Ranks", dependencies: ["CMPI", "Engine", "Models", "Weights"], swiftSettings: fastMath),
+
+        .target(name: "RPC", dependencies: ["Engine", "Ranks", "Models", "Kernels", "Tokenizer", "Weights", "Chat", "JSON"], swiftSettings: fastMath),
         .target(name: "Server", dependencies: ["RPC", "Engine", "Models", "Weights", "Chat", "JSON", "CHTTPParser", "CLibUV", "CCurl", "CCrypto",
                                                .product(name: "Logging", package: "swift-log")],
                 swiftSettings: fastMath),

@@ -5,7 +5,7 @@ import Foundation
 import Kernels
 
 /// Clipped surrogate options (`ppo`; also Lp-Reg's unselected tokens).
-public struct ClipOptions: Sendable, Equatable {
+public struct ClipOptions: Sendable, Equatable, Codable {
     public var epsLow: Float
     public var epsHigh: Float
     /// Dual clip c (> 1): for A < 0 the loss is capped at −A·c. nil: off.
@@ -18,8 +18,8 @@ public struct ClipOptions: Sendable, Equatable {
 }
 
 /// Lp-Reg options; defaults (LossDefaults) are the paper recipe and the reference code's semantics.
-public struct LpRegOptions: Sendable, Equatable {
-    public enum PercentileOver: String, Sendable { case negative, all }
+public struct LpRegOptions: Sendable, Equatable, Codable {
+    public enum PercentileOver: String, Sendable, Codable { case negative, all }
     public var clip = LossDefaults.clip("lp_reg")
     public var proxy: ProxySpec = .minP(LossDefaults.number("lp_reg", "min_p"))
     /// Fraction of negative-advantage tokens considered (lowest probability first).
@@ -33,12 +33,12 @@ public struct LpRegOptions: Sendable, Equatable {
     public var percentileOver = PercentileOver(rawValue: LossDefaults.text("lp_reg", "percentile_over"))!
     /// Reference-code quirk: nothing is selected when k <= 1.
     public var skipWhenKAtMostOne = LossDefaults.flag("lp_reg", "skip_k_le_1")
-    public enum KL: String, Sendable { case k3, full }
+    public enum KL: String, Sendable, Codable { case k3, full }
     /// `k3`: the reference code's estimator on the sampled token. `full`: the exact
     /// KL(proxy ‖ policy) over the vocabulary at selected positions, the proxy taken from the row
     /// being trained (the sampling policy when on-policy; a detached target either way).
     public var kl = KL(rawValue: LossDefaults.text("lp_reg", "kl"))!
-    public enum Selection: String, Sendable { case batch, microBatch = "micro_batch" }
+    public enum Selection: String, Sendable, Codable { case batch, microBatch = "micro_batch" }
     /// `batch` (default): select across the whole mini-batch. `micro_batch`: within each
     /// micro-batch, as the reference code does.
     public var selection = Selection(rawValue: LossDefaults.text("lp_reg", "selection"))!
@@ -46,7 +46,7 @@ public struct LpRegOptions: Sendable, Equatable {
 }
 
 /// Clip-Cov options (Cui et al., "The Entropy Mechanism of RL for Reasoning LMs").
-public struct ClipCovOptions: Sendable, Equatable {
+public struct ClipCovOptions: Sendable, Equatable, Codable {
     public var clip = LossDefaults.clip("clip_cov")
     /// Fraction of tokens whose gradient is dropped (at least one).
     public var ratio = LossDefaults.number("clip_cov", "ratio")
@@ -59,13 +59,13 @@ public struct ClipCovOptions: Sendable, Equatable {
 }
 
 /// KL-Cov options: the top `ratio` tokens by covariance get −A·r + coef·|lp − lp_old|.
-public struct KLCovOptions: Sendable, Equatable {
+public struct KLCovOptions: Sendable, Equatable, Codable {
     public var ratio = LossDefaults.number("kl_cov", "ratio")
     public var coef = LossDefaults.number("kl_cov", "coef")
     public init() {}
 }
 
-public enum LossMode: Sendable, Equatable {
+public enum LossMode: Sendable, Equatable, Codable {
     /// Supervised warm-up: −lp (advantages ignored).
     case crossEntropy
     /// Clipped surrogate (GRPO / PPO; Clip-Higher with epsHigh > epsLow; dual clip).
@@ -85,12 +85,12 @@ public enum LossMode: Sendable, Equatable {
 
 /// KL estimators toward the frozen reference policy (per token, r = lp_ref − lp):
 /// k1 = −r, k2 = r²/2, k3 = e^r − r − 1 clamped to [−10, 10] (verl's low_var_kl).
-public enum ReferenceKL: String, Sendable, CaseIterable {
+public enum ReferenceKL: String, Sendable, CaseIterable, Codable {
     case k1, k2, k3
 }
 
 /// Everything that defines a train_step loss besides the data.
-public struct LossConfig: Sendable, Equatable {
+public struct LossConfig: Sendable, Equatable, Codable {
     public var mode: LossMode
     public var aggregation = Aggregation(rawValue: LossDefaults.text("common", "agg"))!
     /// Log-probabilities are taken of softmax(logits / temperature), as at sampling time.
@@ -104,7 +104,7 @@ public struct LossConfig: Sendable, Equatable {
 }
 
 /// How per-token losses become the batch loss (verl's `loss_agg_mode` names).
-public enum Aggregation: String, Sendable, CaseIterable {
+public enum Aggregation: String, Sendable, CaseIterable, Codable {
     case tokenMean = "token-mean"
     case seqMeanTokenSum = "seq-mean-token-sum"
     case seqMeanTokenMean = "seq-mean-token-mean"

@@ -11,7 +11,7 @@ import Weights
 
 /// One sequence to train on (positions as in the protocol: per-token arrays start at
 /// `responseStart`).
-public struct TrainItem: Sendable {
+public struct TrainItem: Sendable, Codable {
     public var tokens: [Int32]
     public var responseStart: Int
     /// One advantage per response token (a sequence-level advantage repeated).
@@ -55,7 +55,7 @@ public struct TrainItem: Sendable {
 }
 
 /// Learning-rate schedule over optimizer steps.
-public enum LRSchedule: Sendable, Equatable {
+public enum LRSchedule: Sendable, Equatable, Codable {
     case constant
     /// Linear ramp from 0 over `warmupSteps`, then constant.
     case linearWarmup(warmupSteps: Int)
@@ -118,6 +118,7 @@ public struct TrainMetrics: Sendable {
     public var secondsForward = 0.0
     public var secondsBackward = 0.0
     public var secondsOptimizer = 0.0
+    public init() {}
 }
 
 public enum TrainError: Error, CustomStringConvertible, Equatable {
@@ -138,7 +139,7 @@ public final class Trainer {
     /// The LoRA adapter this trainer updates (the base stays frozen); nil trains every weight.
     public let adapter: LoRAAdapter?
     public let optimizer: AdamW
-    public private(set) var schedule: LRSchedule = .constant
+    public internal(set) var schedule: LRSchedule = .constant
     /// +1 per optimizer step; 0 when the model was loaded.
     public internal(set) var weightsVersion = 0
 
@@ -150,6 +151,12 @@ public final class Trainer {
     public private(set) var referenceAdapter: LoRAAdapter?
     /// The last mini-batch's per-token choice (Lp-Reg: regularized tokens), in response-token order.
     public private(set) var lastSelection: [Bool] = []
+    /// The ranks of a data-parallel trainer (nil: this process alone, the default).
+    public var group: RankGroup?
+    /// With a rank group and no `micro_batch_tokens`: the micro-batches (summation leaves) a
+    /// mini-batch is cut into, whatever the number of ranks.
+    public var dataParallelMicroBatches = 8
+    private var pool: GradientPool?
 
     public init(model: TransformerModel, adapter: LoRAAdapter? = nil, optimizer: AdamW = AdamW()) {
         self.model = model
@@ -190,6 +197,18 @@ public final class Trainer {
     public func step(items: [TrainItem], config: LossConfig, miniBatches: Int = 1, microBatchTokens: Int? = nil,
                      proxy: ProxySpec? = nil, optimizer override: AdamWSettings? = nil,
                      dryRun: Bool = false, correction: RolloutCorrection = .none) throws -> TrainMetrics {
+        let (command, metrics) = try prepare(items: items, config: config, miniBatches: miniBatches, microBatchTokens: microBatchTokens,
+                                             proxy: proxy, optimizer: override, dryRun: dryRun, correction: correction)
+        return try train(command, metrics: metrics)
+    }
+
+    /// The first half of `step`: checks the call and fills in what the batch leaves out (old,
+    /// proxy and reference log-probabilities, the rollout correction's weights) from the weights
+    /// before any update. Changes nothing. A data-parallel trainer runs it on rank 0 only and
+    /// sends the command to every rank.
+    public func prepare(items: [TrainItem], config: LossConfig, miniBatches: Int = 1, microBatchTokens: Int? = nil,
+                        proxy: ProxySpec? = nil, optimizer override: AdamWSettings? = nil,
+                        dryRun: Bool = false, correction: RolloutCorrection = .none) throws -> (TrainCommand, TrainMetrics) {
         try validate(items, config: config, miniBatches: miniBatches)
         if correction.mode != .none, let i = items.firstIndex(where: { $0.oldLogprobs == nil }) {
             throw TrainError.invalid(path: "batch[\(i)].old_logprobs",
@@ -201,9 +220,6 @@ public final class Trainer {
                 throw TrainError.invalid(path: "optimizer", reason: "lr >= 0, betas in [0, 1), eps > 0, weight_decay >= 0, grad_clip >= 0")
             }
         }
-        let saved = optimizer.settings
-        if let o = override { optimizer.settings = o }
-        defer { optimizer.settings = saved }
         var items = items
         var metrics = TrainMetrics()
         let t0 = Date()
@@ -246,13 +262,29 @@ public final class Trainer {
             throw TrainError.invalid(path: "rollout_correction", reason: "every token was masked by the correction (raise cap)")
         }
         // From here on each item's per-token arrays hold its trained tokens only.
-        items = items.map { $0.masked() }
+        let command = TrainCommand(items: items.map { $0.masked() }, config: config, miniBatches: miniBatches,
+                                   microBatchTokens: microBatchTokens, dryRun: dryRun, settings: override ?? optimizer.settings,
+                                   schedule: schedule, weightsVersion: weightsVersion, optimizerSteps: optimizer.stepCount)
+        return (command, metrics)
+    }
 
-        let groups = Self.split(items.count, into: miniBatches)
+    /// The second half of `step`: the mini-batches' gradients and optimizer steps. Every rank of a
+    /// data-parallel trainer runs it on the same command and takes the same steps.
+    public func train(_ c: TrainCommand, metrics start: TrainMetrics = TrainMetrics()) throws -> TrainMetrics {
+        guard c.weightsVersion == weightsVersion, c.optimizerSteps == optimizer.stepCount else {
+            throw TrainError.invalid(path: "rank", reason: "this rank is at weights version \(weightsVersion) (optimizer step \(optimizer.stepCount)), the command at \(c.weightsVersion) (\(c.optimizerSteps)): the ranks are out of step")
+        }
+        let saved = optimizer.settings
+        optimizer.settings = c.settings
+        defer { optimizer.settings = saved }
+        schedule = c.schedule
+        var metrics = start
+        let items = c.items, config = c.config
+        let groups = Self.split(items.count, into: c.miniBatches)
         var totalTokens = 0
         for (m, range) in groups.enumerated() {
             let mini = Array(items[range])
-            let (result, seconds) = try accumulate(mini, config: config, microBatchTokens: microBatchTokens)
+            let (result, seconds) = try accumulate(mini, config: config, microBatchTokens: c.microBatchTokens)
             metrics.secondsForward += seconds.forward
             metrics.secondsBackward += seconds.backward
             let n = mini.reduce(0) { $0 + $1.trainedLength }
@@ -264,7 +296,9 @@ public final class Trainer {
             metrics.gradNorm = norm
             let lr = schedule.rate(optimizer.settings.lr, step: optimizer.stepCount + 1)
             metrics.lr = lr
-            if !dryRun {
+            if !c.dryRun {
+                // Every rank has the whole gradient; none steps before all have it.
+                try group?.barrier()
                 try optimizer.step(trainable, lr: lr, gradientNorm: norm)
                 weightsVersion += 1
                 metrics.optimizerSteps += 1
@@ -291,10 +325,22 @@ public final class Trainer {
     }
 
     /// Plans the loss over the whole mini-batch, then accumulates gradients micro-batch by micro-batch.
+    /// With a rank group, each rank runs its run of micro-batches (the leaves of `LeafTree`) and
+    /// the ranks exchange per-token values after pass 1 and gradients after pass 2.
     private func accumulate(_ items: [TrainItem], config: LossConfig,
                             microBatchTokens: Int?) throws -> (MiniBatchResult, (forward: Double, backward: Double)) {
         let V = model.architecture.vocabSize
-        let micro = Self.microBatches(items, tokenBudget: microBatchTokens)
+        let micro: [[Int]]
+        if group != nil && microBatchTokens == nil {
+            micro = Self.split(items.count, into: min(dataParallelMicroBatches, items.count)).map { Array($0) }
+        } else {
+            micro = Self.microBatches(items, tokenBudget: microBatchTokens)
+        }
+        let tree = LeafTree(leaves: micro.count)
+        let blocks = tree.blocks(ranks: group?.size ?? 1)
+        let mine = group.map { blocks[$0.rank] } ?? 0..<micro.count
+        // One micro-batch on this rank: its pass-1 activations serve pass 2.
+        let keep = mine.count == 1
         let tf = Date()
         // Pass 1: every token's current log-probability and entropy. With one micro-batch the
         // body runs once (activations kept for pass 2); otherwise each micro-batch runs twice.
@@ -303,13 +349,13 @@ public final class Trainer {
         var analysisProxy = ProxySpec.minP(LossDefaults.number("lp_reg", "min_p"))
         if case let .lpReg(o) = config.mode { analysisProxy = o.proxy }
         var kept: Activations?
-        for group in micro {
+        for group in micro[mine] {
             let batch = PackedBatch(group.map { items[$0].tokens })
             let (rows, targets) = Self.trainedRows(batch, group.map { items[$0] })
             let acts = try model.forward(tokens: batch.tokens, positions: batch.positions,
-                                         context: .packed(sequenceStarts: batch.sequenceStarts), saving: micro.count == 1,
+                                         context: .packed(sequenceStarts: batch.sequenceStarts), saving: keep,
                                          adapters: adapter.map { AdapterRows($0, tokens: batch.tokens.count) })
-            if micro.count == 1 { kept = acts }
+            if keep { kept = acts }
             model.withLogitChunks(hidden: acts.hidden.pointer, rows: rows, chunkRows: model.defaultChunkRows()) { range, logits in
                 for (i, r) in range.enumerated() {
                     let dist = RowDistribution(scaling: logits + i * V, count: V, temperature: config.temperature)
@@ -319,6 +365,17 @@ public final class Trainer {
                     proxyKeeps.append(filter.keeps)
                     noiseMass.append(filter.noiseMass)
                 }
+            }
+        }
+        if let g = group {
+            // Every rank plans the loss over the whole mini-batch: gather the per-token values
+            // (ranks hold consecutive micro-batches, so rank order is token order).
+            var w = ByteWriter()
+            w.floats(current); w.floats(entropies); w.floats(noiseMass); w.bools(proxyKeeps)
+            current = []; entropies = []; noiseMass = []; proxyKeeps = []
+            for bytes in try g.allGather(w.bytes) {
+                var r = ByteReader(bytes)
+                current += try r.floats(); entropies += try r.floats(); noiseMass += try r.floats(); proxyKeeps += try r.bools()
             }
         }
         var sequence: [Int] = [], targets: [Int32] = []
@@ -351,28 +408,94 @@ public final class Trainer {
         lastSelection = plan.selected
         var seconds = (forward: Date().timeIntervalSince(tf), backward: 0.0)
 
-        // Pass 2: gradients, micro-batch by micro-batch, through the gradient-accumulation path
-        // the golden gradient tests check.
-        trainable.zeroGradients()
-        var loss = 0.0
-        for group in micro {
+        /// One micro-batch's loss, its gradient accumulated into the trainable gradients.
+        func backward(_ group: [Int], zero: Bool) throws -> Double {
             let tb = Date()
+            defer { seconds.backward += Date().timeIntervalSince(tb) }
             let batch = PackedBatch(group.map { items[$0].tokens })
             let (rows, _) = Self.trainedRows(batch, group.map { items[$0] })
             let base = starts[group[0]]   // first token of the micro-batch in plan order
-            let result = try Training.accumulateGradients(model: model, batch: batch, outputRows: rows, zeroGradients: false,
-                                                          activations: kept, adapter: adapter) { chunk in
+            return try Training.accumulateGradients(model: model, batch: batch, outputRows: rows, zeroGradients: zero,
+                                                    activations: kept, adapter: adapter) { chunk in
                 var sum = 0.0
                 for i in 0..<chunk.rows.count {
                     sum += plan.apply(row: chunk.logits + i * V, vocab: V, token: base + chunk.rows.lowerBound + i)
                 }
                 return sum
-            }
-            loss += result.loss
-            seconds.backward += Date().timeIntervalSince(tb)
+            }.loss
+        }
+        var loss = 0.0
+        if let g = group {
+            loss = try accumulateParallel(g, micro: micro, tree: tree, blocks: blocks) { try backward($0, zero: true) }
+        } else {
+            // Pass 2: gradients, micro-batch by micro-batch, through the gradient-accumulation path
+            // the golden gradient tests check.
+            trainable.zeroGradients()
+            for group in micro { loss += try backward(group, zero: false) }
         }
         return (MiniBatchResult(loss: loss, plan: plan, logprobs: current, entropies: entropies, proxyKeeps: proxyKeeps,
                                 proxyNoiseMass: noiseMass), seconds)
+    }
+
+    /// Pass 2 on a rank group: this rank's leaves one by one (each from zero), summed over the
+    /// tree's largest subtrees inside its run; then every rank's status and leaf losses; then
+    /// the exchange that leaves the root in the trainable gradients on every rank. Returns the
+    /// mini-batch loss (the leaves' losses summed in leaf order).
+    private func accumulateParallel(_ g: RankGroup, micro: [[Int]], tree: LeafTree, blocks: [Range<Int>],
+                                    backward: ([Int]) throws -> Double) throws -> Double {
+        let n = trainable.count
+        if pool?.count != n { pool = GradientPool(count: n) }
+        let pool = pool!
+        let mine = blocks[g.rank]
+        var leafLoss = [Double](repeating: 0, count: micro.count)
+        var values: [UnsafeMutablePointer<Float>] = []
+        var failure: Error?
+        do {
+            for node in tree.nodes(covering: mine) {
+                let v = try tree.evaluate(node, leaf: { j in
+                    leafLoss[j] = try backward(micro[j])
+                    let buffer = pool.take()
+                    buffer.update(from: trainable.gradients, count: n)
+                    return buffer
+                }, add: { a, b in
+                    addInPlace(a, b, count: n)
+                    pool.give(b)
+                    return a
+                })
+                values.append(v!)
+            }
+        } catch { failure = error }
+        // Status and losses from every rank: a rank that failed makes every rank refuse the step.
+        var w = ByteWriter()
+        switch failure {
+        case nil: w.byte(0)
+        case let e as NonFiniteError: w.byte(1); w.text(e.what)
+        case let e?: w.byte(2); w.text("\(e)")
+        }
+        w.doubles(Array(leafLoss[mine]))
+        let statuses: [[UInt8]]
+        do { statuses = try g.allGather(w.bytes) } catch { throw error }   // the group is unusable; buffers stay with it
+        var problem: Error?
+        for (r, bytes) in statuses.enumerated() {
+            var reader = ByteReader(bytes)
+            let kind = try reader.byte()
+            if kind != 0 {
+                let what = try reader.text()
+                if problem == nil {
+                    problem = kind == 1 ? NonFiniteError(what: what) : TrainError.invalid(path: "batch", reason: "rank \(r): \(what)")
+                }
+                continue
+            }
+            let losses = try reader.doubles()
+            for (k, j) in blocks[r].enumerated() where k < losses.count { leafLoss[j] = losses[k] }
+        }
+        if let problem {
+            values.forEach(pool.give)
+            throw problem
+        }
+        try g.reduce(tree: tree, blocks: blocks, local: values, count: n, into: trainable.gradients)
+        values.forEach(pool.give)
+        return leafLoss.reduce(0, +)
     }
 
     private func accumulateMetrics(_ m: inout TrainMetrics, _ r: MiniBatchResult, items: [TrainItem],

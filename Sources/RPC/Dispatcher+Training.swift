@@ -3,6 +3,7 @@
 // there and server.info reports it, so clients never keep their own copy.
 import Engine
 import Foundation
+import Ranks
 
 /// Reads one loss object's options against the table.
 struct LossOptionReader {
@@ -170,9 +171,15 @@ extension Dispatcher {
                 level: RolloutCorrection.Level(rawValue: try c.string("level", "token", oneOf: RolloutCorrection.Level.allCases.map(\.rawValue)))!,
                 cap: try c.float("cap", RolloutCorrection.defaultCap, min: 1))
         }
-        let m = try trainer.step(items: items, config: config, miniBatches: try p.int("mini_batches", 1, min: 1),
-                                 microBatchTokens: p.has("micro_batch_tokens") ? try p.int("micro_batch_tokens", min: 1) : nil,
-                                 optimizer: override, dryRun: try p.bool("dry_run", false), correction: correction)
+        let (command, partial) = try trainer.prepare(items: items, config: config, miniBatches: try p.int("mini_batches", 1, min: 1),
+                                                     microBatchTokens: p.has("micro_batch_tokens") ? try p.int("micro_batch_tokens", min: 1) : nil,
+                                                     optimizer: override, dryRun: try p.bool("dry_run", false), correction: correction)
+        // A data-parallel trainer's ranks train the base weights together; an adapter trains here alone.
+        if let world = configuration.ranks, trainer.group != nil {
+            if let reason = world.failure { throw Self.degraded(reason) }
+            try RankCommands.sendTrain(world, command)
+        }
+        let m = try trainer.train(command, metrics: partial)
         var metrics: [String: Any] = [
             "loss": m.loss, "pg_loss": m.pgLoss, "entropy": m.entropy, "clipfrac_low": m.clipFracLow,
             "clipfrac_high": m.clipFracHigh, "ppo_kl": m.ppoKL, "kl_ref": m.refKL, "grad_norm": m.gradNorm, "lr": m.lr,

@@ -11,6 +11,7 @@ import Engine
 import Foundation
 import Kernels
 import Models
+import Ranks
 import Tokenizer
 import Weights
 
@@ -43,6 +44,10 @@ public final class Dispatcher {
         public var modelDirectory: String?
         /// The trainer a replica follows (`--follow`); nil for a trainer.
         public var following: String?
+        /// The ranks of a data-parallel trainer (the server started by mpirun; this is rank 0).
+        public var ranks: MPIWorld?
+        /// Micro-batches per mini-batch on a data-parallel trainer without micro_batch_tokens.
+        public var dataParallelMicroBatches = 8
         public init() {}
     }
 
@@ -71,6 +76,10 @@ public final class Dispatcher {
         generator = Generator(model: model, tokenizer: tokenizer, slots: configuration.slots, capacity: configuration.capacity,
                               rolloutStore: rollouts, maxQueuedSequences: configuration.maxQueuedSequences)
         trainer = Trainer(model: model)
+        if let world = configuration.ranks {
+            trainer.group = world
+            trainer.dataParallelMicroBatches = configuration.dataParallelMicroBatches
+        }
         var state = ChatTemplateState.absent
         if let dir = configuration.modelDirectory {
             do { state = try ChatTemplate.load(directory: dir).map { .loaded($0) } ?? .absent } catch { state = .failed("\(error)") }
@@ -138,6 +147,7 @@ public final class Dispatcher {
     public static func translate(_ error: Error) -> RPCError {
         switch error {
         case let e as RPCError: return e
+        case let e as RankFailure: return Self.degraded(e.reason)
         case let e as GenerationError:
             switch e {
             case let .contextOverflow(p, _, _): return RPCError(.contextOverflow, path: "params.prompts[\(p)]", hint: "\(e)")
@@ -200,7 +210,20 @@ public final class Dispatcher {
                             "backward_gemm": Compute.backwardBLAS ? "openblas" : "ember", "blas": "OpenBLAS " + BLASCore.name],
                 "limits": ["max_seq_len": configuration.capacity, "slots": configuration.slots],
                 "role": configuration.following == nil ? "trainer" : "replica",
-                "following": configuration.following.map { $0 as Any } ?? NSNull(), "world_size": 1]
+                "following": configuration.following.map { $0 as Any } ?? NSNull(),
+                "world_size": configuration.ranks?.size ?? 1, "data_parallel": dataParallelInfo()]
+    }
+
+    /// The ranks (null without mpirun): hosts by rank, micro-batches per mini-batch, the silence
+    /// timeout, and why the trainer is degraded once it is.
+    func dataParallelInfo() -> Any {
+        guard let w = configuration.ranks else { return NSNull() }
+        return ["hosts": w.hosts, "micro_batches": trainer.dataParallelMicroBatches, "timeout": w.timeout,
+                "degraded": w.failure.map { $0 as Any } ?? NSNull()]
+    }
+
+    static func degraded(_ reason: String) -> RPCError {
+        RPCError(.degraded, hint: "\(reason). This data-parallel trainer is degraded: it still samples and saves checkpoints but trains no more; restart the job (mpirun) and load the last checkpoint")
     }
 
     // MARK: - Tokenizer
@@ -262,6 +285,8 @@ public final class Dispatcher {
         let adapters = try stageAdapters(from: folder)
         try trainer.loadState(from: folder, weights: staged)
         replaceAdapters(with: adapters)
+        // Every rank of a data-parallel trainer takes the loaded state.
+        if let world = configuration.ranks { try RankCommands.sendState(world, trainer: trainer) }
         return ["name": name, "weights_version": trainer.weightsVersion]
     }
 }

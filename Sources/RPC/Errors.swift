@@ -31,6 +31,7 @@ public enum ErrorKind: String, CaseIterable, Sendable, Codable {
     case adapterExists = "adapter_exists"
     case notReplica = "not_a_replica"
     case syncFailed = "sync_failed"
+    case degraded
 
     /// Code, default message and HTTP status of a kind.
     public struct Entry: Sendable, Equatable {
@@ -67,6 +68,7 @@ public enum ErrorKind: String, CaseIterable, Sendable, Codable {
         case .adapterExists: Entry(code: -32022, message: "Adapter exists", httpStatus: 409)
         case .notReplica: Entry(code: -32023, message: "Not a replica", httpStatus: 400)
         case .syncFailed: Entry(code: -32024, message: "Weights sync failed", httpStatus: 502)
+        case .degraded: Entry(code: -32025, message: "Trainer degraded", httpStatus: 503)
         }
     }
 

@@ -121,16 +121,23 @@ public final class Scheduler: @unchecked Sendable {
     /// Returned pre-encoded (re-encoded when the version changes).
     public func serverInfo() -> RawJSON {
         let version = gauges.weightsVersion
+        let degraded = degradedProbe?()
         cond.lock(); defer { cond.unlock() }
-        if let (v, text) = infoCache, v == version { return text }
+        if let (v, d, text) = infoCache, v == version, d == degraded { return text }
         var info = staticInfo
         info["weights_version"] = version
+        if var dp = info["data_parallel"] as? [String: Any] {
+            dp["degraded"] = degraded.map { $0 as Any } ?? NSNull()
+            info["data_parallel"] = dp
+        }
         let text = RawJSON(String(decoding: JSONRPC.encode(info), as: UTF8.self))
-        infoCache = (version, text)
+        infoCache = (version, degraded, text)
         return text
     }
     private let staticInfo: [String: Any]
-    private var infoCache: (Int, RawJSON)?
+    private var infoCache: (Int, String?, RawJSON)?
+    /// Why a data-parallel trainer is degraded (nil while it is not; set once at start).
+    nonisolated(unsafe) public var degradedProbe: (@Sendable () -> String?)?
 
     /// Starts the compute thread.
     public func start() {

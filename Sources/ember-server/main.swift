@@ -6,6 +6,7 @@ import Kernels
 import Logging
 import Models
 import RPC
+import Ranks
 import Server
 import Tokenizer
 import Weights
@@ -48,6 +49,10 @@ struct EmberServer: ParsableCommand {
     @Option(name: .customLong("max-connections"), help: "Open connections accepted (503 beyond).") var maxConnections = 256
     @Option(name: .customLong("request-timeout"), help: "Seconds a request may take to arrive (408 beyond).") var requestTimeout = 10.0
     @Option(name: .customLong("idle-timeout"), help: "Seconds an idle keep-alive connection stays open.") var idleTimeout = 60.0
+    @Option(name: .customLong("dp-timeout"), help: "Data-parallel (under mpirun): seconds a rank may stay silent (dead or hung) before the step fails and the trainer reports itself degraded.")
+    var dpTimeout = 60.0
+    @Option(name: .customLong("dp-micro-batches"), help: "Data-parallel (under mpirun): micro-batches a mini-batch is cut into when train_step gives no micro_batch_tokens; the same for any number of ranks, so the weights are too.")
+    var dpMicroBatches = 8
     @Option(name: .customLong("log-level"), help: "trace, debug, info, notice, warning, error or critical.") var logLevel = "info"
     @Flag(name: .customLong("protocol"), help: "Print the protocol's method and error tables as JSON and exit (scripts/make_openrpc.py reads them).")
     var printProtocol = false
@@ -61,6 +66,8 @@ struct EmberServer: ParsableCommand {
             throw ValidationError("--follow: an http:// or https:// URL of the trainer, not '\(f)'")
         }
         if followApiKey != nil && follow == nil { throw ValidationError("--follow-api-key needs --follow") }
+        guard dpTimeout > 0, dpTimeout.isFinite else { throw ValidationError("--dp-timeout must be a number of seconds > 0") }
+        guard dpMicroBatches >= 1 else { throw ValidationError("--dp-micro-batches must be at least 1") }
         guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("--log-level: one of trace, debug, info, notice, warning, error, critical") }
     }
 
@@ -80,8 +87,16 @@ struct EmberServer: ParsableCommand {
             return h
         }
         let log = Logger(label: "ember.server")
-        let threads = self.threads ?? ProcessInfo.processInfo.activeProcessorCount
+        // Under mpirun: one rank of a data-parallel trainer. Rank 0 serves; the others follow it.
+        let world: MPIWorld?
+        do { world = try MPIWorld.fromEnvironment(timeout: dpTimeout) } catch { throw ValidationError("mpirun: \(error)") }
+        if world != nil && follow != nil { throw ValidationError("--follow: a replica is one process; start it without mpirun") }
+        let threads = self.threads ?? max(1, ProcessInfo.processInfo.activeProcessorCount / (world == nil ? 1 : MPIWorld.localSize))
         Compute.setThreads(threads)
+        if let world, world.rank != 0 {
+            let code = RankCommands.runWorker(world, microBatches: dpMicroBatches) { log.info("\($0)") }
+            Foundation.exit(code)
+        }
 
         guard let dir = model ?? DefaultModel.locate() else {
             throw ValidationError("no --model given and no embedded default model found (looked in: \(DefaultModel.candidates().joined(separator: ", ")))")
@@ -107,7 +122,13 @@ struct EmberServer: ParsableCommand {
             throw ValidationError(String(format: "--slots %d x --max-seq-len %d needs %.1f GB of KV cache, more than 3/4 of this machine's %.1f GB; lower --slots or --max-seq-len",
                                          slots, capacity, kvBytes / 1e9, physical / 1e9))
         }
+        if let world {
+            do { try RankCommands.sendInit(world, model: loaded) } catch { throw ValidationError("mpirun: sending the model to the ranks: \(error)") }
+            log.notice("data-parallel trainer", metadata: ["ranks": "\(world.size)", "hosts": "\(world.hosts.joined(separator: ","))"])
+        }
         var config = Dispatcher.Configuration()
+        config.ranks = world
+        config.dataParallelMicroBatches = dpMicroBatches
         config.slots = slots
         config.capacity = capacity
         config.rolloutBudgetBytes = Int(rolloutBudgetMB * 1_048_576)
@@ -139,6 +160,9 @@ struct EmberServer: ParsableCommand {
         let follower = follow.map {
             WeightFollower(url: $0, apiKey: followApiKey ?? ProcessInfo.processInfo.environment["EMBER_FOLLOW_API_KEY"], scheduler: scheduler, logger: log)
         }
+        var degradedReason: (@Sendable () -> String?)?
+        if let world { degradedReason = { world.failure } }
+        scheduler.degradedProbe = degradedReason
         var endpoints: [Endpoint] = [.tcp(host: host, port: port)]
         if let path = unixSocket { endpoints.append(.unix(path: path)) }
         let server: HTTPServer
@@ -146,7 +170,8 @@ struct EmberServer: ParsableCommand {
             server = try HTTPServer(endpoints: endpoints, maxBodyBytes: maxBodyMB << 20,
                                     requestTimeoutMs: UInt64(requestTimeout * 1000), idleTimeoutMs: UInt64(idleTimeout * 1000),
                                     maxConnections: maxConnections, onDisconnect: { scheduler.disconnected(owner: $0) },
-                                    handler: Router.makeHandler(scheduler: scheduler, apiKey: key, modelName: name, follower: follower, logger: log))
+                                    handler: Router.makeHandler(scheduler: scheduler, apiKey: key, modelName: name, follower: follower,
+                                                                degraded: degradedReason, logger: log))
         } catch { throw ValidationError("\(error)") }
         scheduler.start()
         if let follower {
@@ -172,11 +197,15 @@ struct EmberServer: ParsableCommand {
         }
         let banner = "ember-server \(EmberVersion.string): \(a.modelType) '\(name)', \(parameterCount) parameters, \(a.layers) layers, "
             + "hidden \(a.hiddenSize), vocab \(a.vocabSize)\(hasTokenizer ? "" : ", no tokenizer") | listening on "
-            + addresses.joined(separator: " and ") + " | \(threads) threads, \(KernelSet.active.rawValue) kernels, \(weightsDType) weights\(follow.map { " | replica following \($0) at version \(follower!.appliedVersion)" } ?? (readOnly ? " | read-only" : ""))\(key != nil ? " | API key required" : "")"
+            + addresses.joined(separator: " and ") + " | \(threads) threads, \(KernelSet.active.rawValue) kernels, \(weightsDType) weights\(follow.map { " | replica following \($0) at version \(follower!.appliedVersion)" } ?? (readOnly ? " | read-only" : ""))\(world.map { " | data-parallel, \($0.size) ranks" } ?? "")\(key != nil ? " | API key required" : "")"
         FileHandle.standardOutput.write(Data((banner + "\n").utf8))
         log.info("model loaded", metadata: ["dir": "\(dir)", "kv_slots": "\(slots)", "max_seq_len": "\(capacity)",
                                             "kv_bytes": "\(scheduler.kvCacheBytes)"])
         server.run()
+        if let world {
+            RankCommands.sendStop(world)
+            world.finish()
+        }
         FileHandle.standardOutput.write(Data("ember-server: stopped\n".utf8))
     }
 }

@@ -1,0 +1,214 @@
+"""Data-parallel training under mpirun (Open MPI): one logical trainer over R ranks.
+
+- The weights and the step metrics are bit-identical for R = 1, 2, 3 and 4 (the weights compared
+  tensor by tensor through the SHA-256 digests of /v1/weights/manifest), and across a checkpoint
+  saved under one R and resumed under another.
+- With one micro-batch per mini-batch the ranks' path and a server started without mpirun agree too.
+- A rank that dies or hangs fails the step with `degraded` (no rank applies it), /healthz turns
+  503, sampling and checkpoint.save still work, and a restarted job resumes from the checkpoint.
+- Ranks on separate hosts (network namespaces, mpirun's rsh agent entering them) give the same bits.
+"""
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+
+from conftest import SERVER, Client, RunningServer, tiny_model
+from ember import EmberError
+
+MPIRUN = shutil.which("mpirun")
+pytestmark = pytest.mark.skipif(MPIRUN is None and not os.environ.get("CI"), reason="Open MPI is not installed (scripts/setup installs it)")
+
+ENV = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+       # Ranks on one machine talk through shared memory and loopback TCP only.
+       "OMPI_MCA_btl_tcp_if_include": "lo", "OMPI_MCA_oob_tcp_if_include": "lo"}
+
+
+def mpirun_prefix(ranks, extra=()):
+    assert MPIRUN, "mpirun is missing: scripts/setup installs Open MPI"
+    return [MPIRUN, "--enable-recovery", "--oversubscribe", "-n", str(ranks), *extra]
+
+
+@pytest.fixture(scope="module")
+def dp_model(tmp_path_factory):
+    return tiny_model(str(tmp_path_factory.mktemp("dp-model")), vocab=512, hidden=32, layers=2, seed=11)
+
+
+def batch(seed, n=11):
+    rng = random.Random(seed)
+    items = []
+    for _ in range(n):
+        prompt = [rng.randrange(1, 500) for _ in range(rng.randrange(3, 9))]
+        response = [rng.randrange(1, 500) for _ in range(rng.randrange(4, 21))]
+        items.append({"tokens": prompt + response, "response_start": len(prompt),
+                      "advantage": rng.choice([-1.0, -0.5, 0.5, 1.0])})
+    return items
+
+
+STEPS = [
+    dict(loss={"mode": "ppo"}, mini_batches=2, seed=1),
+    dict(loss={"mode": "lp_reg", "rho": 0.2}, seed=2),
+    dict(loss={"mode": "ppo", "eps_high": 0.28}, micro_batch_tokens=60, seed=3),
+    dict(loss={"mode": "gspo", "agg": "seq-mean-token-mean", "kl_coef": 0.05}, seed=4),
+]
+
+
+def run_step(client, spec):
+    s = dict(spec)
+    seed = s.pop("seed")
+    return client.train_step(batch=batch(seed), **s)["metrics"]
+
+
+def digests(client):
+    status, body = client.request("GET", "/v1/weights/manifest")
+    assert status == 200, body
+    m = json.loads(body)
+    return m["weights_version"], {t["name"]: t["sha256"] for t in m["tensors"]}
+
+
+def exact(metrics):
+    return {k: metrics[k] for k in ("loss", "pg_loss", "entropy", "grad_norm", "tokens", "ppo_kl", "kl_ref", "lp_reg_regularized")}
+
+
+def start(model, ranks, ckpt, extra=(), mpi=(), env=ENV):
+    prefix = mpirun_prefix(ranks, mpi) if ranks else ()
+    return RunningServer(model, ["--threads", "1", "--checkpoint-dir", ckpt, *extra], env=env, prefix=prefix)
+
+
+def trajectory(model, ranks, ckpt, extra=(), steps=range(len(STEPS))):
+    """Runs the steps on a fresh trainer; returns the per-step metrics and final digests."""
+    s = start(model, ranks, ckpt, extra)
+    try:
+        c = Client(s.url)
+        info = c.info()
+        assert info["world_size"] == (ranks or 1)
+        c.configure_optimizer(lr=3e-3)
+        out = []
+        for i in steps:
+            spec = STEPS[i]
+            if i == 3:
+                c.snapshot_reference()
+            out.append(exact(run_step(c, spec)))
+            if i == 1:
+                c.save_checkpoint(f"after2-r{ranks}")
+        return out, digests(c)
+    finally:
+        s.stop()
+
+
+def test_bit_identical_for_one_to_four_ranks_and_across_resume(dp_model, tmp_path):
+    ckpt = str(tmp_path)
+    runs = {r: trajectory(dp_model, r, ckpt) for r in (1, 2, 3, 4)}
+    metrics1, (version1, weights1) = runs[1]
+    assert version1 == 5  # mini_batches=2 took two optimizer steps
+    for r in (2, 3, 4):
+        metrics, (version, weights) = runs[r]
+        assert metrics == metrics1, f"R={r} metrics differ from R=1"
+        assert version == version1
+        differing = [n for n in weights1 if weights[n] != weights1[n]]
+        assert not differing, f"R={r}: tensors differ from R=1: {differing[:5]}"
+    # The steps changed the weights (a test that cannot fail proves nothing).
+    s = start(dp_model, 0, ckpt)
+    try:
+        assert digests(Client(s.url))[1] != weights1
+    finally:
+        s.stop()
+    # Saved under R = 2, resumed under R = 3: the last two steps give the same bits.
+    s = start(dp_model, 3, ckpt)
+    try:
+        c = Client(s.url)
+        c.load_checkpoint("after2-r2")
+        resumed = []
+        for i, spec in enumerate(STEPS[2:]):
+            if i == 1:
+                c.snapshot_reference()
+            resumed.append(exact(run_step(c, spec)))
+        assert resumed == metrics1[2:]
+        assert digests(c) == (version1, weights1)
+    finally:
+        s.stop()
+
+
+def test_one_micro_batch_matches_the_single_process_server(dp_model, tmp_path):
+    # Without micro_batch_tokens (which a single process chains and the ranks sum over the tree).
+    steps = (0, 1, 3)
+    alone = trajectory(dp_model, 0, str(tmp_path), steps=steps)
+    ranks = trajectory(dp_model, 2, str(tmp_path), extra=("--dp-micro-batches", "1"), steps=steps)
+    assert ranks == alone
+
+
+def rank_pids(mpirun_pid):
+    """The ranks' PIDs by rank (mpirun's children carry OMPI_COMM_WORLD_RANK)."""
+    out = {}
+    for pid in subprocess.run(["pgrep", "-P", str(mpirun_pid)], capture_output=True, text=True).stdout.split():
+        try:
+            env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        for e in env:
+            if e.startswith(b"OMPI_COMM_WORLD_RANK="):
+                out[int(e.split(b"=")[1])] = int(pid)
+    return out
+
+
+@pytest.mark.parametrize("fault", ["kill", "hang"])
+def test_a_dead_or_hung_rank_fails_the_step_cleanly(dp_model, tmp_path, fault):
+    ckpt = str(tmp_path)
+    s = start(dp_model, 3, ckpt, extra=("--dp-timeout", "3"))
+    victim = None
+    try:
+        c = Client(s.url, retries=0)
+        c.configure_optimizer(lr=3e-3)
+        run_step(c, STEPS[0])
+        c.save_checkpoint("good")
+        before = digests(c)
+        pids = rank_pids(s.process.pid)
+        assert sorted(pids) == [0, 1, 2], pids
+        victim = pids[2]
+        os.kill(victim, signal.SIGKILL if fault == "kill" else signal.SIGSTOP)
+        t0 = time.time()
+        with pytest.raises(EmberError) as e:
+            run_step(c, STEPS[1])
+        took = time.time() - t0
+        assert e.value.data["kind"] == "degraded", e.value.data
+        assert "rank 2" in e.value.data["hint"] and "restart" in e.value.data["hint"]
+        assert took < 30, f"the failure took {took:.1f} s to surface (timeout 3 s)"
+        # No rank applied it: rank 0's weights are those of before the step.
+        assert digests(c) == before
+        status, body = c.request("GET", "/healthz")
+        assert status == 503 and json.loads(body)["status"] == "degraded"
+        assert c.info()["data_parallel"]["degraded"]
+        # Still samples and saves; trains no more.
+        assert c.generate(prompt_tokens=[[1, 2, 3]], max_tokens=4, temperature=0)["results"]
+        c.save_checkpoint("after-fault")
+        with pytest.raises(EmberError) as e:
+            run_step(c, STEPS[1])
+        assert e.value.data["kind"] == "degraded"
+    finally:
+        if victim and fault == "hang":
+            os.kill(victim, signal.SIGKILL)
+        s.process.kill()
+        s.process.wait(timeout=30)
+    # The restarted job resumes from the checkpoint and lands where an uninterrupted run does.
+    s = start(dp_model, 2, ckpt)
+    try:
+        c = Client(s.url)
+        c.load_checkpoint("after-fault")
+        assert digests(c) == before
+        resumed = run_step(c, STEPS[1])
+        after = digests(c)
+    finally:
+        s.stop()
+    s = start(dp_model, 1, ckpt)
+    try:
+        c = Client(s.url)
+        c.load_checkpoint("good")
+        assert exact(run_step(c, STEPS[1])) == exact(resumed)
+        assert digests(c) == after
+    finally:
+        s.stop()
