@@ -224,8 +224,15 @@ methods = [
          "role": {"type": "string", "enum": ["trainer", "replica"],
                   "description": "replica: started with --follow; read-only to its clients, its weights follow its trainer's."},
          "following": {"type": ["string", "null"], "description": "The trainer a replica follows (--follow URL); null on a trainer."},
-         "world_size": {"type": "integer", "minimum": 1, "description": "Ranks of the trainer (MPI); 1 without MPI."}},
-         ["name", "version", "weights_version", "model", "capabilities", "limits", "role", "following", "world_size"])},
+         "world_size": {"type": "integer", "minimum": 1, "description": "Ranks of the trainer (MPI); 1 without MPI."},
+         "data_parallel": {"type": ["object", "null"],
+                           "description": "A data-parallel trainer (started by mpirun; null otherwise): each rank's host, the "
+                                          "micro-batches a mini-batch is cut into without micro_batch_tokens (--dp-micro-batches), "
+                                          "the seconds a rank may stay silent (--dp-timeout), and why the trainer is degraded "
+                                          "once a rank died or hung (null until then).",
+                           "properties": {"hosts": {"type": "array", "items": {"type": "string"}}, "micro_batches": INT,
+                                          "timeout": {"type": "number"}, "degraded": {"type": ["string", "null"]}}}},
+         ["name", "version", "weights_version", "model", "capabilities", "limits", "role", "following", "world_size", "data_parallel"])},
      "errors": ["Unauthorized"],
      "example": ({}, None)},
     {"name": "tokenize", "summary": "Text to token ids with the model's tokenizer.",
@@ -302,13 +309,16 @@ methods = [
                     "per group by advantage_estimator). Missing old/proxy log-probabilities are recomputed before any update. "
                     "Runs exclusively at a step boundary: generations queued before it finish under the old weights. "
                     "dry_run computes everything (grad_norm included) and changes nothing. A step with non-finite gradients is refused "
-                    "with the weights unchanged.",
+                    "with the weights unchanged. On a data-parallel trainer (mpirun) the ranks split the mini-batch by micro-batch and "
+                    "sum the gradients over one fixed tree, so the result is the same for any number of ranks; a rank that dies or "
+                    "hangs fails the step with `degraded` and no rank applies it.",
      "params": [p("batch", {"type": "array", "items": ref("TrainItem")}), p("rollouts", {"type": "array", "items": ref("RolloutReward")}),
                 p("advantage_estimator", {"enum": ["grpo", "dr_grpo", "rloo"], "default": "grpo"}),
                 p("drop_constant_groups", {"type": "boolean", "default": False}, "Drop groups whose rewards are all equal."),
                 p("loss", ref("Loss"), required=True), p("optimizer", ref("OptimizerSettings"), "Overrides for this call only."),
                 p("mini_batches", {"type": "integer", "minimum": 1, "default": 1}),
-                p("micro_batch_tokens", {"type": "integer", "minimum": 1}, "Token budget per forward/backward; the update equals one big batch."),
+                p("micro_batch_tokens", {"type": "integer", "minimum": 1}, "Token budget per forward/backward; the update equals one big batch. "
+                  "On a data-parallel trainer the micro-batches are the leaves of the gradient sum (default: --dp-micro-batches equal parts)."),
                 p("dry_run", {"type": "boolean", "default": False}), ADAPTER,
                 p("rollout_correction", obj({"mode": {"enum": ["none", "truncate", "mask"]},
                                              "level": {"enum": ["token", "sequence"], "default": "token"},
@@ -318,7 +328,7 @@ methods = [
                   "term by w = pi_old/pi_sampler, per token or per sequence (the product over its trained tokens). truncate: "
                   "min(w, cap). mask: tokens (sequences) with w outside [1/cap, cap] leave the loss as loss_mask 0 would.")],
      "result": {"name": "step", "schema": obj({"weights_version": ref("WeightsVersion"), "metrics": ref("Metrics")}, ["weights_version", "metrics"])},
-     "errors": COMMON + ["ReadOnly", "NonFinite", "UnknownRollout", "EvictedRollout", "RequestTooLarge", "UnknownAdapter"],
+     "errors": COMMON + ["ReadOnly", "NonFinite", "UnknownRollout", "EvictedRollout", "RequestTooLarge", "UnknownAdapter", "Degraded"],
      "example": ({"batch": [{"tokens": [1, 2, 3, 4, 5], "response_start": 2, "advantage": 1.0}], "loss": {"mode": "lp_reg"},
                   "optimizer": {"lr": 1e-5}}, None)},
     {"name": "optimizer.configure", "summary": "AdamW settings and learning-rate schedule for later steps.",
@@ -341,10 +351,11 @@ methods = [
      "result": {"name": "saved", "schema": obj({"name": {"type": "string"}, "weights_version": ref("WeightsVersion")}, ["name", "weights_version"])},
      "errors": COMMON + ["ReadOnly", "CheckpointsDisabled", "CheckpointFailed"], "example": None},
     {"name": "checkpoint.load", "summary": "Restore weights, optimizer state and weights_version from a named checkpoint.",
-     "description": "The whole folder is validated before the live weights are touched.",
+     "description": "The whole folder is validated before the live weights are touched. A data-parallel trainer sends the "
+                    "loaded state to every rank (the other ranks need no access to the checkpoint folder).",
      "params": [p("name", {"type": "string"}, required=True)],
      "result": {"name": "loaded", "schema": obj({"name": {"type": "string"}, "weights_version": ref("WeightsVersion")}, ["name", "weights_version"])},
-     "errors": COMMON + ["ReadOnly", "CheckpointsDisabled", "CheckpointNotFound"], "example": None},
+     "errors": COMMON + ["ReadOnly", "CheckpointsDisabled", "CheckpointNotFound", "Degraded"], "example": None},
     {"name": "checkpoint.list", "summary": "Names of saved checkpoints.",
      "params": [], "result": {"name": "names", "schema": obj({"names": {"type": "array", "items": {"type": "string"}}}, ["names"])},
      "errors": ["Unauthorized"], "example": ({}, None)},

@@ -162,5 +162,6 @@ ERROR_CODES = {
     "unknown_adapter": -32021,
     "adapter_exists": -32022,
     "not_a_replica": -32023,
-    "sync_failed": -32024
+    "sync_failed": -32024,
+    "degraded": -32025
 }

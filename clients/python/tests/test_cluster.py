@@ -77,7 +77,7 @@ def test_ray_spans_network_namespace_hosts(model):
     """A Ray head and two workers on three test hosts (network namespaces): the trainer and the
     replicas land on different hosts, follow across the bridge, and a killed replica is replaced."""
     import secrets
-    from test_replicas import Hosts
+    from conftest import Hosts
     ray_bin = os.path.join(os.path.dirname(os.path.abspath(os.sys.executable)), "ray")
     token = secrets.token_hex(32)
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}

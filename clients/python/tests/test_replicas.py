@@ -14,7 +14,7 @@ import urllib.request
 
 import pytest
 
-from conftest import ROOT, SERVER, RunningServer, tiny_model
+from conftest import ROOT, SERVER, Hosts, RunningServer, tiny_model
 from ember import Client, EmberError
 
 KEY = "trainer-key"
@@ -421,53 +421,6 @@ def test_a_torn_download_resumes_where_it_broke(model, trainer):
     finally:
         replica.stop()
         proxy.sock.close()
-
-
-class Hosts:
-    """Two test hosts in network namespaces on a bridge (docs/test-hosts.md's recipe); the root
-    namespace joins the bridge as .254. Removed on exit, even after a failure."""
-
-    def __init__(self, names=("a", "b")):
-        tag = f"{os.getpid() % 10000}{int(time.time() * 1000) % 100}"
-        self.subnet = f"10.77.{os.getpid() % 200 + 20}"
-        self.bridge = f"brem{tag}"[:15]
-        self.hosts = {n: f"em{tag}{n}" for n in names}
-        self.addresses = {n: f"{self.subnet}.{i + 1}" for i, n in enumerate(names)}
-
-    def ip(self, *args, check=True):
-        return subprocess.run(["ip", *args], check=check, capture_output=True, text=True)
-
-    def __enter__(self):
-        if os.geteuid() != 0:
-            pytest.fail("the multi-host tests make network namespaces and need root (CI runs as root)")
-        try:
-            self.ip("link", "add", self.bridge, "type", "bridge")
-            self.ip("link", "set", self.bridge, "up")
-            self.ip("addr", "add", f"{self.subnet}.254/24", "dev", self.bridge)
-            for n, ns in self.hosts.items():
-                self.ip("netns", "add", ns)
-                veth = f"v{ns}"[:15]
-                self.ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
-                self.ip("link", "set", veth, "master", self.bridge)
-                self.ip("link", "set", veth, "up")
-                self.ip("-n", ns, "link", "set", "lo", "up")
-                self.ip("-n", ns, "link", "set", "eth0", "up")
-                self.ip("-n", ns, "addr", "add", f"{self.addresses[n]}/24", "dev", "eth0")
-        except Exception:
-            self.__exit__(None, None, None)
-            raise
-        return self
-
-    def prefix(self, name):
-        return ("ip", "netns", "exec", self.hosts[name])
-
-    def link(self, name, up):
-        self.ip("-n", self.hosts[name], "link", "set", "eth0", "up" if up else "down")
-
-    def __exit__(self, *exc):
-        for ns in self.hosts.values():
-            self.ip("netns", "del", ns, check=False)
-        self.ip("link", "del", self.bridge, check=False)
 
 
 def test_a_replica_on_another_host_follows_through_a_partition(model):
