@@ -61,7 +61,7 @@ let package = Package(
                                                           .product(name: "Logging", package: "swift-log")],
                           swiftSettings: fastMath),
         .executableTarget(name: "ember", dependencies: ["CCurl", .product(name: "ArgumentParser", package: "swift-argument-parser")]),
-        .executableTarget(name: "ember-bench", dependencies: ["Engine", "Models", "Kernels", "Tokenizer", "RPC", "Chat"],
+        .executableTarget(name: "ember-bench", dependencies: ["Engine", "Models", "Kernels", "Tokenizer", "RPC", "Chat", "Ranks"],
                           path: "bench/Sources/ember-bench", swiftSettings: fastMath),
 
         // MARK: - Tests

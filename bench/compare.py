@@ -6,6 +6,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EMBER = os.path.join(ROOT, ".build", "release", "ember-bench")
@@ -447,6 +448,92 @@ def rl_scaling(steps=8):
         json.dump({"machine": machine(), "rows": rows}, f, indent=1)
 
 
+def data_parallel(quick=False, rounds=3):
+    """The data-parallel trainer (issue 20): the gradient exchange for the 0.5B shape's gradients
+    (494M floats) between two ranks over shared memory, over TCP on loopback and over TCP between
+    two network-namespace hosts; a train_step on the default model with R = 1 and 2 ranks on
+    this machine; and the model on paper of step time against R machines."""
+    import re, shutil, subprocess, tempfile
+    sys.path.insert(0, os.path.join(ROOT, "clients", "python"))
+    from ember import Client
+    print(f"machine: {machine()}")
+    env = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+    floats = 16_777_216 if quick else 494_032_768   # the 0.5B shape's parameters (qwen2, tied)
+    results = {"machine": machine(), "floats": floats, "allreduce": {}, "train": []}
+
+    def allreduce(name, cmd):
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+        line = [l for l in out.stdout.splitlines() if l.startswith("{")]
+        if not line:
+            print(f"{name}: failed\n{out.stderr[-2000:]}")
+            return
+        r = json.loads(line[-1])
+        results["allreduce"][name] = r
+        print(f"{name:34} {r['bytes'] / 1e9:6.2f} GB in {r['seconds_median']:6.2f} s = {r['algorithm_gb_per_s']:5.2f} GB/s, "
+              f"latency {r['latency_us']:8.1f} us")
+
+    base = ["mpirun", "-n", "2", "--bind-to", "none"]
+    prog = [EMBER, "allreduce", "--floats", str(floats), "--rounds", str(rounds), "--threads", "1"]
+    print("\ngradient exchange, 2 ranks (reduce-scatter over the fixed tree + all-gather; median of rounds)")
+    allreduce("shared memory (one host)", [*base, *prog])
+    allreduce("TCP on loopback", [*base, "--mca", "btl", "tcp,self", "--mca", "btl_tcp_if_include", "lo", *prog])
+    # Two hosts: network namespaces on a bridge, mpirun entering them through scripts/netns-rsh.
+    tag = f"{os.getpid() % 10000}"
+    bridge, subnet, names = f"brdp{tag}", f"10.79.{os.getpid() % 200 + 20}", [f"dp{tag}a", f"dp{tag}b"]
+    ip = lambda *a: subprocess.run(["ip", *a], capture_output=True)
+    try:
+        ip("link", "add", bridge, "type", "bridge"); ip("link", "set", bridge, "up")
+        ip("addr", "add", f"{subnet}.254/24", "dev", bridge)
+        for i, ns in enumerate(names):
+            ip("netns", "add", ns)
+            ip("link", "add", f"v{ns}", "type", "veth", "peer", "name", "eth0", "netns", ns)
+            ip("link", "set", f"v{ns}", "master", bridge); ip("link", "set", f"v{ns}", "up")
+            ip("-n", ns, "link", "set", "lo", "up"); ip("-n", ns, "link", "set", "eth0", "up")
+            ip("-n", ns, "addr", "add", f"{subnet}.{i + 1}/24", "dev", "eth0")
+        allreduce("TCP between two namespace hosts", [*base, "--mca", "plm_rsh_agent", os.path.join(ROOT, "scripts", "netns-rsh"),
+                                                       "--host", ",".join(names), "--mca", "btl", "tcp,self",
+                                                       "--mca", "btl_tcp_if_include", f"{subnet}.0/24",
+                                                       "--mca", "oob_tcp_if_include", f"{subnet}.0/24", *prog])
+    finally:
+        for ns in names:
+            for pid in subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split():
+                subprocess.run(["kill", "-9", pid], capture_output=True)
+            ip("netns", "del", ns)
+        ip("link", "del", bridge)
+
+    # train_step on the default model: the same batch, R = 1 and 2 (2 cores in all).
+    srv = os.path.join(ROOT, ".build", "release", "ember-server")
+    import random
+    rng = random.Random(0)
+    batch = []
+    for _ in range(64):
+        prompt = [rng.randrange(1, 370) for _ in range(24)]
+        resp = [rng.randrange(1, 370) for _ in range(72)]
+        batch.append({"tokens": prompt + resp, "response_start": 24, "advantage": rng.choice([-1.0, 1.0])})
+    setups = [("one process, 2 threads", [], "2"), ("mpirun -n 1, 2 threads", ["mpirun", "-n", "1", "--bind-to", "none"], "2"),
+              ("mpirun -n 2, 1 thread each", ["mpirun", "-n", "2", "--bind-to", "none"], "1")]
+    steps = 3 if quick else 6
+    print(f"\ntrain_step, default model, 64 x 96 tokens (median of {steps - 1} after one warm-up)")
+    for name, prefix, threads in setups:
+        p = subprocess.Popen([*prefix, srv, "--port", "0", "--threads", threads, "--slots", "4", "--max-seq-len", "128",
+                              "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+        try:
+            m = re.search(r"listening on (http://[^ |]+)", p.stdout.readline())
+            c = Client(m.group(1))
+            times = []
+            for i in range(steps):
+                t0 = time.time()
+                r = c.train_step({"mode": "ppo"}, batch=batch, optimizer={"lr": 1e-6})
+                if i:
+                    times.append(time.time() - t0)
+            results["train"].append({"setup": name, "seconds": median(times), "tokens": r["metrics"]["tokens"]})
+            print(f"{name:34} {median(times):6.3f} s/step")
+        finally:
+            p.terminate(); p.wait(timeout=60)
+    with open(os.path.join(ROOT, "bench", "out", "data_parallel.json"), "w") as f:
+        json.dump(results, f, indent=1)
+
+
 if __name__ == "__main__":
     args = sys.argv[1:]
     what = [a for i, a in enumerate(args) if not a.startswith("--") and (i == 0 or args[i - 1] != "--repeat")] or ["engine", "kernels", "bf16", "vllm", "tokenizer", "sampling", "train", "lora", "chat", "json", "server", "replicas"]
@@ -477,3 +564,5 @@ if __name__ == "__main__":
         replicas("--quick" in args)
     if "rl_scaling" in what:
         rl_scaling()
+    if "data_parallel" in what:
+        data_parallel("--quick" in args)

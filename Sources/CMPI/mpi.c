@@ -1,7 +1,9 @@
 // See include/ember_mpi.h. The few constants are Open MPI's ABI (libmpi.so.40, mpi.h):
 // MPI_THREAD_MULTIPLE = 3, MPI_IN_PLACE = (void *)1, MPI_STATUS(ES)_IGNORE = NULL, and the
 // predefined handles are the addresses of the ompi_mpi_* globals.
+#define _GNU_SOURCE
 #include "ember_mpi.h"
+#include <sched.h>
 #include <dlfcn.h>
 #include <stdio.h>
 #include <string.h>
@@ -104,3 +106,9 @@ int ember_mpi_iallgatherv(float *buf, const int *counts, const int *displs, embe
 }
 int ember_mpi_ibarrier(ember_mpi_request *req) { LOADED; return p_ibarrier(comm_world, req); }
 int ember_mpi_request_free(ember_mpi_request *req) { LOADED; return p_request_free(req); }
+
+int ember_cpu_affinity_count(void) {
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) != 0) return -1;
+    return CPU_COUNT(&set);
+}

@@ -95,6 +95,13 @@ public struct TrainCommand: Codable, Sendable {
     public var weightsVersion: Int
     public var optimizerSteps: Int
 
+    public init(items: [TrainItem], config: LossConfig, miniBatches: Int, microBatchTokens: Int?, dryRun: Bool,
+                settings: AdamWSettings, schedule: LRSchedule, weightsVersion: Int, optimizerSteps: Int) {
+        self.items = items; self.config = config; self.miniBatches = miniBatches; self.microBatchTokens = microBatchTokens
+        self.dryRun = dryRun; self.settings = settings; self.schedule = schedule
+        self.weightsVersion = weightsVersion; self.optimizerSteps = optimizerSteps
+    }
+
     static let encoder: JSONEncoder = {
         let e = JSONEncoder()
         e.nonConformingFloatEncodingStrategy = .convertToString(positiveInfinity: "inf", negativeInfinity: "-inf", nan: "nan")

@@ -339,8 +339,10 @@ public final class Trainer {
         let tree = LeafTree(leaves: micro.count)
         let blocks = tree.blocks(ranks: group?.size ?? 1)
         let mine = group.map { blocks[$0.rank] } ?? 0..<micro.count
-        // One micro-batch on this rank: its pass-1 activations serve pass 2.
-        let keep = mine.count == 1
+        // Pass 1's activations serve pass 2 when this rank has one micro-batch, and on a rank
+        // group when the caller set no token budget (the ranks' own cut of the mini-batch holds
+        // no more activations at once than one process keeps for the whole mini-batch).
+        let keep = mine.count == 1 || (group != nil && microBatchTokens == nil)
         let tf = Date()
         // Pass 1: every token's current log-probability and entropy. With one micro-batch the
         // body runs once (activations kept for pass 2); otherwise each micro-batch runs twice.
@@ -348,14 +350,14 @@ public final class Trainer {
         // The proxy the analyses use: the loss's own for lp_reg, the default min-p otherwise.
         var analysisProxy = ProxySpec.minP(LossDefaults.number("lp_reg", "min_p"))
         if case let .lpReg(o) = config.mode { analysisProxy = o.proxy }
-        var kept: Activations?
-        for group in micro[mine] {
+        var kept: [Int: Activations] = [:]
+        for (j, group) in zip(mine, micro[mine]) {
             let batch = PackedBatch(group.map { items[$0].tokens })
             let (rows, targets) = Self.trainedRows(batch, group.map { items[$0] })
             let acts = try model.forward(tokens: batch.tokens, positions: batch.positions,
                                          context: .packed(sequenceStarts: batch.sequenceStarts), saving: keep,
                                          adapters: adapter.map { AdapterRows($0, tokens: batch.tokens.count) })
-            if keep { kept = acts }
+            if keep { kept[j] = acts }
             model.withLogitChunks(hidden: acts.hidden.pointer, rows: rows, chunkRows: model.defaultChunkRows()) { range, logits in
                 for (i, r) in range.enumerated() {
                     let dist = RowDistribution(scaling: logits + i * V, count: V, temperature: config.temperature)
@@ -409,14 +411,15 @@ public final class Trainer {
         var seconds = (forward: Date().timeIntervalSince(tf), backward: 0.0)
 
         /// One micro-batch's loss, its gradient accumulated into the trainable gradients.
-        func backward(_ group: [Int], zero: Bool) throws -> Double {
+        func backward(_ j: Int, zero: Bool) throws -> Double {
+            let group = micro[j]
             let tb = Date()
             defer { seconds.backward += Date().timeIntervalSince(tb) }
             let batch = PackedBatch(group.map { items[$0].tokens })
             let (rows, _) = Self.trainedRows(batch, group.map { items[$0] })
             let base = starts[group[0]]   // first token of the micro-batch in plan order
             return try Training.accumulateGradients(model: model, batch: batch, outputRows: rows, zeroGradients: zero,
-                                                    activations: kept, adapter: adapter) { chunk in
+                                                    activations: kept.removeValue(forKey: j), adapter: adapter) { chunk in
                 var sum = 0.0
                 for i in 0..<chunk.rows.count {
                     sum += plan.apply(row: chunk.logits + i * V, vocab: V, token: base + chunk.rows.lowerBound + i)
@@ -431,7 +434,7 @@ public final class Trainer {
             // Pass 2: gradients, micro-batch by micro-batch, through the gradient-accumulation path
             // the golden gradient tests check.
             trainable.zeroGradients()
-            for group in micro { loss += try backward(group, zero: false) }
+            for j in micro.indices { loss += try backward(j, zero: false) }
         }
         return (MiniBatchResult(loss: loss, plan: plan, logprobs: current, entropies: entropies, proxyKeeps: proxyKeeps,
                                 proxyNoiseMass: noiseMass), seconds)
@@ -442,7 +445,7 @@ public final class Trainer {
     /// the exchange that leaves the root in the trainable gradients on every rank. Returns the
     /// mini-batch loss (the leaves' losses summed in leaf order).
     private func accumulateParallel(_ g: RankGroup, micro: [[Int]], tree: LeafTree, blocks: [Range<Int>],
-                                    backward: ([Int]) throws -> Double) throws -> Double {
+                                    backward: (Int) throws -> Double) throws -> Double {
         let n = trainable.count
         if pool?.count != n { pool = GradientPool(count: n) }
         let pool = pool!
@@ -453,7 +456,7 @@ public final class Trainer {
         do {
             for node in tree.nodes(covering: mine) {
                 let v = try tree.evaluate(node, leaf: { j in
-                    leafLoss[j] = try backward(micro[j])
+                    leafLoss[j] = try backward(j)
                     let buffer = pool.take()
                     buffer.update(from: trainable.gradients, count: n)
                     return buffer

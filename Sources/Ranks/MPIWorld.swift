@@ -38,6 +38,8 @@ public final class MPIWorld: RankGroup, @unchecked Sendable {
     private var stopRequested = false
     private var heartbeats = true
     private var heartbeatThread: Thread?
+    private var closing = false
+    private let heartbeatDone = DispatchSemaphore(value: 0)
 
     enum Tag: Int32 { case command = 1, payload = 2, heartbeat = 3, stop = 4, gatherLength = 5, gather = 6 }
 
@@ -61,9 +63,19 @@ public final class MPIWorld: RankGroup, @unchecked Sendable {
         return world
     }
 
-    /// Ranks on this host (for the default thread count).
+    /// Ranks on this host.
     public static var localSize: Int {
         Int(ProcessInfo.processInfo.environment["OMPI_COMM_WORLD_LOCAL_SIZE"] ?? "") ?? 1
+    }
+
+    /// The default compute threads of a rank: the CPUs it may run on (mpirun binds a rank to one
+    /// core by default when there are at most two ranks; `--bind-to none` lifts that), at most
+    /// this host's CPUs shared among its ranks.
+    public static var defaultThreads: Int {
+        let cores = ProcessInfo.processInfo.activeProcessorCount
+        let affinity = Int(ember_cpu_affinity_count())
+        let allowed = affinity > 0 ? affinity : cores
+        return max(1, min(allowed, cores / max(1, localSize)))
     }
 
     private init(rank: Int, size: Int, timeout: Double) {
@@ -123,8 +135,9 @@ public final class MPIWorld: RankGroup, @unchecked Sendable {
         let interval = min(1.0, timeout / 4)
         let sink = UnsafeMutablePointer<UInt8>.allocate(capacity: 1)
         var lastSent = 0.0
+        defer { heartbeatDone.signal() }
         while true {
-            let (beating, done) = lock.withLock { (heartbeats, failed != nil && rank != 0) }
+            let (beating, done) = lock.withLock { (heartbeats, closing || (failed != nil && rank != 0)) }
             if done { return }
             let t = Self.now()
             if beating && t - lastSent >= interval {
@@ -175,14 +188,16 @@ public final class MPIWorld: RankGroup, @unchecked Sendable {
 
     /// Waits for every request, polling; throws (and fails the world) on an MPI error, a silent
     /// peer or a stop. The buffers of unfinished requests must then stay allocated.
-    func wait(_ requests: inout [ember_mpi_request?], _ what: String) throws {
+    func wait(_ requests: inout [ember_mpi_request?], _ what: String, limit: Double? = nil) throws {
         var spins = 0
+        let start = Self.now()
         while true {
             var done: Int32 = 0
             let rc = requests.withUnsafeMutableBufferPointer { ember_mpi_testall(Int32($0.count), $0.baseAddress, &done) }
             if rc != 0 { throw fail("MPI error \(rc) while \(what)") }
             if done != 0 { return }
             try checkPeers(what)
+            if let limit, Self.now() - start > limit { throw fail("\(what) took longer than \(limit) s") }
             spins += 1
             if spins > 200 { usleep(spins > 20_000 ? 1000 : 20) }
         }
@@ -302,7 +317,7 @@ public final class MPIWorld: RankGroup, @unchecked Sendable {
     // MARK: - Commands from rank 0
 
     /// Rank 0: sends a command and its float arrays to every other rank.
-    public func send(command: Data, arrays: [(UnsafePointer<Float>, Int)]) throws {
+    public func send(command: Data, arrays: [(UnsafePointer<Float>, Int)], limit: Double? = nil) throws {
         precondition(rank == 0)
         try checkPeers("sending a command")
         if size == 1 { return }
@@ -325,7 +340,7 @@ public final class MPIWorld: RankGroup, @unchecked Sendable {
                 }
             }
         }
-        try wait(&requests, "sending a command to the ranks")
+        try wait(&requests, "sending a command to the ranks", limit: limit)
     }
 
     /// The other ranks: waits (idle, polling gently) for rank 0's next command.
@@ -367,7 +382,13 @@ public final class MPIWorld: RankGroup, @unchecked Sendable {
 
     /// A clean end: MPI_Finalize unless the world failed (then peers may be gone and it could hang).
     public func finish() {
-        let ok: Bool = lock.withLock { heartbeats = false; return failed == nil }
+        let (ok, first): (Bool, Bool) = lock.withLock {
+            defer { heartbeats = false; closing = true }
+            return (failed == nil, !closing)
+        }
+        guard first else { return }
+        // No MPI call from the heartbeat thread may follow MPI_Finalize.
+        if heartbeatThread != nil { heartbeatDone.wait() }
         if ok { _ = ember_mpi_finalize() }
     }
 }

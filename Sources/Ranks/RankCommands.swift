@@ -47,7 +47,7 @@ public enum RankCommands {
 
     /// Rank 0, shutting down: the other ranks leave.
     public static func sendStop(_ world: MPIWorld) {
-        try? world.send(command: Data([Op.stop.rawValue]), arrays: [])
+        try? world.send(command: Data([Op.stop.rawValue]), arrays: [], limit: 5)
     }
 
     /// The other ranks: follow rank 0's commands until it stops the job (0) or the world fails (1).

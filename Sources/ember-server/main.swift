@@ -91,7 +91,7 @@ struct EmberServer: ParsableCommand {
         let world: MPIWorld?
         do { world = try MPIWorld.fromEnvironment(timeout: dpTimeout) } catch { throw ValidationError("mpirun: \(error)") }
         if world != nil && follow != nil { throw ValidationError("--follow: a replica is one process; start it without mpirun") }
-        let threads = self.threads ?? max(1, ProcessInfo.processInfo.activeProcessorCount / (world == nil ? 1 : MPIWorld.localSize))
+        let threads = self.threads ?? (world == nil ? ProcessInfo.processInfo.activeProcessorCount : MPIWorld.defaultThreads)
         Compute.setThreads(threads)
         if let world, world.rank != 0 {
             let code = RankCommands.runWorker(world, microBatches: dpMicroBatches) { log.info("\($0)") }

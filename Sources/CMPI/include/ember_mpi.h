@@ -30,4 +30,7 @@ int ember_mpi_ibarrier(ember_mpi_request *req);
 /// Lets a request complete on its own (heartbeats are sent and forgotten).
 int ember_mpi_request_free(ember_mpi_request *req);
 
+/// CPUs this process may run on (its affinity mask; -1 if unknown). Not MPI, but ranks need it.
+int ember_cpu_affinity_count(void);
+
 #endif

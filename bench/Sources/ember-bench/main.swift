@@ -11,6 +11,7 @@ import Foundation
 import Kernels
 import Models
 import RPC
+import Ranks
 import Tokenizer
 import Weights
 
@@ -640,8 +641,50 @@ func benchWriteModel() throws {
     emit(["kind": "write-model", "shape": shape.name, "dir": out, "parameters": model.parameterCount, "seconds": now() - t0])
 }
 
+/// The data-parallel gradient exchange alone, under mpirun: `ember-bench allreduce --floats N
+/// [--rounds K]`. One tree node per rank (the even case); rank 0 prints the median seconds of a
+/// whole exchange (reduce-scatter's data movement, the tree's additions, the all-gather) and the
+/// bandwidths, then the same for one float (the latency).
+func benchAllreduce() throws {
+    guard let world = try MPIWorld.fromEnvironment(timeout: 300) else {
+        throw WeightsError.writeFailed(path: "allreduce", reason: "run it under mpirun (mpirun -n 2 ember-bench allreduce)")
+    }
+    let floats = Int(option("--floats", "16777216")) ?? 1 << 24
+    let rounds = Int(option("--rounds", "5")) ?? 5
+    let tree = LeafTree(leaves: world.size)
+    let blocks = tree.blocks(ranks: world.size)
+    func measure(_ n: Int, _ rounds: Int) throws -> [Double] {
+        let local = UnsafeMutablePointer<Float>.allocate(capacity: n), out = UnsafeMutablePointer<Float>.allocate(capacity: n)
+        defer { local.deallocate(); out.deallocate() }
+        for i in 0..<n { local[i] = Float(world.rank + 1) * 0.5 + Float(i % 7); out[i] = 0 }   // touched before timing
+        var times: [Double] = []
+        for r in 0...rounds {
+            try world.barrier()
+            let t0 = now()
+            try world.reduce(tree: tree, blocks: blocks, local: [local], count: n, into: out)
+            if r > 0 { times.append(now() - t0) }   // the first round warms buffers up
+        }
+        // Check: the sum over ranks of (rank + 1) / 2 + i % 7, exact in float for these values.
+        let ranksSum = Float(world.size * (world.size + 1)) * 0.25
+        for i in stride(from: 0, to: n, by: max(1, n / 97)) where out[i] != ranksSum + Float(world.size) * Float(i % 7) {
+            throw WeightsError.writeFailed(path: "allreduce", reason: "element \(i) is \(out[i])")
+        }
+        return times
+    }
+    let big = try measure(floats, rounds)
+    let small = try measure(1, max(20, rounds))
+    if world.rank == 0 {
+        let t = median(big), bytes = Double(floats * 4), r = Double(world.size)
+        emit(["kind": "allreduce", "ranks": world.size, "hosts": world.hosts, "floats": floats, "bytes": floats * 4,
+              "seconds_median": t, "seconds_min": big.min()!, "algorithm_gb_per_s": bytes / t / 1e9,
+              "bus_gb_per_s": 2 * (r - 1) / r * bytes / t / 1e9, "latency_us": median(small) * 1e6, "rounds": rounds])
+    }
+    world.finish()
+}
+
 do {
     switch args.first {
+    case "allreduce": try benchAllreduce()
     case "write-model": try benchWriteModel()
     case "chat": try benchChat()
     case "load": try benchLoad()

@@ -32,10 +32,10 @@ def _ray():
 class _Server:
     """The actor's body: one ember-server process on this node, bound to the node's address."""
 
-    def __init__(self, binary: str, args: Sequence[str], env: Optional[dict] = None):
+    def __init__(self, binary: str, args: Sequence[str], env: Optional[dict] = None, prefix: Sequence[str] = ()):
         import ray
         host = ray.util.get_node_ip_address()
-        self.process = subprocess.Popen([binary, "--host", host, "--port", "0", *args], stdout=subprocess.PIPE,
+        self.process = subprocess.Popen([*prefix, binary, "--host", host, "--port", "0", *args], stdout=subprocess.PIPE,
                                         stderr=subprocess.DEVNULL, text=True, env={**os.environ, **(env or {})})
         line = self.process.stdout.readline()
         m = re.search(r"listening on (http://[^ |]+)", line)
@@ -65,12 +65,18 @@ class _Server:
 
 class Cluster:
     """Starts the trainer and `replicas` followers on a Ray cluster and keeps the replicas alive
-    (checked every `check_seconds`). `pool` sends calls to the healthy ones."""
+    (checked every `check_seconds`). `pool` sends calls to the healthy ones.
+
+    `trainer_ranks` > 1 runs the trainer data-parallel: its actor asks Ray for that many times
+    `cpus_per_server` on one node and starts `mpirun -n R ember-server` there. `mpirun_args`
+    (e.g. ``["--host", "a,b"]`` with ssh between the nodes) spreads the ranks over machines that
+    mpirun reaches itself; Ray places and supervises the launcher, not the ranks."""
 
     def __init__(self, replicas: int = 1, address: Optional[str] = None, model: Optional[str] = None,
                  cpus_per_server: float = 1, trainer_args: Sequence[str] = (), replica_args: Sequence[str] = (),
-                 api_key: Optional[str] = None, ember_server: Optional[str] = None, check_seconds: float = 1.0):
-        from .rl import find_server_binary
+                 api_key: Optional[str] = None, ember_server: Optional[str] = None, check_seconds: float = 1.0,
+                 trainer_ranks: int = 1, mpirun_args: Sequence[str] = ()):
+        from .rl import find_server_binary, mpirun_command
         self.ray = _ray()
         if not self.ray.is_initialized():
             self.ray.init(address=address, include_dashboard=False, log_to_driver=False)
@@ -81,7 +87,13 @@ class Cluster:
         self.replica_args = list(replica_args)
         self.actor = self.ray.remote(num_cpus=cpus_per_server, max_restarts=0)(_Server)
         env = {"EMBER_API_KEY": api_key} if api_key else {}
-        self.trainer = self.actor.remote(self.binary, [*self.model_args, *trainer_args], env)
+        prefix: List[str] = []
+        trainer_actor = self.actor
+        if trainer_ranks > 1:
+            prefix, mpi_env = mpirun_command(trainer_ranks, mpirun_args)
+            env.update({k: v for k, v in mpi_env.items() if k.startswith("OMPI_")})
+            trainer_actor = self.ray.remote(num_cpus=cpus_per_server * trainer_ranks, max_restarts=0)(_Server)
+        self.trainer = trainer_actor.remote(self.binary, [*self.model_args, *trainer_args], env, prefix)
         self.trainer_url = self.ray.get(self.trainer.url.remote())
         self.replicas: List = []
         self.urls: List[str] = []

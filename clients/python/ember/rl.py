@@ -23,11 +23,12 @@ import math
 import os
 import random
 import re
+import shlex
 import shutil
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import advantages, tasks, verifiers
 from .client import Client, EmberError
@@ -92,13 +93,32 @@ def find_server_binary(explicit: Optional[str]) -> str:
     return found
 
 
+def mpirun_command(ranks: int, extra: Sequence[str] = ()) -> Tuple[List[str], dict]:
+    """The prefix that starts ember-server as a data-parallel trainer of `ranks` ranks (Open MPI's
+    mpirun; --enable-recovery keeps rank 0 serving, degraded, if another rank dies), and the
+    environment it needs (as root, Open MPI's explicit consent)."""
+    mpirun = shutil.which("mpirun")
+    if not mpirun:
+        raise SystemExit("--trainer-ranks needs Open MPI's mpirun (Debian: apt-get install openmpi-bin; scripts/setup installs it)")
+    env = dict(os.environ)
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    return [mpirun, "--enable-recovery", "-n", str(ranks), *extra], env
+
+
 def start_server(args) -> (subprocess.Popen, str):
     exe = find_server_binary(args.ember_server)
+    ranks = getattr(args, "trainer_ranks", 1)
+    threads = max(1, args.threads // ranks)
     cmd = [exe, "--port", "0", "--checkpoint-dir", os.path.join(args.out, "checkpoints"), "--log-level", "warning",
-           "--threads", str(args.threads), "--slots", str(args.slots), "--max-seq-len", str(args.max_seq_len)]
+           "--threads", str(threads), "--slots", str(args.slots), "--max-seq-len", str(args.max_seq_len)]
     if args.model:
         cmd += ["--model", args.model]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    env = None
+    if ranks > 1:
+        prefix, env = mpirun_command(ranks, shlex.split(args.mpirun_args or ""))
+        cmd = prefix + cmd
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
     line = p.stdout.readline()
     m = re.search(r"listening on http://([^ |]+)", line)
     if not m:
@@ -301,6 +321,11 @@ def parse_args(argv=None):
                          "and sample on them (ember.cluster)")
     ap.add_argument("--replicas", type=int, default=1, help="with --ray: sampler replicas to start")
     ap.add_argument("--cpus-per-server", type=float, default=1, help="with --ray: CPUs each ember-server asks Ray for")
+    ap.add_argument("--trainer-ranks", type=int, default=1,
+                    help="with --start-server or --ray: run the trainer data-parallel over this many MPI ranks (mpirun); "
+                         "the weights are the same for any number of ranks")
+    ap.add_argument("--mpirun-args", default="",
+                    help="with --trainer-ranks: extra mpirun arguments (with '=': --mpirun-args='--host a,b' puts the ranks on other machines)")
     ap.add_argument("--replica-api-key", help="API key of the replicas (default: --api-key)")
     ap.add_argument("--max-off-policy-steps", type=int, default=0,
                     help="with --replica: sample up to K steps ahead of the trainer (staleness <= K; 0 = on-policy)")
@@ -309,6 +334,10 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if args.max_off_policy_steps < 0:
         ap.error("--max-off-policy-steps must be >= 0")
+    if args.trainer_ranks < 1:
+        ap.error("--trainer-ranks must be >= 1")
+    if args.trainer_ranks > 1 and not (args.start_server or args.ray is not None):
+        ap.error("--trainer-ranks starts the trainer under mpirun: give --start-server or --ray")
     if args.max_off_policy_steps and not (args.replica or args.ray is not None):
         ap.error("--max-off-policy-steps needs --replica URL or --ray (the replicas sample ahead of the trainer)")
     if args.ray is not None and (args.replica or args.start_server or args.server):
@@ -350,7 +379,8 @@ def main(argv=None) -> int:
                   "--log-level", "warning"]
         cluster = Cluster(replicas=args.replicas, address=args.ray or None, model=args.model, cpus_per_server=args.cpus_per_server,
                           trainer_args=[*common, "--checkpoint-dir", os.path.abspath(os.path.join(args.out, "checkpoints"))],
-                          replica_args=common, api_key=args.api_key, ember_server=args.ember_server)
+                          replica_args=common, api_key=args.api_key, ember_server=args.ember_server,
+                          trainer_ranks=args.trainer_ranks, mpirun_args=shlex.split(args.mpirun_args or ""))
         url = cluster.trainer_url
         print(f"ray: trainer {url}, replicas {', '.join(cluster.urls)}", file=sys.stderr)
     elif args.start_server:

@@ -241,3 +241,20 @@ def test_ranks_on_separate_hosts_give_the_same_bits_and_a_partition_degrades(dp_
         finally:
             s.process.kill()
             s.process.wait(timeout=30)
+
+
+def test_the_rl_loop_on_a_data_parallel_trainer(tmp_path):
+    """python -m ember.rl --start-server --trainer-ranks R: rollouts from generate, resolved on
+    rank 0, trained on R ranks; two and three ranks take the same steps."""
+    from ember import rl
+    runs = {}
+    for ranks in (2, 3):
+        out = str(tmp_path / f"r{ranks}")
+        args = ["--start-server", "--trainer-ranks", str(ranks), "--task", "arithmetic", "--steps", "2", "--prompts", "4",
+                "--samples", "4", "--max-tokens", "12", "--eval-every", "10", "--eval-size", "4", "--eval-k", "1",
+                "--probes", "2", "--out", out, "--method", "lp_reg", "--threads", "2", "--mpirun-args=--oversubscribe"]
+        assert rl.main(args) == 0
+        runs[ranks] = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    keys = ("reward", "loss", "grad_norm", "entropy", "weights_version", "lp_reg_regularized")
+    assert [{k: m[k] for k in keys} for m in runs[2]] == [{k: m[k] for k in keys} for m in runs[3]]
+    assert [m["weights_version"] for m in runs[2]] == [1, 2]
