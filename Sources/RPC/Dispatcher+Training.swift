@@ -171,14 +171,12 @@ extension Dispatcher {
                 level: RolloutCorrection.Level(rawValue: try c.string("level", "token", oneOf: RolloutCorrection.Level.allCases.map(\.rawValue)))!,
                 cap: try c.float("cap", RolloutCorrection.defaultCap, min: 1))
         }
+        if let world = configuration.ranks, trainer.group != nil, let reason = world.failure { throw Self.degraded(reason) }
         let (command, partial) = try trainer.prepare(items: items, config: config, miniBatches: try p.int("mini_batches", 1, min: 1),
                                                      microBatchTokens: p.has("micro_batch_tokens") ? try p.int("micro_batch_tokens", min: 1) : nil,
                                                      optimizer: override, dryRun: try p.bool("dry_run", false), correction: correction)
         // A data-parallel trainer's ranks train the base weights together; an adapter trains here alone.
-        if let world = configuration.ranks, trainer.group != nil {
-            if let reason = world.failure { throw Self.degraded(reason) }
-            try RankCommands.sendTrain(world, command)
-        }
+        if let world = configuration.ranks, trainer.group != nil { try RankCommands.sendTrain(world, command) }
         let m = try trainer.train(command, metrics: partial)
         var metrics: [String: Any] = [
             "loss": m.loss, "pg_loss": m.pgLoss, "entropy": m.entropy, "clipfrac_low": m.clipFracLow,

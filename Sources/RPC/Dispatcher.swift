@@ -286,7 +286,8 @@ public final class Dispatcher {
         try trainer.loadState(from: folder, weights: staged)
         replaceAdapters(with: adapters)
         // Every rank of a data-parallel trainer takes the loaded state.
-        if let world = configuration.ranks { try RankCommands.sendState(world, trainer: trainer) }
+        // (A degraded trainer loads for sampling alone: its ranks are gone.)
+        if let world = configuration.ranks, world.failure == nil { try RankCommands.sendState(world, trainer: trainer) }
         return ["name": name, "weights_version": trainer.weightsVersion]
     }
 }

@@ -76,6 +76,9 @@ struct EmberServer: ParsableCommand {
             FileHandle.standardOutput.write(JSONRPC.encode(RPCMethod.describe()) + Data("\n".utf8))
             return
         }
+        // A write to a peer that has gone (an HTTP client, or a dead MPI rank's socket) must be
+        // an error to handle, not a signal that ends the process.
+        signal(SIGPIPE, SIG_IGN)
         // Before anything else: OpenBLAS can only be told its kernel set at load time.
         BLASCore.restartIfMisdetected()
         if let problem = KernelSet.applyEnvironment() { throw ValidationError(problem) }

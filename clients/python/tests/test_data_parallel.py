@@ -214,9 +214,11 @@ def test_a_dead_or_hung_rank_fails_the_step_cleanly(dp_model, tmp_path, fault):
         s.stop()
 
 
-def test_ranks_on_separate_hosts_give_the_same_bits_and_a_partition_degrades(dp_model, tmp_path):
+@pytest.mark.parametrize("fault", ["partition", "kill"])
+def test_ranks_on_separate_hosts_give_the_same_bits_and_a_lost_host_degrades(dp_model, tmp_path, fault):
     """Three namespace hosts; mpirun (root namespace, on the bridge) starts one rank on each
-    through scripts/netns-rsh, the ranks talk TCP across the bridge."""
+    through scripts/netns-rsh, the ranks talk TCP across the bridge. Then host c drops off the
+    network, or its rank is killed (its TCP peers see the connection reset)."""
     ckpt = str(tmp_path)
     reference = trajectory(dp_model, 1, ckpt, steps=(0, 1))
     with Hosts(("a", "b", "c")) as hosts:
@@ -232,8 +234,14 @@ def test_ranks_on_separate_hosts_give_the_same_bits_and_a_partition_degrades(dp_
             c.configure_optimizer(lr=3e-3)
             got = [exact(run_step(c, STEPS[i])) for i in (0, 1)]
             assert (got, digests(c)) == reference
-            # Host c drops off the network: the next step fails cleanly, nothing applied.
-            hosts.link("c", False)
+            # Host c is lost: the next step fails cleanly, nothing applied.
+            if fault == "partition":
+                hosts.link("c", False)
+            else:
+                pids = hosts.ip("netns", "pids", hosts.hosts["c"]).stdout.split()
+                ranks = [p for p in pids if open(f"/proc/{p}/cmdline", "rb").read().split(b"\0")[0].endswith(b"ember-server")]
+                assert len(ranks) == 1, ranks
+                os.kill(int(ranks[0]), signal.SIGKILL)
             with pytest.raises(EmberError) as e:
                 run_step(c, STEPS[2])
             assert e.value.kind == "degraded" and "rank 2" in e.value.hint
@@ -258,3 +266,35 @@ def test_the_rl_loop_on_a_data_parallel_trainer(tmp_path):
     keys = ("reward", "loss", "grad_norm", "entropy", "weights_version", "lp_reg_regularized")
     assert [{k: m[k] for k in keys} for m in runs[2]] == [{k: m[k] for k in keys} for m in runs[3]]
     assert [m["weights_version"] for m in runs[2]] == [1, 2]
+
+
+def test_stop_ends_every_rank_and_a_lost_rank_0_ends_the_job(dp_model, tmp_path):
+    # SIGTERM to rank 0: it answers what is in flight, tells the ranks to leave, all exit 0.
+    s = start(dp_model, 3, str(tmp_path))
+    pids = rank_pids(s.process.pid)
+    os.kill(pids[0], signal.SIGTERM)
+    assert s.process.wait(timeout=30) == 0
+    # Rank 0 killed: the other ranks find it silent and leave, so the job ends instead of hanging.
+    s = start(dp_model, 3, str(tmp_path), extra=("--dp-timeout", "2"))
+    pids = rank_pids(s.process.pid)
+    os.kill(pids[0], signal.SIGKILL)
+    s.process.wait(timeout=30)
+    for pid in pids.values():
+        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+
+
+def test_adapters_train_on_rank_0_beside_the_ranks(dp_model, tmp_path):
+    """A LoRA adapter trains on rank 0 alone (the base weights, which the ranks share, stay put);
+    the base still trains on every rank afterwards."""
+    s = start(dp_model, 2, str(tmp_path))
+    try:
+        c = Client(s.url)
+        base = digests(c)
+        c.create_adapter("a", rank=4, seed=1)
+        r = c.train_step(batch=batch(5), loss={"mode": "ppo"}, adapter="a", optimizer={"lr": 1e-2})
+        assert r["weights_version"] == 1 and digests(c) == base
+        assert c.info()["weights_version"] == 0
+        run_step(c, STEPS[0])
+        assert digests(c)[0] == 2
+    finally:
+        s.stop()
