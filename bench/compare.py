@@ -469,12 +469,15 @@ def data_parallel(quick=False, rounds=3):
             return
         r = json.loads(line[-1])
         results["allreduce"][name] = r
-        print(f"{name:34} {r['bytes'] / 1e9:6.2f} GB in {r['seconds_median']:6.2f} s = {r['algorithm_gb_per_s']:5.2f} GB/s, "
-              f"latency {r['latency_us']:8.1f} us")
+        print(f"{name:34} {r['bytes'] / 1e9:6.2f} GB: Ember {r['seconds_median']:6.2f} s = {r['algorithm_gb_per_s']:5.2f} GB/s, "
+              f"latency {r['latency_us']:7.1f} us | MPI_Allreduce {r['mpi_allreduce_seconds_median']:6.2f} s = "
+              f"{r['mpi_allreduce_gb_per_s']:5.2f} GB/s, latency {r['mpi_allreduce_latency_us']:7.1f} us "
+              f"| ratio {r['mpi_allreduce_seconds_median'] / r['seconds_median']:.2f}x")
 
     base = ["mpirun", "-n", "2", "--bind-to", "none"]
     prog = [EMBER, "allreduce", "--floats", str(floats), "--rounds", str(rounds), "--threads", "1"]
-    print("\ngradient exchange, 2 ranks (reduce-scatter over the fixed tree + all-gather; median of rounds)")
+    print("\ngradient exchange, 2 ranks: Ember's (reduce-scatter's data movement, the fixed tree's additions, all-gather)"
+          " against Open MPI's MPI_Allreduce on the same buffer, interleaved rounds, medians")
     allreduce("shared memory (one host)", [*base, *prog])
     allreduce("TCP on loopback", [*base, "--mca", "btl", "tcp,self", "--mca", "btl_tcp_if_include", "lo", *prog])
     # Two hosts: network namespaces on a bridge, mpirun entering them through scripts/netns-rsh.

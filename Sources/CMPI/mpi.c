@@ -26,6 +26,8 @@ static int (*p_ialltoallv)(const void *, const int *, const int *, H, void *, co
 static int (*p_iallgatherv)(const void *, int, H, void *, const int *, const int *, H, H, ember_mpi_request *);
 static int (*p_ibarrier)(H, ember_mpi_request *);
 static int (*p_request_free)(ember_mpi_request *);
+static int (*p_allreduce)(const void *, void *, int, H, H, H);
+static H op_sum;
 
 #define RESOLVE(var, name) do { *(void **)(&var) = dlsym(lib, name); if (!var) { snprintf(err, err_len, "libmpi has no %s", name); return -1; } } while (0)
 
@@ -53,6 +55,8 @@ int ember_mpi_load(char *err, size_t err_len) {
     RESOLVE(p_iallgatherv, "MPI_Iallgatherv");
     RESOLVE(p_ibarrier, "MPI_Ibarrier");
     RESOLVE(p_request_free, "MPI_Request_free");
+    RESOLVE(p_allreduce, "MPI_Allreduce");
+    RESOLVE(op_sum, "ompi_mpi_op_sum");
     return 0;
 }
 
@@ -105,6 +109,7 @@ int ember_mpi_iallgatherv(float *buf, const int *counts, const int *displs, embe
     return p_iallgatherv((const void *)1, 0, type_float, buf, counts, displs, type_float, comm_world, req);
 }
 int ember_mpi_ibarrier(ember_mpi_request *req) { LOADED; return p_ibarrier(comm_world, req); }
+int ember_mpi_allreduce_sum(float *buf, int count) { LOADED; return p_allreduce((const void *)1, buf, count, type_float, op_sum, comm_world); }
 int ember_mpi_request_free(ember_mpi_request *req) { LOADED; return p_request_free(req); }
 
 int ember_cpu_affinity_count(void) {

@@ -314,6 +314,17 @@ public final class MPIWorld: RankGroup, @unchecked Sendable {
         if rc != 0 { throw fail("MPI error \(rc) while \(what)") }
     }
 
+    /// Open MPI's own all-reduce (MPI_SUM, its order of additions), in place, in segments: the
+    /// benchmark's anchor for `reduce`. Blocking, so not for the trainer.
+    public func nativeAllReduce(_ buffer: UnsafeMutablePointer<Float>, count: Int) throws {
+        var lo = 0
+        while lo < count {
+            let n = min(Self.segment, count - lo)
+            try check(ember_mpi_allreduce_sum(buffer + lo, Int32(n)), "MPI_Allreduce")
+            lo += n
+        }
+    }
+
     // MARK: - Commands from rank 0
 
     /// Rank 0: sends a command and its float arrays to every other rank.

@@ -27,6 +27,9 @@ int ember_mpi_ialltoallv(const float *send, const int *send_counts, const int *s
 /// Floats, in place.
 int ember_mpi_iallgatherv(float *buf, const int *counts, const int *displs, ember_mpi_request *req);
 int ember_mpi_ibarrier(ember_mpi_request *req);
+/// MPI_Allreduce(MPI_SUM) of floats in place: Open MPI's own order of additions (the benchmark's
+/// anchor only; Ember's sums go over its fixed tree).
+int ember_mpi_allreduce_sum(float *buf, int count);
 /// Lets a request complete on its own (heartbeats are sent and forgotten).
 int ember_mpi_request_free(ember_mpi_request *req);
 

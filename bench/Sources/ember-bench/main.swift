@@ -671,13 +671,34 @@ func benchAllreduce() throws {
         }
         return times
     }
-    let big = try measure(floats, rounds)
-    let small = try measure(1, max(20, rounds))
+    /// The anchor: Open MPI's MPI_Allreduce on the same buffer (its own order of additions).
+    func native(_ n: Int, _ rounds: Int) throws -> [Double] {
+        let buffer = UnsafeMutablePointer<Float>.allocate(capacity: n)
+        defer { buffer.deallocate() }
+        var times: [Double] = []
+        for r in 0...rounds {
+            for i in 0..<n { buffer[i] = Float(world.rank + 1) * 0.5 + Float(i % 7) }
+            try world.barrier()
+            let t0 = now()
+            try world.nativeAllReduce(buffer, count: n)
+            if r > 0 { times.append(now() - t0) }
+        }
+        return times
+    }
+    // Interleaved: Ember's exchange and MPI's all-reduce, round after round.
+    var big: [Double] = [], anchor: [Double] = []
+    for _ in 0..<rounds {
+        big += try measure(floats, 1)
+        anchor += try native(floats, 1)
+    }
+    let small = try measure(1, max(20, rounds)), smallAnchor = try native(1, max(20, rounds))
     if world.rank == 0 {
-        let t = median(big), bytes = Double(floats * 4), r = Double(world.size)
+        let t = median(big), a = median(anchor), bytes = Double(floats * 4), r = Double(world.size)
         emit(["kind": "allreduce", "ranks": world.size, "hosts": world.hosts, "floats": floats, "bytes": floats * 4,
               "seconds_median": t, "seconds_min": big.min()!, "algorithm_gb_per_s": bytes / t / 1e9,
-              "bus_gb_per_s": 2 * (r - 1) / r * bytes / t / 1e9, "latency_us": median(small) * 1e6, "rounds": rounds])
+              "bus_gb_per_s": 2 * (r - 1) / r * bytes / t / 1e9, "latency_us": median(small) * 1e6, "rounds": rounds,
+              "mpi_allreduce_seconds_median": a, "mpi_allreduce_gb_per_s": bytes / a / 1e9,
+              "mpi_allreduce_latency_us": median(smallAnchor) * 1e6])
     }
     world.finish()
 }

@@ -89,3 +89,73 @@ def test_every_flag_is_one_ember_server_accepts():
     for _, c in containers().values():
         flags |= {a for a in c.get("args", []) + c.get("command", []) if a.startswith("--")}
     assert flags and all(f in help_text for f in flags), sorted(f for f in flags if f not in help_text)
+
+
+DP = os.path.join(K8S, "data-parallel")
+
+
+def dp_documents():
+    kust = yaml.safe_load(open(os.path.join(DP, "kustomization.yaml")))
+    assert kust["resources"] == ["mpijob.yaml"]
+    return {d["kind"]: d for d in yaml.safe_load_all(open(os.path.join(DP, "mpijob.yaml"))) if d}
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_the_data_parallel_trainer_manifests_validate(version):
+    docs = dp_documents()
+    assert set(docs) == {"Service", "PersistentVolumeClaim", "MPIJob"}
+    kubernetes_validate.validate(docs["Service"], version, strict=True)
+    kubernetes_validate.validate(docs["PersistentVolumeClaim"], version, strict=True)
+    # The MPIJob is the operator's custom resource; its pod templates are plain Kubernetes ones.
+    for role, spec in docs["MPIJob"]["spec"]["mpiReplicaSpecs"].items():
+        template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": role.lower()}, "template": spec["template"]}
+        kubernetes_validate.validate(template, version, strict=True)
+
+
+def test_the_mpijob_fits_the_operator_and_the_server():
+    docs = dp_documents()
+    job = docs["MPIJob"]
+    assert job["apiVersion"] == "kubeflow.org/v2beta1"
+    spec = job["spec"]
+    # The v2beta1 MPIJob's fields (kubeflow/mpi-operator's API), and only those.
+    assert set(spec) <= {"slotsPerWorker", "runPolicy", "mpiReplicaSpecs", "sshAuthMountPath", "mpiImplementation",
+                         "launcherCreationPolicy", "runLauncherAsWorker"}
+    assert spec["mpiImplementation"] == "OpenMPI" and set(spec["mpiReplicaSpecs"]) == {"Launcher", "Worker"}
+    launcher = spec["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]["containers"][0]
+    workers = spec["mpiReplicaSpecs"]["Worker"]
+    argv = launcher["command"] + launcher["args"]
+    assert argv[0] == "mpirun" and "--enable-recovery" in argv, "rank 0 survives another rank's death"
+    ranks = int(argv[argv.index("-n") + 1])
+    assert ranks == workers["replicas"] * spec["slotsPerWorker"], "one rank per worker slot"
+    server_args = argv[argv.index("ember-server") + 1:]
+    help_text = subprocess.run([SERVER, "--help"], capture_output=True, text=True).stdout
+    flags = [a for a in server_args if a.startswith("--")]
+    assert flags and all(f in help_text for f in flags), flags
+    port = int(server_args[server_args.index("--port") + 1])
+    # The Service reaches rank 0: worker 0 of this job, on the server's port.
+    service = docs["Service"]
+    assert service["spec"]["selector"] == {"training.kubeflow.org/job-name": job["metadata"]["name"],
+                                           "training.kubeflow.org/job-role": "worker",
+                                           "training.kubeflow.org/replica-index": "0"}
+    assert service["spec"]["ports"][0]["targetPort"] == port
+    worker = workers["template"]["spec"]["containers"][0]
+    assert worker["command"] == ["/usr/sbin/sshd"] and worker["readinessProbe"]["tcpSocket"]["port"] == 2222
+    # The launcher's liveness probe restarts the job when rank 0 reports itself degraded.
+    assert launcher["livenessProbe"]["exec"]["command"] == ["ember", "health"]
+    env = {e["name"]: e for e in launcher["env"]}
+    assert env["EMBER_URL"]["value"] == f"http://{service['metadata']['name']}:{service['spec']['ports'][0]['port']}"
+    assert env["EMBER_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "ember-api-key", "key": "key"}
+    assert "EMBER_API_KEY" in env["OMPI_MCA_mca_base_env_list"]["value"], "mpirun passes the key to the ranks"
+    # Checkpoints on a claim every worker can mount.
+    claim = docs["PersistentVolumeClaim"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    volumes = {v["name"]: v for v in workers["template"]["spec"]["volumes"]}
+    mounts = {m["name"]: m["mountPath"] for m in worker["volumeMounts"]}
+    assert volumes["checkpoints"]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    ckpt = server_args[server_args.index("--checkpoint-dir") + 1]
+    assert mounts["checkpoints"] == ckpt
+    # The image stage the job names exists, with sshd on the probed port and the operator's key path.
+    dockerfile = open(os.path.join(ROOT, "docker", "Dockerfile")).read()
+    mpi_stage = dockerfile.split("AS mpi", 1)[1]
+    assert "openmpi-bin" in mpi_stage and "openssh-server" in mpi_stage and "Port 2222" in mpi_stage
+    assert f"AuthorizedKeysFile {spec['sshAuthMountPath']}/authorized_keys" in mpi_stage
