@@ -177,7 +177,14 @@ extension Dispatcher {
                                                      optimizer: override, dryRun: try p.bool("dry_run", false), correction: correction)
         // A data-parallel trainer's ranks train the base weights together; an adapter trains here alone.
         if let world = configuration.ranks, trainer.group != nil { try RankCommands.sendTrain(world, command) }
-        let m = try trainer.train(command, metrics: partial)
+        let m: TrainMetrics
+        do {
+            m = try trainer.train(command, metrics: partial)
+        } catch let e where configuration.ranks != nil && trainer.group != nil && !(e is NonFiniteError || e is TrainError || e is RankFailure) {
+            // Every rank refuses NonFinite and TrainError together; anything else left the
+            // ranks at different points of the step, and only a restart brings them together.
+            throw configuration.ranks!.fail("rank 0 failed inside a step: \(e)")
+        }
         var metrics: [String: Any] = [
             "loss": m.loss, "pg_loss": m.pgLoss, "entropy": m.entropy, "clipfrac_low": m.clipFracLow,
             "clipfrac_high": m.clipFracHigh, "ppo_kl": m.ppoKL, "kl_ref": m.refKL, "grad_norm": m.gradNorm, "lr": m.lr,

@@ -44,7 +44,11 @@ public final class MPIWorld: RankGroup, @unchecked Sendable {
     enum Tag: Int32 { case command = 1, payload = 2, heartbeat = 3, stop = 4, gatherLength = 5, gather = 6 }
 
     /// Floats per exchange segment (bounds the receive buffers and keeps MPI's int counts small).
-    static let segment = 1 << 24
+    /// EMBER_DP_SEGMENT_FLOATS changes it (the tests make many small segments of a tiny model).
+    /// Every rank must cut the same way: rank 0's value reaches the others with the model.
+    public internal(set) var segment = Int(ProcessInfo.processInfo.environment["EMBER_DP_SEGMENT_FLOATS"] ?? "").flatMap { $0 > 0 ? $0 : nil } ?? 1 << 24
+    /// Command payloads travel in pieces of at most this many floats (MPI counts are ints).
+    static let piece = 1 << 24
 
     /// The world when this process was started by Open MPI's mpirun (nil otherwise).
     public static func fromEnvironment(timeout: Double) throws -> MPIWorld? {
@@ -107,7 +111,7 @@ public final class MPIWorld: RankGroup, @unchecked Sendable {
     /// Marks the world failed. Rank 0 tells the others to leave (best effort) and stops its
     /// heartbeats, so a rank that missed the message leaves when rank 0 falls silent.
     @discardableResult
-    func fail(_ reason: String) -> RankFailure {
+    public func fail(_ reason: String) -> RankFailure {
         let first: Bool = lock.withLock {
             if failed != nil { return false }
             failed = reason
@@ -189,17 +193,22 @@ public final class MPIWorld: RankGroup, @unchecked Sendable {
     /// Waits for every request, polling; throws (and fails the world) on an MPI error, a silent
     /// peer or a stop. The buffers of unfinished requests must then stay allocated.
     func wait(_ requests: inout [ember_mpi_request?], _ what: String, limit: Double? = nil) throws {
-        var spins = 0
         let start = Self.now()
+        var checked = start
+        try checkPeers(what)
         while true {
             var done: Int32 = 0
             let rc = requests.withUnsafeMutableBufferPointer { ember_mpi_testall(Int32($0.count), $0.baseAddress, &done) }
             if rc != 0 { throw fail("MPI error \(rc) while \(what)") }
             if done != 0 { return }
-            try checkPeers(what)
-            if let limit, Self.now() - start > limit { throw fail("\(what) took longer than \(limit) s") }
-            spins += 1
-            if spins > 200 { usleep(spins > 20_000 ? 1000 : 20) }
+            let t = Self.now()
+            if t - checked > 0.01 {
+                checked = t
+                try checkPeers(what)
+                if let limit, t - start > limit { throw fail("\(what) took longer than \(limit) s") }
+            }
+            // Spin for the first 2 ms (a peer's answer is usually that close), then poll gently.
+            if t - start > 0.002 { usleep(t - start > 1 ? 1000 : 50) }
         }
     }
 
@@ -259,55 +268,71 @@ public final class MPIWorld: RankGroup, @unchecked Sendable {
         }
         let R = size
         let rounds = nodesOf.map(\.count).max() ?? 0
-        let segment = Self.segment
+        let segment = self.segment
         let maxChunk = (min(segment, count) + R - 1) / R + 1
-        let needed = max(1, rounds * R * maxChunk)
+        let slot = rounds * R * maxChunk
+        // Two receive slots: segment s+1's data arrives while segment s is added up.
+        let needed = max(1, 2 * slot)
         if receiveCapacity < needed {
             receiveArea?.deallocate()
             receiveArea = .allocate(capacity: needed)
             receiveCapacity = needed
         }
         let area = receiveArea!
-        var lo = 0
-        while lo < count {
-            let length = min(segment, count - lo)
-            func chunk(_ d: Int) -> Range<Int> { (length * d / R)..<(length * (d + 1) / R) }
-            let mineChunk = chunk(rank), c = mineChunk.count
-            // Reduce-scatter's data movement: round k carries every rank's k-th node, chunk d to rank d.
-            let counts = Pinned((0..<R).map { Int32(chunk($0).count) })
-            let displs = Pinned((0..<R).map { Int32(chunk($0).lowerBound) })
-            var pinned: [AnyObject] = [counts, displs]
+        let segments = stride(from: 0, to: count, by: segment).map { $0..<min($0 + segment, count) }
+        var pinned: [AnyObject] = []
+        func chunk(_ d: Int, _ seg: Range<Int>) -> Range<Int> { (seg.count * d / R)..<(seg.count * (d + 1) / R) }
+        /// Reduce-scatter's data movement for one segment: round k carries every rank's k-th node,
+        /// chunk d to rank d, into receive slot `s % 2`.
+        func post(_ s: Int) throws -> [ember_mpi_request?] {
+            let seg = segments[s], c = chunk(rank, seg).count
+            let counts = Pinned((0..<R).map { Int32(chunk($0, seg).count) })
+            let displs = Pinned((0..<R).map { Int32(chunk($0, seg).lowerBound) })
+            let none = Pinned([Int32](repeating: 0, count: R))
+            let recvDispls = Pinned((0..<R).map { Int32($0 * c) })
+            pinned += [counts, displs, none, recvDispls]
             var requests: [ember_mpi_request?] = []
             for k in 0..<rounds {
                 let have = nodesOf[rank].count > k
-                let sendCounts = have ? counts : Pinned([Int32](repeating: 0, count: R))
                 let recvCounts = Pinned((0..<R).map { Int32(nodesOf[$0].count > k ? c : 0) })
-                let recvDispls = Pinned((0..<R).map { Int32($0 * c) })
-                pinned += [sendCounts, recvCounts, recvDispls]
+                pinned.append(recvCounts)
                 var r: ember_mpi_request?
-                try check(ember_mpi_ialltoallv(have ? local[k] + lo : out + lo, sendCounts.pointer, displs.pointer,
-                                               area + k * R * maxChunk, recvCounts.pointer, recvDispls.pointer, &r), "exchanging gradients")
+                try check(ember_mpi_ialltoallv(have ? local[k] + seg.lowerBound : out + seg.lowerBound, have ? counts.pointer : none.pointer,
+                                               displs.pointer, area + (s % 2) * slot + k * R * maxChunk, recvCounts.pointer,
+                                               recvDispls.pointer, &r), "exchanging gradients")
                 requests.append(r)
             }
-            try wait(&requests, "exchanging gradients")
+            return requests
+        }
+        var incoming = try post(0)
+        var gathers: [ember_mpi_request?] = []
+        for (s, seg) in segments.enumerated() {
+            try wait(&incoming, "exchanging gradients")
+            if s + 1 < segments.count { incoming = try post(s + 1) }
+            let mine = chunk(rank, seg), c = mine.count
             var known: [LeafTree.Node: UnsafeMutablePointer<Float>] = [:]
-            for s in 0..<R {
-                for (k, node) in nodesOf[s].enumerated() { known[node] = area + k * R * maxChunk + s * c }
+            for q in 0..<R {
+                for (k, node) in nodesOf[q].enumerated() { known[node] = area + (s % 2) * slot + k * R * maxChunk + q * c }
             }
             if c > 0 {
                 let root = try tree.evaluate(tree.root, known: { known[$0] }, leaf: { j in
                     throw RankFailure(reason: "leaf \(j) is on no rank")
                 }, add: { a, b in addInPlace(a, b, count: c); return a })!
-                (out + lo + mineChunk.lowerBound).update(from: root, count: c)
+                (out + seg.lowerBound + mine.lowerBound).update(from: root, count: c)
             }
-            // All-gather: every rank's reduced chunk to every rank.
+            // All-gather: every rank's reduced chunk to every rank (waited for at the end).
+            let counts = Pinned((0..<R).map { Int32(chunk($0, seg).count) })
+            let displs = Pinned((0..<R).map { Int32(chunk($0, seg).lowerBound) })
+            pinned += [counts, displs]
             var r: ember_mpi_request?
-            try check(ember_mpi_iallgatherv(out + lo, counts.pointer, displs.pointer, &r), "gathering gradients")
-            requests = [r]
-            try wait(&requests, "gathering gradients")
-            withExtendedLifetime(pinned) {}
-            lo += length
+            try check(ember_mpi_iallgatherv(out + seg.lowerBound, counts.pointer, displs.pointer, &r), "gathering gradients")
+            gathers.append(r)
+            // Let earlier gathers move while the next segment arrives.
+            var done: Int32 = 0
+            _ = gathers.withUnsafeMutableBufferPointer { ember_mpi_testall(Int32($0.count), $0.baseAddress, &done) }
         }
+        try wait(&gathers, "gathering gradients")
+        withExtendedLifetime(pinned) {}
     }
 
     private func check(_ rc: Int32, _ what: String) throws {
@@ -319,7 +344,7 @@ public final class MPIWorld: RankGroup, @unchecked Sendable {
     public func nativeAllReduce(_ buffer: UnsafeMutablePointer<Float>, count: Int) throws {
         var lo = 0
         while lo < count {
-            let n = min(Self.segment, count - lo)
+            let n = min(Self.piece, count - lo)
             try check(ember_mpi_allreduce_sum(buffer + lo, Int32(n)), "MPI_Allreduce")
             lo += n
         }
@@ -343,7 +368,7 @@ public final class MPIWorld: RankGroup, @unchecked Sendable {
             for (pointer, count) in arrays {
                 var lo = 0
                 while lo < count {
-                    let n = min(Self.segment, count - lo)
+                    let n = min(Self.piece, count - lo)
                     var r: ember_mpi_request?
                     try check(ember_mpi_isend(pointer + lo, Int32(n), 1, Int32(p), Tag.payload.rawValue, &r), "sending weights")
                     requests.append(r)
@@ -382,7 +407,7 @@ public final class MPIWorld: RankGroup, @unchecked Sendable {
         var requests: [ember_mpi_request?] = []
         var lo = 0
         while lo < count {
-            let n = min(Self.segment, count - lo)
+            let n = min(Self.piece, count - lo)
             var r: ember_mpi_request?
             try check(ember_mpi_irecv(pointer + lo, Int32(n), 1, 0, Tag.payload.rawValue, &r), "receiving weights")
             requests.append(r)

@@ -23,7 +23,7 @@ public enum RankCommands {
     public static func sendInit(_ world: MPIWorld, model: TransformerModel) throws {
         let p = model.parameters
         let json: [String: Any] = ["config": String(decoding: model.configJSON, as: UTF8.self), "bf16": p.storage == .bf16,
-                                   "count": p.count]
+                                   "count": p.count, "segment": world.segment]
         try world.send(command: try message(.initialize, json), arrays: [(UnsafePointer(p.precise), p.count)])
     }
 
@@ -64,7 +64,10 @@ public enum RankCommands {
                     return 0
                 case .initialize:
                     let j = try object(body)
-                    guard let config = j["config"] as? String, let count = j["count"] as? Int else { throw RankFailure(reason: "bad init command") }
+                    guard let config = j["config"] as? String, let count = j["count"] as? Int, let segment = j["segment"] as? Int, segment > 0 else {
+                        throw RankFailure(reason: "bad init command")
+                    }
+                    world.segment = segment
                     let model = try TransformerModel(config: Data(config.utf8))
                     guard model.parameters.count == count else {
                         throw RankFailure(reason: "rank 0's model has \(count) parameters, this rank built \(model.parameters.count)")

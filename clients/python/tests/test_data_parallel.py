@@ -25,6 +25,9 @@ MPIRUN = shutil.which("mpirun")
 RSH_AGENT = os.path.join(ROOT, "scripts", "netns-rsh")
 
 ENV = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+       # The exchange in segments of 1,000 floats: the tiny model's gradient crosses in ~30 of
+       # them, so the pipelined path (segment s+1 arriving while s is added) runs.
+       "EMBER_DP_SEGMENT_FLOATS": "1000",
        # Ranks on one machine talk through shared memory and loopback TCP only.
        "OMPI_MCA_btl_tcp_if_include": "lo", "OMPI_MCA_oob_tcp_if_include": "lo"}
 
@@ -140,6 +143,14 @@ def test_one_micro_batch_matches_the_single_process_server(dp_model, tmp_path):
     alone = trajectory(dp_model, 0, str(tmp_path), steps=steps)
     ranks = trajectory(dp_model, 2, str(tmp_path), extra=("--dp-micro-batches", "1"), steps=steps)
     assert ranks == alone
+
+
+def test_bf16_weights_are_the_same_for_one_and_three_ranks(dp_model, tmp_path):
+    """--weights-dtype bf16: every rank keeps the float32 master and the same bf16 rounding."""
+    one = trajectory(dp_model, 1, str(tmp_path), extra=("--weights-dtype", "bf16"), steps=(0, 1))
+    three = trajectory(dp_model, 3, str(tmp_path), extra=("--weights-dtype", "bf16"), steps=(0, 1))
+    assert one == three
+    assert one != trajectory(dp_model, 1, str(tmp_path), steps=(0, 1)), "bf16 storage changes the steps"
 
 
 def rank_pids(mpirun_pid):
