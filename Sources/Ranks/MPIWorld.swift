@@ -286,7 +286,8 @@ public final class MPIWorld: RankGroup, @unchecked Sendable {
         /// chunk d to rank d, into receive slot `s % 2`.
         func post(_ s: Int) throws -> [ember_mpi_request?] {
             let seg = segments[s], c = chunk(rank, seg).count
-            let counts = Pinned((0..<R).map { Int32(chunk($0, seg).count) })
+            // A rank's own chunk stays where it is (nothing to self).
+            let counts = Pinned((0..<R).map { Int32($0 == rank ? 0 : chunk($0, seg).count) })
             let displs = Pinned((0..<R).map { Int32(chunk($0, seg).lowerBound) })
             let none = Pinned([Int32](repeating: 0, count: R))
             let recvDispls = Pinned((0..<R).map { Int32($0 * c) })
@@ -294,7 +295,7 @@ public final class MPIWorld: RankGroup, @unchecked Sendable {
             var requests: [ember_mpi_request?] = []
             for k in 0..<rounds {
                 let have = nodesOf[rank].count > k
-                let recvCounts = Pinned((0..<R).map { Int32(nodesOf[$0].count > k ? c : 0) })
+                let recvCounts = Pinned((0..<R).map { Int32($0 != rank && nodesOf[$0].count > k ? c : 0) })
                 pinned.append(recvCounts)
                 var r: ember_mpi_request?
                 try check(ember_mpi_ialltoallv(have ? local[k] + seg.lowerBound : out + seg.lowerBound, have ? counts.pointer : none.pointer,
@@ -312,7 +313,9 @@ public final class MPIWorld: RankGroup, @unchecked Sendable {
             let mine = chunk(rank, seg), c = mine.count
             var known: [LeafTree.Node: UnsafeMutablePointer<Float>] = [:]
             for q in 0..<R {
-                for (k, node) in nodesOf[q].enumerated() { known[node] = area + (s % 2) * slot + k * R * maxChunk + q * c }
+                for (k, node) in nodesOf[q].enumerated() {
+                    known[node] = q == rank ? local[k] + seg.lowerBound + mine.lowerBound : area + (s % 2) * slot + k * R * maxChunk + q * c
+                }
             }
             if c > 0 {
                 let root = try tree.evaluate(tree.root, known: { known[$0] }, leaf: { j in

@@ -128,6 +128,10 @@ struct EmberServer: ParsableCommand {
         if let world {
             do { try RankCommands.sendInit(world, model: loaded) } catch { throw ValidationError("mpirun: sending the model to the ranks: \(error)") }
             log.notice("data-parallel trainer", metadata: ["ranks": "\(world.size)", "hosts": "\(world.hosts.joined(separator: ","))"])
+            if dpMicroBatches < world.size {
+                log.warning("fewer micro-batches than ranks: some ranks will have nothing to train (raise --dp-micro-batches, or send micro_batch_tokens)",
+                            metadata: ["micro_batches": "\(dpMicroBatches)", "ranks": "\(world.size)"])
+            }
         }
         var config = Dispatcher.Configuration()
         config.ranks = world

@@ -656,9 +656,10 @@ func benchAllreduce() throws {
     func measure(_ n: Int, _ rounds: Int) throws -> [Double] {
         let local = UnsafeMutablePointer<Float>.allocate(capacity: n), out = UnsafeMutablePointer<Float>.allocate(capacity: n)
         defer { local.deallocate(); out.deallocate() }
-        for i in 0..<n { local[i] = Float(world.rank + 1) * 0.5 + Float(i % 7); out[i] = 0 }   // touched before timing
         var times: [Double] = []
         for r in 0...rounds {
+            // The exchange may overwrite the local values (it adds in place): set them each round.
+            for i in 0..<n { local[i] = Float(world.rank + 1) * 0.5 + Float(i % 7); out[i] = 0 }
             try world.barrier()
             let t0 = now()
             try world.reduce(tree: tree, blocks: blocks, local: [local], count: n, into: out)

@@ -309,3 +309,24 @@ def test_adapters_train_on_rank_0_beside_the_ranks(dp_model, tmp_path):
         assert digests(c)[0] == 2
     finally:
         s.stop()
+
+
+def test_a_restarted_job_continues_the_rl_loop_as_if_never_stopped(tmp_path):
+    """The loop stops after 2 steps under 2 ranks (checkpoint each step); the job is restarted
+    with 3 ranks and `--resume`; step 3 is the uninterrupted run's step 3."""
+    from ember import rl
+
+    def run(out, ranks, steps, *extra):
+        args = ["--start-server", "--trainer-ranks", str(ranks), "--task", "arithmetic", "--steps", str(steps),
+                "--prompts", "4", "--samples", "4", "--max-tokens", "12", "--eval-every", "10", "--eval-size", "4",
+                "--eval-k", "1", "--probes", "2", "--out", out, "--method", "lp_reg", "--threads", "2",
+                "--checkpoint-every", "1", "--mpirun-args=--oversubscribe", *extra]
+        assert rl.main(args) == 0
+        return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+
+    keys = ("reward", "loss", "grad_norm", "entropy", "weights_version")
+    straight = run(str(tmp_path / "straight"), 2, 3)
+    run(str(tmp_path / "stopped"), 2, 2)
+    resumed = run(str(tmp_path / "stopped"), 3, 3, "--resume")
+    assert [m["step"] for m in resumed] == [1, 2, 3]
+    assert [{k: m[k] for k in keys} for m in resumed] == [{k: m[k] for k in keys} for m in straight]
