@@ -515,23 +515,29 @@ def data_parallel(quick=False, rounds=3):
         batch.append({"tokens": prompt + resp, "response_start": 24, "advantage": rng.choice([-1.0, 1.0])})
     setups = [("one process, 2 threads", [], "2"), ("mpirun -n 1, 2 threads", ["mpirun", "-n", "1", "--bind-to", "none"], "2"),
               ("mpirun -n 2, 1 thread each", ["mpirun", "-n", "2", "--bind-to", "none"], "1")]
-    steps = 3 if quick else 6
-    print(f"\ntrain_step, default model, 64 x 96 tokens (median of {steps - 1} after one warm-up)")
-    for name, prefix, threads in setups:
-        p = subprocess.Popen([*prefix, srv, "--port", "0", "--threads", threads, "--slots", "4", "--max-seq-len", "128",
-                              "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
-        try:
+    rounds_train = 3 if quick else 7
+    print(f"\ntrain_step, default model, 64 x 96 tokens (the setups interleaved, median of {rounds_train - 1} rounds after a warm-up)")
+    procs, clients = [], []
+    try:
+        for name, prefix, threads in setups:
+            p = subprocess.Popen([*prefix, srv, "--port", "0", "--threads", threads, "--slots", "4", "--max-seq-len", "128",
+                                  "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+            procs.append(p)
             m = re.search(r"listening on (http://[^ |]+)", p.stdout.readline())
-            c = Client(m.group(1))
-            times = []
-            for i in range(steps):
+            clients.append(Client(m.group(1)))
+        times = [[] for _ in setups]
+        for i in range(rounds_train):
+            for k, c in enumerate(clients):
                 t0 = time.time()
                 r = c.train_step({"mode": "ppo"}, batch=batch, optimizer={"lr": 1e-6})
                 if i:
-                    times.append(time.time() - t0)
-            results["train"].append({"setup": name, "seconds": median(times), "tokens": r["metrics"]["tokens"]})
-            print(f"{name:34} {median(times):6.3f} s/step")
-        finally:
+                    times[k].append(time.time() - t0)
+        base = median(times[0])
+        for (name, _, _), ts in zip(setups, times):
+            results["train"].append({"setup": name, "seconds": median(ts), "tokens": r["metrics"]["tokens"]})
+            print(f"{name:34} {median(ts):6.3f} s/step  ({base / median(ts):.2f}x the one-process server)")
+    finally:
+        for p in procs:
             p.terminate(); p.wait(timeout=60)
     with open(os.path.join(ROOT, "bench", "out", "data_parallel.json"), "w") as f:
         json.dump(results, f, indent=1)

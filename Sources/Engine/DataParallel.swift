@@ -80,10 +80,14 @@ public protocol RankGroup: AnyObject {
     func barrier() throws
 }
 
-/// One train_step's work as every rank runs it: the items after the trainer filled in what was
-/// missing (rank 0 does that), and the settings in force, so the ranks need no other state.
+/// One train_step's work as every rank runs it: the checked call (items as given, with what is
+/// missing still missing: the ranks fill it in together) and the settings in force, so the
+/// ranks need no other state.
 public struct TrainCommand: Codable, Sendable {
     public var items: [TrainItem]
+    /// The proxy for filling in missing proxy log-probabilities, and the rollout correction.
+    public var proxy: ProxySpec?
+    public var correction: RolloutCorrection
     public var config: LossConfig
     public var miniBatches: Int
     public var microBatchTokens: Int?
@@ -96,8 +100,10 @@ public struct TrainCommand: Codable, Sendable {
     public var optimizerSteps: Int
 
     public init(items: [TrainItem], config: LossConfig, miniBatches: Int, microBatchTokens: Int?, dryRun: Bool,
-                settings: AdamWSettings, schedule: LRSchedule, weightsVersion: Int, optimizerSteps: Int) {
-        self.items = items; self.config = config; self.miniBatches = miniBatches; self.microBatchTokens = microBatchTokens
+                settings: AdamWSettings, schedule: LRSchedule, weightsVersion: Int, optimizerSteps: Int,
+                proxy: ProxySpec? = nil, correction: RolloutCorrection = .none) {
+        self.items = items; self.proxy = proxy; self.correction = correction
+        self.config = config; self.miniBatches = miniBatches; self.microBatchTokens = microBatchTokens
         self.dryRun = dryRun; self.settings = settings; self.schedule = schedule
         self.weightsVersion = weightsVersion; self.optimizerSteps = optimizerSteps
     }

@@ -9,9 +9,9 @@
 // per token, or per sequence with w = Π_t w_t over its trained tokens.
 import Foundation
 
-public struct RolloutCorrection: Sendable, Equatable {
-    public enum Mode: String, Sendable, CaseIterable { case none, truncate, mask }
-    public enum Level: String, Sendable, CaseIterable { case token, sequence }
+public struct RolloutCorrection: Sendable, Equatable, Codable {
+    public enum Mode: String, Sendable, CaseIterable, Codable { case none, truncate, mask }
+    public enum Level: String, Sendable, CaseIterable, Codable { case token, sequence }
     public var mode: Mode
     public var level: Level
     public var cap: Float

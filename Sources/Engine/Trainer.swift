@@ -197,18 +197,15 @@ public final class Trainer {
     public func step(items: [TrainItem], config: LossConfig, miniBatches: Int = 1, microBatchTokens: Int? = nil,
                      proxy: ProxySpec? = nil, optimizer override: AdamWSettings? = nil,
                      dryRun: Bool = false, correction: RolloutCorrection = .none) throws -> TrainMetrics {
-        let (command, metrics) = try prepare(items: items, config: config, miniBatches: miniBatches, microBatchTokens: microBatchTokens,
-                                             proxy: proxy, optimizer: override, dryRun: dryRun, correction: correction)
-        return try train(command, metrics: metrics)
+        try run(command(items: items, config: config, miniBatches: miniBatches, microBatchTokens: microBatchTokens,
+                        proxy: proxy, optimizer: override, dryRun: dryRun, correction: correction))
     }
 
-    /// The first half of `step`: checks the call and fills in what the batch leaves out (old,
-    /// proxy and reference log-probabilities, the rollout correction's weights) from the weights
-    /// before any update. Changes nothing. A data-parallel trainer runs it on rank 0 only and
-    /// sends the command to every rank.
-    public func prepare(items: [TrainItem], config: LossConfig, miniBatches: Int = 1, microBatchTokens: Int? = nil,
+    /// Checks a train_step call and packs it as the command every rank of a data-parallel
+    /// trainer runs (`run`). Changes nothing; throws on invalid input before any rank starts.
+    public func command(items: [TrainItem], config: LossConfig, miniBatches: Int = 1, microBatchTokens: Int? = nil,
                         proxy: ProxySpec? = nil, optimizer override: AdamWSettings? = nil,
-                        dryRun: Bool = false, correction: RolloutCorrection = .none) throws -> (TrainCommand, TrainMetrics) {
+                        dryRun: Bool = false, correction: RolloutCorrection = .none) throws -> TrainCommand {
         try validate(items, config: config, miniBatches: miniBatches)
         if correction.mode != .none, let i = items.firstIndex(where: { $0.oldLogprobs == nil }) {
             throw TrainError.invalid(path: "batch[\(i)].old_logprobs",
@@ -220,38 +217,90 @@ public final class Trainer {
                 throw TrainError.invalid(path: "optimizer", reason: "lr >= 0, betas in [0, 1), eps > 0, weight_decay >= 0, grad_clip >= 0")
             }
         }
-        var items = items
+        if config.klCoef != 0 && items.contains(where: { $0.refLogprobs == nil }) && referencePolicy == nil {
+            throw TrainError.invalid(path: "loss.kl_coef", reason: "no reference policy: call reference.snapshot first or send ref_logprobs")
+        }
+        return TrainCommand(items: items, config: config, miniBatches: miniBatches, microBatchTokens: microBatchTokens, dryRun: dryRun,
+                            settings: override ?? optimizer.settings, schedule: schedule, weightsVersion: weightsVersion,
+                            optimizerSteps: optimizer.stepCount, proxy: proxy, correction: correction)
+    }
+
+    /// The reference policy the KL term scores against: a frozen model, or for an adapter the
+    /// base with a frozen adapter.
+    private var referencePolicy: TransformerModel? { adapter == nil ? reference : (referenceAdapter == nil ? nil : model) }
+
+    /// Runs a checked command: fills in what the batch leaves out, then the mini-batches. Every
+    /// rank of a data-parallel trainer runs it on the same command and takes the same steps.
+    public func run(_ c: TrainCommand) throws -> TrainMetrics {
+        guard c.weightsVersion == weightsVersion, c.optimizerSteps == optimizer.stepCount else {
+            throw TrainError.invalid(path: "rank", reason: "this rank is at weights version \(weightsVersion) (optimizer step \(optimizer.stepCount)), the command at \(c.weightsVersion) (\(c.optimizerSteps)): the ranks are out of step")
+        }
+        let (items, metrics) = try prepare(c)
+        return try train(c, items: items, metrics: metrics)
+    }
+
+    /// Scores sequences under `model`; with a rank group each rank scores its share and the
+    /// ranks gather the results (a sequence's scores do not depend on its batch mates).
+    private func score(_ model: TransformerModel, _ sequences: [ScoredSequence], temperature: Float,
+                       options: GenerationOptions = GenerationOptions(), adapters: [LoRAAdapter?]?) throws -> [(logprobs: [Float], proxy: [Float]?)] {
+        guard let g = group, g.size > 1 else {
+            return try Scoring.score(model: model, sequences: sequences, temperature: temperature, options: options, adapters: adapters)
+                .map { ($0.logprobs, $0.proxyLogprobs) }
+        }
+        let shares = (0..<g.size).map { r in (sequences.count * r / g.size)..<(sequences.count * (r + 1) / g.size) }
+        let mine = shares[g.rank]
+        var w = ByteWriter()
+        if !mine.isEmpty {
+            let scored = try Scoring.score(model: model, sequences: Array(sequences[mine]), temperature: temperature, options: options,
+                                           adapters: adapters.map { Array($0[mine]) })
+            for r in scored {
+                w.floats(r.logprobs)
+                w.byte(r.proxyLogprobs == nil ? 0 : 1)
+                if let p = r.proxyLogprobs { w.floats(p) }
+            }
+        }
+        var out: [(logprobs: [Float], proxy: [Float]?)] = []
+        for (r, bytes) in try g.allGather(w.bytes).enumerated() {
+            var reader = ByteReader(bytes)
+            for _ in shares[r] {
+                let lp = try reader.floats()
+                out.append((lp, try reader.byte() == 1 ? try reader.floats() : nil))
+            }
+        }
+        return out
+    }
+
+    /// Fills in what the batch leaves out (old, proxy and reference log-probabilities, the
+    /// rollout correction's weights) from the weights before any update.
+    private func prepare(_ c: TrainCommand) throws -> ([TrainItem], TrainMetrics) {
+        var items = c.items
+        let config = c.config, correction = c.correction
         var metrics = TrainMetrics()
         let t0 = Date()
-        // Fill what is missing from the weights before any update.
+        let sequences = items.map { ScoredSequence(tokens: $0.tokens, responseStart: $0.responseStart) }
         let needOld = items.contains { $0.oldLogprobs == nil }
-        let proxySpec: ProxySpec? = { if case let .lpReg(o) = config.mode { return proxy ?? o.proxy }; return nil }()
+        let proxySpec: ProxySpec? = { if case let .lpReg(o) = config.mode { return c.proxy ?? o.proxy }; return nil }()
         let needProxy = proxySpec != nil && items.contains { $0.proxyLogprobs == nil }
         if needOld || needProxy {
             var opts = GenerationOptions()
             opts.proxy = proxySpec
-            let scored = try Scoring.score(model: model, sequences: items.map { ScoredSequence(tokens: $0.tokens, responseStart: $0.responseStart) },
-                                           temperature: config.temperature, options: opts, adapters: adapterList(items.count, adapter))
+            let scored = try score(model, sequences, temperature: config.temperature, options: opts, adapters: adapterList(items.count, adapter))
             for i in items.indices {
                 if items[i].oldLogprobs == nil { items[i].oldLogprobs = scored[i].logprobs }
-                if needProxy && items[i].proxyLogprobs == nil { items[i].proxyLogprobs = scored[i].proxyLogprobs }
+                if needProxy && items[i].proxyLogprobs == nil { items[i].proxyLogprobs = scored[i].proxy }
             }
         }
         if config.klCoef != 0 && items.contains(where: { $0.refLogprobs == nil }) {
-            // The reference is a frozen model, or for an adapter the base with a frozen adapter.
-            let referenceModel = adapter == nil ? reference : (referenceAdapter == nil ? nil : model)
-            guard let ref = referenceModel else {
+            guard let ref = referencePolicy else {
                 throw TrainError.invalid(path: "loss.kl_coef", reason: "no reference policy: call reference.snapshot first or send ref_logprobs")
             }
-            let scored = try Scoring.score(model: ref, sequences: items.map { ScoredSequence(tokens: $0.tokens, responseStart: $0.responseStart) },
-                                           temperature: config.temperature, adapters: adapterList(items.count, referenceAdapter))
+            let scored = try score(ref, sequences, temperature: config.temperature, adapters: adapterList(items.count, referenceAdapter))
             for i in items.indices where items[i].refLogprobs == nil { items[i].refLogprobs = scored[i].logprobs }
         }
         if correction.mode != .none {
             // π_old is the trainer's policy now (the proximal policy of the clipped ratio); the
             // sampler's log-probabilities become importance weights (verl's rollout correction).
-            let scored = try Scoring.score(model: model, sequences: items.map { ScoredSequence(tokens: $0.tokens, responseStart: $0.responseStart) },
-                                           temperature: config.temperature, adapters: adapterList(items.count, adapter))
+            let scored = try score(model, sequences, temperature: config.temperature, adapters: adapterList(items.count, adapter))
             metrics.rolloutIS = correction.apply(to: &items, proximal: scored.map(\.logprobs))
         }
         for item in items {
@@ -262,24 +311,17 @@ public final class Trainer {
             throw TrainError.invalid(path: "rollout_correction", reason: "every token was masked by the correction (raise cap)")
         }
         // From here on each item's per-token arrays hold its trained tokens only.
-        let command = TrainCommand(items: items.map { $0.masked() }, config: config, miniBatches: miniBatches,
-                                   microBatchTokens: microBatchTokens, dryRun: dryRun, settings: override ?? optimizer.settings,
-                                   schedule: schedule, weightsVersion: weightsVersion, optimizerSteps: optimizer.stepCount)
-        return (command, metrics)
+        return (items.map { $0.masked() }, metrics)
     }
 
-    /// The second half of `step`: the mini-batches' gradients and optimizer steps. Every rank of a
-    /// data-parallel trainer runs it on the same command and takes the same steps.
-    public func train(_ c: TrainCommand, metrics start: TrainMetrics = TrainMetrics()) throws -> TrainMetrics {
-        guard c.weightsVersion == weightsVersion, c.optimizerSteps == optimizer.stepCount else {
-            throw TrainError.invalid(path: "rank", reason: "this rank is at weights version \(weightsVersion) (optimizer step \(optimizer.stepCount)), the command at \(c.weightsVersion) (\(c.optimizerSteps)): the ranks are out of step")
-        }
+    /// The mini-batches' gradients and optimizer steps over prepared items.
+    private func train(_ c: TrainCommand, items: [TrainItem], metrics start: TrainMetrics) throws -> TrainMetrics {
         let saved = optimizer.settings
         optimizer.settings = c.settings
         defer { optimizer.settings = saved }
         schedule = c.schedule
         var metrics = start
-        let items = c.items, config = c.config
+        let config = c.config
         let groups = Self.split(items.count, into: c.miniBatches)
         var totalTokens = 0
         for (m, range) in groups.enumerated() {

@@ -172,14 +172,14 @@ extension Dispatcher {
                 cap: try c.float("cap", RolloutCorrection.defaultCap, min: 1))
         }
         if let world = configuration.ranks, trainer.group != nil, let reason = world.failure { throw Self.degraded(reason) }
-        let (command, partial) = try trainer.prepare(items: items, config: config, miniBatches: try p.int("mini_batches", 1, min: 1),
-                                                     microBatchTokens: p.has("micro_batch_tokens") ? try p.int("micro_batch_tokens", min: 1) : nil,
-                                                     optimizer: override, dryRun: try p.bool("dry_run", false), correction: correction)
+        let command = try trainer.command(items: items, config: config, miniBatches: try p.int("mini_batches", 1, min: 1),
+                                          microBatchTokens: p.has("micro_batch_tokens") ? try p.int("micro_batch_tokens", min: 1) : nil,
+                                          optimizer: override, dryRun: try p.bool("dry_run", false), correction: correction)
         // A data-parallel trainer's ranks train the base weights together; an adapter trains here alone.
         if let world = configuration.ranks, trainer.group != nil { try RankCommands.sendTrain(world, command) }
         let m: TrainMetrics
         do {
-            m = try trainer.train(command, metrics: partial)
+            m = try trainer.run(command)
         } catch let e where configuration.ranks != nil && trainer.group != nil && !(e is NonFiniteError || e is TrainError || e is RankFailure) {
             // Every rank refuses NonFinite and TrainError together; anything else left the
             // ranks at different points of the step, and only a restart brings them together.

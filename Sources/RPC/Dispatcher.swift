@@ -113,6 +113,7 @@ public final class Dispatcher {
                 try p.only(["adapter"])
                 let t = try trainer(for: p)
                 try t.snapshotReference()
+                if let world = configuration.ranks, t.group != nil, world.failure == nil { try RankCommands.sendSnapshot(world) }
                 return ["weights_version": t.weightsVersion]
             case .rolloutsRelease:
                 try p.only(["rollout_ids"])

@@ -6,6 +6,7 @@
 //   init   config.json and the weights (once, at start)
 //   state  weights, AdamW moments, counters, settings and schedule (after checkpoint.load)
 //   train  a TrainCommand (every train_step on the base weights)
+//   snapshot  freeze the current weights as the KL reference (reference.snapshot)
 //   stop   leave (rank 0 is shutting down)
 import Engine
 import Foundation
@@ -13,7 +14,7 @@ import Models
 import Weights
 
 public enum RankCommands {
-    enum Op: UInt8 { case initialize = 1, state = 2, train = 3, stop = 4 }
+    enum Op: UInt8 { case initialize = 1, state = 2, train = 3, stop = 4, snapshot = 5 }
 
     static func message(_ op: Op, _ json: [String: Any]) throws -> Data {
         Data([op.rawValue]) + (try JSONSerialization.data(withJSONObject: json))
@@ -40,9 +41,15 @@ public enum RankCommands {
                                 (UnsafePointer(p.secondMoment), p.count)])
     }
 
-    /// Rank 0, for each train_step on the base weights (before its own `train`).
+    /// Rank 0, for each train_step on the base weights (before its own `run`).
     public static func sendTrain(_ world: MPIWorld, _ command: TrainCommand) throws {
         try world.send(command: Data([Op.train.rawValue]) + (try command.encoded()), arrays: [])
+    }
+
+    /// Rank 0, after reference.snapshot on the base weights: every rank freezes the same weights,
+    /// so the ranks can score the KL reference together.
+    public static func sendSnapshot(_ world: MPIWorld) throws {
+        try world.send(command: Data([Op.snapshot.rawValue]), arrays: [])
     }
 
     /// Rank 0, shutting down: the other ranks leave.
@@ -99,6 +106,9 @@ public enum RankCommands {
                                 schedule: try JSONDecoder().decode(LRSchedule.self, from: Data(schedule.utf8)))
                     t.optimizer.restore(stepCount: steps)
                     t.adopt(weightsVersion: version)
+                case .snapshot:
+                    guard let t = trainer else { throw RankFailure(reason: "snapshot before init") }
+                    try t.snapshotReference()
                 case .train:
                     guard let t = trainer else { throw RankFailure(reason: "train before init") }
                     let command = try TrainCommand.decode(Data(body))
@@ -106,7 +116,7 @@ public enum RankCommands {
                         throw RankFailure(reason: "rank \(world.rank) is at weights version \(t.weightsVersion), rank 0 at \(command.weightsVersion)")
                     }
                     do {
-                        _ = try t.train(command)
+                        _ = try t.run(command)
                     } catch let e as NonFiniteError {
                         // Every rank refused the same step (the ranks agreed on it).
                         log("rank \(world.rank): step refused: \(e)")
