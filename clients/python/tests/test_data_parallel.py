@@ -8,6 +8,7 @@
   503, sampling and checkpoint.save still work, and a restarted job resumes from the checkpoint.
 - Ranks on separate hosts (network namespaces, mpirun's rsh agent entering them) give the same bits.
 """
+import contextlib
 import json
 import os
 import random
@@ -83,25 +84,29 @@ def start(model, ranks, ckpt, extra=(), mpi=(), env=ENV):
     return RunningServer(model, ["--threads", "1", "--checkpoint-dir", ckpt, *extra], env=env, prefix=prefix)
 
 
-def trajectory(model, ranks, ckpt, extra=(), steps=range(len(STEPS))):
-    """Runs the steps on a fresh trainer; returns the per-step metrics and final digests."""
+@contextlib.contextmanager
+def serving(model, ranks, ckpt, extra=()):
+    """A trainer of `ranks` ranks (0: no mpirun) and a client; stopped on the way out."""
     s = start(model, ranks, ckpt, extra)
     try:
-        c = Client(s.url)
-        info = c.info()
-        assert info["world_size"] == (ranks or 1)
+        yield Client(s.url)
+    finally:
+        s.stop()
+
+
+def trajectory(model, ranks, ckpt, extra=(), steps=range(len(STEPS))):
+    """Runs the steps on a fresh trainer; returns the per-step metrics and final digests."""
+    with serving(model, ranks, ckpt, extra) as c:
+        assert c.info()["world_size"] == (ranks or 1)
         c.configure_optimizer(lr=3e-3)
         out = []
         for i in steps:
-            spec = STEPS[i]
             if i == 3:
                 c.snapshot_reference()
-            out.append(exact(run_step(c, spec)))
+            out.append(exact(run_step(c, STEPS[i])))
             if i == 1:
                 c.save_checkpoint(f"after2-r{ranks}")
         return out, digests(c)
-    finally:
-        s.stop()
 
 
 def test_bit_identical_for_one_to_four_ranks_and_across_resume(dp_model, tmp_path):
@@ -116,15 +121,10 @@ def test_bit_identical_for_one_to_four_ranks_and_across_resume(dp_model, tmp_pat
         differing = [n for n in weights1 if weights[n] != weights1[n]]
         assert not differing, f"R={r}: tensors differ from R=1: {differing[:5]}"
     # The steps changed the weights (a test that cannot fail proves nothing).
-    s = start(dp_model, 0, ckpt)
-    try:
-        assert digests(Client(s.url))[1] != weights1
-    finally:
-        s.stop()
+    with serving(dp_model, 0, ckpt) as c:
+        assert digests(c)[1] != weights1
     # Saved under R = 2, resumed under R = 3: the last two steps give the same bits.
-    s = start(dp_model, 3, ckpt)
-    try:
-        c = Client(s.url)
+    with serving(dp_model, 3, ckpt) as c:
         c.load_checkpoint("after2-r2")
         resumed = []
         for i, spec in enumerate(STEPS[2:]):
@@ -133,8 +133,6 @@ def test_bit_identical_for_one_to_four_ranks_and_across_resume(dp_model, tmp_pat
             resumed.append(exact(run_step(c, spec)))
         assert resumed == metrics1[2:]
         assert digests(c) == (version1, weights1)
-    finally:
-        s.stop()
 
 
 def test_one_micro_batch_matches_the_single_process_server(dp_model, tmp_path):
@@ -206,23 +204,15 @@ def test_a_dead_or_hung_rank_fails_the_step_cleanly(dp_model, tmp_path, fault):
         s.process.kill()
         s.process.wait(timeout=30)
     # The restarted job resumes from the checkpoint and lands where an uninterrupted run does.
-    s = start(dp_model, 2, ckpt)
-    try:
-        c = Client(s.url)
+    with serving(dp_model, 2, ckpt) as c:
         c.load_checkpoint("after-fault")
         assert digests(c) == before
         resumed = run_step(c, STEPS[1])
         after = digests(c)
-    finally:
-        s.stop()
-    s = start(dp_model, 1, ckpt)
-    try:
-        c = Client(s.url)
+    with serving(dp_model, 1, ckpt) as c:
         c.load_checkpoint("good")
         assert exact(run_step(c, STEPS[1])) == exact(resumed)
         assert digests(c) == after
-    finally:
-        s.stop()
 
 
 @pytest.mark.parametrize("fault", ["partition", "kill"])
@@ -297,9 +287,7 @@ def test_stop_ends_every_rank_and_a_lost_rank_0_ends_the_job(dp_model, tmp_path)
 def test_adapters_train_on_rank_0_beside_the_ranks(dp_model, tmp_path):
     """A LoRA adapter trains on rank 0 alone (the base weights, which the ranks share, stay put);
     the base still trains on every rank afterwards."""
-    s = start(dp_model, 2, str(tmp_path))
-    try:
-        c = Client(s.url)
+    with serving(dp_model, 2, str(tmp_path)) as c:
         base = digests(c)
         c.create_adapter("a", rank=4, seed=1)
         r = c.train_step(batch=batch(5), loss={"mode": "ppo"}, adapter="a", optimizer={"lr": 1e-2})
@@ -307,8 +295,6 @@ def test_adapters_train_on_rank_0_beside_the_ranks(dp_model, tmp_path):
         assert c.info()["weights_version"] == 0
         run_step(c, STEPS[0])
         assert digests(c)[0] == 2
-    finally:
-        s.stop()
 
 
 def test_a_restarted_job_continues_the_rl_loop_as_if_never_stopped(tmp_path):
