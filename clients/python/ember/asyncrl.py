@@ -1,5 +1,5 @@
-"""Asynchronous RLVR: sampler replicas draw the rollouts of steps t+1 ... t+K while the trainer
-trains step t (``python -m ember.rl --replica URL [--replica URL ...] --max-off-policy-steps K``).
+"""Asynchronous RLVR: sampler replicas draw the rollouts (single prompts or multi-turn episodes)
+of steps t+1 ... t+K while the trainer trains step t (``python -m ember.rl --replica URL [--replica URL ...] --max-off-policy-steps K``).
 
 Staleness is bounded by admission, not by dropping work: sampling for step s starts only once
 the trainer has finished step s-1-K, and on a replica that has applied that version (it is asked
@@ -126,6 +126,19 @@ class AsyncSampler:
         task = tasks.get(name)
         problems = tasks.sample(task, "train", args.prompts, seed=args.seed * 100003 + step)
         seed = rng.randrange(2 ** 31)
+        if tasks.is_multiturn(name):
+            # Episodes (ember.multiturn): every turn of a step's episodes on one replica, which
+            # must hold the admitted version before the first turn (it may move on between turns).
+            from .rl import sample_episodes
+
+            def episodes(client: Client):
+                self._ensure(client, need)
+                return sample_episodes(client, problems, args, seed, self.proxy, self.adapter)
+
+            items, rewards, lengths, sparks = self.pool.call(episodes)
+            return {"task": name, "items": items, "rewards": rewards, "lengths": lengths, "sparks": sparks,
+                    "sample_seconds": time.time() - t0,
+                    "versions": sorted({i["weights_version"] for i in items if "weights_version" in i})}
 
         def run(client: Client):
             # The replica must hold at least the admitted version (it may be newer).

@@ -48,11 +48,17 @@ class Episode:
     logprobs: List[float]  # sampler log-probability per response token (0.0 where masked)
     turns: List[str] = field(default_factory=list)
     reward: float = 0.0
+    # The oldest weights version any of its turns was sampled under (a replica may move on
+    # between turns; each token's log-probability is that of the weights that drew it).
+    weights_version: Optional[int] = None
 
     def train_item(self, advantage: float) -> dict:
         """A train_step batch item: model tokens trained with their sampling log-probabilities."""
-        return {"tokens": self.tokens, "response_start": self.response_start, "advantage": advantage,
+        item = {"tokens": self.tokens, "response_start": self.response_start, "advantage": advantage,
                 "loss_mask": self.loss_mask, "old_logprobs": self.logprobs}
+        if self.weights_version is not None:
+            item["weights_version"] = self.weights_version
+        return item
 
 
 def parse_tool_calls(text: str) -> List[dict]:
@@ -133,7 +139,11 @@ def run_episodes(client: Client, envs: Sequence[Environment], max_turns: int = 4
         messages = env.reset(seed * 1000003 + k)
         prompt = client.chat_render(messages, tools=env.tools, add_generation_prompt=True,
                                     template_kwargs=template_kwargs)["tokens"]
-        state.append({"tokens": list(prompt), "start": len(prompt), "mask": [], "logprobs": [], "turns": [], "done": False})
+        if len(prompt) >= max_len:
+            raise ValueError(f"episode {k}: its prompt is {len(prompt)} tokens and leaves no room under the server's "
+                             f"--max-seq-len {max_len}; raise --max-seq-len or shorten the system prompt and tools")
+        state.append({"tokens": list(prompt), "start": len(prompt), "mask": [], "logprobs": [], "turns": [], "done": False,
+                      "versions": []})
     for turn in range(max_turns):
         active = [k for k, s in enumerate(state) if not s["done"]]
         if not active:
@@ -157,6 +167,8 @@ def run_episodes(client: Client, envs: Sequence[Environment], max_turns: int = 4
             s["mask"] += [1] * len(sample["tokens"])
             s["logprobs"] += sample["logprobs"] if sample.get("logprobs") is not None else [0.0] * len(sample["tokens"])
             s["turns"].append(sample["text"])
+            if sample.get("weights_version") is not None:
+                s["versions"].append(sample["weights_version"])
             env = envs[k]
             following, done = env.step(sample["text"], parse_tool_calls(sample["text"]))
             if done or turn == max_turns - 1:
@@ -174,4 +186,5 @@ def run_episodes(client: Client, envs: Sequence[Environment], max_turns: int = 4
             s["mask"] += [0] * len(added)
             s["logprobs"] += [0.0] * len(added)
     return [Episode(tokens=s["tokens"], response_start=s["start"], loss_mask=s["mask"], logprobs=s["logprobs"],
-                    turns=s["turns"], reward=env.reward()) for s, env in zip(state, envs)]
+                    turns=s["turns"], reward=env.reward(), weights_version=min(s["versions"]) if s["versions"] else None)
+            for s, env in zip(state, envs)]

@@ -449,8 +449,6 @@ def main(argv=None) -> int:
                   file=sys.stderr)
         bar = Progress(args.steps, start)
         if args.replica or cluster is not None:
-            if any(tasks.is_multiturn(t) for t in task_names):
-                raise SystemExit("--replica: multi-turn tasks run synchronously for now (drop --replica for them)")
             version = client.info()["weights_version"] if adapter is None else \
                 next(a["weights_version"] for a in client.list_adapters() if a["name"] == adapter)
             pool = cluster.pool if cluster is not None else ReplicaPool(args.replica, api_key=args.replica_api_key or args.api_key)

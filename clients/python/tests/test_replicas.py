@@ -569,6 +569,41 @@ def test_async_rl_with_k0_is_the_synchronous_run_bit_for_bit(model, tmp_path):
         async_trainer.stop()
 
 
+def test_async_multi_turn_episodes_with_k0_are_the_synchronous_run(tmp_path):
+    """tool-arith episodes (chat turns, tool results as context) sampled on a replica at K = 0
+    train exactly as the synchronous loop's; each item names the oldest version its turns saw."""
+    from ember import rl
+    # The embedded default model: trained on tool-arith, it samples ids its tokenizer knows.
+    model = os.path.join(ROOT, "models", "ember-default")
+    sync_trainer = RunningServer(model, ["--api-key", KEY])
+    async_trainer = RunningServer(model, ["--api-key", KEY])
+    replica = None
+    try:
+        def args(url, out, *extra):
+            a = rl_args(url, out, "--max-turns", "2", "--steps", "2", *extra)
+            a[a.index("--task") + 1] = "tool-arith"
+            return a
+        assert rl.main(args(sync_trainer.url, str(tmp_path / "sync"))) == 0
+        replica = follow(model, async_trainer.url)
+        assert rl.main(args(async_trainer.url, str(tmp_path / "async"), "--replica", replica.url,
+                            "--max-off-policy-steps", "0")) == 0
+        a = [json.loads(l) for l in open(tmp_path / "sync" / "metrics.jsonl")]
+        b = [json.loads(l) for l in open(tmp_path / "async" / "metrics.jsonl")]
+        assert len(a) == len(b) == 2
+        for x, y in zip(a, b):
+            for key in ("reward", "loss", "pg_loss", "entropy", "grad_norm", "weights_version", "response_tokens"):
+                assert x[key] == y[key], (key, x[key], y[key])
+            assert y["staleness"] == {"0": 16} and y["sampler_versions"] == [x["weights_version"] - 1]
+        ms = json.loads(get(sync_trainer.url + "/v1/weights/manifest")[2])
+        ma = json.loads(get(async_trainer.url + "/v1/weights/manifest")[2])
+        assert ms["manifest_id"] == ma["manifest_id"]
+    finally:
+        if replica:
+            replica.stop()
+        sync_trainer.stop()
+        async_trainer.stop()
+
+
 def test_a_corrupted_download_is_refused_and_the_old_version_kept(model, trainer):
     c = Client(trainer.url, api_key=KEY)
     proxy = FaultProxy(trainer.url)
