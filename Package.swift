@@ -48,7 +48,7 @@ let package = Package(
         // Open MPI for data-parallel training, loaded at run time only under mpirun (no link-time
         // dependency: a server started alone never touches it).
         .target(name: "CMPI", linkerSettings: [.linkedLibrary("dl")]),
-        .target(name: "Ranks", dependencies: ["CMPI", "Engine", "Models", "Weights"], swiftSettings: fastMath),
+        .target(name: "Ranks", dependencies: ["CMPI", "Engine", "Kernels", "Models", "Weights"], swiftSettings: fastMath),
 
         .target(name: "RPC", dependencies: ["Engine", "Ranks", "Models", "Kernels", "Tokenizer", "Weights", "Chat", "JSON"], swiftSettings: fastMath),
         .target(name: "Server", dependencies: ["RPC", "Engine", "Models", "Weights", "Chat", "JSON", "CHTTPParser", "CLibUV", "CCurl", "CCrypto",

@@ -61,9 +61,7 @@ public struct LeafTree: Sendable, Equatable {
     }
 
     /// Contiguous runs of leaves for `ranks` ranks (some empty when there are fewer leaves).
-    public func blocks(ranks: Int) -> [Range<Int>] {
-        (0..<ranks).map { r in (leaves * r / ranks)..<(leaves * (r + 1) / ranks) }
-    }
+    public func blocks(ranks: Int) -> [Range<Int>] { evenParts(leaves, ranks) }
 }
 
 /// The ranks of one data-parallel trainer (MPI's world in the server; Sources/Ranks).
@@ -139,11 +137,11 @@ final class GradientPool {
     deinit { for p in free { p.deallocate() } }
 }
 
-/// a += b, element by element (exact order does not matter: each element is one addition).
-public func addInPlace(_ a: UnsafeMutablePointer<Float>, _ b: UnsafePointer<Float>, count: Int) {
-    parallelRanges(count, minPerThread: 1 << 16) { _, lo, hi in
-        for i in lo..<hi { a[i] += b[i] }
-    }
+/// `n` items cut into `parts` contiguous runs whose lengths differ by at most one (some empty
+/// when there are fewer items than parts): leaves among ranks, sequences among ranks, a
+/// segment's chunks, mini-batches.
+public func evenParts(_ n: Int, _ parts: Int) -> [Range<Int>] {
+    (0..<parts).map { p in (n * p / parts)..<(n * (p + 1) / parts) }
 }
 
 /// Little-endian bytes for the ranks' small messages (floats by their bits).

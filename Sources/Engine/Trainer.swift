@@ -139,7 +139,7 @@ public final class Trainer {
     /// The LoRA adapter this trainer updates (the base stays frozen); nil trains every weight.
     public let adapter: LoRAAdapter?
     public let optimizer: AdamW
-    public internal(set) var schedule: LRSchedule = .constant
+    public private(set) var schedule: LRSchedule = .constant
     /// +1 per optimizer step; 0 when the model was loaded.
     public internal(set) var weightsVersion = 0
 
@@ -231,10 +231,8 @@ public final class Trainer {
 
     /// Runs a checked command: fills in what the batch leaves out, then the mini-batches. Every
     /// rank of a data-parallel trainer runs it on the same command and takes the same steps.
+    /// (The other ranks check first that they are at the command's version: `RankCommands`.)
     public func run(_ c: TrainCommand) throws -> TrainMetrics {
-        guard c.weightsVersion == weightsVersion, c.optimizerSteps == optimizer.stepCount else {
-            throw TrainError.invalid(path: "rank", reason: "this rank is at weights version \(weightsVersion) (optimizer step \(optimizer.stepCount)), the command at \(c.weightsVersion) (\(c.optimizerSteps)): the ranks are out of step")
-        }
         let (items, metrics) = try prepare(c)
         return try train(c, items: items, metrics: metrics)
     }
@@ -247,7 +245,7 @@ public final class Trainer {
             return try Scoring.score(model: model, sequences: sequences, temperature: temperature, options: options, adapters: adapters)
                 .map { ($0.logprobs, $0.proxyLogprobs) }
         }
-        let shares = (0..<g.size).map { r in (sequences.count * r / g.size)..<(sequences.count * (r + 1) / g.size) }
+        let shares = evenParts(sequences.count, g.size)
         let mine = shares[g.rank]
         var w = ByteWriter()
         if !mine.isEmpty {
@@ -640,10 +638,8 @@ public final class Trainer {
         return (rows, targets)
     }
 
-    /// Contiguous, nearly equal groups.
-    static func split(_ n: Int, into parts: Int) -> [Range<Int>] {
-        (0..<parts).map { p in (n * p / parts)..<(n * (p + 1) / parts) }.filter { !$0.isEmpty }
-    }
+    /// Contiguous, nearly equal groups (none empty).
+    static func split(_ n: Int, into parts: Int) -> [Range<Int>] { evenParts(n, parts).filter { !$0.isEmpty } }
 
     /// Consecutive items packed while their tokens fit the budget (an item larger than the
     /// budget forms its own micro-batch).

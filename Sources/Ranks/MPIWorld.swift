@@ -13,6 +13,7 @@
 import CMPI
 import Engine
 import Foundation
+import Kernels
 
 /// A NUL-terminated C string in a buffer.
 func text(_ buffer: [CChar]) -> String {
@@ -49,6 +50,11 @@ public final class MPIWorld: RankGroup, @unchecked Sendable {
     public internal(set) var segment = Int(ProcessInfo.processInfo.environment["EMBER_DP_SEGMENT_FLOATS"] ?? "").flatMap { $0 > 0 ? $0 : nil } ?? 1 << 24
     /// Command payloads travel in pieces of at most this many floats (MPI counts are ints).
     static let piece = 1 << 24
+
+    /// [0, count) in consecutive ranges of at most `size` elements.
+    static func pieces(_ count: Int, of size: Int = piece) -> [Range<Int>] {
+        stride(from: 0, to: count, by: size).map { $0..<min($0 + size, count) }
+    }
 
     /// The world when this process was started by Open MPI's mpirun (nil otherwise).
     public static func fromEnvironment(timeout: Double) throws -> MPIWorld? {
@@ -279,19 +285,23 @@ public final class MPIWorld: RankGroup, @unchecked Sendable {
             receiveCapacity = needed
         }
         let area = receiveArea!
-        let segments = stride(from: 0, to: count, by: segment).map { $0..<min($0 + segment, count) }
+        let segments = Self.pieces(count, of: segment)
         var pinned: [AnyObject] = []
-        func chunk(_ d: Int, _ seg: Range<Int>) -> Range<Int> { (seg.count * d / R)..<(seg.count * (d + 1) / R) }
+        // Chunk d of a segment is rank d's to add up; counts and offsets as MPI takes them.
+        let chunks = segments.map { evenParts($0.count, R) }
+        let chunkCounts = chunks.map { Pinned($0.map { Int32($0.count) }) }
+        let chunkDispls = chunks.map { Pinned($0.map { Int32($0.lowerBound) }) }
+        let none = Pinned([Int32](repeating: 0, count: R))
+        pinned += chunkCounts + chunkDispls + [none]
         /// Reduce-scatter's data movement for one segment: round k carries every rank's k-th node,
         /// chunk d to rank d, into receive slot `s % 2`.
         func post(_ s: Int) throws -> [ember_mpi_request?] {
-            let seg = segments[s], c = chunk(rank, seg).count
+            let seg = segments[s], c = chunks[s][rank].count
             // A rank's own chunk stays where it is (nothing to self).
-            let counts = Pinned((0..<R).map { Int32($0 == rank ? 0 : chunk($0, seg).count) })
-            let displs = Pinned((0..<R).map { Int32(chunk($0, seg).lowerBound) })
-            let none = Pinned([Int32](repeating: 0, count: R))
+            let counts = Pinned(chunks[s].enumerated().map { Int32($0.offset == rank ? 0 : $0.element.count) })
+            let displs = chunkDispls[s]
             let recvDispls = Pinned((0..<R).map { Int32($0 * c) })
-            pinned += [counts, displs, none, recvDispls]
+            pinned += [counts, recvDispls]
             var requests: [ember_mpi_request?] = []
             for k in 0..<rounds {
                 let have = nodesOf[rank].count > k
@@ -310,7 +320,7 @@ public final class MPIWorld: RankGroup, @unchecked Sendable {
         for (s, seg) in segments.enumerated() {
             try wait(&incoming, "exchanging gradients")
             if s + 1 < segments.count { incoming = try post(s + 1) }
-            let mine = chunk(rank, seg), c = mine.count
+            let mine = chunks[s][rank], c = mine.count
             var known: [LeafTree.Node: UnsafeMutablePointer<Float>] = [:]
             for q in 0..<R {
                 for (k, node) in nodesOf[q].enumerated() {
@@ -324,11 +334,8 @@ public final class MPIWorld: RankGroup, @unchecked Sendable {
                 (out + seg.lowerBound + mine.lowerBound).update(from: root, count: c)
             }
             // All-gather: every rank's reduced chunk to every rank (waited for at the end).
-            let counts = Pinned((0..<R).map { Int32(chunk($0, seg).count) })
-            let displs = Pinned((0..<R).map { Int32(chunk($0, seg).lowerBound) })
-            pinned += [counts, displs]
             var r: ember_mpi_request?
-            try check(ember_mpi_iallgatherv(out + seg.lowerBound, counts.pointer, displs.pointer, &r), "gathering gradients")
+            try check(ember_mpi_iallgatherv(out + seg.lowerBound, chunkCounts[s].pointer, chunkDispls[s].pointer, &r), "gathering gradients")
             gathers.append(r)
             // Let earlier gathers move while the next segment arrives.
             var done: Int32 = 0
@@ -345,11 +352,8 @@ public final class MPIWorld: RankGroup, @unchecked Sendable {
     /// Open MPI's own all-reduce (MPI_SUM, its order of additions), in place, in segments: the
     /// benchmark's anchor for `reduce`. Blocking, so not for the trainer.
     public func nativeAllReduce(_ buffer: UnsafeMutablePointer<Float>, count: Int) throws {
-        var lo = 0
-        while lo < count {
-            let n = min(Self.piece, count - lo)
-            try check(ember_mpi_allreduce_sum(buffer + lo, Int32(n)), "MPI_Allreduce")
-            lo += n
+        for piece in Self.pieces(count) {
+            try check(ember_mpi_allreduce_sum(buffer + piece.lowerBound, Int32(piece.count)), "MPI_Allreduce")
         }
     }
 
@@ -369,13 +373,11 @@ public final class MPIWorld: RankGroup, @unchecked Sendable {
             try check(ember_mpi_isend(header.raw, Int32(command.count), 0, Int32(p), Tag.command.rawValue, &b), "sending a command")
             requests += [a, b]
             for (pointer, count) in arrays {
-                var lo = 0
-                while lo < count {
-                    let n = min(Self.piece, count - lo)
+                for piece in Self.pieces(count) {
                     var r: ember_mpi_request?
-                    try check(ember_mpi_isend(pointer + lo, Int32(n), 1, Int32(p), Tag.payload.rawValue, &r), "sending weights")
+                    try check(ember_mpi_isend(pointer + piece.lowerBound, Int32(piece.count), 1, Int32(p), Tag.payload.rawValue, &r),
+                              "sending weights")
                     requests.append(r)
-                    lo += n
                 }
             }
         }
@@ -408,13 +410,10 @@ public final class MPIWorld: RankGroup, @unchecked Sendable {
     /// The other ranks: receives a float array of a command into `pointer`.
     public func receive(into pointer: UnsafeMutablePointer<Float>, count: Int) throws {
         var requests: [ember_mpi_request?] = []
-        var lo = 0
-        while lo < count {
-            let n = min(Self.piece, count - lo)
+        for piece in Self.pieces(count) {
             var r: ember_mpi_request?
-            try check(ember_mpi_irecv(pointer + lo, Int32(n), 1, 0, Tag.payload.rawValue, &r), "receiving weights")
+            try check(ember_mpi_irecv(pointer + piece.lowerBound, Int32(piece.count), 1, 0, Tag.payload.rawValue, &r), "receiving weights")
             requests.append(r)
-            lo += n
         }
         try wait(&requests, "receiving weights")
     }

@@ -1,6 +1,6 @@
 // What rank 0 tells the other ranks, and the other ranks' loop. Rank 0 loads the model, serves
 // the RPC and owns everything that is not training (sampling, the rollout store, checkpoints on
-// disk); the other ranks hold a copy of the trainable state and run train_step's second half on
+// disk); the other ranks hold a copy of the trainable state and run each train_step (`Trainer.run`) on
 // the same command. They need no model folder: rank 0 sends config.json and the weights.
 //
 //   init   config.json and the weights (once, at start)
@@ -113,7 +113,7 @@ public enum RankCommands {
                     guard let t = trainer else { throw RankFailure(reason: "train before init") }
                     let command = try TrainCommand.decode(Data(body))
                     guard command.weightsVersion == t.weightsVersion, command.optimizerSteps == t.optimizer.stepCount else {
-                        throw RankFailure(reason: "rank \(world.rank) is at weights version \(t.weightsVersion), rank 0 at \(command.weightsVersion)")
+                        throw RankFailure(reason: "rank \(world.rank) is at weights version \(t.weightsVersion) (optimizer step \(t.optimizer.stepCount)), rank 0 at \(command.weightsVersion) (\(command.optimizerSteps)): the ranks are out of step")
                     }
                     do {
                         _ = try t.run(command)

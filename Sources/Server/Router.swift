@@ -59,7 +59,7 @@ public enum Router {
     static let encoder = DispatchQueue(label: "ember.encode")
 
     public static func makeHandler(scheduler: Scheduler, apiKey: String? = nil, modelName: String = "ember",
-                                   follower: WeightFollower? = nil, degraded: (@Sendable () -> String?)? = nil,
+                                   follower: WeightFollower? = nil,
                                    logger: Logger = Logger(label: "ember.server")) -> HTTPServer.Handler {
         let metrics = RequestMetrics(logger: logger)
         let openAI = OpenAIRoutes(scheduler: scheduler, modelName: modelName, logger: logger)
@@ -77,7 +77,7 @@ public enum Router {
             }
             switch (request.method, request.path) {
             case ("GET", "/healthz"):
-                if let reason = degraded?() {
+                if let reason = scheduler.degradedProbe?() {
                     // A data-parallel trainer that lost a rank: alive, but it trains no more.
                     let body = (try? JSONSerialization.data(withJSONObject: ["status": "degraded", "reason": reason])) ?? Data()
                     responder.respond(HTTPResponse(status: 503, body: body))

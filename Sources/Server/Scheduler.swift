@@ -136,7 +136,8 @@ public final class Scheduler: @unchecked Sendable {
     }
     private let staticInfo: [String: Any]
     private var infoCache: (Int, String?, RawJSON)?
-    /// Why a data-parallel trainer is degraded (nil while it is not; set once at start).
+    /// Why a data-parallel trainer is degraded (nil while it is not; set once at start, before
+    /// the server handles requests). server.info and /healthz read it.
     nonisolated(unsafe) public var degradedProbe: (@Sendable () -> String?)?
 
     /// Starts the compute thread.

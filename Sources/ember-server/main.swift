@@ -167,9 +167,7 @@ struct EmberServer: ParsableCommand {
         let follower = follow.map {
             WeightFollower(url: $0, apiKey: followApiKey ?? ProcessInfo.processInfo.environment["EMBER_FOLLOW_API_KEY"], scheduler: scheduler, logger: log)
         }
-        var degradedReason: (@Sendable () -> String?)?
-        if let world { degradedReason = { world.failure } }
-        scheduler.degradedProbe = degradedReason
+        if let world { scheduler.degradedProbe = { world.failure } }
         var endpoints: [Endpoint] = [.tcp(host: host, port: port)]
         if let path = unixSocket { endpoints.append(.unix(path: path)) }
         let server: HTTPServer
@@ -177,8 +175,7 @@ struct EmberServer: ParsableCommand {
             server = try HTTPServer(endpoints: endpoints, maxBodyBytes: maxBodyMB << 20,
                                     requestTimeoutMs: UInt64(requestTimeout * 1000), idleTimeoutMs: UInt64(idleTimeout * 1000),
                                     maxConnections: maxConnections, onDisconnect: { scheduler.disconnected(owner: $0) },
-                                    handler: Router.makeHandler(scheduler: scheduler, apiKey: key, modelName: name, follower: follower,
-                                                                degraded: degradedReason, logger: log))
+                                    handler: Router.makeHandler(scheduler: scheduler, apiKey: key, modelName: name, follower: follower, logger: log))
         } catch { throw ValidationError("\(error)") }
         scheduler.start()
         if let follower {
