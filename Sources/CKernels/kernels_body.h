@@ -410,6 +410,20 @@ static void KSET(swiglu_backward)(float *dg, float *du, const float *dh, const f
     }
 }
 
+static float KSET(read_sum)(const float *p, long n) {
+    v16 s0 = (v16)(0.0f), s1 = s0, s2 = s0, s3 = s0;
+    long i = 0;
+    for (; i + 64 <= n; i += 64) {
+        s0 = s0 + load16(p + i); s1 = s1 + load16(p + i + 16);
+        s2 = s2 + load16(p + i + 32); s3 = s3 + load16(p + i + 48);
+    }
+    v16 s = (s0 + s1) + (s2 + s3);
+    float t = 0;
+    for (int j = 0; j < 16; j++) t += s[j];
+    for (; i < n; i++) t += p[i];
+    return t;
+}
+
 static const ember_kernels KSET(table) = {
     .name = KSET_NAME,
     .tile_rows = TILE_R,
@@ -426,4 +440,5 @@ static const ember_kernels KSET(table) = {
     .exp_sum = KSET(exp_sum),
     .swiglu_forward = KSET(swiglu_forward),
     .swiglu_backward = KSET(swiglu_backward),
+    .read_sum = KSET(read_sum),
 };

@@ -1,5 +1,7 @@
 // Small vector primitives with a fixed summation order (8 lanes, then left to right), used by
 // attention and softmax so that results never depend on batch composition or the kernel set.
+import CKernels
+
 
 /// Σ a[i]·b[i] over n elements: 8-lane fused chains, `sum8`, then the tail.
 @inline(__always)
@@ -22,3 +24,6 @@ public func maxElement(_ x: UnsafePointer<Float>, _ n: Int) -> Float {
     for i in 1..<max(1, n) where x[i] > m { m = x[i] }
     return m
 }
+
+/// The sum of `count` floats, each read once (the benchmark's memory read bandwidth probe).
+public func readFloats(_ p: UnsafePointer<Float>, count: Int) -> Float { Kernels.table.pointee.read_sum(p, count) }

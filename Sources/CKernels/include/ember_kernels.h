@@ -82,6 +82,9 @@ typedef struct ember_kernels {
     void (*swiglu_forward)(float *h, const float *g, const float *u, long n);
     /// du[i] = dh * g * s, dg[i] = dh * u * s * (1 + g * (1 - s)), s = sigmoid(g).
     void (*swiglu_backward)(float *dg, float *du, const float *dh, const float *g, const float *u, long n);
+    /// The sum of n floats, each read once (four vector partial sums): the benchmark's memory
+    /// read bandwidth at this set's load width.
+    float (*read_sum)(const float *p, long n);
 } ember_kernels;
 
 /// The table of a set (NULL when the set is unknown).

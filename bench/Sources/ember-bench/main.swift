@@ -133,9 +133,33 @@ func benchGenerate() throws {
         }
         if i > 0 { times.append(now() - t0) }
     }
-    emit(["kind": "generate", "impl": "ember", "shape": shape.name, "batch": batch, "weights_dtype": option("--weights-dtype", "f32"), "prompt": promptLen, "new": newTokens,
+    // The prompts' pass and the first token alone (one new token), to split the decode steps out
+    // of the timed region: decode step = (total - this) / (new - 1).
+    var firstTimes: [Double] = []
+    if adapters.isEmpty && newTokens > 1 {
+        var once = params
+        once.maxTokens = 1
+        for i in 0..<3 {
+            let gen = Generator(model: model, tokenizer: nil, slots: batch, capacity: promptLen + newTokens)
+            let t0 = now()
+            _ = try gen.generate(prompts: prompts, params: once)
+            if i > 0 { firstTimes.append(now() - t0) }
+        }
+    }
+    let a = model.architecture
+    // Per decode step: each projection's weights and the (tied) head read once, 2 FLOPs per
+    // multiply-add per row; attention over the context is left out (a few percent here).
+    let weightElements = a.layers * (a.hiddenSize * a.qkvWidth + a.attentionWidth * a.hiddenSize
+        + a.hiddenSize * a.mlpInWidth + a.intermediateSize * a.hiddenSize) + a.hiddenSize * a.vocabSize
+    var figures: [String: Any] = ["kind": "generate", "impl": "ember", "shape": shape.name, "batch": batch, "weights_dtype": option("--weights-dtype", "f32"), "prompt": promptLen, "new": newTokens,
           "adapters": adapterCount, "decode_tok_s": Double(batch * newTokens) / median(times), "seconds": times,
-          "peak_rss_bytes": peakRSSBytes()])
+          "peak_rss_bytes": peakRSSBytes(), "decode_weight_bytes": weightElements * (option("--weights-dtype", "f32") == "bf16" ? 2 : 4),
+          "decode_step_flops": 2 * Double(weightElements) * Double(batch)]
+    if !firstTimes.isEmpty {
+        figures["prompt_and_first_s"] = median(firstTimes)
+        figures["decode_step_s"] = (median(times) - median(firstTimes)) / Double(newTokens - 1)
+    }
+    emit(figures)
 }
 
 /// Scoring throughput: log-probs of every token of `--batch` sequences of `--len` tokens.
@@ -153,7 +177,8 @@ func benchScore() throws {
         if i > 0 { times.append(now() - t0) }
     }
     emit(["kind": "score", "impl": "ember", "shape": shape.name, "tokens": batch * len,
-          "score_tok_s": Double(batch * len) / median(times), "seconds": times])
+          "score_tok_s": Double(batch * len) / median(times), "seconds": times,
+          "flops": forwardFLOPs(model.architecture, tokens: batch * len, seqLen: len, batch: batch)])
 }
 
 /// train_step throughput with a policy loss (`--mode ppo|lp_reg`), rollouts' sampling
@@ -197,6 +222,8 @@ func benchTrain() throws {
     let tokens = seqs.count * shape.seqLen
     emit(["kind": "train", "impl": "ember", "shape": shape.name, "mode": mode, "tokens": tokens, "lora_rank": rank,
           "micro_batch_tokens": microTokens ?? 0, "seconds_forward_backward_optimizer": phases,
+          "forward_flops": forwardFLOPs(model.architecture, tokens: tokens, seqLen: shape.seqLen, batch: shape.batch),
+          "parameters": model.parameterCount,
           "train_tok_s": Double(tokens) / median(times), "seconds": times, "lp_reg_regularized": selected,
           "peak_rss_bytes": peakRSSBytes()])
 }
@@ -242,6 +269,33 @@ func benchEngine() throws {
           "forward_tok_s": Double(tokens) / f, "train_tok_s": Double(tokens) / t,
           "forward_gflops": flops / f / 1e9, "train_gflops": 3 * flops / t / 1e9,
           "forward_s": forwardTimes, "train_s": trainTimes, "peak_rss_bytes": peakRSSBytes()])
+}
+
+/// Memory read bandwidth: a 2 GB buffer (well past the L3) summed once per round by `--threads`
+/// threads, each a contiguous half; best and median of 7 rounds. The yardstick for the
+/// memory-bound phases (optimizer, batch-1 decode).
+func benchBandwidth() {
+    let count = 512 << 20
+    let buffer = UnsafeMutablePointer<Float>.allocate(capacity: count)
+    defer { buffer.deallocate() }
+    parallelRanges(count, minPerThread: 1 << 20) { _, lo, hi in (buffer + lo).initialize(repeating: 1, count: hi - lo) }
+    var times: [Double] = []
+    for _ in 0..<7 {
+        let t0 = now()
+        let sums = UnsafeMutablePointer<Float>.allocate(capacity: threads)
+        parallelRanges(threads, minPerThread: 1) { _, lo, hi in
+            for t in lo..<hi {
+                let a = count / threads * t, b = t == threads - 1 ? count : count / threads * (t + 1)
+                sums[t] = readFloats(buffer + a, count: b - a)
+            }
+        }
+        times.append(now() - t0)
+        precondition((0..<threads).reduce(Float(0)) { $0 + sums[$1] } > 0)
+        sums.deallocate()
+    }
+    let bytes = Double(count * 4)
+    emit(["kind": "bandwidth", "threads": threads, "bytes": count * 4, "read_gb_s": bytes / median(times) / 1e9,
+          "read_gb_s_best": bytes / times.min()! / 1e9])
 }
 
 /// Large-matrix sgemm throughput: OpenBLAS and Ember's row-invariant projection kernel.
@@ -302,18 +356,26 @@ func benchProjections() {
     let m = Int(option("--rows", "32"))!
     var rng = SeededRandom(seed: 3)
     var figures: [String: Any] = ["kind": "projections", "rows": m, "threads": threads]
-    let shapes = [("qkv", 512, 256), ("o", 256, 256), ("mlp_in", 1536, 256), ("down", 256, 768)]
+    // --shape: the projections of that shape (tiny: 4 layers + a 1,024-row head slice; 0.5b: 24
+    // layers + the whole 151,936-row head, 2 GB streamed per step).
+    let shape = Shape.named(option("--shape", "tiny"))
+    let cfg = shape.config
+    let C = cfg["hidden_size"] as! Int, I = cfg["intermediate_size"] as! Int, L = cfg["num_hidden_layers"] as! Int
+    let D = C / (cfg["num_attention_heads"] as! Int), kv = cfg["num_key_value_heads"] as! Int
+    let headRows = shape.name == "tiny" ? 1024 : cfg["vocab_size"] as! Int
+    figures["shape"] = shape.name
+    let shapes = [("qkv", C + 2 * kv * D, C), ("o", C, C), ("mlp_in", 2 * I, C), ("down", C, I)]
     func matrix(_ n: Int, _ k: Int) -> PackedMatrix {
         let w = (0..<(n * k)).map { _ in Float(rng.uniform() - 0.5) }
-        return PackedMatrix(w, rows: n, columns: k)
+        return PackedMatrix(w, rows: n, columns: k, bf16: option("--weights-dtype", "f32") == "bf16")
     }
-    let x = (0..<(m * 1536)).map { _ in Float(rng.uniform() - 0.5) }
-    var y = [Float](repeating: 0, count: m * 1536)
+    let x = (0..<(m * max(2 * I, headRows))).map { _ in Float(rng.uniform() - 0.5) }
+    var y = [Float](repeating: 0, count: m * max(2 * I, headRows))
     let dummy = [Float](repeating: 0, count: 1)
     func run(_ w: PackedMatrix) {
         project(&y, x, rows: m, dummy, outFeatures: w.rows, inFeatures: w.columns, packed: w)
     }
-    for (name, n, k) in shapes + [("head", 1024, 256)] {
+    for (name, n, k) in shapes + [("head", headRows, C)] {
         let w = matrix(n, k)
         let reps = max(10, 400_000_000 / (m * n * k))
         var times: [Double] = []
@@ -326,7 +388,7 @@ func benchProjections() {
         }
         figures[name + "_hot_gflops"] = 2 * Double(m * n * k * reps) / median(times) / 1e9
     }
-    let stack = (0..<4).flatMap { _ in shapes.map { matrix($0.1, $0.2) } } + [matrix(1024, 256)]
+    let stack = (0..<L).flatMap { _ in shapes.map { matrix($0.1, $0.2) } } + [matrix(headRows, C)]
     let macs = stack.reduce(0) { $0 + m * $1.rows * $1.columns }
     let reps = max(10, 400_000_000 / macs)
     var times: [Double] = []
@@ -341,6 +403,7 @@ func benchProjections() {
     figures["stack_gflops"] = 2 * Double(macs * reps) / median(times) / 1e9
     figures["stack_best_gflops"] = 2 * Double(macs * reps) / times.min()! / 1e9
     figures["stack_ms"] = median(times) / Double(reps) * 1e3
+    figures["stack_gb_per_s"] = Double(stack.reduce(0) { $0 + $1.byteCount }) * Double(reps) / median(times) / 1e9
     emit(figures)
 }
 
@@ -717,6 +780,7 @@ do {
     case "train": try benchTrain()
     case "json": try benchJSON()
     case "sgemm": benchSgemm()
+    case "bandwidth": benchBandwidth()
     case "gemm": benchGemm()
     case "projections": benchProjections()
     case "engine": try benchEngine()
