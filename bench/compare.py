@@ -177,6 +177,16 @@ def phases(quick):
         rows.append(line(shape, f"train forward ({t['tokens']} tok)", f, F))
         rows.append(line(shape, "train backward", b, 2 * F))
         rows.append(line(shape, "train optimizer (AdamW)", o, None, 28 * t["parameters"]))
+        # The whole step on both sides in the same accounting (3x the forward's FLOPs): what a
+        # ratio against PyTorch asks of the peak.
+        p = run(TORCH + ["train", "--shape", shape, "--steps", "5" if shape == "tiny" else "2"])[0]
+        ember_step = median(t["seconds"])
+        rows.append(line(shape, "train step, Ember", ember_step, 3 * F))
+        torch_step = median(p["seconds"])
+        rows.append(line(shape, "train step, PyTorch", torch_step, 3 * F))
+        need = 3 * F / (torch_step / 1.5) / 1e9
+        print(f"{shape:6} {'(1.5x PyTorch needs':28} {torch_step / 1.5:9.4f} {need:8.1f} {100 * need / peak:6.0f}%)  "
+              f"Ember / PyTorch now {torch_step / ember_step:.2f}x")
         s = run([EMBER, "score", "--shape", shape])[0]
         rows.append(line(shape, f"scoring ({s['tokens']} tok)", median(s["seconds"]), s["flops"]))
         for batch in [1, 32]:

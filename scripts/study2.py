@@ -33,10 +33,14 @@ def spec(name, method, seed, steps, mini_batches=1, options=None):
 
 def queue():
     """Most informative first: each method's seed 0, the proxy-cutoff ablation that tests
-    prediction 4, then the other seeds, the off-policy comparison and the rest of the ablation."""
+    prediction 4 and its follow-up (strength and breadth), then the other seeds, the off-policy comparison and the rest of the ablation."""
     q = [spec("grpo-s0", "grpo", 0, 500), spec("lp_reg-s0", "lp_reg", 0, 500),
          spec("lp_reg-s0-kappa0.001", "lp_reg", 0, 300, options={"min_p": 0.001}),
          spec("grpo_entropy-s0", "grpo_entropy", 0, 500)]
+    # After the interim reading (prediction 4 failed: the wider proxy alone did not protect the
+    # spark): is the regulariser too weak (beta) or too narrow (rho)? Both with kappa = 0.001.
+    q += [spec("lp_reg-s0-kappa0.001-beta10", "lp_reg", 0, 300, options={"min_p": 0.001, "beta": 10}),
+          spec("lp_reg-s0-kappa0.001-rho0.05", "lp_reg", 0, 300, options={"min_p": 0.001, "rho": 0.05})]
     for seed in (1, 2):
         q += [spec(f"{m}-s{seed}", m, seed, 500) for m in ("grpo", "lp_reg", "grpo_entropy")]
     for seed in (0, 1, 2):

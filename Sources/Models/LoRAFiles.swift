@@ -57,6 +57,32 @@ extension LoRAAdapter {
         guard let c = (try? JSONSerialization.jsonObject(with: data)) as? [String: Any] else {
             throw LoRAError.invalid(path: configPath, reason: "not a JSON object")
         }
+        let weightsPath = directory + "/" + weightsFile
+        return try load(config: c, configPath: configPath, model: model) {
+            guard FileManager.default.fileExists(atPath: weightsPath) else {
+                throw LoRAError.invalid(path: weightsPath, reason: "missing (Ember reads safetensors adapters, not adapter_model.bin)")
+            }
+            do { return try SafetensorsFile(path: weightsPath) } catch {
+                throw LoRAError.invalid(path: weightsPath, reason: "\(error)")
+            }
+        }
+    }
+
+    /// A PEFT LoRA adapter held in memory: adapter_config.json's content and
+    /// adapter_model.safetensors' bytes (a replica's download), checked as a folder is; `name`
+    /// stands for the folder in errors.
+    public static func load(config: [String: Any], weights: ByteBlock, name: String, model: TransformerModel) throws -> LoRAAdapter {
+        let weightsPath = name + "/" + weightsFile
+        return try load(config: config, configPath: name + "/" + configFile, model: model) {
+            do { return try SafetensorsFile(block: weights, name: weightsPath) } catch {
+                throw LoRAError.invalid(path: weightsPath, reason: "\(error)")
+            }
+        }
+    }
+
+    /// The configuration checked, then the weights `open` gives.
+    private static func load(config c: [String: Any], configPath: String, model: TransformerModel,
+                             weights open: () throws -> SafetensorsFile) throws -> LoRAAdapter {
         func bad(_ key: String, _ reason: String) -> LoRAError { .invalid(path: "\(configPath): \(key)", reason: reason) }
         guard (c["peft_type"] as? String)?.uppercased() == "LORA" else { throw bad("peft_type", "must be \"LORA\"") }
         guard let rank = c["r"] as? Int else { throw bad("r", "must be an integer") }
@@ -99,14 +125,8 @@ extension LoRAAdapter {
         } catch let LoRAError.invalid(path, reason) {
             throw LoRAError.invalid(path: "\(configPath): \(path == "rank" ? "r" : path)", reason: reason)
         }
-        let weightsPath = directory + "/" + weightsFile
-        guard FileManager.default.fileExists(atPath: weightsPath) else {
-            throw LoRAError.invalid(path: weightsPath, reason: "missing (Ember reads safetensors adapters, not adapter_model.bin)")
-        }
-        let file: SafetensorsFile
-        do { file = try SafetensorsFile(path: weightsPath) } catch {
-            throw LoRAError.invalid(path: weightsPath, reason: "\(error)")
-        }
+        let file = try open()
+        let weightsPath = file.path
         let expected = Set(adapter.parameters.layout.slots.map(\.name))
         let extra = file.tensors.keys.filter { !expected.contains($0) }.sorted()
         if !extra.isEmpty {

@@ -43,10 +43,11 @@ public struct FollowedWeights: @unchecked Sendable {
     public struct Adapter {
         public let name: String
         public let weightsVersion: Int
-        /// A PEFT folder written by the follower (nil: keep the adapter held under this name).
-        public let folder: String?
-        public init(name: String, weightsVersion: Int, folder: String?) {
-            self.name = name; self.weightsVersion = weightsVersion; self.folder = folder
+        /// The adapter's PEFT files as downloaded, adapter_config.json's content and
+        /// adapter_model.safetensors' bytes (nil: keep the adapter held under this name).
+        public let files: (config: [String: Any], weights: ByteBlock)?
+        public init(name: String, weightsVersion: Int, files: (config: [String: Any], weights: ByteBlock)?) {
+            self.name = name; self.weightsVersion = weightsVersion; self.files = files
         }
     }
     public var weightsVersion: Int
@@ -143,8 +144,8 @@ extension Dispatcher {
     public func applyFollowed(_ update: FollowedWeights) throws -> Any {
         var loaded: [String: LoRAAdapter] = [:]
         for a in update.adapters {
-            if let folder = a.folder {
-                let adapter = try LoRAAdapter.load(directory: folder, model: model)
+            if let (config, weights) = a.files {
+                let adapter = try LoRAAdapter.load(config: config, weights: weights, name: "the trainer's adapter '\(a.name)'", model: model)
                 adapter.name = a.name
                 loaded[a.name] = adapter
             } else if adapterTrainers[a.name] == nil {

@@ -15,7 +15,6 @@ public final class WeightFollower: @unchecked Sendable {
     let apiKey: String?
     let scheduler: Scheduler
     let logger: Logger
-    let staging: String
 
     private let syncLock = NSLock()
     private let lock = NSLock()
@@ -70,7 +69,6 @@ public final class WeightFollower: @unchecked Sendable {
         self.apiKey = apiKey
         self.scheduler = scheduler
         self.logger = logger
-        staging = NSTemporaryDirectory() + "/ember-follow-\(getpid())"
         scheduler.setFollowerHook { [weak self] method, params, completion in
             guard let self else { completion(.failure(RPCError(.shuttingDown))); return }
             let box = JSONValue(params)
@@ -165,31 +163,23 @@ public final class WeightFollower: @unchecked Sendable {
         let fetched = try fetchTensors(changed, etag: "\"\(m.version)\"")
         downloadSeconds = Date().timeIntervalSince(td)
         for (sha, v) in fetched { stagedTensors[sha] = v; bytes += v.1.count }
-        // Adapters whose bytes changed: whole files (megabytes), written as PEFT folders.
-        try? FileManager.default.createDirectory(atPath: staging, withIntermediateDirectories: true)
+        // Adapters whose bytes changed: whole files (megabytes), loaded from memory.
         var adapters: [FollowedWeights.Adapter] = []
-        var folders: [String] = []
         for a in m.adapters {
             if adapterHashes[a.name] == a.sha256 {
-                adapters.append(.init(name: a.name, weightsVersion: a.weightsVersion, folder: nil))
+                adapters.append(.init(name: a.name, weightsVersion: a.weightsVersion, files: nil))
                 continue
             }
             let name = a.name.addingPercentEncoding(withAllowedCharacters: .alphanumerics) ?? a.name
-            // The whole file as one part: resumed like base tensors, its hash checked as it completes.
+            // The whole file as one part: resumed like base tensors, hashed as its bytes arrive.
             let job = PartDownload(tensors: [Manifest.Tensor(name: "adapter \(a.name)", dtype: "F32", sha256: a.sha256, shape: [a.length],
                                                              offset: 0, length: a.length)])
             run(job, etag: "\"\(a.sha256)\"", query: "?adapter=\(name)")
             if let f = job.failure { throw f }
-            let data = job.take()
-            bytes += data.count
-            let folder = staging + "/\(a.sha256.prefix(16))"
-            try FileManager.default.createDirectory(atPath: folder, withIntermediateDirectories: true)
-            try data.write(to: URL(fileURLWithPath: folder + "/adapter_model.safetensors"))
-            try JSONSerialization.data(withJSONObject: a.config).write(to: URL(fileURLWithPath: folder + "/adapter_config.json"))
-            folders.append(folder)
-            adapters.append(.init(name: a.name, weightsVersion: a.weightsVersion, folder: folder))
+            let block = job.takeBlock()
+            bytes += block.count
+            adapters.append(.init(name: a.name, weightsVersion: a.weightsVersion, files: (a.config, block)))
         }
-        defer { for f in folders { try? FileManager.default.removeItem(atPath: f) } }
         let tensors = m.tensors.filter { tensorHashes[$0.name] != $0.sha256 }.map { t in
             FollowedWeights.Tensor(name: t.name, dtype: DType(rawValue: t.dtype) ?? .f32, shape: t.shape,
                                    bytes: stagedTensors[t.sha256]!.0, range: stagedTensors[t.sha256]!.1)
@@ -207,7 +197,7 @@ public final class WeightFollower: @unchecked Sendable {
         syncs += 1; bytesTotal += bytes; lastBytes = bytes; secondsTotal += seconds; lastSeconds = seconds
         lock.unlock()
         logger.info("weights synced", metadata: ["weights_version": "\(m.version)", "tensors": "\(tensors.count)",
-                                                 "adapters": "\(adapters.filter { $0.folder != nil }.count)", "bytes": "\(bytes)",
+                                                 "adapters": "\(adapters.filter { $0.files != nil }.count)", "bytes": "\(bytes)",
                                                  "seconds": "\(String(format: "%.3f", seconds))",
                                                  "download_seconds": "\(String(format: "%.3f", downloadSeconds))",
                                                  "swap_seconds": "\(String(format: "%.3f", swapSeconds))"])
@@ -353,7 +343,6 @@ public final class WeightFollower: @unchecked Sendable {
 
     public func stop() {
         lock.lock(); stopped = true; lock.unlock()
-        try? FileManager.default.removeItem(atPath: staging)
     }
 
     /// `weights.sync {version?, timeout?}`: pulls now; with `version`, first waits (long polls)
@@ -412,7 +401,9 @@ final class PartDownload: @unchecked Sendable {
     private let buffer: UnsafeMutableRawPointer
     private var taken = false
     var received = 0
-    private var checked = 0
+    /// Tensors whose hash is checked, and the bytes of the next one fed to `hasher` so far.
+    private var checked = 0, hashed = 0
+    private let hasher = SHA256.Streaming()
     var corrupt: String?
     var failure: Error?
 
@@ -425,16 +416,22 @@ final class PartDownload: @unchecked Sendable {
 
     deinit { if !taken { buffer.deallocate() } }
 
-    /// Appends arrived bytes; hashes every tensor they complete. False (abort) on a mismatch or
-    /// more bytes than asked for.
+    /// Appends arrived bytes and feeds them to the hash of the tensor they belong to (so hashing
+    /// keeps pace with the transfer); checks every tensor they complete. False (abort) on a
+    /// mismatch or more bytes than asked for.
     func accept(_ chunk: UnsafeRawBufferPointer) -> Bool {
         guard received + chunk.count <= length else { corrupt = tensors.last!.name; return false }
         if let base = chunk.baseAddress { (buffer + received).copyMemory(from: base, byteCount: chunk.count) }
         received += chunk.count
-        while checked < tensors.count, tensors[checked].offset + tensors[checked].length <= lo + received {
+        while checked < tensors.count {
             let t = tensors[checked]
-            guard SHA256.hex(buffer + (t.offset - lo), count: t.length) == t.sha256 else { corrupt = t.name; return false }
+            let end = t.offset - lo + t.length
+            let upTo = min(received, end)
+            if upTo > hashed { hasher.update(buffer + hashed, count: upTo - hashed); hashed = upTo }
+            guard hashed == end else { break }
+            guard hasher.finish() == t.sha256 else { corrupt = t.name; return false }
             checked += 1
+            if checked < tensors.count { hashed = tensors[checked].offset - lo }
         }
         return true
     }
@@ -445,17 +442,13 @@ final class PartDownload: @unchecked Sendable {
         let p = buffer
         return Data(bytesNoCopy: p, count: length, deallocator: .custom { _, _ in p.deallocate() })
     }
+
+    /// The whole part as a block of bytes, owning the buffer from here on.
+    func takeBlock() -> ByteBlock {
+        taken = true
+        return ByteBlock(adopting: buffer, count: length)
+    }
 }
 
 /// The follower, for the download lanes (its state is locked where they touch it).
 struct FollowerBox: @unchecked Sendable { let follower: WeightFollower }
-
-/// One verdict per tensor, each written by one thread of a parallel loop.
-final class DigestChecks: @unchecked Sendable {
-    private let slots: UnsafeMutablePointer<Bool>
-    private let n: Int
-    init(_ n: Int) { self.n = n; slots = .allocate(capacity: max(1, n)); slots.initialize(repeating: false, count: max(1, n)) }
-    deinit { slots.deallocate() }
-    func set(_ i: Int, _ v: Bool) { slots[i] = v }
-    var firstFalse: Int? { (0..<n).first { !slots[$0] } }
-}

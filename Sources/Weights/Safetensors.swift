@@ -43,13 +43,25 @@ public struct TensorInfo: Sendable, Equatable {
     public var elementCount: Int { shape.reduce(1, *) }
 }
 
-/// A memory-mapped safetensors file.
+/// Bytes in memory owned by one object, freed with it (a downloaded safetensors file).
+public final class ByteBlock: @unchecked Sendable {
+    public let pointer: UnsafeMutableRawPointer
+    public let count: Int
+    /// Takes ownership of `pointer` (from `UnsafeMutableRawPointer.allocate`).
+    public init(adopting pointer: UnsafeMutableRawPointer, count: Int) { self.pointer = pointer; self.count = count }
+    deinit { pointer.deallocate() }
+}
+
+/// A safetensors file: memory-mapped from disk, or held in memory (`ByteBlock`).
 public final class SafetensorsFile {
+    /// The file's path, or the name errors give a file held in memory.
     public let path: String
     public let tensors: [String: TensorInfo]
     public let metadata: [String: String]
-    private let base: UnsafeMutableRawPointer?
-    private let mappedSize: Int
+    private let base: UnsafeRawPointer
+    /// The mapping to undo (mapped files), or the bytes' owner (files in memory).
+    private let mappedSize: Int?
+    private let owner: ByteBlock?
     private let dataStart: Int
 
     /// Maps `path` and validates its header: sizes, dtypes, shapes and that every tensor's byte
@@ -68,6 +80,29 @@ public final class SafetensorsFile {
         }
         var ok = false
         defer { if !ok { munmap(m, size) } }
+        (tensors, metadata, dataStart) = try Self.parse(UnsafeRawPointer(m), size: size, path: path)
+        base = UnsafeRawPointer(m)
+        mappedSize = size
+        owner = nil
+        ok = true
+    }
+
+    /// The file held in `block`, validated as `init(path:)` validates a file; `name` stands for
+    /// the path in errors.
+    public init(block: ByteBlock, name: String) throws {
+        path = name
+        guard block.count >= 8 else { throw WeightsError.truncated(path: name, reason: "\(block.count) bytes, shorter than the 8-byte header length") }
+        (tensors, metadata, dataStart) = try Self.parse(UnsafeRawPointer(block.pointer), size: block.count, path: name)
+        base = UnsafeRawPointer(block.pointer)
+        mappedSize = nil
+        owner = block
+    }
+
+    deinit { if let mappedSize { munmap(UnsafeMutableRawPointer(mutating: base), mappedSize) } }
+
+    /// The header of the `size`-byte file at `m` (at least 8 bytes), checked.
+    private static func parse(_ m: UnsafeRawPointer, size: Int, path: String) throws
+        -> (tensors: [String: TensorInfo], metadata: [String: String], dataStart: Int) {
         let headerLength = Int(clamping: UInt64(littleEndian: m.loadUnaligned(as: UInt64.self)))
         guard headerLength <= size - 8 else {
             throw WeightsError.truncated(path: path, reason: "header claims \(headerLength) bytes, file has \(size - 8) after the length")
@@ -127,15 +162,8 @@ public final class SafetensorsFile {
             }
             tensors[name] = TensorInfo(name: name, dtype: dtype, shape: shape, begin: offs[0], end: offs[1])
         }
-        self.tensors = tensors
-        self.metadata = metadata
-        self.base = m
-        self.mappedSize = size
-        self.dataStart = 8 + headerLength
-        ok = true
+        return (tensors, metadata, 8 + headerLength)
     }
-
-    deinit { if let base { munmap(base, mappedSize) } }
 
     private static func integers(_ values: [Any]) -> [Int]? {
         var out: [Int] = []
@@ -148,7 +176,7 @@ public final class SafetensorsFile {
 
     /// Raw bytes of a tensor.
     public func rawPointer(_ info: TensorInfo) -> UnsafeRawPointer {
-        UnsafeRawPointer(base!) + dataStart + info.begin
+        base + dataStart + info.begin
     }
 
     /// Info of `name`, or an error naming it.

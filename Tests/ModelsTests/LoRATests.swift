@@ -99,7 +99,19 @@ final class LoRATests: XCTestCase {
             XCTAssertEqual(Set(c["target_modules"] as! [String]), Set(p["target_modules"] as! [String]), name)
             let again = try LoRAAdapter.load(directory: dir, model: model)
             XCTAssertEqual(again.parameters.checksum(), adapter.parameters.checksum())
+            // The same files held in memory (a replica's download) load to the same values.
+            let fromMemory = try loadFromMemory(dir, "downloaded", model)
+            XCTAssertEqual(fromMemory.parameters.checksum(), adapter.parameters.checksum())
         }
+    }
+
+    /// The folder's two files read into memory and loaded from there, as a replica does.
+    func loadFromMemory(_ dir: String, _ name: String, _ model: TransformerModel) throws -> LoRAAdapter {
+        let config = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: dir + "/adapter_config.json"))) as! [String: Any]
+        let bytes = try Data(contentsOf: URL(fileURLWithPath: dir + "/adapter_model.safetensors"))
+        let block = ByteBlock(adopting: .allocate(byteCount: max(1, bytes.count), alignment: 64), count: bytes.count)
+        bytes.copyBytes(to: block.pointer.assumingMemoryBound(to: UInt8.self), count: bytes.count)
+        return try LoRAAdapter.load(config: config, weights: block, name: name, model: model)
     }
 
     func testNewAdapterIsExactlyTheBase() throws {
@@ -172,6 +184,12 @@ final class LoRATests: XCTestCase {
             XCTAssertThrowsError(try LoRAAdapter.load(directory: dir, model: model), line: line) { e in
                 XCTAssertTrue("\(e)".contains(fragment), "\(e)", line: line)
                 XCTAssertTrue("\(e)".contains(dir), "the error names the file: \(e)", line: line)
+            }
+            // Held in memory (a replica's download): the same refusal, naming the download.
+            guard FileManager.default.fileExists(atPath: dir + "/adapter_config.json") else { return }
+            XCTAssertThrowsError(try loadFromMemory(dir, "the trainer's adapter 'a'", model), line: line) { e in
+                XCTAssertTrue("\(e)".contains(fragment), "\(e)", line: line)
+                XCTAssertTrue("\(e)".contains("the trainer's adapter 'a'/adapter_"), "the error names the download: \(e)", line: line)
             }
         }
         func rewriteTensors(_ dir: String, _ change: (inout [(String, [Int], [Float])]) -> Void) throws {

@@ -117,7 +117,21 @@ final class SafetensorsTests: XCTestCase {
             XCTAssertThrowsError(try SafetensorsFile(path: path), label) { e in
                 XCTAssertTrue("\(e)".contains(fragment), "\(label): '\(e)' should mention '\(fragment)'")
             }
+            // The same bytes held in memory: the same checks, the error naming the download.
+            XCTAssertThrowsError(try SafetensorsFile(block: block(data), name: "downloaded"), label) { e in
+                XCTAssertTrue("\(e)".contains(fragment), "\(label) in memory: '\(e)' should mention '\(fragment)'")
+                XCTAssertTrue("\(e)".contains("downloaded"), "\(label) in memory: '\(e)' should name the download")
+            }
         }
+        func block(_ data: Data) -> ByteBlock {
+            let b = ByteBlock(adopting: .allocate(byteCount: max(1, data.count), alignment: 64), count: data.count)
+            data.copyBytes(to: b.pointer.assumingMemoryBound(to: UInt8.self), count: data.count)
+            return b
+        }
+        // A good file in memory reads as the file does.
+        let mapped = try SafetensorsFile(path: good), held = try SafetensorsFile(block: block(bytes), name: "downloaded")
+        XCTAssertEqual(mapped.tensors, held.tensors)
+        for name in mapped.tensors.keys { XCTAssertEqual(try mapped.floats(name), try held.floats(name), name) }
         try expectError(Data(), "truncated", "empty file")
         try expectError(bytes.prefix(5), "truncated", "shorter than the length")
         try expectError(bytes.prefix(8 + headerLength / 2), "truncated", "cut inside the header")
