@@ -27,3 +27,6 @@ public func maxElement(_ x: UnsafePointer<Float>, _ n: Int) -> Float {
 
 /// The sum of `count` floats, each read once (the benchmark's memory read bandwidth probe).
 public func readFloats(_ p: UnsafePointer<Float>, count: Int) -> Float { Kernels.table.pointee.read_sum(p, count) }
+
+/// Whether every one of `count` floats is finite (one vectorised pass).
+public func allFinite(_ p: UnsafePointer<Float>, count: Int) -> Bool { ember_all_finite(p, count) != 0 }

@@ -146,7 +146,7 @@ extension LoRAAdapter {
             }
             try file.read(slot.name, shape: slot.shape, into: adapter.parameters.values + slot.offset)
         }
-        for i in 0..<adapter.parameters.count where !adapter.parameters.values[i].isFinite {
+        if !allFinite(adapter.parameters.values, count: adapter.parameters.count) {
             throw LoRAError.invalid(path: weightsPath, reason: "holds a value that is not finite")
         }
         adapter.parameters.markModified()

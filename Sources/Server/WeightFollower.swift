@@ -165,6 +165,7 @@ public final class WeightFollower: @unchecked Sendable {
         for (sha, v) in fetched { stagedTensors[sha] = v; bytes += v.1.count }
         // Adapters whose bytes changed: whole files (megabytes), loaded from memory.
         var adapters: [FollowedWeights.Adapter] = []
+        let ta = Date()
         for a in m.adapters {
             if adapterHashes[a.name] == a.sha256 {
                 adapters.append(.init(name: a.name, weightsVersion: a.weightsVersion, files: nil))
@@ -180,6 +181,7 @@ public final class WeightFollower: @unchecked Sendable {
             bytes += block.count
             adapters.append(.init(name: a.name, weightsVersion: a.weightsVersion, files: (a.config, block)))
         }
+        let adapterSeconds = Date().timeIntervalSince(ta)
         let tensors = m.tensors.filter { tensorHashes[$0.name] != $0.sha256 }.map { t in
             FollowedWeights.Tensor(name: t.name, dtype: DType(rawValue: t.dtype) ?? .f32, shape: t.shape,
                                    bytes: stagedTensors[t.sha256]!.0, range: stagedTensors[t.sha256]!.1)
@@ -200,6 +202,7 @@ public final class WeightFollower: @unchecked Sendable {
                                                  "adapters": "\(adapters.filter { $0.files != nil }.count)", "bytes": "\(bytes)",
                                                  "seconds": "\(String(format: "%.3f", seconds))",
                                                  "download_seconds": "\(String(format: "%.3f", downloadSeconds))",
+                                                 "adapter_download_seconds": "\(String(format: "%.3f", adapterSeconds))",
                                                  "swap_seconds": "\(String(format: "%.3f", swapSeconds))"])
         return bytes
     }

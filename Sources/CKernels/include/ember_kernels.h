@@ -91,6 +91,8 @@ typedef struct ember_kernels {
 const ember_kernels *ember_kernels_table(int set);
 /// Tells glibc's malloc to keep large freed blocks for reuse (no mmap per large allocation).
 void ember_keep_freed_memory(void);
+/// Whether every one of the n floats is finite.
+int ember_all_finite(const float *x, long n);
 /// The best set this CPU supports (CPUID and the OS's saved-state mask).
 int ember_kernel_set_best(void);
 
