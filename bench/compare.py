@@ -147,19 +147,21 @@ def vllm(quick, rounds=3):
 
 def phases(quick):
     """Each phase against the machine's own yardsticks, measured in the same run: the sgemm peak
-    (the larger of OpenBLAS and Ember's GEMM on 2048^3) and the memory read bandwidth (2 GB
+    (the largest of OpenBLAS, Ember's GEMM and PyTorch's torch.mm on 2048^3) and the memory read bandwidth (2 GB
     summed by both threads). Compute-bound phases as GFLOP/s and % of the peak (backward counted
     as twice the forward's FLOPs), memory-bound ones as GB/s and % of the bandwidth: the
     optimizer moves 28 bytes a parameter (weight, gradient and two moments read, three written),
     batch-1 decode reads every weight once a step."""
     print(f"machine: {machine()}")
     sg = run([EMBER, "sgemm"])[0]
+    tg = run(TORCH + ["sgemm"])[0]
     bw = run([EMBER, "bandwidth"])[0]
-    peak = max(sg['openblas_gflops'], sg['ember_project_gflops'])
+    peak = max(sg['openblas_gflops'], sg['ember_project_gflops'], tg['gflops'])
     read = bw["read_gb_s"]
-    print(f"sgemm peak {peak:.0f} GFLOP/s (Ember {sg['ember_project_gflops']:.0f}, OpenBLAS {sg['openblas_gflops']:.0f}); "
+    print(f"sgemm peak {peak:.0f} GFLOP/s, the largest of Ember {sg['ember_project_gflops']:.0f}, OpenBLAS "
+          f"{sg['openblas_gflops']:.0f} and PyTorch {tg['gflops']:.0f}; "
           f"read bandwidth {read:.1f} GB/s (best {bw['read_gb_s_best']:.1f}); kernels {sg['kernels']}")
-    out = {"machine": machine(), "sgemm": sg, "bandwidth": bw, "shapes": {}}
+    out = {"machine": machine(), "sgemm": sg, "torch_sgemm": tg, "bandwidth": bw, "shapes": {}}
     print(f"\n{'shape':6} {'phase':28} {'seconds':>9} {'GFLOP/s':>8} {'% peak':>7} {'GB/s':>6} {'% bw':>5}")
 
     def line(shape, phase, seconds, flops=None, nbytes=None):

@@ -162,9 +162,22 @@ def train(shape, mode, steps, threads, lora_rank=0):
                       "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}), flush=True)
 
 
+def sgemm(threads, n=2048):
+    """torch.mm on 2048^3 float32 (MKL/oneDNN), best of 5: the third candidate for the peak."""
+    torch.set_num_threads(threads)
+    a, b = torch.rand(n, n) - 0.5, torch.rand(n, n) - 0.5
+    times = []
+    for _ in range(6):
+        t0 = time.perf_counter()
+        torch.mm(a, b.T)
+        times.append(time.perf_counter() - t0)
+    print(json.dumps({"kind": "sgemm", "impl": "pytorch", "size": n, "threads": threads,
+                      "gflops": 2 * n ** 3 / min(times[1:]) / 1e9}), flush=True)
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["engine", "generate", "score", "train"])
+    ap.add_argument("what", choices=["engine", "generate", "score", "train", "sgemm"])
     ap.add_argument("--mode", default="ppo")
     ap.add_argument("--shape", default="tiny")
     ap.add_argument("--steps", type=int, default=5)
@@ -180,5 +193,7 @@ if __name__ == "__main__":
         train(a.shape, a.mode, a.steps, a.threads, a.lora_rank)
     elif a.what == "generate":
         generate(a.shape, a.batch, a.prompt, a.new, a.threads)
+    elif a.what == "sgemm":
+        sgemm(a.threads)
     else:
         score(a.shape, a.threads)
