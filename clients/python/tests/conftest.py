@@ -1,6 +1,7 @@
 """Live-server fixtures: a release build of ember-server on a free port, serving a tiny random
 qwen2 model written here in pure Python with the fixture tokenizer (Tests/Fixtures/tokenizers/qwen2)."""
 import json
+import itertools
 import os
 import random
 import re
@@ -127,8 +128,12 @@ class Hosts:
     """Two test hosts in network namespaces on a bridge (docs/test-hosts.md's recipe); the root
     namespace joins the bridge as .254. Removed on exit, even after a failure."""
 
+    made = itertools.count()
+
     def __init__(self, names=("a", "b")):
-        tag = f"{os.getpid() % 10000}{int(time.time() * 1000) % 100}"
+        # Unique per process and instance: a namespace's veth can outlive `ip netns del` for a
+        # moment (the kernel frees it asynchronously), so a reused name could still be taken.
+        tag = f"{os.getpid() % 100000}{next(Hosts.made) % 1000}"
         self.subnet = f"10.77.{os.getpid() % 200 + 20}"
         self.bridge = f"brem{tag}"[:15]
         self.hosts = {n: f"em{tag}{n}" for n in names}
