@@ -34,9 +34,9 @@ public struct FollowedWeights: @unchecked Sendable {
     public struct Tensor {
         public let name: String, dtype: DType, shape: [Int]
         /// The tensor is `range` of `bytes` (a downloaded run of tensors, shared, not copied).
-        public let bytes: Data
+        public let bytes: ByteBlock
         public let range: Range<Int>
-        public init(name: String, dtype: DType, shape: [Int], bytes: Data, range: Range<Int>) {
+        public init(name: String, dtype: DType, shape: [Int], bytes: ByteBlock, range: Range<Int>) {
             self.name = name; self.dtype = dtype; self.shape = shape; self.bytes = bytes; self.range = range
         }
     }
@@ -162,9 +162,7 @@ extension Dispatcher {
         }
         // Commit.
         for t in update.tensors {
-            try t.bytes.withUnsafeBytes {
-                try model.assign(tensor: t.name, dtype: t.dtype, shape: t.shape, bytes: $0.baseAddress! + t.range.lowerBound)
-            }
+            try model.assign(tensor: t.name, dtype: t.dtype, shape: t.shape, bytes: UnsafeRawPointer(t.bytes.pointer) + t.range.lowerBound)
         }
         if !update.tensors.isEmpty { model.finishAssigning() }
         var trainers: [String: Trainer] = [:]

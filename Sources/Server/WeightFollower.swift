@@ -27,7 +27,7 @@ public final class WeightFollower: @unchecked Sendable {
     private var checkedModel = false
     /// Tensors downloaded and verified but not applied yet, by hash (a run of tensors and the
     /// tensor's range in it): a sync restarted on a newer version keeps the ones that did not change.
-    private var stagedTensors: [String: (Data, Range<Int>)] = [:]
+    private var stagedTensors: [String: (ByteBlock, Range<Int>)] = [:]
 
     // Under lock.
     private var applied = (version: -1, id: "")
@@ -177,7 +177,7 @@ public final class WeightFollower: @unchecked Sendable {
                                                              offset: 0, length: a.length)])
             run(job, etag: "\"\(a.sha256)\"", query: "?adapter=\(name)")
             if let f = job.failure { throw f }
-            let block = job.takeBlock()
+            let block = job.take()
             bytes += block.count
             adapters.append(.init(name: a.name, weightsVersion: a.weightsVersion, files: (a.config, block)))
         }
@@ -211,7 +211,7 @@ public final class WeightFollower: @unchecked Sendable {
     /// most half the bytes, two connections at a time. Each part lands in one buffer; each tensor
     /// is hashed as soon as its last byte arrives (while the rest streams in); a broken transfer
     /// resumes where it stopped. Returns, by digest, each tensor's buffer and range.
-    private func fetchTensors(_ tensors: [Manifest.Tensor], etag: String) throws -> [String: (Data, Range<Int>)] {
+    private func fetchTensors(_ tensors: [Manifest.Tensor], etag: String) throws -> [String: (ByteBlock, Range<Int>)] {
         guard !tensors.isEmpty else { return [:] }
         let total = tensors.reduce(0) { $0 + $1.length }
         let laneCount = Self.lanes
@@ -235,7 +235,7 @@ public final class WeightFollower: @unchecked Sendable {
             for i in assigned[lane] where jobs[i].failure == nil { box.follower.run(jobs[i], etag: etag) }
         }
         if let f = jobs.compactMap(\.failure).first { throw f }
-        var out: [String: (Data, Range<Int>)] = [:]
+        var out: [String: (ByteBlock, Range<Int>)] = [:]
         for j in jobs {
             let data = j.take()
             for t in j.tensors { out[t.sha256] = (data, (t.offset - j.lo)..<(t.offset - j.lo + t.length)) }
@@ -439,15 +439,8 @@ final class PartDownload: @unchecked Sendable {
         return true
     }
 
-    /// The whole part as Data, owning the buffer from here on.
-    func take() -> Data {
-        taken = true
-        let p = buffer
-        return Data(bytesNoCopy: p, count: length, deallocator: .custom { _, _ in p.deallocate() })
-    }
-
     /// The whole part as a block of bytes, owning the buffer from here on.
-    func takeBlock() -> ByteBlock {
+    func take() -> ByteBlock {
         taken = true
         return ByteBlock(adopting: buffer, count: length)
     }

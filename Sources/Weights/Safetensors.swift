@@ -74,7 +74,8 @@ public final class SafetensorsFile {
         var st = stat()
         guard fstat(fd, &st) == 0 else { throw WeightsError.cannotOpen(path: path, reason: "fstat failed") }
         let size = Int(st.st_size)
-        guard size >= 8 else { throw WeightsError.truncated(path: path, reason: "\(size) bytes, shorter than the 8-byte header length") }
+        // mmap refuses an empty file; `parse` checks every other size.
+        guard size > 0 else { throw WeightsError.truncated(path: path, reason: "0 bytes, shorter than the 8-byte header length") }
         guard let m = mmap(nil, size, PROT_READ, MAP_PRIVATE, fd, 0), m != MAP_FAILED else {
             throw WeightsError.cannotOpen(path: path, reason: "mmap failed: \(String(cString: strerror(errno)))")
         }
@@ -91,7 +92,6 @@ public final class SafetensorsFile {
     /// the path in errors.
     public init(block: ByteBlock, name: String) throws {
         path = name
-        guard block.count >= 8 else { throw WeightsError.truncated(path: name, reason: "\(block.count) bytes, shorter than the 8-byte header length") }
         (tensors, metadata, dataStart) = try Self.parse(UnsafeRawPointer(block.pointer), size: block.count, path: name)
         base = UnsafeRawPointer(block.pointer)
         mappedSize = nil
@@ -100,9 +100,10 @@ public final class SafetensorsFile {
 
     deinit { if let mappedSize { munmap(UnsafeMutableRawPointer(mutating: base), mappedSize) } }
 
-    /// The header of the `size`-byte file at `m` (at least 8 bytes), checked.
+    /// The header of the `size`-byte file at `m`, checked.
     private static func parse(_ m: UnsafeRawPointer, size: Int, path: String) throws
         -> (tensors: [String: TensorInfo], metadata: [String: String], dataStart: Int) {
+        guard size >= 8 else { throw WeightsError.truncated(path: path, reason: "\(size) bytes, shorter than the 8-byte header length") }
         let headerLength = Int(clamping: UInt64(littleEndian: m.loadUnaligned(as: UInt64.self)))
         guard headerLength <= size - 8 else {
             throw WeightsError.truncated(path: path, reason: "header claims \(headerLength) bytes, file has \(size - 8) after the length")
