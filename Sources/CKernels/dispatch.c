@@ -42,10 +42,3 @@ void ember_keep_freed_memory(void) {
     mallopt(M_TRIM_THRESHOLD, 1 << 30);
 }
 
-int ember_all_finite(const float *x, long n) {
-    // Non-finite values have every exponent bit set; one pass that the compiler vectorises.
-    const unsigned int *bits = (const unsigned int *)x;
-    unsigned int bad = 0;
-    for (long i = 0; i < n; i++) bad |= (~bits[i] & 0x7f800000u) == 0;
-    return bad == 0;
-}

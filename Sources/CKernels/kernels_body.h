@@ -424,6 +424,23 @@ static float KSET(read_sum)(const float *p, long n) {
     return t;
 }
 
+static int KSET(all_finite)(const float *x, long n) {
+    // A value is not finite when its exponent bits are all set: OR over (~bits & exponent) == 0.
+    const int32_t *b = (const int32_t *)x;
+    const v16i e = (v16i)(0x7f800000), zero = (v16i)(0);
+    v16i bad = zero;
+    long i = 0;
+    for (; i + 16 <= n; i += 16) {
+        v16i v;
+        __builtin_memcpy(&v, b + i, sizeof v);
+        bad |= (~v & e) == zero;
+    }
+    int any = 0;
+    for (int j = 0; j < 16; j++) any |= bad[j];
+    for (; i < n; i++) any |= (~b[i] & 0x7f800000) == 0;
+    return !any;
+}
+
 static const ember_kernels KSET(table) = {
     .name = KSET_NAME,
     .tile_rows = TILE_R,
@@ -441,4 +458,5 @@ static const ember_kernels KSET(table) = {
     .swiglu_forward = KSET(swiglu_forward),
     .swiglu_backward = KSET(swiglu_backward),
     .read_sum = KSET(read_sum),
+    .all_finite = KSET(all_finite),
 };

@@ -29,4 +29,4 @@ public func maxElement(_ x: UnsafePointer<Float>, _ n: Int) -> Float {
 public func readFloats(_ p: UnsafePointer<Float>, count: Int) -> Float { Kernels.table.pointee.read_sum(p, count) }
 
 /// Whether every one of `count` floats is finite (one vectorised pass).
-public func allFinite(_ p: UnsafePointer<Float>, count: Int) -> Bool { ember_all_finite(p, count) != 0 }
+public func allFinite(_ p: UnsafePointer<Float>, count: Int) -> Bool { Kernels.table.pointee.all_finite(p, count) != 0 }

@@ -70,10 +70,12 @@ extension LoRAAdapter {
 
     /// A PEFT LoRA adapter held in memory: adapter_config.json's content and
     /// adapter_model.safetensors' bytes (a replica's download), checked as a folder is; `name`
-    /// stands for the folder in errors.
-    public static func load(config: [String: Any], weights: ByteBlock, name: String, model: TransformerModel) throws -> LoRAAdapter {
+    /// stands for the folder in errors. `reusing` (an adapter nothing else holds) lends its
+    /// storage when its settings are the same: its values are overwritten, valid or not.
+    public static func load(config: [String: Any], weights: ByteBlock, name: String, model: TransformerModel,
+                            reusing spare: LoRAAdapter? = nil) throws -> LoRAAdapter {
         let weightsPath = name + "/" + weightsFile
-        return try load(config: config, configPath: name + "/" + configFile, model: model) {
+        return try load(config: config, configPath: name + "/" + configFile, model: model, reusing: spare) {
             do { return try SafetensorsFile(block: weights, name: weightsPath) } catch {
                 throw LoRAError.invalid(path: weightsPath, reason: "\(error)")
             }
@@ -81,7 +83,7 @@ extension LoRAAdapter {
     }
 
     /// The configuration checked, then the weights `open` gives.
-    private static func load(config c: [String: Any], configPath: String, model: TransformerModel,
+    private static func load(config c: [String: Any], configPath: String, model: TransformerModel, reusing spare: LoRAAdapter? = nil,
                              weights open: () throws -> SafetensorsFile) throws -> LoRAAdapter {
         func bad(_ key: String, _ reason: String) -> LoRAError { .invalid(path: "\(configPath): \(key)", reason: reason) }
         guard (c["peft_type"] as? String)?.uppercased() == "LORA" else { throw bad("peft_type", "must be \"LORA\"") }
@@ -120,8 +122,13 @@ extension LoRAAdapter {
             throw bad("target_modules", "must be a list of module names or a pattern")
         }
         let adapter: LoRAAdapter
+        let options = LoRAOptions(rank: rank, alpha: alpha, targetModules: targets, useRSLoRA: rs)
         do {
-            adapter = try LoRAAdapter(model: model, options: LoRAOptions(rank: rank, alpha: alpha, targetModules: targets, useRSLoRA: rs))
+            if let spare, spare.options == options, spare.baseShape == model.shapeSignature {
+                adapter = spare   // every value is read below (all tensors are required)
+            } else {
+                adapter = try LoRAAdapter(model: model, options: options)
+            }
         } catch let LoRAError.invalid(path, reason) {
             throw LoRAError.invalid(path: "\(configPath): \(path == "rank" ? "r" : path)", reason: reason)
         }
@@ -144,10 +151,19 @@ extension LoRAAdapter {
             guard info.dtype == .f32 || info.dtype == .bf16 || info.dtype == .f16 else {
                 throw LoRAError.invalid(path: weightsPath, reason: "\(slot.name) is \(info.dtype.rawValue); adapters must be F32, BF16 or F16")
             }
-            try file.read(slot.name, shape: slot.shape, into: adapter.parameters.values + slot.offset)
         }
-        if !allFinite(adapter.parameters.values, count: adapter.parameters.count) {
-            throw LoRAError.invalid(path: weightsPath, reason: "holds a value that is not finite")
+        // Checked: every tensor is present with its shape and a float dtype. Copied and checked
+        // for non-finite values on the compute threads, a tensor per item.
+        let slots = adapter.parameters.layout.slots, values = adapter.parameters.values
+        let finite = UnsafeMutablePointer<Bool>.allocate(capacity: slots.count)
+        defer { finite.deallocate() }
+        parallelFor(slots.count) { i in
+            let out = values + slots[i].offset
+            do { try file.read(slots[i].name, shape: slots[i].shape, into: out) } catch { preconditionFailure("checked above: \(error)") }
+            finite[i] = allFinite(out, count: slots[i].count)
+        }
+        if let bad = (0..<slots.count).first(where: { !finite[$0] }) {
+            throw LoRAError.invalid(path: weightsPath, reason: "holds a value that is not finite (in \(slots[bad].name))")
         }
         adapter.parameters.markModified()
         return adapter

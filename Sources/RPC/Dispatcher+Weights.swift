@@ -145,7 +145,10 @@ extension Dispatcher {
         var loaded: [String: LoRAAdapter] = [:]
         for a in update.adapters {
             if let (config, weights) = a.files {
-                let adapter = try LoRAAdapter.load(config: config, weights: weights, name: "the trainer's adapter '\(a.name)'", model: model)
+                var spare = spareAdapters.removeValue(forKey: a.name)
+                let reusable = spare != nil && isKnownUniquelyReferenced(&spare!)
+                let adapter = try LoRAAdapter.load(config: config, weights: weights, name: "the trainer's adapter '\(a.name)'", model: model,
+                                                   reusing: reusable ? spare : nil)
                 adapter.name = a.name
                 loaded[a.name] = adapter
             } else if adapterTrainers[a.name] == nil {
@@ -171,6 +174,8 @@ extension Dispatcher {
             t.adopt(weightsVersion: a.weightsVersion)
             trainers[a.name] = t
         }
+        spareAdapters = [:]
+        for (name, old) in adapterTrainers where loaded[name] != nil { if let o = old.adapter { spareAdapters[name] = o } }
         adapterTrainers = trainers
         adapterOrder = update.adapters.map(\.name)
         trainer.adopt(weightsVersion: update.weightsVersion)

@@ -61,6 +61,9 @@ public final class Dispatcher {
     /// reference); `adapterOrder` keeps creation order for listings.
     var adapterTrainers: [String: Trainer] = [:]
     var adapterOrder: [String] = []
+    /// A replica's adapters replaced by its last swap, by name: the next update of that adapter
+    /// loads into one of them when nothing else holds it (fresh pages cost more than the copy).
+    var spareAdapters: [String: LoRAAdapter] = [:]
     /// The model folder's chat template, read at start.
     enum ChatTemplateState { case absent, loaded(ChatTemplate), failed(String) }
     let chatTemplateState: ChatTemplateState

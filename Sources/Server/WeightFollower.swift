@@ -28,6 +28,8 @@ public final class WeightFollower: @unchecked Sendable {
     /// Tensors downloaded and verified but not applied yet, by hash (a run of tensors and the
     /// tensor's range in it): a sync restarted on a newer version keeps the ones that did not change.
     private var stagedTensors: [String: (ByteBlock, Range<Int>)] = [:]
+    /// Adapter downloads' blocks kept for the next update.
+    private var recycledBlocks: [ByteBlock] = []
 
     // Under lock.
     private var applied = (version: -1, id: "")
@@ -80,7 +82,12 @@ public final class WeightFollower: @unchecked Sendable {
 
     struct Manifest {
         struct Tensor { let name, dtype, sha256: String; let shape: [Int]; let offset, length: Int }
-        struct Adapter { let name, sha256: String; let weightsVersion, length: Int; let config: [String: Any] }
+        struct Adapter {
+            let name, sha256: String; let weightsVersion, length: Int; let config: [String: Any]
+            /// The file's chunks with their digests (the whole file as one chunk when the
+            /// trainer lists none).
+            let chunks: [Tensor]
+        }
         let version: Int
         let id: String
         let model: Any
@@ -108,7 +115,23 @@ public final class WeightFollower: @unchecked Sendable {
                       let len = a["length"] as? Int, let c = a["config"] as? [String: Any] else {
                     throw FollowError.corrupt("an adapter entry of the trainer's manifest is malformed")
                 }
-                return Adapter(name: n, sha256: h, weightsVersion: v, length: len, config: c)
+                var chunks = [Tensor(name: "the trainer's adapter '\(n)'", dtype: "U8", sha256: h, shape: [len], offset: 0, length: len)]
+                if let list = a["chunks"] as? [[String: Any]] {
+                    var end = 0
+                    chunks = try list.map { c in
+                        guard let off = c["offset"] as? Int, let l = c["length"] as? Int, let ch = c["sha256"] as? String,
+                              off == end, l > 0 || len == 0 else {
+                            throw FollowError.corrupt("the chunks of adapter '\(n)' in the trainer's manifest are malformed")
+                        }
+                        end = off + l
+                        return Tensor(name: "the trainer's adapter '\(n)' (bytes \(off)-\(off + l - 1))", dtype: "U8", sha256: ch,
+                                      shape: [l], offset: off, length: l)
+                    }
+                    guard end == len, !chunks.isEmpty else {
+                        throw FollowError.corrupt("the chunks of adapter '\(n)' in the trainer's manifest do not cover its \(len) bytes")
+                    }
+                }
+                return Adapter(name: n, sha256: h, weightsVersion: v, length: len, config: c, chunks: chunks)
             }
         }
     }
@@ -160,7 +183,9 @@ public final class WeightFollower: @unchecked Sendable {
         // hash checked as soon as its bytes are in.
         let changed = m.tensors.filter { tensorHashes[$0.name] != $0.sha256 && stagedTensors[$0.sha256] == nil }
         let td = Date()
-        let fetched = try fetchTensors(changed, etag: "\"\(m.version)\"")
+        let fetched = try fetchTensors(changed.map { t in
+            Manifest.Tensor(name: "tensor '\(t.name)'", dtype: t.dtype, sha256: t.sha256, shape: t.shape, offset: t.offset, length: t.length)
+        }, etag: "\"\(m.version)\"")
         downloadSeconds = Date().timeIntervalSince(td)
         for (sha, v) in fetched { stagedTensors[sha] = v; bytes += v.1.count }
         // Adapters whose bytes changed: whole files (megabytes), loaded from memory.
@@ -172,12 +197,11 @@ public final class WeightFollower: @unchecked Sendable {
                 continue
             }
             let name = a.name.addingPercentEncoding(withAllowedCharacters: .alphanumerics) ?? a.name
-            // The whole file as one part: resumed like base tensors, hashed as its bytes arrive.
-            let job = PartDownload(tensors: [Manifest.Tensor(name: "adapter \(a.name)", dtype: "F32", sha256: a.sha256, shape: [a.length],
-                                                             offset: 0, length: a.length)])
-            run(job, etag: "\"\(a.sha256)\"", query: "?adapter=\(name)")
-            if let f = job.failure { throw f }
-            let block = job.take()
+            // The file's chunks, on parallel connections into one block (the previous download's
+            // when it has this size), each checked as its bytes arrive.
+            let block = recycledBlocks.firstIndex { $0.count == a.length }.map { recycledBlocks.remove(at: $0) }
+                ?? ByteBlock(adopting: .allocate(byteCount: max(1, a.length), alignment: 64), count: a.length)
+            _ = try fetchTensors(a.chunks, etag: "\"\(a.sha256)\"", query: "?adapter=\(name)", into: block)
             bytes += block.count
             adapters.append(.init(name: a.name, weightsVersion: a.weightsVersion, files: (a.config, block)))
         }
@@ -186,10 +210,17 @@ public final class WeightFollower: @unchecked Sendable {
             FollowedWeights.Tensor(name: t.name, dtype: DType(rawValue: t.dtype) ?? .f32, shape: t.shape,
                                    bytes: stagedTensors[t.sha256]!.0, range: stagedTensors[t.sha256]!.1)
         }
-        let update = FollowedWeights(weightsVersion: m.version, tensors: tensors, adapters: adapters)
+        let adaptersDownloaded = adapters.filter { $0.files != nil }.count
+        let blocks = adapters.compactMap { $0.files?.1 }
         let ts = Date()
-        _ = try wait { d in try d.applyFollowed(update) }
+        try apply(FollowedWeights(weightsVersion: m.version, tensors: tensors, adapters: adapters))
+        adapters = []   // (the blocks are recycled below)
         let swapSeconds = Date().timeIntervalSince(ts)
+        // The adapters' downloaded blocks serve the next update: the swap copied every byte out
+        // of them and nothing reads them again (the scheduler may still hold the finished job a
+        // moment, so their reference counts say nothing). Fresh pages cost far more than the
+        // copy on this kind of VM (docs/benchmarks.md, "Weight sync").
+        recycledBlocks = blocks
         for t in m.tensors { tensorHashes[t.name] = t.sha256 }
         adapterHashes = Dictionary(uniqueKeysWithValues: m.adapters.map { ($0.name, $0.sha256) })
         stagedTensors = [:]
@@ -199,7 +230,7 @@ public final class WeightFollower: @unchecked Sendable {
         syncs += 1; bytesTotal += bytes; lastBytes = bytes; secondsTotal += seconds; lastSeconds = seconds
         lock.unlock()
         logger.info("weights synced", metadata: ["weights_version": "\(m.version)", "tensors": "\(tensors.count)",
-                                                 "adapters": "\(adapters.filter { $0.files != nil }.count)", "bytes": "\(bytes)",
+                                                 "adapters": "\(adaptersDownloaded)", "bytes": "\(bytes)",
                                                  "seconds": "\(String(format: "%.3f", seconds))",
                                                  "download_seconds": "\(String(format: "%.3f", downloadSeconds))",
                                                  "adapter_download_seconds": "\(String(format: "%.3f", adapterSeconds))",
@@ -207,11 +238,18 @@ public final class WeightFollower: @unchecked Sendable {
         return bytes
     }
 
+    /// Swaps `update` in on the compute thread.
+    private func apply(_ update: FollowedWeights) throws {
+        _ = try wait { d in try d.applyFollowed(update) }
+    }
+
     /// Downloads `tensors` of the version `etag` names: contiguous runs split into parts of at
     /// most half the bytes, two connections at a time. Each part lands in one buffer; each tensor
     /// is hashed as soon as its last byte arrives (while the rest streams in); a broken transfer
     /// resumes where it stopped. Returns, by digest, each tensor's buffer and range.
-    private func fetchTensors(_ tensors: [Manifest.Tensor], etag: String) throws -> [String: (ByteBlock, Range<Int>)] {
+    /// With `into`, every part lands at its offset in that one block (an adapter's file).
+    private func fetchTensors(_ tensors: [Manifest.Tensor], etag: String, query: String = "",
+                              into target: ByteBlock? = nil) throws -> [String: (ByteBlock, Range<Int>)] {
         guard !tensors.isEmpty else { return [:] }
         let total = tensors.reduce(0) { $0 + $1.length }
         let laneCount = Self.lanes
@@ -225,17 +263,18 @@ public final class WeightFollower: @unchecked Sendable {
                 parts.append([t])
             }
         }
-        let jobs = parts.map { PartDownload(tensors: $0) }
+        let jobs = parts.map { PartDownload(tensors: $0, into: target) }
         // The larger parts first, each to the least loaded lane.
         let order = jobs.indices.sorted { jobs[$0].length > jobs[$1].length }
         var lanes = [[Int]](repeating: [], count: laneCount), load = [Int](repeating: 0, count: laneCount)
         for i in order { let l = load.indices.min { load[$0] < load[$1] }!; lanes[l].append(i); load[l] += jobs[i].length }
         let box = FollowerBox(follower: self), assigned = lanes
         DispatchQueue.concurrentPerform(iterations: laneCount) { lane in
-            for i in assigned[lane] where jobs[i].failure == nil { box.follower.run(jobs[i], etag: etag) }
+            for i in assigned[lane] where jobs[i].failure == nil { box.follower.run(jobs[i], etag: etag, query: query) }
         }
         if let f = jobs.compactMap(\.failure).first { throw f }
         var out: [String: (ByteBlock, Range<Int>)] = [:]
+        if target != nil { return out }
         for j in jobs {
             let data = j.take()
             for t in j.tensors { out[t.sha256] = (data, (t.offset - j.lo)..<(t.offset - j.lo + t.length)) }
@@ -259,7 +298,7 @@ public final class WeightFollower: @unchecked Sendable {
                 return job.accept(chunk)
             }
             if r.status == 412 { job.failure = FollowError.superseded; return }
-            if let c = job.corrupt { job.failure = FollowError.corrupt("tensor '\(c)' does not match its SHA-256"); return }
+            if let c = job.corrupt { job.failure = FollowError.corrupt("\(c) does not match its SHA-256"); return }
             if r.status != 206 && r.status != 0 {
                 job.failure = FollowError.transport("\(url)/v1/weights answered \(r.status): \(String(decoding: errorBody.prefix(300), as: UTF8.self))")
                 return
@@ -410,14 +449,22 @@ final class PartDownload: @unchecked Sendable {
     var corrupt: String?
     var failure: Error?
 
-    init(tensors: [WeightFollower.Manifest.Tensor]) {
+    /// The part lands in a buffer of its own, or at its offset in `target`.
+    init(tensors: [WeightFollower.Manifest.Tensor], into target: ByteBlock? = nil) {
         self.tensors = tensors
-        lo = tensors[0].offset
-        hi = tensors.last!.offset + tensors.last!.length
-        buffer = .allocate(byteCount: max(1, hi - lo), alignment: 64)
+        self.lo = tensors[0].offset
+        starts = tensors.map { $0.offset - tensors[0].offset }
+        ends = tensors.map { $0.offset - tensors[0].offset + $0.length }
+        let lo = tensors[0].offset, hi = tensors.last!.offset + tensors.last!.length
+        self.hi = hi
+        self.target = target
+        if let target { buffer = target.pointer + lo } else { buffer = .allocate(byteCount: max(1, hi - lo), alignment: 64) }
     }
+    private let target: ByteBlock?
+    /// Each tensor's first and end byte in the part.
+    private let starts: [Int], ends: [Int]
 
-    deinit { if !taken { buffer.deallocate() } }
+    deinit { if !taken && target == nil { buffer.deallocate() } }
 
     /// Appends arrived bytes and feeds them to the hash of the tensor they belong to (so hashing
     /// keeps pace with the transfer); checks every tensor they complete. False (abort) on a
@@ -426,21 +473,21 @@ final class PartDownload: @unchecked Sendable {
         guard received + chunk.count <= length else { corrupt = tensors.last!.name; return false }
         if let base = chunk.baseAddress { (buffer + received).copyMemory(from: base, byteCount: chunk.count) }
         received += chunk.count
-        while checked < tensors.count {
-            let t = tensors[checked]
-            let end = t.offset - lo + t.length
+        while checked < ends.count {
+            let end = ends[checked]
             let upTo = min(received, end)
             if upTo > hashed { hasher.update(buffer + hashed, count: upTo - hashed); hashed = upTo }
             guard hashed == end else { break }
-            guard hasher.finish() == t.sha256 else { corrupt = t.name; return false }
+            guard hasher.finish() == tensors[checked].sha256 else { corrupt = tensors[checked].name; return false }
             checked += 1
-            if checked < tensors.count { hashed = tensors[checked].offset - lo }
+            if checked < ends.count { hashed = starts[checked] }
         }
         return true
     }
 
     /// The whole part as a block of bytes, owning the buffer from here on.
     func take() -> ByteBlock {
+        precondition(target == nil, "a part written into a shared block is not taken")
         taken = true
         return ByteBlock(adopting: buffer, count: length)
     }

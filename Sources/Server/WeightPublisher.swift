@@ -16,6 +16,12 @@ final class Publication: @unchecked Sendable {
     let weights: PublishedWeights
     let tensorHashes: [String]
     let adapterHashes: [String]
+    /// Each adapter file's chunks with their SHA-256: a replica downloads them on parallel
+    /// connections and checks each as it arrives.
+    let adapterChunks: [[(offset: Int, length: Int, sha256: String)]]
+    /// An adapter file's chunk size: about a sixteenth of it, in whole 4 KiB pages (so any
+    /// adapter of more than 4 KiB has several).
+    static func adapterChunk(_ n: Int) -> Int { max(4096, ((n + 15) / 16 + 4095) / 4096 * 4096) }
     /// Content-derived: equal ids, equal bytes (base and adapters).
     let id: String
     let manifest: Data
@@ -32,20 +38,48 @@ final class Publication: @unchecked Sendable {
             }
             tensorHashes = hashes.values
         }
-        adapterHashes = w.adapters.map { a in
-            if let i = previous?.weights.adapters.firstIndex(where: { $0.image === a.image }) { return previous!.adapterHashes[i] }
-            return SHA256.hex(a.image.bytes, count: a.image.count)
+        // Per adapter: the whole file's digest (its identity and ETag) and its chunks' digests,
+        // all hashed in one parallel loop (the whole-file digest of each is one work item).
+        var chunks: [[(offset: Int, length: Int, sha256: String)]] = []
+        var whole: [String] = []
+        var work: [(adapter: Int, chunk: Int)] = []   // chunk -1: the whole file
+        for (k, a) in w.adapters.enumerated() {
+            if let i = previous?.weights.adapters.firstIndex(where: { $0.image === a.image }) {
+                whole.append(previous!.adapterHashes[i]); chunks.append(previous!.adapterChunks[i]); continue
+            }
+            let n = a.image.count
+            chunks.append(stride(from: 0, to: max(n, 1), by: Self.adapterChunk(n)).map { ($0, min(Self.adapterChunk(n), n - $0), "") })
+            whole.append("")
+            work.append((k, -1))
+            work += chunks[k].indices.map { (k, $0) }
         }
+        if !work.isEmpty {
+            let digests = DigestSlots(work.count), images = w.adapters.map(\.image), spans = chunks, items = work
+            DispatchQueue.concurrentPerform(iterations: items.count) { j in
+                let (k, c) = items[j], image = images[k]
+                digests.set(j, c < 0 ? SHA256.hex(image.bytes, count: image.count)
+                                     : SHA256.hex(image.bytes + spans[k][c].offset, count: spans[k][c].length))
+            }
+            let values = digests.values
+            for (j, (k, c)) in zip(work.indices, work) {
+                if c < 0 { whole[k] = values[j] } else { chunks[k][c].sha256 = values[j] }
+            }
+        }
+        adapterHashes = whole
+        adapterChunks = chunks
         id = String(SHA256.hex(Data((["\(w.weightsVersion)"] + tensorHashes + w.adapters.map(\.name) + adapterHashes)
             .joined(separator: ",").utf8)).prefix(16))
         var tensors: [[String: Any]] = []
         for (e, h) in zip(w.image.entries, tensorHashes) {
             tensors.append(["name": e.name, "dtype": e.dtype.rawValue, "shape": e.shape, "offset": e.offset, "length": e.length, "sha256": h])
         }
-        let adapters: [[String: Any]] = zip(w.adapters, adapterHashes).map { a, h in
-            ["name": a.name, "weights_version": a.weightsVersion, "rank": a.config["r"] ?? NSNull(),
+        let wholeHashes = whole, chunkLists = chunks
+        let adapters: [[String: Any]] = w.adapters.indices.map { i in
+            let a = w.adapters[i], h = wholeHashes[i]
+            let chunks: [[String: Any]] = chunkLists[i].map { ["offset": $0.offset, "length": $0.length, "sha256": $0.sha256] }
+            return ["name": a.name, "weights_version": a.weightsVersion, "rank": a.config["r"] ?? NSNull(),
              "alpha": a.config["lora_alpha"] ?? NSNull(), "target_modules": a.config["target_modules"] ?? NSNull(),
-             "use_rslora": a.config["use_rslora"] ?? false, "config": a.config, "length": a.image.count, "sha256": h]
+             "use_rslora": a.config["use_rslora"] ?? false, "config": a.config, "length": a.image.count, "sha256": h, "chunks": chunks]
         }
         let body: [String: Any] = ["weights_version": w.weightsVersion, "manifest_id": id, "model": w.config,
                                    "dtype": w.image.entries.first?.dtype.rawValue ?? "F32", "length": w.image.count,

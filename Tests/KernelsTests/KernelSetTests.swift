@@ -144,4 +144,24 @@ final class KernelSetTests: XCTestCase {
             for i in 0..<n where !x[i].isNaN { XCTAssertEqual(e[i].bitPattern, exp1(x[i]).bitPattern, "exp(\(x[i]))") }
         }
     }
+
+    func testFiniteCheckFindsEveryNonFiniteValueInEverySet() throws {
+        let specials: [Float] = [.infinity, -.infinity, .nan, -.nan, Float(bitPattern: 0x7fc0_0001), Float(bitPattern: 0xff80_0001)]
+        for set in try bothSets() {
+            try KernelSet.use(set)
+            for n in [1, 15, 16, 17, 64, 1000] {
+                var x = rng.normals(n, scale: 1e30)
+                x[n - 1] = .greatestFiniteMagnitude
+                x[0] = -.leastNonzeroMagnitude
+                XCTAssertTrue(allFinite(x, count: n), "\(set.rawValue) n \(n): all finite")
+                for at in Set([0, n / 2, n - 1]) {
+                    for v in specials {
+                        var y = x
+                        y[at] = v
+                        XCTAssertFalse(allFinite(y, count: n), "\(set.rawValue) n \(n): \(v) at \(at)")
+                    }
+                }
+            }
+        }
+    }
 }

@@ -85,14 +85,14 @@ typedef struct ember_kernels {
     /// The sum of n floats, each read once (four vector partial sums): the benchmark's memory
     /// read bandwidth at this set's load width.
     float (*read_sum)(const float *p, long n);
+    /// 1 when every one of the n floats is finite, else 0.
+    int (*all_finite)(const float *x, long n);
 } ember_kernels;
 
 /// The table of a set (NULL when the set is unknown).
 const ember_kernels *ember_kernels_table(int set);
 /// Tells glibc's malloc to keep large freed blocks for reuse (no mmap per large allocation).
 void ember_keep_freed_memory(void);
-/// Whether every one of the n floats is finite.
-int ember_all_finite(const float *x, long n);
 /// The best set this CPU supports (CPUID and the OS's saved-state mask).
 int ember_kernel_set_best(void);
 

@@ -242,6 +242,13 @@ def test_adapter_updates_travel_alone(model, trainer):
         assert a["name"] == "tenant-a" and a["weights_version"] == 1 and a["rank"] == 4 and a["config"]["peft_type"] == "LORA"
         status, headers, blob = get(trainer.url + "/v1/weights?adapter=tenant-a")
         assert status == 200 and hashlib.sha256(blob).hexdigest() == a["sha256"] == headers["ETag"].strip('"')
+        # The file's chunks cover it end to end, each with the digest of exactly its bytes.
+        assert len(a["chunks"]) > 1 and a["chunks"][0]["offset"] == 0
+        assert sum(ch["length"] for ch in a["chunks"]) == a["length"] == len(blob)
+        for x, y in zip(a["chunks"], a["chunks"][1:]):
+            assert x["offset"] + x["length"] == y["offset"]
+        for ch in a["chunks"]:
+            assert hashlib.sha256(blob[ch["offset"]:ch["offset"] + ch["length"]]).hexdigest() == ch["sha256"]
         got = r.weights_sync()
         # Only the adapter moved: megabytes at most, never the base.
         assert got["bytes"] == a["length"] and got["bytes"] < base_bytes / 4
@@ -349,7 +356,7 @@ class FaultProxy:
             client.close()
             return
         first = client.recv(65536)
-        weights = first.startswith(b"GET /v1/weights ")
+        weights = first.startswith(b"GET /v1/weights ") or first.startswith(b"GET /v1/weights?")
         cutting = weights and self.cut is not None
         corrupting = weights and self.corrupt
         upstream.sendall(first)
@@ -622,6 +629,40 @@ def test_a_corrupted_download_is_refused_and_the_old_version_kept(model, trainer
         proxy.corrupt = False
         assert r.weights_sync(version=v)["weights_version"] == v
         assert r.logprob(seqs)["results"] == c.logprob(seqs)["results"]
+    finally:
+        replica.stop()
+        proxy.sock.close()
+
+
+def test_a_corrupted_adapter_chunk_is_refused_and_later_updates_stay_exact(model, trainer):
+    c = Client(trainer.url, api_key=KEY)
+    proxy = FaultProxy(trainer.url)
+    replica = follow(model, proxy.url)
+    try:
+        r = Client(replica.url)
+        c.create_adapter("tenant-c", rank=8, seed=3)
+        seqs = [{"tokens": [7, 8, 9, 10, 11, 12], "response_start": 2}]
+        step(c, seed=11, adapter="tenant-c")
+        r.weights_sync()
+        before = r.logprob(seqs, adapter="tenant-c")["results"]
+        assert before == c.logprob(seqs, adapter="tenant-c")["results"]
+        proxy.corrupt = True
+        step(c, seed=12, adapter="tenant-c")
+        with pytest.raises(EmberError) as e:
+            r.weights_sync()
+        assert e.value.kind == "sync_failed" and "adapter 'tenant-c' (bytes" in e.value.hint and "SHA-256" in e.value.hint
+        assert r.logprob(seqs, adapter="tenant-c")["results"] == before, "the old adapter is kept whole"
+        proxy.corrupt = False
+        # Later updates reuse the replica's buffers (the download's and the replaced adapter's):
+        # each must still equal the trainer bit for bit.
+        for seed in (12, 13, 14):
+            if seed != 12:
+                step(c, seed=seed, adapter="tenant-c")
+            r.weights_sync()
+            got = r.logprob(seqs, adapter="tenant-c")["results"]
+            assert got == c.logprob(seqs, adapter="tenant-c")["results"] and got != before
+            before = got
+        c.delete_adapter("tenant-c")
     finally:
         replica.stop()
         proxy.sock.close()
