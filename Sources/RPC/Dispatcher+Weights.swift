@@ -164,9 +164,24 @@ extension Dispatcher {
             }
         }
         // Commit.
-        for t in update.tensors {
-            try model.assign(tensor: t.name, dtype: t.dtype, shape: t.shape, bytes: UnsafeRawPointer(t.bytes.pointer) + t.range.lowerBound)
+        // On the compute threads: the tensors dealt out largest first to the least loaded thread.
+        var groups = [[Int]](repeating: [], count: max(1, min(Compute.threads, update.tensors.count)))
+        var load = [Int](repeating: 0, count: groups.count)
+        for i in update.tensors.indices.sorted(by: { update.tensors[$0].range.count > update.tensors[$1].range.count }) {
+            let g = load.indices.min { load[$0] < load[$1] }!
+            groups[g].append(i); load[g] += update.tensors[i].range.count
         }
+        let failures = DigestSlots(groups.count), model = self.model, tensors = update.tensors, dealt = groups
+        parallelFor(dealt.count) { g in
+            for i in dealt[g] {
+                let t = tensors[i]
+                do {
+                    try model.assign(tensor: t.name, dtype: t.dtype, shape: t.shape, bytes: UnsafeRawPointer(t.bytes.pointer) + t.range.lowerBound)
+                } catch { failures.set(g, "\(error)") }
+            }
+        }
+        // Checked above (names, shapes, byte counts), so assign does not refuse here.
+        if let f = failures.values.first(where: { !$0.isEmpty }) { throw RPCError(.syncFailed, hint: "applying the trainer's weights failed: \(f)") }
         if !update.tensors.isEmpty { model.finishAssigning() }
         var trainers: [String: Trainer] = [:]
         for a in update.adapters {

@@ -568,6 +568,9 @@ final class Connection: @unchecked Sendable {
             ready[nextToSend] = nil
             nextToSend += 1
             if !e.keepAlive { shutdownAndClose(); return }
+            // Idle from the last answer on, not from when its request arrived: a call that ran
+            // longer than the idle timeout must not find its connection closed right after.
+            if nextToSend == nextSeq && !parser.isMidRequest { arm() }
         }
         if streaming == nil && draining && nextToSend == nextSeq { shutdownAndClose() }
     }

@@ -28,8 +28,16 @@ public final class WeightFollower: @unchecked Sendable {
     /// Tensors downloaded and verified but not applied yet, by hash (a run of tensors and the
     /// tensor's range in it): a sync restarted on a newer version keeps the ones that did not change.
     private var stagedTensors: [String: (ByteBlock, Range<Int>)] = [:]
-    /// Adapter downloads' blocks kept for the next update.
+    /// The last swap's download blocks (tensor parts and adapter files), kept for the next sync:
+    /// a replica needs that memory at every sync anyway, and fresh pages cost more than the copy.
     private var recycledBlocks: [ByteBlock] = []
+
+    /// A recycled block of exactly `count` bytes (`exact`), or the smallest of at least that.
+    private func recycledBlock(_ count: Int, exact: Bool) -> ByteBlock? {
+        let fits = recycledBlocks.indices.filter { exact ? recycledBlocks[$0].count == count : recycledBlocks[$0].count >= count }
+        guard let i = fits.min(by: { recycledBlocks[$0].count < recycledBlocks[$1].count }) else { return nil }
+        return recycledBlocks.remove(at: i)
+    }
 
     // Under lock.
     private var applied = (version: -1, id: "")
@@ -199,7 +207,7 @@ public final class WeightFollower: @unchecked Sendable {
             let name = a.name.addingPercentEncoding(withAllowedCharacters: .alphanumerics) ?? a.name
             // The file's chunks, on parallel connections into one block (the previous download's
             // when it has this size), each checked as its bytes arrive.
-            let block = recycledBlocks.firstIndex { $0.count == a.length }.map { recycledBlocks.remove(at: $0) }
+            let block = recycledBlock(a.length, exact: true)
                 ?? ByteBlock(adopting: .allocate(byteCount: max(1, a.length), alignment: 64), count: a.length)
             _ = try fetchTensors(a.chunks, etag: "\"\(a.sha256)\"", query: "?adapter=\(name)", into: block)
             bytes += block.count
@@ -211,13 +219,14 @@ public final class WeightFollower: @unchecked Sendable {
                                    bytes: stagedTensors[t.sha256]!.0, range: stagedTensors[t.sha256]!.1)
         }
         let adaptersDownloaded = adapters.filter { $0.files != nil }.count
-        let blocks = adapters.compactMap { $0.files?.1 }
+        var blocks = adapters.compactMap { $0.files?.1 }
+        for (block, _) in stagedTensors.values where !blocks.contains(where: { $0 === block }) { blocks.append(block) }
         let ts = Date()
         try apply(FollowedWeights(weightsVersion: m.version, tensors: tensors, adapters: adapters))
         adapters = []   // (the blocks are recycled below)
         let swapSeconds = Date().timeIntervalSince(ts)
-        // The adapters' downloaded blocks serve the next update: the swap copied every byte out
-        // of them and nothing reads them again (the scheduler may still hold the finished job a
+        // The downloaded blocks serve the next sync: the swap copied every byte out of them and
+        // nothing reads them again (the scheduler may still hold the finished job a
         // moment, so their reference counts say nothing). Fresh pages cost far more than the
         // copy on this kind of VM (docs/benchmarks.md, "Weight sync").
         recycledBlocks = blocks
@@ -263,7 +272,11 @@ public final class WeightFollower: @unchecked Sendable {
                 parts.append([t])
             }
         }
-        let jobs = parts.map { PartDownload(tensors: $0, into: target) }
+        let jobs = parts.map { part in
+            if let target { return PartDownload(tensors: part, into: target, origin: 0) }
+            let length = part.last!.offset + part.last!.length - part[0].offset
+            return recycledBlock(length, exact: false).map { PartDownload(tensors: part, into: $0, origin: part[0].offset) } ?? PartDownload(tensors: part)
+        }
         // The larger parts first, each to the least loaded lane.
         let order = jobs.indices.sorted { jobs[$0].length > jobs[$1].length }
         var lanes = [[Int]](repeating: [], count: laneCount), load = [Int](repeating: 0, count: laneCount)
@@ -449,8 +462,8 @@ final class PartDownload: @unchecked Sendable {
     var corrupt: String?
     var failure: Error?
 
-    /// The part lands in a buffer of its own, or at its offset in `target`.
-    init(tensors: [WeightFollower.Manifest.Tensor], into target: ByteBlock? = nil) {
+    /// The part lands in a buffer of its own, or in `target` at its offset less `origin`.
+    init(tensors: [WeightFollower.Manifest.Tensor], into target: ByteBlock? = nil, origin: Int = 0) {
         self.tensors = tensors
         self.lo = tensors[0].offset
         starts = tensors.map { $0.offset - tensors[0].offset }
@@ -458,9 +471,11 @@ final class PartDownload: @unchecked Sendable {
         let lo = tensors[0].offset, hi = tensors.last!.offset + tensors.last!.length
         self.hi = hi
         self.target = target
-        if let target { buffer = target.pointer + lo } else { buffer = .allocate(byteCount: max(1, hi - lo), alignment: 64) }
+        self.origin = origin
+        if let target { buffer = target.pointer + (lo - origin) } else { buffer = .allocate(byteCount: max(1, hi - lo), alignment: 64) }
     }
     private let target: ByteBlock?
+    private let origin: Int
     /// Each tensor's first and end byte in the part.
     private let starts: [Int], ends: [Int]
 
@@ -487,7 +502,7 @@ final class PartDownload: @unchecked Sendable {
 
     /// The whole part as a block of bytes, owning the buffer from here on.
     func take() -> ByteBlock {
-        precondition(target == nil, "a part written into a shared block is not taken")
+        if let target { precondition(origin == lo, "a part written into a shared block is not taken"); return target }
         taken = true
         return ByteBlock(adopting: buffer, count: length)
     }

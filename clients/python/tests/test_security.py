@@ -249,3 +249,25 @@ def test_hostile_json_gives_errors_not_crashes(server):
         answer = json.loads(data.split(b"\r\n\r\n", 1)[1])
         assert "error" in answer and answer["error"]["code"] in (-32700, -32600, -32602, -32001, -32017), (body[:80], answer)
     assert Client(server.url).info()["name"] == "ember"
+
+
+def test_a_connection_stays_open_for_the_idle_timeout_after_a_long_call(model_dir):
+    # The idle timeout counts from the last answer, not from the request: a 3 s long poll on a
+    # server with a 2 s idle timeout leaves its connection usable for the next call.
+    server = RunningServer(model_dir, ["--idle-timeout", "2"])
+    try:
+        s = socket.create_connection(address(server.url), timeout=10)
+        started = time.time()
+        s.sendall(b"GET /v1/weights/manifest?after=0&timeout=3 HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = b""
+        while b"\r\n\r\n" not in data:     # a 304 has headers only
+            chunk = s.recv(65536)
+            assert chunk, "closed before the long poll answered"
+            data += chunk
+        assert time.time() - started >= 2.5 and statuses(data) == [304]
+        time.sleep(1)   # idle 1 s: within the timeout
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert statuses(s.recv(4096)) == [200]
+        s.close()
+    finally:
+        assert server.stop() == 0
