@@ -328,7 +328,14 @@ func benchGemm() {
     let cfg = shape.config
     let C = cfg["hidden_size"] as! Int, I = cfg["intermediate_size"] as! Int
     var rows: [[String: Any]] = []
-    for (name, o, i) in [("mlp_in", 2 * I, C), ("mlp_down", C, I)] {
+    let D = C / (cfg["num_attention_heads"] as! Int), kv = cfg["num_key_value_heads"] as! Int, V = cfg["vocab_size"] as! Int
+    // The layers' projections over all T rows, and the head over one logits chunk (the rows a
+    // train step's loss takes at a time): every GEMM shape of a train step.
+    if let mb = Int(option("--logit-chunk-mb", "")) { TransformerModel.logitChunkFloats = mb << 18 }
+    let chunk = min(T, max(1, TransformerModel.logitChunkFloats / V))
+    let ops = [("mlp_in", 2 * I, C, T), ("mlp_down", C, I, T), ("attn_qkv", C + 2 * kv * D, C, T), ("attn_o", C, C, T), ("head", V, C, chunk)]
+    let only = option("--ops", "").split(separator: ",").map(String.init)
+    for (name, o, i, T) in ops where only.isEmpty || only.contains(name) {
         let x = UnsafeMutablePointer<Float>.allocate(capacity: T * i), w = UnsafeMutablePointer<Float>.allocate(capacity: o * i)
         let dy = UnsafeMutablePointer<Float>.allocate(capacity: T * o), y = UnsafeMutablePointer<Float>.allocate(capacity: max(T * o, o * i, T * i))
         for p in [x, w, dy] { _ = p }
@@ -337,7 +344,7 @@ func benchGemm() {
         for j in 0..<(T * o) { dy[j] = Float(j % 83) * 0.01 - 0.4 }
         let flops = 2.0 * Double(T) * Double(o) * Double(i)
         func best(_ f: () -> Void) -> Double { var b = 1e9; for _ in 0..<reps { let t0 = now(); f(); b = min(b, now() - t0) }; return flops / b / 1e9 }
-        rows.append(["op": name + " forward", "ember": best { project(y, x, rows: T, w, outFeatures: o, inFeatures: i) },
+        rows.append(["op": name + " forward", "m": T, "n": o, "k": i, "ember": best { project(y, x, rows: T, w, outFeatures: o, inFeatures: i) },
                      "openblas": best { sgemm(transA: false, transB: true, m: T, n: o, k: i, a: x, lda: i, b: w, ldb: i, c: y, ldc: o) }])
         rows.append(["op": name + " dX", "ember": best { gemm(m: T, n: i, k: o, .rows(dy, ld: o), .rows(w, ld: i), y, ldc: i) },
                      "openblas": best { sgemm(transA: false, transB: false, m: T, n: i, k: o, a: dy, lda: o, b: w, ldb: i, c: y, ldc: i) }])
@@ -785,7 +792,7 @@ do {
     case "projections": benchProjections()
     case "engine": try benchEngine()
     default:
-        FileHandle.standardError.write("usage: ember-bench engine --shape tiny|0.5b [--steps N] [--threads N] | sgemm [--threads N] | gemm --shape S [--reps N] | tokenizer --dir D --file F | generate --shape S --batch B [--prompt P --new N] | score --shape S | projections [--rows M] | write-model --shape S --out DIR [--seed N]\n".data(using: .utf8)!)
+        FileHandle.standardError.write("usage: ember-bench engine --shape tiny|0.5b [--steps N] [--threads N] | sgemm [--threads N] | gemm --shape S [--reps N] [--ops mlp_in,mlp_down,attn_qkv,attn_o,head] | tokenizer --dir D --file F | generate --shape S --batch B [--prompt P --new N] | score --shape S | projections [--rows M] | write-model --shape S --out DIR [--seed N]\n".data(using: .utf8)!)
         exit(2)
     }
 } catch {
