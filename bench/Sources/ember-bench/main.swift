@@ -335,9 +335,19 @@ func benchGemm() {
     let chunk = min(T, max(1, TransformerModel.logitChunkFloats / V))
     let ops = [("mlp_in", 2 * I, C, T), ("mlp_down", C, I, T), ("attn_qkv", C + 2 * kv * D, C, T), ("attn_o", C, C, T), ("head", V, C, chunk)]
     let only = option("--ops", "").split(separator: ",").map(String.init)
+    // --thp: the operands in 2 MB-aligned memory advised for transparent huge pages.
+    let thp = CommandLine.arguments.contains("--thp")
+    func floats(_ n: Int) -> UnsafeMutablePointer<Float> {
+        guard thp else { return .allocate(capacity: n) }
+        var p: UnsafeMutableRawPointer?
+        let bytes = (n * 4 + (2 << 20) - 1) / (2 << 20) * (2 << 20)
+        guard posix_memalign(&p, 2 << 20, bytes) == 0, let p else { fatalError("posix_memalign") }
+        _ = madvise(p, bytes, 14)   // MADV_HUGEPAGE
+        return p.bindMemory(to: Float.self, capacity: n)
+    }
     for (name, o, i, T) in ops where only.isEmpty || only.contains(name) {
-        let x = UnsafeMutablePointer<Float>.allocate(capacity: T * i), w = UnsafeMutablePointer<Float>.allocate(capacity: o * i)
-        let dy = UnsafeMutablePointer<Float>.allocate(capacity: T * o), y = UnsafeMutablePointer<Float>.allocate(capacity: max(T * o, o * i, T * i))
+        let x = floats(T * i), w = floats(o * i)
+        let dy = floats(T * o), y = floats(max(T * o, o * i, T * i))
         for p in [x, w, dy] { _ = p }
         for j in 0..<(T * i) { x[j] = Float(j % 97) * 0.01 - 0.4 }
         for j in 0..<(o * i) { w[j] = Float(j % 89) * 0.01 - 0.4 }
@@ -350,7 +360,7 @@ func benchGemm() {
                      "openblas": best { sgemm(transA: false, transB: false, m: T, n: i, k: o, a: dy, lda: o, b: w, ldb: i, c: y, ldc: i) }])
         rows.append(["op": name + " dW", "ember": best { gemm(m: o, n: i, k: T, .transposed(dy, ld: o), .rows(x, ld: i), y, ldc: i) },
                      "openblas": best { sgemm(transA: true, transB: false, m: o, n: i, k: T, a: dy, lda: o, b: x, ldb: i, c: y, ldc: i) }])
-        for p in [x, w, dy, y] { p.deallocate() }
+        for p in [x, w, dy, y] { if thp { free(p) } else { p.deallocate() } }
     }
     emit(["kind": "gemm", "shape": shape.name, "threads": threads, "kernels": KernelSet.active.rawValue, "rows": rows])
 }
