@@ -155,15 +155,19 @@ extension LoRAAdapter {
         // Checked: every tensor is present with its shape and a float dtype. Copied and checked
         // for non-finite values on the compute threads, a tensor per item.
         let slots = adapter.parameters.layout.slots, values = adapter.parameters.values
-        let finite = UnsafeMutablePointer<Bool>.allocate(capacity: slots.count)
-        defer { finite.deallocate() }
+        // Per tensor: 0 read and finite, 1 not finite, 2 unreadable (not expected after the checks).
+        let status = UnsafeMutablePointer<UInt8>.allocate(capacity: max(1, slots.count))
+        defer { status.deallocate() }
         parallelFor(slots.count) { i in
             let out = values + slots[i].offset
-            do { try file.read(slots[i].name, shape: slots[i].shape, into: out) } catch { preconditionFailure("checked above: \(error)") }
-            finite[i] = allFinite(out, count: slots[i].count)
+            do {
+                try file.read(slots[i].name, shape: slots[i].shape, into: out)
+                status[i] = allFinite(out, count: slots[i].count) ? 0 : 1
+            } catch { status[i] = 2 }
         }
-        if let bad = (0..<slots.count).first(where: { !finite[$0] }) {
-            throw LoRAError.invalid(path: weightsPath, reason: "holds a value that is not finite (in \(slots[bad].name))")
+        if let bad = (0..<slots.count).first(where: { status[$0] != 0 }) {
+            throw LoRAError.invalid(path: weightsPath, reason: status[bad] == 1 ? "holds a value that is not finite (in \(slots[bad].name))"
+                                                                                : "\(slots[bad].name) could not be read")
         }
         adapter.parameters.markModified()
         return adapter

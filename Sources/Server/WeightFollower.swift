@@ -219,11 +219,10 @@ public final class WeightFollower: @unchecked Sendable {
                                    bytes: stagedTensors[t.sha256]!.0, range: stagedTensors[t.sha256]!.1)
         }
         let adaptersDownloaded = adapters.filter { $0.files != nil }.count
-        var blocks = adapters.compactMap { $0.files?.1 }
+        var blocks = adapters.compactMap { $0.files?.1 }   // (recycled after the swap)
         for (block, _) in stagedTensors.values where !blocks.contains(where: { $0 === block }) { blocks.append(block) }
         let ts = Date()
         try apply(FollowedWeights(weightsVersion: m.version, tensors: tensors, adapters: adapters))
-        adapters = []   // (the blocks are recycled below)
         let swapSeconds = Date().timeIntervalSince(ts)
         // The downloaded blocks serve the next sync: the swap copied every byte out of them and
         // nothing reads them again (the scheduler may still hold the finished job a
