@@ -51,7 +51,7 @@ let package = Package(
         .target(name: "Ranks", dependencies: ["CMPI", "Engine", "Kernels", "Models", "Weights"], swiftSettings: fastMath),
 
         .target(name: "RPC", dependencies: ["Engine", "Ranks", "Models", "Kernels", "Tokenizer", "Weights", "Chat", "JSON"], swiftSettings: fastMath),
-        .target(name: "Server", dependencies: ["RPC", "Engine", "Models", "Weights", "Chat", "JSON", "CHTTPParser", "CLibUV", "CCurl", "CCrypto",
+        .target(name: "Server", dependencies: ["RPC", "Engine", "Models", "Kernels", "Weights", "Chat", "JSON", "CHTTPParser", "CLibUV", "CCurl", "CCrypto",
                                                .product(name: "Logging", package: "swift-log")],
                 swiftSettings: fastMath),
 

@@ -118,3 +118,14 @@ public struct UncheckedBox<Value>: @unchecked Sendable {
     public let value: Value
     public init(_ value: Value) { self.value = value }
 }
+
+/// Deals items of `sizes` to `bins` bins, the largest first, each to the least loaded bin (so
+/// the bins' totals stay close): each bin's item indices, in dealing order.
+public func dealLargestFirst(_ sizes: [Int], into bins: Int) -> [[Int]] {
+    var out = [[Int]](repeating: [], count: max(1, bins)), load = [Int](repeating: 0, count: max(1, bins))
+    for i in sizes.indices.sorted(by: { sizes[$0] > sizes[$1] }) {
+        let b = load.indices.min { load[$0] < load[$1] }!
+        out[b].append(i); load[b] += sizes[i]
+    }
+    return out
+}

@@ -106,7 +106,7 @@ extension Dispatcher {
     public func tensorDigests(dtype: DType, hash: @Sendable (UnsafeRawPointer, Int) -> String) -> [String: String] {
         let values = UnsafePointer(model.parameters.values)
         let bindings = model.bindings
-        let digests = DigestSlots(bindings.count)
+        let digests = StringSlots(bindings.count)
         let model = self.model
         parallelRanges(bindings.count) { _, lo, hi in for i in lo..<hi {
             let b = bindings[i], n = b.shape.reduce(1, *)
@@ -165,13 +165,8 @@ extension Dispatcher {
         }
         // Commit.
         // On the compute threads: the tensors dealt out largest first to the least loaded thread.
-        var groups = [[Int]](repeating: [], count: max(1, min(Compute.threads, update.tensors.count)))
-        var load = [Int](repeating: 0, count: groups.count)
-        for i in update.tensors.indices.sorted(by: { update.tensors[$0].range.count > update.tensors[$1].range.count }) {
-            let g = load.indices.min { load[$0] < load[$1] }!
-            groups[g].append(i); load[g] += update.tensors[i].range.count
-        }
-        let failures = DigestSlots(groups.count), model = self.model, tensors = update.tensors, dealt = groups
+        let dealt = dealLargestFirst(update.tensors.map(\.range.count), into: min(Compute.threads, update.tensors.count))
+        let failures = StringSlots(dealt.count), model = self.model, tensors = update.tensors
         parallelFor(dealt.count) { g in
             for i in dealt[g] {
                 let t = tensors[i]
@@ -198,10 +193,10 @@ extension Dispatcher {
     }
 }
 
-/// One digest per tensor, each written by one thread of a parallel loop (the publisher's hashes
-/// and a replica's own).
+/// One string per item, each written by one thread of a parallel loop (the publisher's hashes,
+/// a replica's own, a swap's failures).
 /// Sendable by hand: each slot has one writer, and `values` is read after the loop.
-public final class DigestSlots: @unchecked Sendable {
+public final class StringSlots: @unchecked Sendable {
     private let slots: UnsafeMutablePointer<String>
     private let n: Int
     public init(_ n: Int) { self.n = n; slots = .allocate(capacity: max(1, n)); slots.initialize(repeating: "", count: max(1, n)) }

@@ -4,6 +4,7 @@
 // the staged weights in as an exclusive job: generations in flight finish on the old weights,
 // calls queued behind the swap run on the new ones (docs/design-notes.md, "Replicas").
 import Foundation
+import Kernels
 import Logging
 import RPC
 import Weights
@@ -277,10 +278,7 @@ public final class WeightFollower: @unchecked Sendable {
             return recycledBlock(length, exact: false).map { PartDownload(tensors: part, into: $0, origin: part[0].offset) } ?? PartDownload(tensors: part)
         }
         // The larger parts first, each to the least loaded lane.
-        let order = jobs.indices.sorted { jobs[$0].length > jobs[$1].length }
-        var lanes = [[Int]](repeating: [], count: laneCount), load = [Int](repeating: 0, count: laneCount)
-        for i in order { let l = load.indices.min { load[$0] < load[$1] }!; lanes[l].append(i); load[l] += jobs[i].length }
-        let box = FollowerBox(follower: self), assigned = lanes
+        let box = FollowerBox(follower: self), assigned = dealLargestFirst(jobs.map(\.length), into: laneCount)
         DispatchQueue.concurrentPerform(iterations: laneCount) { lane in
             for i in assigned[lane] where jobs[i].failure == nil { box.follower.run(jobs[i], etag: etag, query: query) }
         }

@@ -32,7 +32,7 @@ final class Publication: @unchecked Sendable {
             tensorHashes = previous.tensorHashes
         } else {
             let image = w.image, entries = image.entries
-            let hashes = DigestSlots(entries.count)
+            let hashes = StringSlots(entries.count)
             DispatchQueue.concurrentPerform(iterations: entries.count) { i in
                 hashes.set(i, SHA256.hex(image.bytes + entries[i].offset, count: entries[i].length))
             }
@@ -54,7 +54,7 @@ final class Publication: @unchecked Sendable {
             work += chunks[k].indices.map { (k, $0) }
         }
         if !work.isEmpty {
-            let digests = DigestSlots(work.count), images = w.adapters.map(\.image), spans = chunks, items = work
+            let digests = StringSlots(work.count), images = w.adapters.map(\.image), spans = chunks, items = work
             DispatchQueue.concurrentPerform(iterations: items.count) { j in
                 let (k, c) = items[j], image = images[k]
                 digests.set(j, c < 0 ? SHA256.hex(image.bytes, count: image.count)
