@@ -35,6 +35,8 @@ public struct LeafTree: Sendable, Equatable {
     public func nodes(covering block: Range<Int>) -> [Node] {
         var out: [Node] = []
         func visit(_ lo: Int, _ hi: Int) {
+            // A node wholly past the last leaf holds nothing (and lo..<leaves would be malformed).
+            guard lo < leaves else { return }
             let e = lo..<min(hi, leaves)
             guard !e.isEmpty, e.overlaps(block) else { return }
             if e.lowerBound >= block.lowerBound && e.upperBound <= block.upperBound { out.append(Node(lo, hi)); return }

@@ -63,6 +63,10 @@ public final class AdamW {
     /// touching anything when the norm is not finite.
     @discardableResult
     public func step(_ store: ParameterStore, lr: Float? = nil, gradientNorm known: Double? = nil) throws -> Double {
+        try Compute.spinning { try stepInScope(store, lr: lr, gradientNorm: known) }
+    }
+
+    private func stepInScope(_ store: ParameterStore, lr: Float?, gradientNorm known: Double?) throws -> Double {
         let norm = known ?? Self.gradientNorm(store)
         guard norm.isFinite else { throw NonFiniteError(what: "the gradient norm") }
         let s = settings

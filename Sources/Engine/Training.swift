@@ -55,6 +55,8 @@ public enum Training {
     public static func accumulateGradients(model: TransformerModel, batch: PackedBatch, outputRows: [Int],
                                            chunkRows: Int? = nil, zeroGradients: Bool = true, activations: Activations? = nil,
                                            adapter: LoRAAdapter? = nil, loss: LossFunction) throws -> GradientResult {
+        // Dozens of parallel regions back to back: workers spin between them (Compute.spinning).
+        try Compute.spinning {
         if zeroGradients { (adapter?.parameters ?? model.parameters).zeroGradients() }
         let acts = try activations ?? model.forward(tokens: batch.tokens, positions: batch.positions,
                                                     context: .packed(sequenceStarts: batch.sequenceStarts), saving: true,
@@ -70,6 +72,7 @@ public enum Training {
         guard total.isFinite else { throw NonFiniteError(what: "the loss") }
         model.backward(acts, dHidden: dHidden.pointer, adapter: adapter)
         return GradientResult(loss: total, tokens: outputRows.count)
+        }
     }
 }
 

@@ -209,8 +209,13 @@ public func gemm(m: Int, n: Int, k: Int, alpha: Float = 1, _ a: GemmA, _ b: Gemm
             }
             if threads == 1 || items == 1 {
                 for item in 0..<items { body(item) }
-            } else {
+            } else if small {
+                // Decoding: contiguous column ranges, each worker prefetching its own next chunk.
                 parallelRanges(items, minPerThread: 1) { _, lo, hi in for item in lo..<hi { body(item) } }
+            } else {
+                // Workers claim items as they free up, so one that starts late (a thread
+                // wake-up) or is descheduled by the host does not hold the others back.
+                parallelClaim(items, body)
             }
             pc += kc
         }

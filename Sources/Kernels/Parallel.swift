@@ -113,6 +113,33 @@ public func parallelRanges(_ count: Int, minPerThread: Int = 1, _ body: (Int, In
     }
 }
 
+/// A shared counter for dynamic work claiming.
+final class ItemCounter: @unchecked Sendable {
+    let value = Atomic<Int>(0)
+}
+
+/// Runs `body(i)` for i in 0..<count on `Compute.threads` workers that claim items one at a
+/// time: a worker that starts late or is descheduled takes fewer items. Only for items whose
+/// results do not depend on which worker runs them.
+public func parallelClaim(_ count: Int, _ body: (Int) -> Void) {
+    let workers = min(Compute.threads, count)
+    if workers <= 1 {
+        for i in 0..<count { body(i) }
+        return
+    }
+    let counter = ItemCounter()
+    withoutActuallyEscaping(body) { body in
+        let box = UncheckedBox(body)
+        fanOut(workers) { _ in
+            while true {
+                let i = counter.value.wrappingAdd(1, ordering: .relaxed).oldValue
+                if i >= count { break }
+                box.value(i)
+            }
+        }
+    }
+}
+
 /// Carries a non-Sendable value into concurrent workers; callers guarantee disjoint writes.
 public struct UncheckedBox<Value>: @unchecked Sendable {
     public let value: Value

@@ -244,11 +244,14 @@ func benchEngine() throws {
     var forwardTimes: [Double] = []
     for i in 0..<(steps + 1) {
         let t0 = now()
-        let acts = try model.forward(tokens: batch.tokens, positions: batch.positions,
-                                     context: .packed(sequenceStarts: batch.sequenceStarts))
         var sink: Float = 0
-        model.withLogitChunks(hidden: acts.hidden.pointer, rows: Array(0..<tokens), chunkRows: model.defaultChunkRows()) { _, l in
-            sink += l[0]
+        // In a spinning scope, as `Scoring.score` runs it.
+        try Compute.spinning {
+            let acts = try model.forward(tokens: batch.tokens, positions: batch.positions,
+                                         context: .packed(sequenceStarts: batch.sequenceStarts))
+            model.withLogitChunks(hidden: acts.hidden.pointer, rows: Array(0..<tokens), chunkRows: model.defaultChunkRows()) { _, l in
+                sink += l[0]
+            }
         }
         if i > 0 { forwardTimes.append(now() - t0) }
         if sink.isNaN { print("nan") }
@@ -784,7 +787,7 @@ func benchAllreduce() throws {
     world.finish()
 }
 
-do {
+func runCommand() throws {
     switch args.first {
     case "allreduce": try benchAllreduce()
     case "write-model": try benchWriteModel()
@@ -805,6 +808,10 @@ do {
         FileHandle.standardError.write("usage: ember-bench engine --shape tiny|0.5b [--steps N] [--threads N] | sgemm [--threads N] | gemm --shape S [--reps N] [--ops mlp_in,mlp_down,attn_qkv,attn_o,head] [--thp] | tokenizer --dir D --file F | generate --shape S --batch B [--prompt P --new N] | score --shape S | projections [--rows M] | write-model --shape S --out DIR [--seed N]\n".data(using: .utf8)!)
         exit(2)
     }
+}
+
+do {
+    try runCommand()
 } catch {
     FileHandle.standardError.write("ember-bench: \(error)\n".data(using: .utf8)!)
     exit(1)
