@@ -54,7 +54,10 @@ schemas = {
                               "proxy_logprobs": ref("PerTokenFloats"), "top_logprobs": ref("TopLogprobs")}},
     "Scores": {"type": "object", "required": ["logprobs"], "additionalProperties": False,
                "properties": {"logprobs": ref("PerTokenFloats"), "entropies": ref("PerTokenFloats"),
-                              "proxy_logprobs": ref("PerTokenFloats"), "top_logprobs": ref("TopLogprobs")}},
+                              "proxy_logprobs": ref("PerTokenFloats"), "top_logprobs": ref("TopLogprobs"),
+                              "probe_logprobs": {"type": "array", "items": {"type": "array", "items": NUM},
+                                                 "description": "Per response position, the log-probability of each of "
+                                                                "probe_tokens, in the order given."}}},
     "OptimizerSettings": {"type": "object", "additionalProperties": False,
                           "properties": {"lr": {"type": "number", "minimum": 0},
                                          "betas": {"type": "array", "items": NUM, "minItems": 2, "maxItems": 2},
@@ -299,7 +302,10 @@ methods = [
     {"name": "logprob", "summary": "Score token sequences: per response token log-probability (and optional statistics).",
      "description": "Uses the same code as sampling and training, so for the same weights the three agree bit for bit.",
      "params": [p("sequences", {"type": "array", "items": ref("Sequence"), "minItems": 1}, required=True),
-                p("temperature", {"type": "number", "minimum": 0, "default": 1.0}), ADAPTER] + sampling_outputs[1:],
+                p("temperature", {"type": "number", "minimum": 0, "default": 1.0}), ADAPTER] + sampling_outputs[1:]
+               + [p("probe_tokens", {"type": "array", "items": ref("TokenId"), "maxItems": 64},
+                    "Tokens whose log-probability is reported at every response position (probe_logprobs), "
+                    "whether or not the sequence takes them there.")],
      "result": {"name": "scores", "schema": obj({"weights_version": ref("WeightsVersion"),
                                                  "results": {"type": "array", "items": ref("Scores")}}, ["weights_version", "results"])},
      "errors": COMMON + ["RequestTooLarge", "UnknownAdapter"],

@@ -26,6 +26,9 @@ public struct GenerationOptions: Sendable, Equatable {
     public var topLogprobs = 0
     public var entropy = false
     public var proxy: ProxySpec? = nil
+    /// `logprob` only: tokens whose log-probability is reported at every scored position (for
+    /// following a token where it was not taken, such as a study's spark).
+    public var probeTokens: [Int32] = []
     /// Record a `TokenEvent` per sampled token (for streaming responses).
     public var events = false
     public init() {}

@@ -18,6 +18,8 @@ public struct ScoreResult: Sendable {
     public var entropies: [Float]?
     public var proxyLogprobs: [Float]?
     public var topLogprobs: [[TokenLogprob]]?
+    /// Per position, the log-probability of each of `GenerationOptions.probeTokens`, in order.
+    public var probeLogprobs: [[Float]]?
 }
 
 public enum ScoringError: Error, CustomStringConvertible, Equatable {
@@ -72,7 +74,7 @@ public enum Scoring {
         let (rows, targets) = responseRows(batch, responseStarts: sequences.map { $0.responseStart })
         var results = sequences.map { s in
             ScoreResult(logprobs: [], entropies: options.entropy ? [] : nil, proxyLogprobs: options.proxy != nil ? [] : nil,
-                        topLogprobs: options.topLogprobs > 0 ? [] : nil)
+                        topLogprobs: options.topLogprobs > 0 ? [] : nil, probeLogprobs: options.probeTokens.isEmpty ? nil : [])
         }
         // Owner sequence of each output row, in order.
         var owner: [Int] = []
@@ -81,6 +83,7 @@ public enum Scoring {
         let rowAdapters = adapters.flatMap { list in
             AdapterRows(perToken: zip(sequences, list).flatMap { s, a in Array(repeating: a, count: s.tokens.count) })
         }
+        try Compute.spinning {
         let acts = try model.forward(tokens: batch.tokens, positions: batch.positions,
                                      context: .packed(sequenceStarts: batch.sequenceStarts), adapters: rowAdapters)
         let V = a.vocabSize
@@ -94,7 +97,11 @@ public enum Scoring {
                 if options.topLogprobs > 0 {
                     results[b].topLogprobs!.append(dist.top(options.topLogprobs).map { TokenLogprob(token: $0.token, logprob: $0.logprob) })
                 }
+                if !options.probeTokens.isEmpty {
+                    results[b].probeLogprobs!.append(options.probeTokens.map { dist.logprob(Int($0)) })
+                }
             }
+        }
         }
         return results
     }

@@ -125,7 +125,7 @@ extension Dispatcher {
     }
 
     public func prepareLogprob(_ p: Params) throws -> ScoreCall {
-        try p.only(["sequences", "temperature", "top_logprobs", "entropy", "proxy", "adapter"])
+        try p.only(["sequences", "temperature", "top_logprobs", "entropy", "proxy", "probe_tokens", "adapter"])
         let seqs = try p.objects("sequences").map { s -> ScoredSequence in
             try s.only(["tokens", "response_start"])
             return ScoredSequence(tokens: try s.tokens("tokens"), responseStart: try s.int("response_start", min: 1))
@@ -133,9 +133,19 @@ extension Dispatcher {
         guard !seqs.isEmpty else { throw RPCError.invalidParams(path: "params.sequences", "give at least one sequence") }
         try limit(seqs.reduce(0) { $0 + $1.tokens.count }, "params.sequences")
         let adapter = p.has("adapter") ? try trainer(for: p).adapter!.name : nil
-        let call = ScoreCall(sequences: seqs, temperature: try p.float("temperature", 1, min: 0), options: try options(p),
-                             adapter: adapter)
+        var options = try options(p)
         let a = model.architecture
+        if p.has("probe_tokens") {
+            options.probeTokens = try p.tokens("probe_tokens")
+            guard options.probeTokens.count <= Self.maxProbeTokens else {
+                throw RPCError.invalidParams(path: "params.probe_tokens", "at most \(Self.maxProbeTokens) tokens, got \(options.probeTokens.count)")
+            }
+            for (i, t) in options.probeTokens.enumerated() where Int(t) >= a.vocabSize {
+                throw RPCError.invalidParams(path: "params.probe_tokens[\(i)]", "token \(t) is outside the vocabulary (\(a.vocabSize) tokens)")
+            }
+        }
+        let call = ScoreCall(sequences: seqs, temperature: try p.float("temperature", 1, min: 0), options: options,
+                             adapter: adapter)
         do { try Scoring.validate(seqs, vocabSize: a.vocabSize, maxPositions: a.position == .learned ? a.maxPositions : nil) }
         catch { throw Self.translate(error) }
         return call
@@ -173,9 +183,13 @@ extension Dispatcher {
                     if let e = r.entropies { d["entropies"] = e }
                     if let x = r.proxyLogprobs { d["proxy_logprobs"] = x }
                     if let t = r.topLogprobs { d["top_logprobs"] = t.map { $0.map { ["token": Int($0.token), "logprob": $0.logprob] } } }
+                    if let x = r.probeLogprobs { d["probe_logprobs"] = x }
                     return d
                 }]
     }
+
+    /// The most `probe_tokens` a `logprob` call may name.
+    public static let maxProbeTokens = 64
 
     func logprob(_ p: Params) throws -> Any {
         let call = try prepareLogprob(p)

@@ -101,6 +101,45 @@ final class DispatcherTests: XCTestCase {
                     path: "params.rollouts[0].rollout_id")
     }
 
+    /// probe_tokens reports named tokens at every position: the taken token's probe equals its
+    /// logprob bit for bit, the probes agree with top_logprobs where both name a token, and the
+    /// probabilities of every vocabulary token, probed, sum to 1.
+    func testProbeTokensReportNamedTokensAtEveryPosition() throws {
+        let tokens = [1, 2, 3, 4, 5, 6, 7]
+        let info = try call("server.info", [:])
+        let vocab = (info["model"] as! [String: Any])["vocab_size"] as! Int
+        let top = try call("logprob", ["sequences": [["tokens": tokens, "response_start": 2]], "temperature": 0.7, "top_logprobs": 3])
+        let topRows = (top["results"] as! [[String: Any]])[0]["top_logprobs"] as! [[[String: Any]]]
+        for pos in 0..<5 {
+            let taken = tokens[2 + pos], best = topRows[pos][0]["token"] as! Int
+            let r = try call("logprob", ["sequences": [["tokens": tokens, "response_start": 2]], "temperature": 0.7,
+                                         "probe_tokens": [taken, best, 0]])
+            let s = (r["results"] as! [[String: Any]])[0]
+            let probes = (s["probe_logprobs"] as! [[NSNumber]]).map { $0.map(\.floatValue) }
+            XCTAssertEqual(probes.count, 5)
+            XCTAssertEqual(probes[pos][0].bitPattern, floats(s["logprobs"])[pos].bitPattern, "position \(pos)")
+            XCTAssertEqual(probes[pos][1].bitPattern, (topRows[pos][0]["logprob"] as! NSNumber).floatValue.bitPattern)
+        }
+        // Every token probed (in slices of the limit): the probabilities sum to 1 at each position.
+        var sums = [Double](repeating: 0, count: 5)
+        for start in stride(from: 0, to: vocab, by: Dispatcher.maxProbeTokens) {
+            let ids = Array(start..<min(vocab, start + Dispatcher.maxProbeTokens))
+            let r = try call("logprob", ["sequences": [["tokens": tokens, "response_start": 2]], "probe_tokens": ids])
+            let probes = ((r["results"] as! [[String: Any]])[0]["probe_logprobs"] as! [[NSNumber]])
+            for (pos, row) in probes.enumerated() { sums[pos] += row.reduce(0) { $0 + exp($1.doubleValue) } }
+        }
+        for s in sums { XCTAssertEqual(s, 1, accuracy: 1e-4) }
+        let plain = try call("logprob", ["sequences": [["tokens": tokens, "response_start": 2]]])
+        XCTAssertNil((plain["results"] as! [[String: Any]])[0]["probe_logprobs"], "only when asked")
+        expectError("logprob", ["sequences": [["tokens": tokens, "response_start": 2]], "probe_tokens": [3, vocab]],
+                    kind: "invalid_params", path: "params.probe_tokens[1]")
+        expectError("logprob", ["sequences": [["tokens": tokens, "response_start": 2]], "probe_tokens": [-1]],
+                    kind: "invalid_params", path: "params.probe_tokens[0]")
+        expectError("logprob", ["sequences": [["tokens": tokens, "response_start": 2]],
+                                "probe_tokens": Array(repeating: 1, count: Dispatcher.maxProbeTokens + 1)],
+                    kind: "invalid_params", path: "params.probe_tokens")
+    }
+
     /// Error kinds travel as types from the engine to the wire: an evicted rollout is
     /// `evicted_rollout` because the store said so, and no message text decides a kind.
     func testErrorKindsAreTypedNotReadFromMessages() throws {

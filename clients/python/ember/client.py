@@ -243,9 +243,11 @@ class Client:
             "tools": list(tools) if tools is not None else None, "template_kwargs": template_kwargs}, id=id)
 
     def logprob(self, sequences: Sequence[dict], temperature: float = 1.0, top_logprobs: int = 0, entropy: bool = False,
-                proxy: Optional[dict] = None, adapter: Optional[str] = None) -> dict:
+                proxy: Optional[dict] = None, adapter: Optional[str] = None,
+                probe_tokens: Optional[Sequence[int]] = None) -> dict:
         return self.call("logprob", {"sequences": list(sequences), "temperature": temperature, "top_logprobs": top_logprobs,
-                                     "entropy": entropy, "proxy": proxy, "adapter": adapter})
+                                     "entropy": entropy, "proxy": proxy, "adapter": adapter,
+                                     "probe_tokens": list(probe_tokens) if probe_tokens else None})
 
     def train_step(self, loss: dict, batch: Optional[Sequence[dict]] = None, rollouts: Optional[Sequence[dict]] = None,
                    advantage_estimator: Optional[str] = None, drop_constant_groups: Optional[bool] = None,
