@@ -34,6 +34,27 @@ final class SpinPoolTests: XCTestCase {
         XCTAssertEqual(plainRanges.map { $0[2] - $0[1] }.reduce(0, +), 1000)
     }
 
+    /// `parallelClaim` (GEMM work items): every item runs exactly once, inside a spinning scope or
+    /// not, for counts around the thread count, and when one item stalls its worker.
+    func testClaimedItemsRunExactlyOnce() {
+        for spinning in [false, true] {
+            for count in [0, 1, 2, 3, 7, 64, 1001] {
+                let runs = UnsafeMutablePointer<Int>.allocate(capacity: max(1, count))
+                runs.initialize(repeating: 0, count: max(1, count))
+                defer { runs.deallocate() }
+                let box = UncheckedBox(runs)
+                let body = {
+                    parallelClaim(count) { i in
+                        if i == 0 { usleep(20_000) }   // a stalled worker: the other takes the rest
+                        box.value[i] += 1
+                    }
+                }
+                if spinning { Compute.spinning(body) } else { body() }
+                XCTAssertEqual((0..<count).filter { runs[$0] != 1 }, [], "count \(count), spinning \(spinning)")
+            }
+        }
+    }
+
     func testManyShortRegionsAndNesting() {
         let counter = UnsafeMutablePointer<Int>.allocate(capacity: 2)
         defer { counter.deallocate() }
