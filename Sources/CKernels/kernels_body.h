@@ -62,7 +62,17 @@ INLINE void tile(const int R, const int NP, const int FORM_ROWS, const int BF16,
         v16 bv[SMALL_NP > TILE_NP ? SMALL_NP : TILE_NP];
 #pragma clang loop unroll(full)
         for (int p = 0; p < NP; p++) bv[p] = BF16 ? load_bf16(bh + p * pstride + kk * 16) : load16(b + p * pstride + kk * 16);
-        if (pfb) __builtin_prefetch(pfb + kk * (BF16 ? 32 : 64));
+        // The next column tile's panels, one line of each per k step (a tall tile has the
+        // cycles for it: 32-row decode streams its weights while it computes). Small tiles
+        // prefetch only the first panel.
+        if (pfb) {
+            if (R >= 8) {
+#pragma clang loop unroll(full)
+                for (int p = 0; p < NP; p++) __builtin_prefetch(pfb + p * pstride * (BF16 ? 2 : 4) + kk * (BF16 ? 32 : 64));
+            } else {
+                __builtin_prefetch(pfb + kk * (BF16 ? 32 : 64));
+            }
+        }
 #pragma clang loop unroll(full)
         for (int r = 0; r < R; r++) {
             float av = FORM_ROWS ? a[r * rs + kk] : a[kk * ks + r];
