@@ -163,10 +163,12 @@ def main():
         open(TABLES, "w").write(HEADER + text)
         print(text)
         return 0
-    results = []
+    # Earlier replays stay; a replay of the same run and checkpoint replaces its entry.
+    results = json.load(open(OUT)) if os.path.exists(OUT) else []
     for name in args.runs.split(","):
         for at in (int(x) for x in args.at.split(",")):
-            results.append(replay(name, at, args.steps))
+            r = replay(name, at, args.steps)
+            results = [x for x in results if (x["run"], x["from_step"]) != (name, at)] + [r]
             os.makedirs(os.path.dirname(OUT), exist_ok=True)
             with open(OUT, "w") as f:
                 json.dump(results, f, indent=1)
