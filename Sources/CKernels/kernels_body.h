@@ -66,12 +66,8 @@ INLINE void tile(const int R, const int NP, const int FORM_ROWS, const int BF16,
         // cycles for it: 32-row decode streams its weights while it computes). Small tiles
         // prefetch only the first panel.
         if (pfb) {
-            if (R >= 8) {
 #pragma clang loop unroll(full)
-                for (int p = 0; p < NP; p++) __builtin_prefetch(pfb + p * pstride * (BF16 ? 2 : 4) + kk * (BF16 ? 32 : 64));
-            } else {
-                __builtin_prefetch(pfb + kk * (BF16 ? 32 : 64));
-            }
+            for (int p = 0; p < (R >= 8 ? NP : 1); p++) __builtin_prefetch(pfb + p * pstride * (BF16 ? 2 : 4) + kk * (BF16 ? 32 : 64));
         }
 #pragma clang loop unroll(full)
         for (int r = 0; r < R; r++) {

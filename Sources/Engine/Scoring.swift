@@ -84,24 +84,24 @@ public enum Scoring {
             AdapterRows(perToken: zip(sequences, list).flatMap { s, a in Array(repeating: a, count: s.tokens.count) })
         }
         try Compute.spinning {
-        let acts = try model.forward(tokens: batch.tokens, positions: batch.positions,
-                                     context: .packed(sequenceStarts: batch.sequenceStarts), adapters: rowAdapters)
-        let V = a.vocabSize
-        model.withLogitChunks(hidden: acts.hidden.pointer, rows: rows, chunkRows: model.defaultChunkRows()) { range, logits in
-            for (i, r) in range.enumerated() {
-                let dist = RowDistribution(scaling: logits + i * V, count: V, temperature: temperature)
-                let b = owner[r], target = Int(targets[r])
-                results[b].logprobs.append(dist.logprob(target))
-                if options.entropy { results[b].entropies!.append(dist.entropy()) }
-                if let p = options.proxy { results[b].proxyLogprobs!.append(dist.proxyLogprob(target, p)) }
-                if options.topLogprobs > 0 {
-                    results[b].topLogprobs!.append(dist.top(options.topLogprobs).map { TokenLogprob(token: $0.token, logprob: $0.logprob) })
-                }
-                if !options.probeTokens.isEmpty {
-                    results[b].probeLogprobs!.append(options.probeTokens.map { dist.logprob(Int($0)) })
+            let acts = try model.forward(tokens: batch.tokens, positions: batch.positions,
+                                         context: .packed(sequenceStarts: batch.sequenceStarts), adapters: rowAdapters)
+            let V = a.vocabSize
+            model.withLogitChunks(hidden: acts.hidden.pointer, rows: rows, chunkRows: model.defaultChunkRows()) { range, logits in
+                for (i, r) in range.enumerated() {
+                    let dist = RowDistribution(scaling: logits + i * V, count: V, temperature: temperature)
+                    let b = owner[r], target = Int(targets[r])
+                    results[b].logprobs.append(dist.logprob(target))
+                    if options.entropy { results[b].entropies!.append(dist.entropy()) }
+                    if let p = options.proxy { results[b].proxyLogprobs!.append(dist.proxyLogprob(target, p)) }
+                    if options.topLogprobs > 0 {
+                        results[b].topLogprobs!.append(dist.top(options.topLogprobs).map { TokenLogprob(token: $0.token, logprob: $0.logprob) })
+                    }
+                    if !options.probeTokens.isEmpty {
+                        results[b].probeLogprobs!.append(options.probeTokens.map { dist.logprob(Int($0)) })
+                    }
                 }
             }
-        }
         }
         return results
     }

@@ -57,21 +57,21 @@ public enum Training {
                                            adapter: LoRAAdapter? = nil, loss: LossFunction) throws -> GradientResult {
         // Dozens of parallel regions back to back: workers spin between them (Compute.spinning).
         try Compute.spinning {
-        if zeroGradients { (adapter?.parameters ?? model.parameters).zeroGradients() }
-        let acts = try activations ?? model.forward(tokens: batch.tokens, positions: batch.positions,
-                                                    context: .packed(sequenceStarts: batch.sequenceStarts), saving: true,
-                                                    adapters: adapter.map { AdapterRows($0, tokens: batch.tokens.count) })
-        let C = model.architecture.hiddenSize
-        let dHidden = FloatBuffer(zeros: batch.tokens.count * C)
-        var total = 0.0
-        try model.withLogitChunks(hidden: acts.hidden.pointer, rows: outputRows,
-                                  chunkRows: chunkRows ?? model.defaultChunkRows(),
-                                  dHidden: dHidden.pointer, frozenHead: adapter != nil) { range, logits in
-            total += try loss(LogitsChunk(rows: range, logits: logits, vocabSize: model.architecture.vocabSize))
-        }
-        guard total.isFinite else { throw NonFiniteError(what: "the loss") }
-        model.backward(acts, dHidden: dHidden.pointer, adapter: adapter)
-        return GradientResult(loss: total, tokens: outputRows.count)
+            if zeroGradients { (adapter?.parameters ?? model.parameters).zeroGradients() }
+            let acts = try activations ?? model.forward(tokens: batch.tokens, positions: batch.positions,
+                                                        context: .packed(sequenceStarts: batch.sequenceStarts), saving: true,
+                                                        adapters: adapter.map { AdapterRows($0, tokens: batch.tokens.count) })
+            let C = model.architecture.hiddenSize
+            let dHidden = FloatBuffer(zeros: batch.tokens.count * C)
+            var total = 0.0
+            try model.withLogitChunks(hidden: acts.hidden.pointer, rows: outputRows,
+                                      chunkRows: chunkRows ?? model.defaultChunkRows(),
+                                      dHidden: dHidden.pointer, frozenHead: adapter != nil) { range, logits in
+                total += try loss(LogitsChunk(rows: range, logits: logits, vocabSize: model.architecture.vocabSize))
+            }
+            guard total.isFinite else { throw NonFiniteError(what: "the loss") }
+            model.backward(acts, dHidden: dHidden.pointer, adapter: adapter)
+            return GradientResult(loss: total, tokens: outputRows.count)
         }
     }
 }

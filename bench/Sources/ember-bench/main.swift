@@ -787,7 +787,7 @@ func benchAllreduce() throws {
     world.finish()
 }
 
-func runCommand() throws {
+do {
     switch args.first {
     case "allreduce": try benchAllreduce()
     case "write-model": try benchWriteModel()
@@ -808,10 +808,6 @@ func runCommand() throws {
         FileHandle.standardError.write("usage: ember-bench engine --shape tiny|0.5b [--steps N] [--threads N] | sgemm [--threads N] | gemm --shape S [--reps N] [--ops mlp_in,mlp_down,attn_qkv,attn_o,head] [--thp] | tokenizer --dir D --file F | generate --shape S --batch B [--prompt P --new N] | score --shape S | projections [--rows M] | write-model --shape S --out DIR [--seed N]\n".data(using: .utf8)!)
         exit(2)
     }
-}
-
-do {
-    try runCommand()
 } catch {
     FileHandle.standardError.write("ember-bench: \(error)\n".data(using: .utf8)!)
     exit(1)
