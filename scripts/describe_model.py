@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Measures a model on a task before any RL, as the study's design asks (docs/results.md,
-"Study 2"): held-out greedy pass@1 and pass@k at temperature 1, the mean probability of the
-spark token where held-out reference traces take it (P(spark)), the spark's sampling frequency
-and the mean sampled-token entropy at temperature 1. Starts ember-server on the model, writes
+"Study 2" and "Study 3"): held-out greedy pass@1 and pass@k at temperature 1, the mean probability of the
+spark token where held-out reference traces take it (P(spark)), the spark's sampling frequency,
+the accuracy of the temperature-1 samples that take the spark against those that do not, and
+the mean sampled-token entropy at temperature 1. Starts ember-server on the model, writes
 the figures as JSON (default: <model>/baseline.json) and prints them.
 
     python3 scripts/describe_model.py --model models/ember-rare --task arithmetic_rare
@@ -17,6 +18,24 @@ sys.path.insert(0, os.path.join(ROOT, "clients", "python"))
 
 from ember import Client, tasks  # noqa: E402
 from ember.rl import build_probes, evaluate, spark_probability, start_server, stop_server  # noqa: E402
+
+
+def continuation_probability(client, task, count):
+    """For a task whose spark opens a mode: the mean P(` check`) at the checks after the first in
+    held-out reference traces, i.e. how well the model learned to stay in the mode."""
+    import math
+    import random
+    spark = client.tokenize(text=" check", add_special_tokens=False)[0]
+    rng = random.Random(11)
+    problems = tasks.sample(task, "heldout", count, 11)
+    prompts = client.tokenize(texts=[p.prompt for p in problems], add_special_tokens=False)
+    responses = client.tokenize(texts=[task.probe_trace(p, rng) for p in problems], add_special_tokens=False)
+    out = client.logprob([{"tokens": pt + rt, "response_start": len(pt)} for pt, rt in zip(prompts, responses)])
+    probs = []
+    for rt, r in zip(responses, out["results"]):
+        at = [k for k, t in enumerate(rt) if t == spark]
+        probs += [math.exp(r["logprobs"][k]) for k in at[1:]]
+    return sum(probs) / len(probs) if probs else float("nan")
 
 
 def main():
@@ -45,20 +64,29 @@ def main():
         probes = build_probes(client, [args.task], args.probes, 0)
         figures["spark_probes"] = len(probes)
         figures["spark_prob"] = spark_probability(client, probes)
+        if getattr(task, "spark_opens_mode", False):
+            figures["spark_continuation_prob"] = continuation_probability(client, task, args.probes)
         # Sampled-token entropy and spark frequency at temperature 1 on training problems.
         problems = tasks.sample(task, "train", args.samples // 8, 777)
         out = client.generate(prompts=[p.prompt for p in problems], n=8, max_tokens=args.max_tokens, temperature=1.0,
                               seed=4242, entropy=True, logprobs=False)
-        entropies, sparks, samples, correct = [], 0, 0, 0
+        entropies, sparks, samples, correct, spark_correct = [], 0, 0, 0, 0
         for p, r in zip(problems, out["results"]):
             for s in r["samples"]:
                 entropies += s["entropies"]
                 samples += 1
-                sparks += any(w in s["text"] for w in task.spark_words)
-                correct += tasks.check(p, s["text"])
+                took = any(w in s["text"] for w in task.spark_words)
+                right = tasks.check(p, s["text"])
+                sparks += took
+                correct += right
+                spark_correct += took and right
         figures["sampled_entropy"] = sum(entropies) / max(1, len(entropies))
         figures["spark_sample_rate"] = sparks / max(1, samples)
         figures["train_reward_t1"] = correct / max(1, samples)
+        # Does the spark pay? Accuracy of the temperature-1 samples that take it against those that do not.
+        figures["spark_samples"] = sparks
+        figures["reward_t1_with_spark"] = spark_correct / sparks if sparks else float("nan")
+        figures["reward_t1_without_spark"] = (correct - spark_correct) / max(1, samples - sparks)
         path = args.out or os.path.join(args.model, "baseline.json")
         with open(path, "w") as f:
             json.dump(figures, f, indent=1)

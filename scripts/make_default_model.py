@@ -133,15 +133,20 @@ def chat_segments(messages, tools):
     return out
 
 
-def traces(count, seed):
+def traces(count, seed, continuation_share=0.0):
     """(prompt, response) pairs for single-turn tasks; ("chat", segments, messages, tools) for
-    multi-turn ones (tools: those the task's environment offers)."""
+    multi-turn ones (tools: those the task's environment offers). With `continuation_share`, that
+    share of the traces of a task whose spark opens a mode start it at a random step and come as (prompt,
+    response, "entry-masked"): they teach what follows the spark, not how often to take it."""
     rng = random.Random(seed)
     out = []
     for name in TASKS:
         task = tasks.get(name)
         for p in tasks.sample(task, "train", count // len(TASKS), seed, distinct=False):
-            if tasks.is_multiturn(task):
+            if getattr(task, "spark_opens_mode", False) and rng.random() < continuation_share:
+                steps = len(p.info["ops"])
+                out.append((p.prompt, task.trace(p, rng, check_rate=0.0, check_from=rng.randrange(steps)), "entry-masked"))
+            elif tasks.is_multiturn(task):
                 from ember.tasks.toolarith import USE_TOOL
                 system = USE_TOOL if rng.random() < USE_TOOL_SHARE else ""
                 messages, tools = task.trace(p, rng, system=system), task.environment(p).tools
@@ -156,12 +161,27 @@ def trace_text(item):
     return "".join(t for t, _ in item[1]) if item[0] == "chat" else item[0] + item[1]
 
 
+def copy_model(src, folder):
+    """--init-from: start from an existing model folder (its tokenizer and weights) instead of new ones."""
+    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"]:
+        shutil.copy(os.path.join(src, f), os.path.join(folder, f))
+    from tokenizers import Tokenizer
+    return Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
+
+
 def train_item(tok, item, eos):
     """A cross_entropy train_step item: plain traces train the response and EOS; chat traces train
-    the assistant pieces only (loss_mask)."""
+    the assistant pieces only (loss_mask); an entry-masked trace trains all but its first spark
+    token, so the decision to start checking keeps the rate the plain traces teach."""
     if item[0] != "chat":
         p, r = tok.encode(item[0], add_special_tokens=False).ids, tok.encode(item[1], add_special_tokens=False).ids
-        return {"tokens": p + r + [eos], "response_start": len(p)}
+        out = {"tokens": p + r + [eos], "response_start": len(p)}
+        if len(item) == 3:
+            spark = tok.encode(" check", add_special_tokens=False).ids
+            if len(spark) != 1 or spark[0] not in r:
+                raise SystemExit(f"entry-masked trace without a one-token ' check': {item[1]!r}")
+            out["loss_mask"] = [0 if k == r.index(spark[0]) else 1 for k in range(len(r) + 1)]
+        return out
     pieces = [(tok.encode(t, add_special_tokens=False).ids, trained) for t, trained in item[1]]
     tokens = [i for ids, _ in pieces for i in ids]
     mask = [int(trained) for ids, trained in pieces[1:] for _ in ids]
@@ -279,6 +299,9 @@ def main():
                     help="continue an interrupted run in --work from its last saved checkpoint (same arguments)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--init-from", help="fine-tune this model folder (its tokenizer and weights) instead of a new one")
+    ap.add_argument("--continuation-share", type=float, default=0.0,
+                    help="share of a task's traces that start its spark's mode at a random step, the entry token masked")
     ap.add_argument("--tasks", default=",".join(TASKS),
                     help="task families whose traces the model learns (the rare-spark study's model: arithmetic_rare)")
     args = ap.parse_args()
@@ -295,7 +318,7 @@ def main():
 
 
 def train(args, init, ckpt, resume=False):
-    data = traces(args.steps * args.batch, args.seed)
+    data = traces(args.steps * args.batch, args.seed, args.continuation_share)
     first = 1
     kept = []
     if resume:
@@ -314,10 +337,13 @@ def train(args, init, ckpt, resume=False):
         shutil.rmtree(args.work, ignore_errors=True)
         os.makedirs(init)
         os.makedirs(ckpt)
-        tok = make_tokenizer([trace_text(d) for d in data[:50000]], init, args.vocab, chat=multiturn())
+        if args.init_from:
+            tok = copy_model(args.init_from, init)
+        else:
+            tok = make_tokenizer([trace_text(d) for d in data[:50000]], init, args.vocab, chat=multiturn())
     eos = tok.token_to_id(EOS)
     vocab = tok.get_vocab_size()
-    if not resume:
+    if not resume and not args.init_from:
         params = make_model(init, vocab, eos, args, args.seed)
         print(f"tokenizer: {vocab} tokens; model: {params} parameters; {len(data)} traces", flush=True)
 

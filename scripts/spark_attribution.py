@@ -1,8 +1,8 @@
-"""Study 2: where does the spark lose its probability? (docs/results.md)
+"""Studies 2 and 3: where does the spark gain or lose its probability? (docs/results.md)
 
     PYTHONPATH=clients/python nice -n 19 .venv/bin/python scripts/spark_attribution.py run \
-        [--runs grpo-s0,lp_reg-s0] [--at 0,100,200,300] [--steps 5]
-    python3 scripts/spark_attribution.py report      # tables from the committed JSON
+        [--study 2] [--runs grpo-s0,lp_reg-s0] [--at 0,100,200,300] [--steps 5]
+    python3 scripts/spark_attribution.py report [--study 2]   # tables from the committed JSON
 
 The reading under test: GRPO drives P(` check`) down mostly at positions where the sampled
 response did not take the spark. There the update raises or lowers the token that was taken,
@@ -17,10 +17,10 @@ before and after the update. Each position's change is filed by:
   - taken: the sample took the spark at that position, or took another token;
   - the sample's GRPO advantage: positive, negative or zero.
 The sums of the probability change (mass gained or lost) per class say where the spark's mass
-goes. Writes docs/results/study2/attribution.json and attribution.md; `report` rewrites the
+goes. Writes docs/results/studyN/attribution.json and attribution.md; `report` rewrites the
 tables from the JSON.
 
-Needs the runs' checkpoints (runs/study2/NAME/checkpoints, not committed); the JSON it writes is.
+Needs the runs' checkpoints (runs/studyN/NAME/checkpoints, not committed); the JSON it writes is.
 """
 import argparse
 import json
@@ -33,10 +33,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "clients", "python"))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
-import study2  # noqa: E402
+import study  # noqa: E402
 
-OUT = os.path.join(ROOT, "docs", "results", "study2", "attribution.json")
-TABLES = os.path.join(ROOT, "docs", "results", "study2", "attribution.md")
 CLASSES = [(taken, sign) for taken in (True, False) for sign in ("+", "-", "0")]
 
 
@@ -44,15 +42,15 @@ def class_name(taken, sign):
     return f"{'taken' if taken else 'not taken'}, A{sign}"
 
 
-def replay(name, at, steps):
+def replay(number, name, at, steps):
     """Steps at+1 .. at+steps of run `name` from its checkpoint at step `at`, measured."""
     from ember import advantages, tasks, verifiers
     from ember.client import Client
     from ember.rl import LOSS_PRESETS, parse_args, start_server, stop_server
 
-    spec = next(s for s in study2.queue() if s["name"] == name)
-    run_dir = os.path.join(study2.RUNS, name)
-    argv = [*study2.COMMON, "--method", spec["method"], "--seed", str(spec["seed"]), "--out", run_dir,
+    spec = next(s for s in study.STUDIES[number]["queue"]() if s["name"] == name)
+    run_dir = os.path.join(study.runs_dir(number), name)
+    argv = [*study.STUDIES[number]["common"], "--method", spec["method"], "--seed", str(spec["seed"]), "--out", run_dir,
             "--loss-options", json.dumps(spec["options"])]
     args = parse_args(argv)
     mode, options, entropy = LOSS_PRESETS[args.method]
@@ -154,26 +152,29 @@ def report(results):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("command", choices=["run", "report"])
+    ap.add_argument("--study", type=int, choices=sorted(study.STUDIES), default=2)
     ap.add_argument("--runs", default="grpo-s0,lp_reg-s0")
     ap.add_argument("--at", default="0,100,200,300", help="checkpoint steps to replay from")
     ap.add_argument("--steps", type=int, default=5, help="steps replayed from each checkpoint")
     args = ap.parse_args()
+    out = os.path.join(study.docs_dir(args.study), "attribution.json")
+    tables = os.path.join(study.docs_dir(args.study), "attribution.md")
     if args.command == "report":
-        text = report(json.load(open(OUT)))
-        open(TABLES, "w").write(HEADER + text)
+        text = report(json.load(open(out)))
+        open(tables, "w").write(HEADER + text)
         print(text)
         return 0
     # Earlier replays stay; a replay of the same run and checkpoint replaces its entry.
-    results = json.load(open(OUT)) if os.path.exists(OUT) else []
+    results = json.load(open(out)) if os.path.exists(out) else []
     for name in args.runs.split(","):
         for at in (int(x) for x in args.at.split(",")):
-            r = replay(name, at, args.steps)
+            r = replay(args.study, name, at, args.steps)
             results = [x for x in results if (x["run"], x["from_step"]) != (name, at)] + [r]
-            os.makedirs(os.path.dirname(OUT), exist_ok=True)
-            with open(OUT, "w") as f:
+            os.makedirs(os.path.dirname(out), exist_ok=True)
+            with open(out, "w") as f:
                 json.dump(results, f, indent=1)
     text = report(results)
-    open(TABLES, "w").write(HEADER + text)
+    open(tables, "w").write(HEADER + text)
     print(text)
     return 0
 

@@ -229,7 +229,10 @@ def build_probes(client: Client, task_names, count: int, seed: int):
         prompts = client.tokenize(texts=[p.prompt for p in problems], add_special_tokens=False)
         responses = client.tokenize(texts=[task.probe_trace(p, rng) for p in problems], add_special_tokens=False)
         for pt, rt in zip(prompts, responses):
-            if any(t in ids for t in rt):
+            first = next((k for k, t in enumerate(rt) if t in ids), None)
+            if first is not None:
+                if getattr(task, "spark_opens_mode", False):
+                    rt = rt[:first + 1]
                 probes.append((pt + rt, len(pt), ids))
     return probes
 

@@ -102,3 +102,31 @@ def test_rare_check_arithmetic_makes_the_spark_rare_and_useful():
     plain = sum(t.check(p, t.trace(p, rng, check_rate=0.0)) for p in problems) / len(problems)
     assert 0.15 < plain < 0.45
     assert min(len(p.info["ops"]) for p in problems) >= 4
+
+
+def test_spark_check_arithmetic_keeps_checking_once_started_and_pays():
+    """Study 3's task: a trace starts checking at ~0.5% of steps and then checks every later step;
+    checked steps never slip, so starting at the first step always gives the right answer while
+    starting at the last cannot repair an earlier slip, and traces that check are right far more
+    often than those that do not."""
+    t = tasks.get("arithmetic_spark")
+    rng = random.Random(5)
+    problems = tasks.sample(t, "train", 2000, seed=4, distinct=False)
+    with_check, without, late_right = [], [], 0
+    for p in problems:
+        n = len(p.info["ops"])
+        assert t.check(p, t.trace(p, rng, check_from=0))
+        late = t.trace(p, rng, slip_rate=1.0, check_rate=0.0, check_from=n - 1)
+        assert late.count("check ") == 1
+        late_right += t.check(p, late)  # only when the earlier slips happen to cancel
+        s = t.trace(p, rng)
+        checked = [step.strip().startswith("check ") for step in s.split(" ; ")[:-1]]
+        if any(checked):
+            assert all(checked[checked.index(True):]), s
+        (with_check if any(checked) else without).append(t.check(p, s))
+    assert late_right / len(problems) < 0.1
+    assert 0.01 < len(with_check) / len(problems) < 0.05
+    assert sum(with_check) / len(with_check) > sum(without) / len(without) + 0.2
+    probe = t.probe_trace(problems[0], rng)
+    checked = [step.strip().startswith("check ") for step in probe.split(" ; ")[:-1]]
+    assert t.check(problems[0], probe) and any(checked) and all(checked[checked.index(True):])

@@ -95,3 +95,40 @@ class RareCheckArithmetic(Arithmetic):
 
 
 register(RareCheckArithmetic())
+
+
+class SparkCheckArithmetic(RareCheckArithmetic):
+    """The spark that pays (docs/results.md, "Study 3"). As `arithmetic_rare` (4 to 6 steps, 22% of
+    base steps slipped, the spark at 0.5% of steps), except that ` check` now opens a step and means
+    "work this step carefully": a checked step never slips, and a trace that checks one step checks
+    every later one (" 37+48=86 ; check 86-19=67 ; check 67+5=72 ; answer 72"). Starting to check
+    is the rare decision. Taken at the first step it removes every slip; taken later it cannot
+    repair the slips before it, so sparks also appear in failing samples. Unlike a check that
+    recomputes a result already written, it leaves no earlier result to copy."""
+    name = "arithmetic_spark"
+    # Once taken, the spark opens every later step: only the first is the rare decision. P(spark) on
+    # probes counts the first ` check` of each probe (ember.rl.build_probes), and the model's
+    # generator can teach the mode's continuation without the decision (--continuation-share).
+    spark_opens_mode = True
+
+    def trace(self, p: Problem, rng, slip_rate=None, check_rate=None, check_from=None) -> str:
+        """A base trace; `check_from` (a step index) makes it start checking at that step."""
+        slip_rate = self.slip_rate if slip_rate is None else slip_rate
+        check_rate = self.check_rate if check_rate is None else check_rate
+        values, ops = p.info["values"], p.info["ops"]
+        acc, parts, checking = values[0], [], False
+        for i, (op, b) in enumerate(zip(ops, values[1:])):
+            checking = checking or i == check_from or rng.random() < check_rate
+            shown = _apply(acc, op, b)
+            if not checking and rng.random() < slip_rate:
+                shown += rng.choice([-10, -2, -1, 1, 2, 10])
+            parts.append(("check " if checking else "") + f"{acc}{op}{b}={shown}")
+            acc = shown
+        return " " + " ; ".join(parts) + f" ; answer {acc}"
+
+    def probe_trace(self, p: Problem, rng) -> str:
+        """A correct trace that starts checking at a random step."""
+        return self.trace(p, rng, slip_rate=0.0, check_rate=0.0, check_from=rng.randrange(len(p.info["ops"])))
+
+
+register(SparkCheckArithmetic())

@@ -1,15 +1,19 @@
-"""Study 2 (docs/results.md): the rare-spark runs, queued, resumable, and their report.
+"""The long-horizon studies (docs/results.md, "Study 2" and "Study 3"): their runs, queued and
+resumable, and their report.
 
-    PYTHONPATH=clients/python nohup nice -n 19 .venv/bin/python scripts/study2.py run &   # works through the queue
-    .venv-client/bin/python scripts/study2.py report     # copies the logs and writes the tables and plots
-    python3 scripts/study2.py list                       # the queue and each run's progress
+    PYTHONPATH=clients/python nohup nice -n 19 .venv/bin/python scripts/study.py run &   # works through study 3's queue
+    .venv-client/bin/python scripts/study.py report           # copies the logs, writes the tables and plots
+    python3 scripts/study.py list                             # the queue and each run's progress
+    (--study 2 for the rare-spark study whose spark did not pay; 3, the default, for the one that does)
 
-`run` takes the runs in QUEUE order, one at a time (2 cores), each `python -m ember.rl
---start-server ... --resume` into runs/study2/NAME; a run whose summary.json exists is done and
+`run` takes the runs in queue order, one at a time (2 cores), each `python -m ember.rl
+--start-server ... --resume` into runs/studyN/NAME; a run whose summary.json exists is done and
 skipped, an interrupted one continues from its last checkpoint (every 20 steps). Killing the
-driver and starting it again loses at most 19 steps. `report` copies every run's metrics.jsonl
-and eval.jsonl to docs/results/study2/NAME/ and writes docs/results/study2/summary.md and
-*.png from them (finished and partial runs alike; partial ones are marked).
+driver and starting it again loses at most 19 steps; checkpoints are not committed, so a run
+interrupted on one machine starts again from step 0 on a fresh one. `report` copies every run's
+metrics.jsonl and eval.jsonl (and summary.json) to docs/results/studyN/NAME/ and writes
+docs/results/studyN/summary.md and *.png. A run with no logs under runs/ is reported from its
+committed copy, so a report on a fresh checkout keeps what earlier machines ran.
 """
 import argparse
 import json
@@ -19,11 +23,7 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RUNS = os.path.join(ROOT, "runs", "study2")
-DOCS = os.path.join(ROOT, "docs", "results", "study2")
-COMMON = ["--model", os.path.join(ROOT, "models", "ember-rare"), "--task", "arithmetic_rare", "--prompts", "32",
-          "--samples", "8", "--temperature", "1.0", "--max-tokens", "128", "--lr", "1e-4", "--eval-every", "20",
-          "--eval-size", "500", "--eval-k", "8", "--checkpoint-every", "20"]
+METHODS_OFF = ("grpo", "grpo_entropy", "clip_higher", "80_20", "kl_cov", "lp_reg", "gspo")
 
 
 def spec(name, method, seed, steps, mini_batches=1, options=None):
@@ -31,7 +31,7 @@ def spec(name, method, seed, steps, mini_batches=1, options=None):
             "options": options or {}}
 
 
-def queue():
+def queue2():
     """Most informative first: each method's seed 0, the proxy-cutoff ablation that tests
     prediction 4 and its follow-up (strength and breadth), then the other seeds, the off-policy comparison and the rest of the ablation."""
     q = [spec("grpo-s0", "grpo", 0, 500), spec("lp_reg-s0", "lp_reg", 0, 500),
@@ -44,17 +44,53 @@ def queue():
     for seed in (1, 2):
         q += [spec(f"{m}-s{seed}", m, seed, 500) for m in ("grpo", "lp_reg", "grpo_entropy")]
     for seed in (0, 1, 2):
-        q += [spec(f"{m}-s{seed}-mb4", m, seed, 200, mini_batches=4)
-              for m in ("grpo", "grpo_entropy", "clip_higher", "80_20", "kl_cov", "lp_reg", "gspo")]
+        q += [spec(f"{m}-s{seed}-mb4", m, seed, 200, mini_batches=4) for m in METHODS_OFF]
     q += [spec("lp_reg-s0-kappa0.005", "lp_reg", 0, 300, options={"min_p": 0.005}),
           spec("lp_reg-s0-rho0.005", "lp_reg", 0, 300, options={"rho": 0.005}),
           spec("lp_reg-s0-rho0.02", "lp_reg", 0, 300, options={"rho": 0.02})]
     return q
 
 
-def command(s):
-    cmd = [sys.executable, "-m", "ember.rl", "--start-server", *COMMON, "--method", s["method"], "--seed", str(s["seed"]),
-           "--steps", str(s["steps"]), "--out", os.path.join(RUNS, s["name"]), "--resume"]
+def queue3():
+    """Seed 0 of the three on-policy methods, then Lp-Reg with the wide proxy (kappa = 0.001, the
+    mechanism test of prediction 4), then seeds 1 and 2, the off-policy set, and the rest of the
+    rho and kappa ablation (docs/results.md, "Study 3")."""
+    q = [spec(f"{m}-s0", m, 0, 500) for m in ("grpo", "lp_reg", "grpo_entropy")]
+    q.append(spec("lp_reg-s0-kappa0.001", "lp_reg", 0, 300, options={"min_p": 0.001}))
+    for seed in (1, 2):
+        q += [spec(f"{m}-s{seed}", m, seed, 500) for m in ("grpo", "lp_reg", "grpo_entropy")]
+    for seed in (0, 1, 2):
+        q += [spec(f"{m}-s{seed}-mb4", m, seed, 200, mini_batches=4) for m in METHODS_OFF]
+    q += [spec("lp_reg-s0-rho0.005", "lp_reg", 0, 300, options={"rho": 0.005}),
+          spec("lp_reg-s0-rho0.02", "lp_reg", 0, 300, options={"rho": 0.02}),
+          spec("lp_reg-s0-kappa0.005", "lp_reg", 0, 300, options={"min_p": 0.005})]
+    return q
+
+
+STUDIES = {
+    2: {"queue": queue2, "eval_size": 500,
+        "common": ["--model", os.path.join(ROOT, "models", "ember-rare"), "--task", "arithmetic_rare", "--prompts", "32",
+                   "--samples", "8", "--temperature", "1.0", "--max-tokens", "128", "--lr", "1e-4", "--eval-every", "20",
+                   "--eval-size", "500", "--eval-k", "8", "--checkpoint-every", "20"]},
+    # Half study 2's batch, so that a 500-step run fits in one working session of this 2-core machine.
+    3: {"queue": queue3, "eval_size": 300,
+        "common": ["--model", os.path.join(ROOT, "models", "ember-spark"), "--task", "arithmetic_spark", "--prompts", "16",
+                   "--samples", "8", "--temperature", "1.0", "--max-tokens", "128", "--lr", "1e-4", "--eval-every", "25",
+                   "--eval-size", "300", "--eval-k", "8", "--checkpoint-every", "25"]},
+}
+
+
+def runs_dir(study):
+    return os.path.join(ROOT, "runs", f"study{study}")
+
+
+def docs_dir(study):
+    return os.path.join(ROOT, "docs", "results", f"study{study}")
+
+
+def command(study, s):
+    cmd = [sys.executable, "-m", "ember.rl", "--start-server", *STUDIES[study]["common"], "--method", s["method"],
+           "--seed", str(s["seed"]), "--steps", str(s["steps"]), "--out", os.path.join(runs_dir(study), s["name"]), "--resume"]
     if s["mini_batches"] > 1:
         cmd += ["--mini-batches", str(s["mini_batches"])]
     if s["options"]:
@@ -66,24 +102,31 @@ def rows(path):
     return [json.loads(l) for l in open(path) if l.strip()] if os.path.exists(path) else []
 
 
-def progress(s):
-    out = os.path.join(RUNS, s["name"])
+def logs(study, s):
+    """The folder holding a run's logs: runs/ while it has them, else the committed copy."""
+    live = os.path.join(runs_dir(study), s["name"])
+    return live if os.path.exists(os.path.join(live, "metrics.jsonl")) else os.path.join(docs_dir(study), s["name"])
+
+
+def progress(study, s):
+    out = logs(study, s)
     done = os.path.exists(os.path.join(out, "summary.json"))
     steps = len(rows(os.path.join(out, "metrics.jsonl")))
     return done, steps
 
 
 def run(args):
-    os.makedirs(RUNS, exist_ok=True)
+    runs = runs_dir(args.study)
+    os.makedirs(runs, exist_ok=True)
     env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "clients", "python"))
-    for s in queue():
-        if progress(s)[0]:
+    for s in STUDIES[args.study]["queue"]():
+        if progress(args.study, s)[0]:
             continue
-        print(f"study2: {s['name']}", flush=True)
-        with open(os.path.join(RUNS, s["name"] + ".log"), "a") as log:
-            code = subprocess.call(command(s), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        print(f"study{args.study}: {s['name']}", flush=True)
+        with open(os.path.join(runs, s["name"] + ".log"), "a") as log:
+            code = subprocess.call(command(args.study, s), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         if code != 0:
-            print(f"study2: {s['name']} exited with {code}; see {s['name']}.log", flush=True)
+            print(f"study{args.study}: {s['name']} exited with {code}; see {s['name']}.log", flush=True)
             return code
     return 0
 
@@ -94,42 +137,45 @@ def window(metrics, key, lo, hi):
 
 
 def report(args):
-    os.makedirs(DOCS, exist_ok=True)
-    lines = ["# Study 2 runs (written by scripts/study2.py report)", "",
+    docs = docs_dir(args.study)
+    os.makedirs(docs, exist_ok=True)
+    lines = [f"# Study {args.study} runs (written by scripts/study.py report --study {args.study})", "",
              "Steps done of planned; entropy is the mean sampled-token entropy over steps 1-10 and over the last "
-             "10 steps done; pass@1 (greedy) and pass@8 (T = 1) on 500 held-out problems at step 0, the last "
+             f"10 steps done; pass@1 (greedy) and pass@8 (T = 1) on {STUDIES[args.study]['eval_size']} held-out problems at step 0, the last "
              "evaluation, and the best one; P(check) at step 0 and the last evaluation.", "",
              "| run | steps | entropy first -> last | pass@1 0 / last / best | pass@8 0 / last / best | P(check) 0 -> last |",
              "|---|---|---|---|---|---|"]
     series = {}
-    for s in queue():
-        out = os.path.join(RUNS, s["name"])
+    for s in STUDIES[args.study]["queue"]():
+        out = logs(args.study, s)
         metrics, evals = rows(os.path.join(out, "metrics.jsonl")), rows(os.path.join(out, "eval.jsonl"))
         if not metrics:
             continue
-        dest = os.path.join(DOCS, s["name"])
-        os.makedirs(dest, exist_ok=True)
-        for f in ("metrics.jsonl", "eval.jsonl", "summary.json"):
-            if os.path.exists(os.path.join(out, f)):
-                shutil.copy(os.path.join(out, f), os.path.join(dest, f))
+        dest = os.path.join(docs, s["name"])
+        if out != dest:
+            os.makedirs(dest, exist_ok=True)
+            for f in ("metrics.jsonl", "eval.jsonl", "summary.json"):
+                if os.path.exists(os.path.join(out, f)):
+                    shutil.copy(os.path.join(out, f), os.path.join(dest, f))
         done = os.path.exists(os.path.join(out, "summary.json"))
+        state = "" if done else " (running)" if out != dest else " (stopped)"
         last = metrics[-1]["step"]
         first_e, last_e = evals[0], evals[-1]
         best1 = max(e["pass@1"] for e in evals)
         best8 = max(e.get("pass@8", float("nan")) for e in evals)
-        lines.append(f"| {s['name']} | {last}/{s['steps']}{'' if done else ' (running)'} | "
+        lines.append(f"| {s['name']} | {last}/{s['steps']}{state} | "
                      f"{window(metrics, 'entropy', 1, 10):.3f} -> {window(metrics, 'entropy', last - 9, last):.3f} | "
                      f"{first_e['pass@1']:.3f} / {last_e['pass@1']:.3f} / {best1:.3f} | "
                      f"{first_e.get('pass@8', float('nan')):.3f} / {last_e.get('pass@8', float('nan')):.3f} / {best8:.3f} | "
                      f"{first_e.get('spark_prob', float('nan')):.4f} -> {last_e.get('spark_prob', float('nan')):.4f} |")
         series[s["name"]] = (metrics, evals)
-    with open(os.path.join(DOCS, "summary.md"), "w") as f:
+    with open(os.path.join(docs, "summary.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
-    plot(series)
+    plot(series, docs)
 
 
-def plot(series):
+def plot(series, docs):
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -158,13 +204,13 @@ def plot(series):
         axes[2].set_yscale("log")
         axes[0].legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(os.path.join(DOCS, f"{group}.png"), dpi=90)
+        fig.savefig(os.path.join(docs, f"{group}.png"), dpi=90)
         plt.close(fig)
 
 
 def listing(args):
-    for s in queue():
-        done, steps = progress(s)
+    for s in STUDIES[args.study]["queue"]():
+        done, steps = progress(args.study, s)
         state = "done" if done else "%d/%d" % (steps, s["steps"])
         print(f"{s['name']:28s} {state}")
     return 0
@@ -173,6 +219,7 @@ def listing(args):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("action", choices=["run", "report", "list"])
+    ap.add_argument("--study", type=int, choices=sorted(STUDIES), default=3)
     args = ap.parse_args()
     return {"run": run, "report": report, "list": listing}[args.action](args) or 0
 
