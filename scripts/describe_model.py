@@ -2,8 +2,9 @@
 """Measures a model on a task before any RL, as the study's design asks (docs/results.md,
 "Study 2" and "Study 3"): held-out greedy pass@1 and pass@k at temperature 1, the mean probability of the
 spark token where held-out reference traces take it (P(spark)), the spark's sampling frequency,
-the accuracy of the temperature-1 samples that take the spark against those that do not, and
-the mean sampled-token entropy at temperature 1. Starts ember-server on the model, writes
+the accuracy of the temperature-1 samples that take the spark against those that do not (and,
+where the spark opens a mode, with the spark forced at the first step), and the mean
+sampled-token entropy at temperature 1. Starts ember-server on the model, writes
 the figures as JSON (default: <model>/baseline.json) and prints them.
 
     python3 scripts/describe_model.py --model models/ember-rare --task arithmetic_rare
@@ -87,6 +88,14 @@ def main():
         figures["spark_samples"] = sparks
         figures["reward_t1_with_spark"] = spark_correct / sparks if sparks else float("nan")
         figures["reward_t1_without_spark"] = (correct - spark_correct) / max(1, samples - sparks)
+        if getattr(task, "spark_opens_mode", False):
+            # The spark's payoff where it pays most: the same problems with the spark forced as the
+            # response's first token, continued at temperature 1.
+            word = " " + task.spark_words[0]
+            forced = client.generate(prompts=[p.prompt + word for p in problems], n=8, max_tokens=args.max_tokens,
+                                     temperature=1.0, seed=4242, logprobs=False)
+            right = [tasks.check(p, word + s["text"]) for p, r in zip(problems, forced["results"]) for s in r["samples"]]
+            figures["reward_t1_spark_forced_first"] = sum(right) / len(right)
         path = args.out or os.path.join(args.model, "baseline.json")
         with open(path, "w") as f:
             json.dump(figures, f, indent=1)

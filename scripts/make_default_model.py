@@ -171,8 +171,9 @@ def copy_model(src, folder):
 
 def train_item(tok, item, eos):
     """A cross_entropy train_step item: plain traces train the response and EOS; chat traces train
-    the assistant pieces only (loss_mask); an entry-masked trace trains all but its first spark
-    token, so the decision to start checking keeps the rate the plain traces teach."""
+    the assistant pieces only (loss_mask); an entry-masked trace trains only what follows its first
+    spark token: neither that token nor the steps before it, which would teach "do not check here"
+    at every earlier step, so the decision to start checking keeps the rate the plain traces teach."""
     if item[0] != "chat":
         p, r = tok.encode(item[0], add_special_tokens=False).ids, tok.encode(item[1], add_special_tokens=False).ids
         out = {"tokens": p + r + [eos], "response_start": len(p)}
@@ -180,7 +181,7 @@ def train_item(tok, item, eos):
             spark = tok.encode(" check", add_special_tokens=False).ids
             if len(spark) != 1 or spark[0] not in r:
                 raise SystemExit(f"entry-masked trace without a one-token ' check': {item[1]!r}")
-            out["loss_mask"] = [0 if k == r.index(spark[0]) else 1 for k in range(len(r) + 1)]
+            out["loss_mask"] = [0 if k <= r.index(spark[0]) else 1 for k in range(len(r) + 1)]
         return out
     pieces = [(tok.encode(t, add_special_tokens=False).ids, trained) for t, trained in item[1]]
     tokens = [i for ids, _ in pieces for i in ids]

@@ -139,18 +139,21 @@ def window(metrics, key, lo, hi):
 def report(args):
     docs = docs_dir(args.study)
     os.makedirs(docs, exist_ok=True)
+    runs = [(s, logs(args.study, s)) for s in STUDIES[args.study]["queue"]()]
+    runs = [(s, out, rows(os.path.join(out, "metrics.jsonl")), rows(os.path.join(out, "eval.jsonl"))) for s, out in runs]
+    runs = [r for r in runs if r[2]]
+    figures = ["pass@1", "pass@8"] + (["mean@8"] if any("mean@8" in e for r in runs for e in r[3]) else [])
     lines = [f"# Study {args.study} runs (written by scripts/study.py report --study {args.study})", "",
              "Steps done of planned; entropy is the mean sampled-token entropy over steps 1-10 and over the last "
-             f"10 steps done; pass@1 (greedy) and pass@8 (T = 1) on {STUDIES[args.study]['eval_size']} held-out problems at step 0, the last "
-             "evaluation, and the best one; P(check) at step 0 and the last evaluation.", "",
-             "| run | steps | entropy first -> last | pass@1 0 / last / best | pass@8 0 / last / best | P(check) 0 -> last |",
-             "|---|---|---|---|---|---|"]
+             f"10 steps done; pass@1 (greedy) and pass@8 (T = 1) on {STUDIES[args.study]['eval_size']} held-out problems "
+             "at step 0, the last evaluation, and the best one"
+             + ("; mean@8 is the mean accuracy of those 8 samples" if "mean@8" in figures else "")
+             + "; P(check) at step 0 and the last evaluation.", "",
+             "| run | steps | entropy first -> last | " + " | ".join(f"{f} 0 / last / best" for f in figures)
+             + " | P(check) 0 -> last |",
+             "|---|---|---|" + "---|" * len(figures) + "---|"]
     series = {}
-    for s in STUDIES[args.study]["queue"]():
-        out = logs(args.study, s)
-        metrics, evals = rows(os.path.join(out, "metrics.jsonl")), rows(os.path.join(out, "eval.jsonl"))
-        if not metrics:
-            continue
+    for s, out, metrics, evals in runs:
         dest = os.path.join(docs, s["name"])
         if out != dest:
             os.makedirs(dest, exist_ok=True)
@@ -161,12 +164,11 @@ def report(args):
         state = "" if done else " (running)" if out != dest else " (stopped)"
         last = metrics[-1]["step"]
         first_e, last_e = evals[0], evals[-1]
-        best1 = max(e["pass@1"] for e in evals)
-        best8 = max(e.get("pass@8", float("nan")) for e in evals)
+        cells = [f"{first_e.get(f, float('nan')):.3f} / {last_e.get(f, float('nan')):.3f} / "
+                 f"{max(e.get(f, float('nan')) for e in evals):.3f}" for f in figures]
         lines.append(f"| {s['name']} | {last}/{s['steps']}{state} | "
                      f"{window(metrics, 'entropy', 1, 10):.3f} -> {window(metrics, 'entropy', last - 9, last):.3f} | "
-                     f"{first_e['pass@1']:.3f} / {last_e['pass@1']:.3f} / {best1:.3f} | "
-                     f"{first_e.get('pass@8', float('nan')):.3f} / {last_e.get('pass@8', float('nan')):.3f} / {best8:.3f} | "
+                     + " | ".join(cells) + " | "
                      f"{first_e.get('spark_prob', float('nan')):.4f} -> {last_e.get('spark_prob', float('nan')):.4f} |")
         series[s["name"]] = (metrics, evals)
     with open(os.path.join(docs, "summary.md"), "w") as f:
@@ -190,18 +192,22 @@ def plot(series, docs):
         names = [n for n in series if keep(n)]
         if not names:
             continue
-        fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+        # Panels: entropy, then each evaluation figure the runs recorded (mean@8 only from study 3 on).
+        panels = [("pass@1", "held-out pass@1 (greedy)"), ("mean@8", "held-out mean@8 (T = 1)"),
+                  ("spark_prob", "P(check) on probes")]
+        panels = [p for p in panels if any(p[0] in e for n in names for e in series[n][1])]
+        fig, axes = plt.subplots(1, 1 + len(panels), figsize=(5 * (1 + len(panels)), 4))
         for n in names:
             metrics, evals = series[n]
             axes[0].plot([m["step"] for m in metrics], [m["entropy"] for m in metrics], label=n, linewidth=0.8)
-            axes[1].plot([e["step"] for e in evals], [e["pass@1"] for e in evals], label=n, marker="o", markersize=2)
-            axes[2].plot([e["step"] for e in evals], [e.get("spark_prob", float("nan")) for e in evals], label=n,
-                         marker="o", markersize=2)
-        for ax, title in zip(axes, ["sampled-token entropy (nats)", "held-out pass@1 (greedy)", "P(check) on probes"]):
+            for ax, (key, _) in zip(axes[1:], panels):
+                ax.plot([e["step"] for e in evals], [e.get(key, float("nan")) for e in evals], label=n, marker="o",
+                        markersize=2)
+        for ax, title in zip(axes, ["sampled-token entropy (nats)"] + [t for _, t in panels]):
             ax.set_title(title)
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
-        axes[2].set_yscale("log")
+        axes[-1].set_yscale("log")
         axes[0].legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(os.path.join(docs, f"{group}.png"), dpi=90)

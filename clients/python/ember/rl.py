@@ -139,13 +139,15 @@ def stop_server(p: subprocess.Popen) -> None:
 
 def evaluate(client: Client, problems, max_tokens: int, k: int, seed: int, adapter: Optional[str] = None,
              max_turns: int = 3) -> Dict[str, float]:
-    """Greedy pass@1 and (when k > 1) sampled pass@k on a fixed set of problems. Problems of a
-    multi-turn task run as episodes (ember.multiturn.run_episodes); their `tool_rate` is the share
-    of greedy episodes that call a tool."""
+    """Greedy pass@1 and (when k > 1) sampled pass@k and mean@k (the mean accuracy of the k samples
+    at temperature 1) on a fixed set of problems. Problems of a multi-turn task run as episodes
+    (ember.multiturn.run_episodes); their `tool_rate` is the share of greedy episodes that call a
+    tool."""
     single = [p for p in problems if not tasks.is_multiturn(p.task)]
     multi = [p for p in problems if tasks.is_multiturn(p.task)]
     greedy = 0
     passk = 0
+    right = 0
     for i in range(0, len(single), 64):
         chunk = single[i:i + 64]
         out = client.generate(prompts=[p.prompt for p in chunk], n=1, max_tokens=max_tokens, temperature=0.0, logprobs=False,
@@ -154,7 +156,9 @@ def evaluate(client: Client, problems, max_tokens: int, k: int, seed: int, adapt
         if k > 1:
             out = client.generate(prompts=[p.prompt for p in chunk], n=k, max_tokens=max_tokens, temperature=1.0,
                                   seed=seed + i, logprobs=False, adapter=adapter)
-            passk += sum(any(tasks.check(p, s["text"]) for s in r["samples"]) for p, r in zip(chunk, out["results"]))
+            checks = [[tasks.check(p, s["text"]) for s in r["samples"]] for p, r in zip(chunk, out["results"])]
+            passk += sum(any(c) for c in checks)
+            right += sum(sum(c) for c in checks)
     result = {}
     if multi:
         episodes = run_episodes(client, [environment(p) for p in multi], max_turns=max_turns, max_tokens=max_tokens,
@@ -165,10 +169,12 @@ def evaluate(client: Client, problems, max_tokens: int, k: int, seed: int, adapt
             episodes = run_episodes(client, [environment(p) for p in multi for _ in range(k)], max_turns=max_turns,
                                     max_tokens=max_tokens, temperature=1.0, seed=seed + 1, adapter=adapter)
             passk += sum(any(e.reward > 0 for e in episodes[j * k:(j + 1) * k]) for j in range(len(multi)))
+            right += sum(e.reward > 0 for e in episodes)
     n = len(problems)
     result = {"pass@1": greedy / n, **result}
     if k > 1:
         result[f"pass@{k}"] = passk / n
+        result[f"mean@{k}"] = right / (n * k)
     return result
 
 

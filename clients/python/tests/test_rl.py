@@ -27,6 +27,7 @@ def test_rl_smoke_run_and_resume(server, tmp_path, capsys):
     assert metrics[0]["task"] == "arithmetic" and metrics[1]["task"] == "countdown"
     evals = [json.loads(l) for l in open(os.path.join(out, "eval.jsonl"))]
     assert [e["step"] for e in evals] == [0, 2, 3] and all("pass@2" in e for e in evals)
+    assert all(0 <= e["mean@2"] <= e["pass@2"] for e in evals), "a problem counts for pass@k if any sample is right"
     for name in ("reward", "accuracy", "entropy", "lp_reg"):
         assert os.path.getsize(os.path.join(out, "plots", name + ".png")) > 1000
     assert "held-out pass@1: before" in capsys.readouterr().out
