@@ -81,3 +81,47 @@ public func assertIdentical(_ a: [Float], _ b: [Float], _ label: String,
         XCTFail("\(label): \(differing)/\(a.count) values differ, max |diff| \(worst)", file: file, line: line)
     }
 }
+
+/// Recorded bits of kernel outputs, `Tests/Fixtures/kernel-bits.json`: for each labelled case, a
+/// 64-bit FNV-1a digest of its outputs' bit patterns. Every kernel set and thread count gives the
+/// same bits (the kernel-set tests), so one record serves every x86-64 machine. On a CPU with both
+/// sets the tests compare the sets with each other and with the record; on an AVX2-only CPU, the
+/// record is what compares its set with the AVX-512 one. `EMBER_RECORD_KERNEL_BITS=1` writes the
+/// digests instead of checking them (only after a kernel change that is meant to change bits).
+public enum KernelBits {
+    static let path = fixturesDirectory + "/kernel-bits.json"
+
+    public static func digest(_ values: [Float]) -> String {
+        var h: UInt64 = 0xcbf2_9ce4_8422_2325
+        for v in values {
+            var bits = v.bitPattern
+            for _ in 0..<4 {
+                h = (h ^ UInt64(bits & 0xff)) &* 0x0000_0100_0000_01b3
+                bits >>= 8
+            }
+        }
+        return String(h, radix: 16) + "/\(values.count)"
+    }
+
+    static func load() -> [String: String] {
+        guard let data = FileManager.default.contents(atPath: path),
+              let record = try? JSONSerialization.jsonObject(with: data) as? [String: String] else { return [:] }
+        return record
+    }
+
+    public static func check(_ label: String, _ values: [Float], file: StaticString = #filePath, line: UInt = #line) {
+        var record = load()
+        let got = digest(values)
+        if ProcessInfo.processInfo.environment["EMBER_RECORD_KERNEL_BITS"] == "1" {
+            record[label] = got
+            let data = try! JSONSerialization.data(withJSONObject: record, options: [.prettyPrinted, .sortedKeys])
+            FileManager.default.createFile(atPath: path, contents: data)
+            return
+        }
+        guard let want = record[label] else {
+            XCTFail("\(label): no recorded bits in \(path) (EMBER_RECORD_KERNEL_BITS=1 records them)", file: file, line: line)
+            return
+        }
+        XCTAssertEqual(got, want, "\(label): the outputs' bits differ from the record", file: file, line: line)
+    }
+}
