@@ -26,9 +26,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS_OFF = ("grpo", "grpo_entropy", "clip_higher", "80_20", "kl_cov", "lp_reg", "gspo")
 
 
-def spec(name, method, seed, steps, mini_batches=1, options=None):
+def spec(name, method, seed, steps, mini_batches=1, options=None, model=None):
+    """One run; `model` (a folder under models/) replaces the study's model."""
     return {"name": name, "method": method, "seed": seed, "steps": steps, "mini_batches": mini_batches,
-            "options": options or {}}
+            "options": options or {}, "model": model}
 
 
 def queue2():
@@ -53,10 +54,15 @@ def queue2():
 
 def queue3():
     """Seed 0 of the three on-policy methods, then Lp-Reg with the wide proxy (kappa = 0.001, the
-    mechanism test of prediction 4), then seeds 1 and 2, the off-policy set, and the rest of the
-    rho and kappa ablation (docs/results.md, "Study 3")."""
+    mechanism test of prediction 3), arm B (the rarer spark), then seeds 1 and 2, the off-policy
+    set, and the rest of the rho and kappa ablation (docs/results.md, "Study 3")."""
     q = [spec(f"{m}-s0", m, 0, 500) for m in ("grpo", "lp_reg", "grpo_entropy")]
     q.append(spec("lp_reg-s0-kappa0.001", "lp_reg", 0, 300, options={"min_p": 0.001}))
+    # Arm B: the same spark five times rarer (models/ember-spark-rarer), GRPO against Lp-Reg with
+    # the default and the wide proxy.
+    q += [spec("rarer-grpo-s0", "grpo", 0, 500, model="ember-spark-rarer"),
+          spec("rarer-lp_reg-s0", "lp_reg", 0, 500, model="ember-spark-rarer"),
+          spec("rarer-lp_reg-s0-kappa0.001", "lp_reg", 0, 500, options={"min_p": 0.001}, model="ember-spark-rarer")]
     for seed in (1, 2):
         q += [spec(f"{m}-s{seed}", m, seed, 500) for m in ("grpo", "lp_reg", "grpo_entropy")]
     for seed in (0, 1, 2):
@@ -95,6 +101,8 @@ def command(study, s):
         cmd += ["--mini-batches", str(s["mini_batches"])]
     if s["options"]:
         cmd += ["--loss-options", json.dumps(s["options"])]
+    if s.get("model"):
+        cmd += ["--model", os.path.join(ROOT, "models", s["model"])]  # the last --model wins
     return cmd
 
 
