@@ -22,11 +22,11 @@ from ember.rl import build_probes, evaluate, spark_probability, start_server, st
 
 
 def continuation_probability(client, task, count):
-    """For a task whose spark opens a mode: the mean P(` check`) at the checks after the first in
+    """For a task whose spark opens a mode: the mean P(spark) at its occurrences after the first in
     held-out reference traces, i.e. how well the model learned to stay in the mode."""
     import math
     import random
-    spark = client.tokenize(text=" check", add_special_tokens=False)[0]
+    spark = client.tokenize(text=" " + task.spark_words[0], add_special_tokens=False)[0]
     rng = random.Random(11)
     problems = tasks.sample(task, "heldout", count, 11)
     prompts = client.tokenize(texts=[p.prompt for p in problems], add_special_tokens=False)

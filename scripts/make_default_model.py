@@ -136,8 +136,8 @@ def chat_segments(messages, tools):
 def traces(count, seed, continuation_share=0.0):
     """(prompt, response) pairs for single-turn tasks; ("chat", segments, messages, tools) for
     multi-turn ones (tools: those the task's environment offers). With `continuation_share`, that
-    share of the traces of a task whose spark opens a mode start it at a random step and come as (prompt,
-    response, "entry-masked"): they teach what follows the spark, not how often to take it."""
+    share of the traces of a task whose spark opens a mode start it at a random step and come as
+    (prompt, response, spark text): they teach what follows the spark, not how often to take it."""
     rng = random.Random(seed)
     out = []
     for name in TASKS:
@@ -145,7 +145,8 @@ def traces(count, seed, continuation_share=0.0):
         for p in tasks.sample(task, "train", count // len(TASKS), seed, distinct=False):
             if getattr(task, "spark_opens_mode", False) and rng.random() < continuation_share:
                 steps = len(p.info["ops"])
-                out.append((p.prompt, task.trace(p, rng, check_rate=0.0, check_from=rng.randrange(steps)), "entry-masked"))
+                trace = task.trace(p, rng, check_rate=0.0, check_from=rng.randrange(steps))
+                out.append((p.prompt, trace, " " + task.spark_words[0]))
             elif tasks.is_multiturn(task):
                 from ember.tasks.toolarith import USE_TOOL
                 system = USE_TOOL if rng.random() < USE_TOOL_SHARE else ""
@@ -171,16 +172,17 @@ def copy_model(src, folder):
 
 def train_item(tok, item, eos):
     """A cross_entropy train_step item: plain traces train the response and EOS; chat traces train
-    the assistant pieces only (loss_mask); an entry-masked trace trains only what follows its first
-    spark token: neither that token nor the steps before it, which would teach "do not check here"
-    at every earlier step, so the decision to start checking keeps the rate the plain traces teach."""
+    the assistant pieces only (loss_mask); a continuation trace (prompt, response, spark text)
+    trains only what follows its first spark token: neither that token nor the steps before it,
+    which would teach "do not take it here" at every earlier step, so the decision to take the
+    spark keeps the rate the plain traces teach."""
     if item[0] != "chat":
         p, r = tok.encode(item[0], add_special_tokens=False).ids, tok.encode(item[1], add_special_tokens=False).ids
         out = {"tokens": p + r + [eos], "response_start": len(p)}
         if len(item) == 3:
-            spark = tok.encode(" check", add_special_tokens=False).ids
+            spark = tok.encode(item[2], add_special_tokens=False).ids
             if len(spark) != 1 or spark[0] not in r:
-                raise SystemExit(f"entry-masked trace without a one-token ' check': {item[1]!r}")
+                raise SystemExit(f"continuation trace without a one-token {item[2]!r}: {item[1]!r}")
             out["loss_mask"] = [0 if k <= r.index(spark[0]) else 1 for k in range(len(r) + 1)]
         return out
     pieces = [(tok.encode(t, add_special_tokens=False).ids, trained) for t, trained in item[1]]
@@ -302,7 +304,8 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--init-from", help="fine-tune this model folder (its tokenizer and weights) instead of a new one")
     ap.add_argument("--continuation-share", type=float, default=0.0,
-                    help="share of a task's traces that start its spark's mode at a random step, the entry token masked")
+                    help="share of the traces of a task whose spark opens a mode that start it at a random step, "
+                         "trained only after the spark")
     ap.add_argument("--tasks", default=",".join(TASKS),
                     help="task families whose traces the model learns (the rare-spark study's model: arithmetic_rare)")
     args = ap.parse_args()
