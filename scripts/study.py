@@ -23,6 +23,9 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+
+from compare_methods import mean_sd  # noqa: E402
 METHODS_OFF = ("grpo", "grpo_entropy", "clip_higher", "80_20", "kl_cov", "lp_reg", "gspo")
 
 
@@ -179,10 +182,44 @@ def report(args):
                      + " | ".join(cells) + " | "
                      f"{first_e.get('spark_prob', float('nan')):.4f} -> {last_e.get('spark_prob', float('nan')):.4f} |")
         series[s["name"]] = (metrics, evals)
+    lines += table1(runs, figures)
     with open(os.path.join(docs, "summary.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
     plot(series, docs)
+
+
+def table1(runs, figures):
+    """The paper's Table 1 shape: per method (runs that differ only in seed), mean ± sd over the
+    finished runs of each figure at the last evaluation and at the best one, the final entropy
+    and P(check), and the median wall time of a step."""
+    groups = {}
+    for s, out, metrics, evals in runs:
+        if os.path.exists(os.path.join(out, "summary.json")):
+            groups.setdefault(s["name"].replace(f"-s{s['seed']}", ""), []).append((metrics, evals))
+    if not groups:
+        return []
+
+    def cell(xs, scale=100.0, digits=1):
+        m, sd = mean_sd(xs)
+        return f"{m * scale:.{digits}f} ± {sd * scale:.{digits}f}"
+
+    out = ["", "Finished runs by method (mean ± sd over seeds; percent; best = the best evaluation of each "
+           "run, as in the paper's Table 1; entropy over the last 10 steps; s/step = the median wall time of a step).", "",
+           "| method | seeds | " + " | ".join(f"{f} last | {f} best" for f in figures)
+           + " | entropy last | P(check) last | s/step |",
+           "|---|---|" + "---|---|" * len(figures) + "---|---|---|"]
+    for name, rs in groups.items():
+        cells = []
+        for f in figures:
+            cells += [cell([e[-1].get(f) for _, e in rs]), cell([max(x.get(f, float("nan")) for x in e) for _, e in rs])]
+        last = [m[-1]["step"] for m, _ in rs]
+        entropy = [window(m, "entropy", n - 9, n) for (m, _), n in zip(rs, last)]
+        seconds = sorted(x["step_seconds"] for m, _ in rs for x in m if "step_seconds" in x)
+        out.append(f"| {name} | {len(rs)} | " + " | ".join(cells) + f" | {cell(entropy, 1, 3)} | "
+                   f"{cell([e[-1].get('spark_prob') for _, e in rs], 1, 4)} | "
+                   f"{seconds[len(seconds) // 2] if seconds else float('nan'):.1f} |")
+    return out
 
 
 def plot(series, docs):
