@@ -116,7 +116,7 @@ def replay(number, name, at, steps):
         stop_server(server)
 
 
-HEADER = """# Where the spark loses its probability (scripts/spark_attribution.py)
+HEADER = """# Where the spark gains or loses its probability (scripts/spark_attribution.py)
 
 Each table replays five steps of a run from its checkpoint. It scores the steps' own rollouts
 before and after each update and sums the change of P(` check`) over response positions. The
