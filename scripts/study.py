@@ -35,6 +35,17 @@ def spec(name, method, seed, steps, mini_batches=1, options=None, model=None):
             "options": options or {}, "model": model}
 
 
+def seeds_and_off_policy():
+    """Both studies' middle: seeds 1 and 2 of the on-policy methods (500 steps), then the
+    off-policy set (4 mini-batches, 200 steps, seeds 0-2)."""
+    q = []
+    for seed in (1, 2):
+        q += [spec(f"{m}-s{seed}", m, seed, 500) for m in ("grpo", "lp_reg", "grpo_entropy")]
+    for seed in (0, 1, 2):
+        q += [spec(f"{m}-s{seed}-mb4", m, seed, 200, mini_batches=4) for m in METHODS_OFF]
+    return q
+
+
 def queue2():
     """Most informative first: each method's seed 0, the proxy-cutoff ablation that tests
     prediction 4 and its follow-up (strength and breadth), then the other seeds, the off-policy comparison and the rest of the ablation."""
@@ -45,10 +56,7 @@ def queue2():
     # spark): is the regulariser too weak (beta) or too narrow (rho)? Both with kappa = 0.001.
     q += [spec("lp_reg-s0-kappa0.001-beta10", "lp_reg", 0, 300, options={"min_p": 0.001, "beta": 10}),
           spec("lp_reg-s0-kappa0.001-rho0.05", "lp_reg", 0, 300, options={"min_p": 0.001, "rho": 0.05})]
-    for seed in (1, 2):
-        q += [spec(f"{m}-s{seed}", m, seed, 500) for m in ("grpo", "lp_reg", "grpo_entropy")]
-    for seed in (0, 1, 2):
-        q += [spec(f"{m}-s{seed}-mb4", m, seed, 200, mini_batches=4) for m in METHODS_OFF]
+    q += seeds_and_off_policy()
     q += [spec("lp_reg-s0-kappa0.005", "lp_reg", 0, 300, options={"min_p": 0.005}),
           spec("lp_reg-s0-rho0.005", "lp_reg", 0, 300, options={"rho": 0.005}),
           spec("lp_reg-s0-rho0.02", "lp_reg", 0, 300, options={"rho": 0.02})]
@@ -66,10 +74,7 @@ def queue3():
     q += [spec("rarer-grpo-s0", "grpo", 0, 500, model="ember-spark-rarer"),
           spec("rarer-lp_reg-s0", "lp_reg", 0, 500, model="ember-spark-rarer"),
           spec("rarer-lp_reg-s0-kappa0.001", "lp_reg", 0, 500, options={"min_p": 0.001}, model="ember-spark-rarer")]
-    for seed in (1, 2):
-        q += [spec(f"{m}-s{seed}", m, seed, 500) for m in ("grpo", "lp_reg", "grpo_entropy")]
-    for seed in (0, 1, 2):
-        q += [spec(f"{m}-s{seed}-mb4", m, seed, 200, mini_batches=4) for m in METHODS_OFF]
+    q += seeds_and_off_policy()
     q += [spec("lp_reg-s0-rho0.005", "lp_reg", 0, 300, options={"rho": 0.005}),
           spec("lp_reg-s0-rho0.02", "lp_reg", 0, 300, options={"rho": 0.02}),
           spec("lp_reg-s0-kappa0.005", "lp_reg", 0, 300, options={"min_p": 0.005})]
