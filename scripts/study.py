@@ -188,6 +188,7 @@ def report(args):
                      f"{first_e.get('spark_prob', float('nan')):.4f} -> {last_e.get('spark_prob', float('nan')):.4f} |")
         series[s["name"]] = (metrics, evals)
     lines += table1(runs, figures)
+    lines += token_level(args.study, runs)
     with open(os.path.join(docs, "summary.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -227,6 +228,75 @@ def table1(runs, figures):
     return out
 
 
+WINDOWS = ((1, 10), (21, 30), (91, 100), (191, 200), (291, 300), (491, 500))
+TOKEN_MEASURES = (("spark_rate", "Share of samples that take the spark", "{:.3f}"),
+                  ("low_prob_proxy_kept", "Share of the lowest-ρ negative-advantage tokens that the proxy keeps "
+                   "(the paper's falling 27% -> 8% under GRPO)", "{:.2f}"),
+                  ("proxy_noise_mass", "Probability mass the proxy calls noise, mean over response tokens "
+                   "(the paper's instability argument: the entropy bonus inflates it)", "{:.5f}"),
+                  ("lp_reg_regularized", "Tokens Lp-Reg regularised a step", "{:.1f}"))
+BUCKETS = ("< 1e-4", "1e-4 - 1e-3", "1e-3 - 0.01", "0.01 - 0.1", ">= 0.1")
+
+
+def vocabulary(study, s):
+    """Token id -> text for the run's model, read from its tokenizer.json (byte-level: Ġ is a space)."""
+    model = s.get("model") or os.path.basename(STUDIES[study]["common"][STUDIES[study]["common"].index("--model") + 1])
+    tok = json.load(open(os.path.join(ROOT, "models", model, "tokenizer.json")))
+    vocab = {v: k for k, v in tok["model"]["vocab"].items()}
+    vocab.update({t["id"]: t["content"] for t in tok.get("added_tokens", [])})
+    return {i: repr(t.replace("Ġ", " ").replace("Ċ", "\\n")) for i, t in vocab.items()}
+
+
+def token_level(study, runs):
+    """The issue's token-level analyses from what train_step reported each step: the spark's
+    sampling rate, the proxy's share of the lowest-probability tokens, the mass it calls noise,
+    and which tokens Lp-Reg regularised, by token and by probability bucket."""
+    if not runs:
+        return []
+    longest = max(m[-1]["step"] for _, _, m, _ in runs)
+    windows = [w for w in WINDOWS if w[0] <= longest]
+    out = ["", "## Token-level measures over training", "",
+           "Means over the steps named, from the metrics `train_step` reported each step (blank: the run "
+           "has not reached those steps, or the measure does not apply).", ""]
+    for key, title, fmt in TOKEN_MEASURES:
+        these = [r for r in runs if any(m.get(key) is not None for m in r[2])]
+        if key == "lp_reg_regularized":
+            these = [r for r in these if r[0]["method"] == "lp_reg"]
+        if not these:
+            continue
+        out += [f"{title}:", "", "| run | " + " | ".join(f"{a}-{b}" for a, b in windows) + " |",
+                "|---|" + "---|" * len(windows)]
+        for s, _, metrics, _ in these:
+            cells = [window(metrics, key, a, b) for a, b in windows]
+            out.append(f"| {s['name']} | " + " | ".join("" if c != c else fmt.format(c) for c in cells) + " |")
+        out.append("")
+    lp = [r for r in runs if r[0]["method"] == "lp_reg" and any(m.get("lp_reg_tokens") for m in r[2])]
+    if lp:
+        out += ["Which tokens Lp-Reg regularised: the share of each probability bucket (the token's probability "
+                "under the current policy) and the most frequent tokens, over steps 1-50 and over the rest of the run.", "",
+                "| run | steps | tokens | " + " | ".join(BUCKETS) + " | most frequent (share) |",
+                "|---|---|---|" + "---|" * len(BUCKETS) + "---|"]
+        for s, _, metrics, _ in lp:
+            vocab = vocabulary(study, s)
+            last = metrics[-1]["step"]
+            for a, b in ((1, 50), (51, last)):
+                counts, buckets = {}, [0] * len(BUCKETS)
+                for m in metrics:
+                    if a <= m["step"] <= b:
+                        for t, n in m.get("lp_reg_tokens", {}).items():
+                            counts[int(t)] = counts.get(int(t), 0) + n
+                        buckets = [x + y for x, y in zip(buckets, m.get("lp_reg_probability_buckets", [0] * len(BUCKETS)))]
+                total = sum(buckets)
+                if b < a or not total:
+                    continue
+                top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:6]
+                out.append(f"| {s['name']} | {a}-{b} | {total} | "
+                           + " | ".join(f"{x / total:.2f}" for x in buckets) + " | "
+                           + ", ".join(f"{vocab.get(t, t)} {n / total:.2f}" for t, n in top) + " |")
+        out.append("")
+    return out
+
+
 def plot(series, docs):
     try:
         import matplotlib
@@ -235,30 +305,48 @@ def plot(series, docs):
     except ImportError:
         print("note: no matplotlib; tables only", file=sys.stderr)
         return
-    groups = {"on-policy": lambda n: "-mb" not in n and "kappa" not in n and "rho" not in n,
+    groups = {"on-policy": lambda n: "-mb" not in n and "kappa" not in n and "rho" not in n and not n.startswith("rarer-"),
               "off-policy": lambda n: "-mb4" in n,
-              "ablation": lambda n: n.startswith("lp_reg-s0") and "-mb" not in n}
+              "ablation": lambda n: n.startswith("lp_reg-s0") and "-mb" not in n,
+              "arm-b": lambda n: n.startswith("rarer-")}
     for group, keep in groups.items():
         names = [n for n in series if keep(n)]
         if not names:
             continue
-        # Panels: entropy, then each evaluation figure the runs recorded (mean@8 only from study 3 on).
+        # Top row: entropy, then each evaluation figure the runs recorded (mean@8 only from study 3 on).
+        # Bottom row: the token-level measures train_step reported, as 10-step moving means.
         panels = [("pass@1", "held-out pass@1 (greedy)"), ("mean@8", "held-out mean@8 (T = 1)"),
                   ("spark_prob", "P(check) on probes")]
         panels = [p for p in panels if any(p[0] in e for n in names for e in series[n][1])]
-        fig, axes = plt.subplots(1, 1 + len(panels), figsize=(5 * (1 + len(panels)), 4))
+        tokens = [(k, t) for k, t in (("spark_rate", "share of samples taking the spark"),
+                                      ("low_prob_proxy_kept", "lowest-rho tokens the proxy keeps"),
+                                      ("proxy_noise_mass", "mass the proxy calls noise"))
+                  if any(m.get(k) is not None for n in names for m in series[n][0])]
+        cols = max(1 + len(panels), len(tokens), 1)
+        fig, axes = plt.subplots(2, cols, figsize=(5 * cols, 8), squeeze=False)
+        top, bottom = axes[0], axes[1]
         for n in names:
             metrics, evals = series[n]
-            axes[0].plot([m["step"] for m in metrics], [m["entropy"] for m in metrics], label=n, linewidth=0.8)
-            for ax, (key, _) in zip(axes[1:], panels):
+            top[0].plot([m["step"] for m in metrics], [m["entropy"] for m in metrics], label=n, linewidth=0.8)
+            for ax, (key, _) in zip(top[1:], panels):
                 ax.plot([e["step"] for e in evals], [e.get(key, float("nan")) for e in evals], label=n, marker="o",
                         markersize=2)
-        for ax, title in zip(axes, ["sampled-token entropy (nats)"] + [t for _, t in panels]):
+            for ax, (key, _) in zip(bottom, tokens):
+                pts = [(m["step"], m[key]) for m in metrics if m.get(key) is not None]
+                smooth = [sum(v for _, v in pts[max(0, i - 9):i + 1]) / len(pts[max(0, i - 9):i + 1]) for i in range(len(pts))]
+                ax.plot([st for st, _ in pts], smooth, label=n, linewidth=0.8)
+        titles = ["sampled-token entropy (nats)"] + [t for _, t in panels]
+        for ax, title in list(zip(top, titles)) + list(zip(bottom, [t for _, t in tokens])):
             ax.set_title(title)
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
-        axes[-1].set_yscale("log")
-        axes[0].legend(fontsize=7)
+        for ax in list(top[len(titles):]) + list(bottom[len(tokens):]):
+            ax.axis("off")
+        if panels and panels[-1][0] == "spark_prob":
+            top[len(panels)].set_yscale("log")
+        if tokens and tokens[-1][0] == "proxy_noise_mass":
+            bottom[len(tokens) - 1].set_yscale("log")
+        top[0].legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(os.path.join(docs, f"{group}.png"), dpi=90)
         plt.close(fig)
