@@ -29,10 +29,11 @@ from compare_methods import mean_sd  # noqa: E402
 METHODS_OFF = ("grpo", "grpo_entropy", "clip_higher", "80_20", "kl_cov", "lp_reg", "gspo")
 
 
-def spec(name, method, seed, steps, mini_batches=1, options=None, model=None):
-    """One run; `model` (a folder under models/) replaces the study's model."""
+def spec(name, method, seed, steps, mini_batches=1, options=None, model=None, extra=None):
+    """One run; `model` (a folder under models/) replaces the study's model; `extra` is more
+    `ember.rl` arguments."""
     return {"name": name, "method": method, "seed": seed, "steps": steps, "mini_batches": mini_batches,
-            "options": options or {}, "model": model}
+            "options": options or {}, "model": model, "extra": extra or []}
 
 
 def seeds_and_off_policy():
@@ -74,6 +75,9 @@ def queue3():
     q += [spec("rarer-grpo-s0", "grpo", 0, 500, model="ember-spark-rarer"),
           spec("rarer-lp_reg-s0", "lp_reg", 0, 500, model="ember-spark-rarer"),
           spec("rarer-lp_reg-s0-kappa0.001", "lp_reg", 0, 500, options={"min_p": 0.001}, model="ember-spark-rarer")]
+    # The paper's entropy-bonus instability at a coefficient large enough to show it, if it is
+    # there (study 2's 0.003 only followed GRPO; docs/results.md, "Study 3", prediction A6).
+    q.append(spec("grpo_entropy-s0-coef0.03", "grpo_entropy", 0, 300, extra=["--entropy-coef", "0.03"]))
     q += seeds_and_off_policy()
     q += [spec("lp_reg-s0-rho0.005", "lp_reg", 0, 300, options={"rho": 0.005}),
           spec("lp_reg-s0-rho0.02", "lp_reg", 0, 300, options={"rho": 0.02}),
@@ -109,6 +113,7 @@ def command(study, s):
         cmd += ["--mini-batches", str(s["mini_batches"])]
     if s["options"]:
         cmd += ["--loss-options", json.dumps(s["options"])]
+    cmd += s.get("extra", [])
     if s.get("model"):
         cmd += ["--model", os.path.join(ROOT, "models", s["model"])]  # the last --model wins
     return cmd
@@ -305,9 +310,10 @@ def plot(series, docs):
     except ImportError:
         print("note: no matplotlib; tables only", file=sys.stderr)
         return
-    groups = {"on-policy": lambda n: "-mb" not in n and "kappa" not in n and "rho" not in n and not n.startswith("rarer-"),
+    groups = {"on-policy": lambda n: "-mb" not in n and "kappa" not in n and "rho" not in n and "coef" not in n
+              and not n.startswith("rarer-"),
               "off-policy": lambda n: "-mb4" in n,
-              "ablation": lambda n: n.startswith("lp_reg-s0") and "-mb" not in n,
+              "ablation": lambda n: (n.startswith("lp_reg-s0") or "coef" in n) and "-mb" not in n,
               "arm-b": lambda n: n.startswith("rarer-")}
     for group, keep in groups.items():
         names = [n for n in series if keep(n)]
