@@ -34,9 +34,12 @@ class _Server:
 
     def __init__(self, binary: str, args: Sequence[str], env: Optional[dict] = None, prefix: Sequence[str] = ()):
         import ray
+        from .rl import die_with_parent
         host = ray.util.get_node_ip_address()
+        # The server goes down with its actor, even when Ray kills the actor's process outright.
         self.process = subprocess.Popen([*prefix, binary, "--host", host, "--port", "0", *args], stdout=subprocess.PIPE,
-                                        stderr=subprocess.DEVNULL, text=True, env={**os.environ, **(env or {})})
+                                        stderr=subprocess.DEVNULL, text=True, env={**os.environ, **(env or {})},
+                                        preexec_fn=die_with_parent)
         line = self.process.stdout.readline()
         m = re.search(r"listening on (http://[^ |]+)", line)
         if not m:

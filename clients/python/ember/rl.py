@@ -106,6 +106,16 @@ def mpirun_command(ranks: int, extra: Sequence[str] = ()) -> Tuple[List[str], di
     return [mpirun, "--enable-recovery", "-n", str(ranks), *extra], env
 
 
+def die_with_parent() -> None:
+    """preexec_fn for a server this process starts: the kernel sends it SIGTERM when its parent
+    dies, so an orchestrator that is killed (even with SIGKILL) does not leave an orphaned server
+    holding the cores and the memory. Linux only; elsewhere a no-op."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def start_server(args) -> (subprocess.Popen, str):
     exe = find_server_binary(args.ember_server)
     ranks = getattr(args, "trainer_ranks", 1)
@@ -118,7 +128,7 @@ def start_server(args) -> (subprocess.Popen, str):
     if ranks > 1:
         prefix, env = mpirun_command(ranks, shlex.split(args.mpirun_args or ""))
         cmd = prefix + cmd
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env, preexec_fn=die_with_parent)
     line = p.stdout.readline()
     m = re.search(r"listening on http://([^ |]+)", line)
     if not m:
@@ -559,4 +569,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    import signal
+    # SIGTERM (kill, a supervisor) unwinds like Ctrl-C, so main's cleanup stops the server it started.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     sys.exit(main())

@@ -6,6 +6,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 
@@ -231,3 +232,47 @@ def test_disconnect_mid_generation_frees_the_kv_cache(model_dir):
     generated = metric(server.url, "ember_tokens_generated_total")
     assert generated < 4 * 240, "the generations stopped when their clients left"
     assert server.stop() == 0
+
+
+def server_pids(marker):
+    """Pids of ember-server processes whose command line holds `marker` (a test's own path)."""
+    out = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                cmd = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+            except OSError:
+                continue
+            if cmd and cmd[0].endswith(b"ember-server") and any(marker.encode() in c for c in cmd):
+                out.append(int(pid))
+    return out
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
+def test_a_killed_orchestrator_takes_its_server_with_it(tmp_path, sig):
+    """`python -m ember.rl --start-server`, killed mid-run (a supervisor's SIGTERM, or SIGKILL),
+    leaves no orphaned server holding the cores and the memory."""
+    import signal
+    out = str(tmp_path / "run")
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "clients", "python"), EMBER_SERVER=SERVER)
+    p = subprocess.Popen([sys.executable, "-m", "ember.rl", "--start-server", "--ember-server", SERVER, "--task", "arithmetic",
+                          "--steps", "1000", "--prompts", "2", "--samples", "2", "--max-tokens", "8", "--eval-every", "1000",
+                          "--eval-size", "2", "--eval-k", "1", "--probes", "2", "--threads", "1", "--out", out],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    try:
+        deadline = time.time() + 120
+        while not os.path.exists(os.path.join(out, "metrics.jsonl")) and time.time() < deadline:
+            assert p.poll() is None, p.stderr.read().decode()
+            time.sleep(0.2)
+        pids = server_pids(out)
+        assert len(pids) == 1, pids
+        p.send_signal(getattr(signal, sig))
+        p.wait(timeout=60)
+        deadline = time.time() + 40
+        while server_pids(out) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not server_pids(out), f"the server outlived its orchestrator ({sig})"
+    finally:
+        p.kill()
+        for pid in server_pids(out):
+            os.kill(pid, 9)
