@@ -51,7 +51,9 @@ def replay(number, name, at, steps):
     spec = next(s for s in study.STUDIES[number]["queue"]() if s["name"] == name)
     run_dir = os.path.join(study.runs_dir(number), name)
     argv = [*study.STUDIES[number]["common"], "--method", spec["method"], "--seed", str(spec["seed"]), "--out", run_dir,
-            "--loss-options", json.dumps(spec["options"])]
+            "--loss-options", json.dumps(spec["options"]), *spec.get("extra", [])]
+    if spec.get("model"):
+        argv += ["--model", os.path.join(ROOT, "models", spec["model"])]  # arm B's runs name their own model
     args = parse_args(argv)
     mode, options, entropy = LOSS_PRESETS[args.method]
     loss = {"mode": mode, **options, **spec["options"],
