@@ -236,7 +236,7 @@ def table1(runs, figures):
     return out
 
 
-WINDOWS = ((1, 10), (21, 30), (91, 100), (191, 200), (291, 300), (491, 500))
+WINDOWS = ((1, 10), (11, 20), (21, 30), (91, 100), (191, 200), (291, 300), (491, 500))
 TOKEN_MEASURES = (("spark_rate", "Share of samples that take the spark", "{:.3f}"),
                   ("low_prob_proxy_kept", "Share of the lowest-ρ negative-advantage tokens that the proxy keeps "
                    "(the paper's falling 27% -> 8% under GRPO)", "{:.2f}"),
