@@ -8,9 +8,9 @@ resumable, and their report.
 
 `run` takes the runs in queue order, one at a time (2 cores), each `python -m ember.rl
 --start-server ... --resume` into runs/studyN/NAME; a run whose summary.json exists is done and
-skipped, an interrupted one continues from its last checkpoint (every 20 steps). Killing the
-driver and starting it again loses at most 19 steps; checkpoints are not committed, so a run
-interrupted on one machine starts again from step 0 on a fresh one. `report` copies every run's
+skipped, an interrupted one continues from its last checkpoint (every 20 steps in study 2, 25
+in study 3). Killing the driver and starting it again loses at most 24 steps; checkpoints are
+not committed, so a run interrupted on one machine starts again from step 0 on a fresh one. `report` copies every run's
 metrics.jsonl and eval.jsonl (and summary.json) to docs/results/studyN/NAME/ and writes
 docs/results/studyN/summary.md and *.png. A run with no logs under runs/ is reported from its
 committed copy, so a report on a fresh checkout keeps what earlier machines ran.
