@@ -49,12 +49,7 @@ def replay(number, name, at, steps):
     from ember.rl import LOSS_PRESETS, parse_args, start_server, stop_server
 
     spec = next(s for s in study.STUDIES[number]["queue"]() if s["name"] == name)
-    run_dir = os.path.join(study.runs_dir(number), name)
-    argv = [*study.STUDIES[number]["common"], "--method", spec["method"], "--seed", str(spec["seed"]), "--out", run_dir,
-            "--loss-options", json.dumps(spec["options"]), *spec.get("extra", [])]
-    if spec.get("model"):
-        argv += ["--model", os.path.join(ROOT, "models", spec["model"])]  # arm B's runs name their own model
-    args = parse_args(argv)
+    args = parse_args(study.rl_arguments(number, spec))  # the run's own arguments: model, options, extras
     mode, options, entropy = LOSS_PRESETS[args.method]
     loss = {"mode": mode, **options, **spec["options"],
             "entropy_coef": args.entropy_coef if args.entropy_coef is not None else entropy}

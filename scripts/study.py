@@ -109,17 +109,25 @@ def docs_dir(study):
     return os.path.join(ROOT, "docs", "results", f"study{study}")
 
 
-def command(study, s):
-    cmd = [sys.executable, "-m", "ember.rl", "--start-server", *STUDIES[study]["common"], "--method", s["method"],
-           "--seed", str(s["seed"]), "--steps", str(s["steps"]), "--out", os.path.join(runs_dir(study), s["name"]), "--resume"]
+def model_path(study, s):
+    """The run's model folder: its own (arm B's runs name one) or the study's."""
+    common = STUDIES[study]["common"]
+    return os.path.join(ROOT, "models", s["model"]) if s.get("model") else common[common.index("--model") + 1]
+
+
+def rl_arguments(study, s):
+    """The run's `python -m ember.rl` arguments; the replays of spark_attribution.py parse the same."""
+    args = ["--start-server", *STUDIES[study]["common"], "--method", s["method"], "--seed", str(s["seed"]),
+            "--steps", str(s["steps"]), "--out", os.path.join(runs_dir(study), s["name"]), "--resume"]
     if s["mini_batches"] > 1:
-        cmd += ["--mini-batches", str(s["mini_batches"])]
+        args += ["--mini-batches", str(s["mini_batches"])]
     if s["options"]:
-        cmd += ["--loss-options", json.dumps(s["options"])]
-    cmd += s.get("extra", [])
-    if s.get("model"):
-        cmd += ["--model", os.path.join(ROOT, "models", s["model"])]  # the last --model wins
-    return cmd
+        args += ["--loss-options", json.dumps(s["options"])]
+    return args + s.get("extra", []) + ["--model", model_path(study, s)]  # the last --model wins
+
+
+def command(study, s):
+    return [sys.executable, "-m", "ember.rl", *rl_arguments(study, s)]
 
 
 def rows(path):
@@ -248,8 +256,7 @@ BUCKETS = ("< 1e-4", "1e-4 - 1e-3", "1e-3 - 0.01", "0.01 - 0.1", ">= 0.1")
 
 def vocabulary(study, s):
     """Token id -> text for the run's model, read from its tokenizer.json (byte-level: Ġ is a space)."""
-    model = s.get("model") or os.path.basename(STUDIES[study]["common"][STUDIES[study]["common"].index("--model") + 1])
-    tok = json.load(open(os.path.join(ROOT, "models", model, "tokenizer.json")))
+    tok = json.load(open(os.path.join(model_path(study, s), "tokenizer.json")))
     vocab = {v: k for k, v in tok["model"]["vocab"].items()}
     vocab.update({t["id"]: t["content"] for t in tok.get("added_tokens", [])})
     return {i: repr(t.replace("Ġ", " ").replace("Ċ", "\\n")) for i, t in vocab.items()}
