@@ -154,9 +154,14 @@ def run(args):
     for s in STUDIES[args.study]["queue"]():
         if progress(args.study, s)[0]:
             continue
-        print(f"study{args.study}: {s['name']}", flush=True)
-        with open(os.path.join(runs, s["name"] + ".log"), "a") as log:
-            code = subprocess.call(command(args.study, s), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        # A run that fails is started again from its last checkpoint, twice at most: a pause for
+        # a benchmark (SIGSTOP) that outlasts the client's socket timeout ends a run that way.
+        for attempt in range(3):
+            print(f"study{args.study}: {s['name']}" + (f" (attempt {attempt + 1})" if attempt else ""), flush=True)
+            with open(os.path.join(runs, s["name"] + ".log"), "a") as log:
+                code = subprocess.call(command(args.study, s), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+            if code == 0:
+                break
         if code != 0:
             print(f"study{args.study}: {s['name']} exited with {code}; see {s['name']}.log", flush=True)
             return code
