@@ -58,6 +58,72 @@ INLINE void tile(const int R, const int NP, const int FORM_ROWS, const int BF16,
         }
     }
     const char *pfb = (const char *)pf;
+#if defined(KSET_ASM_TILE_6X16) && defined(__x86_64__)
+    // The full float tile on a row-major A, scheduled by hand (kernels_avx2.c says why). Same
+    // operations in the same order as the loop below: per k step, per row, one FMA per lane.
+    if (R == 6 && NP == 1 && FORM_ROWS && !BF16 && kc > 0) {
+        v8 c00 = __builtin_shufflevector(acc[0][0], acc[0][0], 0, 1, 2, 3, 4, 5, 6, 7);
+        v8 c01 = __builtin_shufflevector(acc[0][0], acc[0][0], 8, 9, 10, 11, 12, 13, 14, 15);
+        v8 c10 = __builtin_shufflevector(acc[1][0], acc[1][0], 0, 1, 2, 3, 4, 5, 6, 7);
+        v8 c11 = __builtin_shufflevector(acc[1][0], acc[1][0], 8, 9, 10, 11, 12, 13, 14, 15);
+        v8 c20 = __builtin_shufflevector(acc[2][0], acc[2][0], 0, 1, 2, 3, 4, 5, 6, 7);
+        v8 c21 = __builtin_shufflevector(acc[2][0], acc[2][0], 8, 9, 10, 11, 12, 13, 14, 15);
+        v8 c30 = __builtin_shufflevector(acc[3][0], acc[3][0], 0, 1, 2, 3, 4, 5, 6, 7);
+        v8 c31 = __builtin_shufflevector(acc[3][0], acc[3][0], 8, 9, 10, 11, 12, 13, 14, 15);
+        v8 c40 = __builtin_shufflevector(acc[4][0], acc[4][0], 0, 1, 2, 3, 4, 5, 6, 7);
+        v8 c41 = __builtin_shufflevector(acc[4][0], acc[4][0], 8, 9, 10, 11, 12, 13, 14, 15);
+        v8 c50 = __builtin_shufflevector(acc[5][0], acc[5][0], 0, 1, 2, 3, 4, 5, 6, 7);
+        v8 c51 = __builtin_shufflevector(acc[5][0], acc[5][0], 8, 9, 10, 11, 12, 13, 14, 15);
+        // Row pointers past the block's end, indexed by a negative k count: one base + index
+        // address a broadcast and one fused inc/jnz a step. The prefetch reads the next tile's
+        // panel at a fixed distance from this one (the panel itself when there is none).
+        const float *a0 = a + kc, *a1 = a + rs + kc, *a2 = a + 2 * rs + kc;
+        const float *a3 = a + 3 * rs + kc, *a4 = a + 4 * rs + kc, *a5 = a + 5 * rs + kc;
+        const float *bp = b;
+        long i = -kc;
+        long pdelta = pfb ? (long)(pfb - (const char *)b) : 0;
+        __asm__ volatile(
+            ".p2align 5\n"
+            "1:\n\t"
+            "vmovups (%[bp]), %%ymm13\n\t"
+            "vmovups 32(%[bp]), %%ymm14\n\t"
+            "prefetcht0 (%[bp],%[pd])\n\t"
+            "vbroadcastss (%[a0],%[i],4), %%ymm15\n\t"
+            "vfmadd231ps %%ymm13, %%ymm15, %[c00]\n\t"
+            "vfmadd231ps %%ymm14, %%ymm15, %[c01]\n\t"
+            "vbroadcastss (%[a1],%[i],4), %%ymm15\n\t"
+            "vfmadd231ps %%ymm13, %%ymm15, %[c10]\n\t"
+            "vfmadd231ps %%ymm14, %%ymm15, %[c11]\n\t"
+            "vbroadcastss (%[a2],%[i],4), %%ymm15\n\t"
+            "vfmadd231ps %%ymm13, %%ymm15, %[c20]\n\t"
+            "vfmadd231ps %%ymm14, %%ymm15, %[c21]\n\t"
+            "vbroadcastss (%[a3],%[i],4), %%ymm15\n\t"
+            "vfmadd231ps %%ymm13, %%ymm15, %[c30]\n\t"
+            "vfmadd231ps %%ymm14, %%ymm15, %[c31]\n\t"
+            "vbroadcastss (%[a4],%[i],4), %%ymm15\n\t"
+            "vfmadd231ps %%ymm13, %%ymm15, %[c40]\n\t"
+            "vfmadd231ps %%ymm14, %%ymm15, %[c41]\n\t"
+            "vbroadcastss (%[a5],%[i],4), %%ymm15\n\t"
+            "vfmadd231ps %%ymm13, %%ymm15, %[c50]\n\t"
+            "vfmadd231ps %%ymm14, %%ymm15, %[c51]\n\t"
+            "addq $64, %[bp]\n\t"
+            "incq %[i]\n\t"
+            "jnz 1b\n\t"
+            : [c00] "+x"(c00), [c01] "+x"(c01), [c10] "+x"(c10), [c11] "+x"(c11), [c20] "+x"(c20),
+              [c21] "+x"(c21), [c30] "+x"(c30), [c31] "+x"(c31), [c40] "+x"(c40), [c41] "+x"(c41),
+              [c50] "+x"(c50), [c51] "+x"(c51), [bp] "+r"(bp), [i] "+r"(i)
+            : [a0] "r"(a0), [a1] "r"(a1), [a2] "r"(a2), [a3] "r"(a3), [a4] "r"(a4), [a5] "r"(a5),
+              [pd] "r"(pdelta)
+            : "xmm13", "xmm14", "xmm15", "cc", "memory");
+        acc[0][0] = __builtin_shufflevector(c00, c01, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        acc[1][0] = __builtin_shufflevector(c10, c11, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        acc[2][0] = __builtin_shufflevector(c20, c21, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        acc[3][0] = __builtin_shufflevector(c30, c31, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        acc[4][0] = __builtin_shufflevector(c40, c41, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        acc[5][0] = __builtin_shufflevector(c50, c51, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        kc = 0;
+    }
+#endif
     for (long kk = 0; kk < kc; kk++) {
         v16 bv[SMALL_NP > TILE_NP ? SMALL_NP : TILE_NP];
 #pragma clang loop unroll(full)
@@ -123,9 +189,39 @@ INLINE void tile(const int R, const int NP, const int FORM_ROWS, const int BF16,
     NP_CASES_34(FORM)                                                                                \
     }
 
-// Per-thread copy of a transposed A block.
+// Per-thread copy of an A block (transposed, or rows whose stride aliases in L1).
 static __thread float *KSET(a_buffer);
 static __thread long KSET(a_capacity);
+
+INLINE float *KSET(a_block_buffer)(long need) {
+    if (need > KSET(a_capacity)) {
+        free(KSET(a_buffer));
+        KSET(a_buffer) = aligned_alloc(64, ((need * 4 + 63) / 64) * 64);
+        KSET(a_capacity) = KSET(a_buffer) ? need : 0;
+    }
+    return KSET(a_buffer);
+}
+
+// Whether a row tile's rows, `stride` floats apart, pile their first `kc` floats into the same
+// L1 sets (64 sets of 64-byte lines: addresses 4 KB apart share a set) beyond what rows laid end
+// to end would. Strides of 1,024, 2,048 or 3,072 floats put every row of a tile in the same sets:
+// the tile then runs at about half its rate (docs/benchmarks.md, session 18).
+INLINE int rows_alias(long stride, long kc) {
+    unsigned char count[64] = {0};
+    long span = kc * 4 < 4096 ? kc * 4 : 4096;
+    int worst = 0;
+    for (int r = 0; r < TILE_R; r++) {
+        long off = (long)(((unsigned long)r * (unsigned long)stride * 4) & 4095);
+        for (long byte = 0; byte < span; byte += 64) {
+            int set = (int)(((off + byte) >> 6) & 63);
+            if (++count[set] > worst) worst = count[set];
+        }
+    }
+    // Rows end to end put ceil(rows x span / 4 KB) lines in a set; two a set measured as harmless
+    // (896-float rows), three as a loss (1,536-float rows: 48-60 against 70-85 GFLOP/s).
+    int least = (int)((TILE_R * span + 4095) / 4096);
+    return worst > (least > 2 ? least : 2);
+}
 
 INLINE void gemm_block_impl(const int BF, const float *a, long rs, long ks, int m, const void *panelsv, long pstride,
                             int n, long kc, float *c, long ldc, float alpha, int load_c, int finish,
@@ -140,16 +236,21 @@ INLINE void gemm_block_impl(const int BF, const float *a, long rs, long ks, int 
     // buffer with rows packed by k step (a 48-byte run per step instead of one per row tile and
     // step, read again for every column tile).
     if (!formRows && m > 2 && n > TILE_NP * 16) {
-        long need = (long)m * kc;
-        if (need > KSET(a_capacity)) {
-            free(KSET(a_buffer));
-            KSET(a_buffer) = aligned_alloc(64, ((need * 4 + 63) / 64) * 64);
-            KSET(a_capacity) = KSET(a_buffer) ? need : 0;
-        }
-        if (KSET(a_buffer)) {
-            float *buf = KSET(a_buffer);
+        float *buf = KSET(a_block_buffer)((long)m * kc);
+        if (buf) {
             for (long kk = 0; kk < kc; kk++) memcpy(buf + kk * m, a + kk * ks, (size_t)m * 4);
             a = buf; ks = m;
+        }
+    }
+    // Rows whose stride aliases in L1: copy the block's rows once, to a stride that does not
+    // (the same values in the same order, so the same bits).
+    if (formRows && m >= TILE_R && n > TILE_NP * 16 && rows_alias(rs, kc)) {
+        long stride = kc;
+        while (rows_alias(stride, kc)) stride += 16;
+        float *buf = KSET(a_block_buffer)((long)m * stride);
+        if (buf) {
+            for (int r = 0; r < m; r++) memcpy(buf + r * stride, a + r * rs, (size_t)kc * 4);
+            a = buf; rs = stride;
         }
     }
     for (int p0 = 0; p0 < panelCount; p0 += tileNP) {

@@ -46,10 +46,11 @@ final class KernelSetTests: XCTestCase {
 
     /// Every form of `gemm` on awkward shapes: both sets and thread counts give the same bits, and
     /// those bits are the scalar chain fma(a, b, acc) over k from 0 (or from C when accumulating),
-    /// then times alpha. k up to 700 crosses the 256-deep blocks.
+    /// then times alpha. k up to 700 crosses the 256-deep blocks. k = 1,024 and 2,048 give A rows
+    /// 4 and 8 KB apart, which the kernels copy to a stride that does not alias in L1.
     func testGemmIsOneChainPerElementInEverySet() throws {
         for (m, n, k) in [(1, 1, 1), (1, 100, 300), (2, 33, 17), (3, 16, 5), (7, 47, 700), (13, 64, 260), (50, 15, 33),
-                          (97, 130, 257)] {
+                          (97, 130, 257), (13, 64, 1024), (25, 40, 2048)] {
             let a = rng.normals(m * k), at = rng.normals(k * m), w = rng.normals(n * k), bRows = rng.normals(k * n)
             let c0 = rng.normals(m * n)
             let packed = w.withUnsafeBufferPointer { PackedMatrix($0.baseAddress!, rows: n, columns: k) }

@@ -5,6 +5,7 @@
 //   ember-bench engine --shape tiny|0.5b [--steps N] [--threads N]
 //   ember-bench sgemm [--threads N]
 import Chat
+import CKernels
 import COpenBLAS
 import Engine
 import Foundation
@@ -299,6 +300,41 @@ func benchBandwidth() {
     let bytes = Double(count * 4)
     emit(["kind": "bandwidth", "threads": threads, "bytes": count * 4, "read_gb_s": bytes / median(times) / 1e9,
           "read_gb_s_best": bytes / times.min()! / 1e9])
+}
+
+/// One GEMM work item in the active kernel set on one thread with its operands hot in L2: a
+/// `--rows` x `--depth` block of a row-major A times packed panels of `--cols` columns, for each
+/// A row stride in `--lda` (floats). Strides whose rows share L1 sets (1,024, 2,048, 3,072) show
+/// what the kernels' aliasing copy is for; the others the tile's own rate. GFLOP/s, best of 7.
+func benchTile() {
+    let m = Int(option("--rows", "96"))!, n = Int(option("--cols", "256"))!, kc = Int(option("--depth", "256"))!
+    let strides = option("--lda", "256,896,1024,1536,2048,2064,3072,3584").split(separator: ",").map { Int($0)! }
+    let table = ember_kernels_table(KernelSet.active == .avx512 ? Int32(EMBER_KERNELS_AVX512) : Int32(EMBER_KERNELS_AVX2))!
+    var rng = SeededRandom(seed: 11)
+    let b = (0..<(n * kc)).map { _ in rng.uniform() - 0.5 }
+    let pstride = 16 * kc
+    let panels = UnsafeMutablePointer<Float>.allocate(capacity: (n + 15) / 16 * pstride)
+    defer { panels.deallocate() }
+    b.withUnsafeBufferPointer { table.pointee.pack_panels($0.baseAddress!, Int(n), 1, kc, Int32(n), panels, pstride) }
+    var c = [Float](repeating: 0, count: m * n)
+    let reps = max(1, 2_000_000_000 / (2 * m * n * kc))
+    var rows: [[String: Any]] = []
+    for lda in strides {
+        let a = (0..<(m * max(lda, kc))).map { _ in rng.uniform() - 0.5 }
+        var times: [Double] = []
+        a.withUnsafeBufferPointer { ap in c.withUnsafeMutableBufferPointer { cp in
+            for _ in 0..<7 {
+                let t0 = now()
+                for _ in 0..<reps {
+                    table.pointee.gemm_block(ap.baseAddress!, lda, 1, Int32(m), panels, pstride, Int32(n), kc, cp.baseAddress!, n,
+                                             1, 0, 1, nil)
+                }
+                times.append(now() - t0)
+            }
+        } }
+        rows.append(["lda": lda, "gflops": 2 * Double(m * n * kc * reps) / times.min()! / 1e9])
+    }
+    emit(["kind": "tile", "kernels": KernelSet.active.rawValue, "rows": m, "cols": n, "depth": kc, "strides": rows])
 }
 
 /// Large-matrix sgemm throughput: OpenBLAS and Ember's row-invariant projection kernel.
@@ -800,12 +836,13 @@ do {
     case "train": try benchTrain()
     case "json": try benchJSON()
     case "sgemm": benchSgemm()
+    case "tile": benchTile()
     case "bandwidth": benchBandwidth()
     case "gemm": benchGemm()
     case "projections": benchProjections()
     case "engine": try benchEngine()
     default:
-        FileHandle.standardError.write("usage: ember-bench engine --shape tiny|0.5b [--steps N] [--threads N] | sgemm [--threads N] | gemm --shape S [--reps N] [--ops mlp_in,mlp_down,attn_qkv,attn_o,head] [--thp] | tokenizer --dir D --file F | generate --shape S --batch B [--prompt P --new N] | score --shape S | projections [--rows M] | write-model --shape S --out DIR [--seed N]\n".data(using: .utf8)!)
+        FileHandle.standardError.write("usage: ember-bench engine --shape tiny|0.5b [--steps N] [--threads N] | sgemm [--threads N] | tile [--rows M --cols N --depth K --lda L,L,...] | gemm --shape S [--reps N] [--ops mlp_in,mlp_down,attn_qkv,attn_o,head] [--thp] | tokenizer --dir D --file F | generate --shape S --batch B [--prompt P --new N] | score --shape S | projections [--rows M] | write-model --shape S --out DIR [--seed N]\n".data(using: .utf8)!)
         exit(2)
     }
 } catch {
