@@ -202,11 +202,9 @@ INLINE float *KSET(a_block_buffer)(long need) {
     return KSET(a_buffer);
 }
 
-// Whether a row tile's rows, `stride` floats apart, pile their first `kc` floats into the same
-// L1 sets (64 sets of 64-byte lines: addresses 4 KB apart share a set) beyond what rows laid end
-// to end would. Strides of 1,024, 2,048 or 3,072 floats put every row of a tile in the same sets:
-// the tile then runs at about half its rate (docs/benchmarks.md, session 18).
-INLINE int rows_alias(long stride, long kc) {
+// How many of a row tile's lines share one L1 set (64 sets of 64-byte lines: addresses 4 KB
+// apart share a set) when its rows are `stride` floats apart and `kc` floats long.
+INLINE int rows_per_set(long stride, long kc) {
     unsigned char count[64] = {0};
     long span = kc * 4 < 4096 ? kc * 4 : 4096;
     int worst = 0;
@@ -217,10 +215,29 @@ INLINE int rows_alias(long stride, long kc) {
             if (++count[set] > worst) worst = count[set];
         }
     }
-    // Rows end to end put ceil(rows x span / 4 KB) lines in a set; two a set measured as harmless
-    // (896-float rows), three as a loss (1,536-float rows: 48-60 against 70-85 GFLOP/s).
+    return worst;
+}
+
+// A stride (floats) to copy an A block's rows to when theirs aliases in L1, or 0 to read them in
+// place. Rows 1,024, 2,048 or 3,072 floats apart put every row of a tile in the same sets: the
+// tile then runs at about half its rate (docs/benchmarks.md, session 18). Rows end to end put
+// ceil(rows x span / 4 KB) lines in a set; two a set measured as harmless (896-float rows),
+// three as a loss (1,536-float rows: 48-60 against 70-85 GFLOP/s). The search is bounded: the
+// least crowded of 64 padded strides, taken only when it beats the rows' own.
+INLINE long unaliased_stride(long stride, long kc) {
+    long span = kc * 4 < 4096 ? kc * 4 : 4096;
     int least = (int)((TILE_R * span + 4095) / 4096);
-    return worst > (least > 2 ? least : 2);
+    int allowed = least > 2 ? least : 2;
+    int have = rows_per_set(stride, kc);
+    if (have <= allowed) return 0;
+    long best = 0;
+    int bestCount = have;
+    for (long pad = 0; pad < 64 * 16; pad += 16) {
+        int got = rows_per_set(kc + pad, kc);
+        if (got < bestCount) { best = kc + pad; bestCount = got; }
+        if (got <= allowed) break;
+    }
+    return best;
 }
 
 INLINE void gemm_block_impl(const int BF, const float *a, long rs, long ks, int m, const void *panelsv, long pstride,
@@ -244,9 +261,8 @@ INLINE void gemm_block_impl(const int BF, const float *a, long rs, long ks, int 
     }
     // Rows whose stride aliases in L1: copy the block's rows once, to a stride that does not
     // (the same values in the same order, so the same bits).
-    if (formRows && m >= TILE_R && n > TILE_NP * 16 && rows_alias(rs, kc)) {
-        long stride = kc;
-        while (rows_alias(stride, kc)) stride += 16;
+    long stride = formRows && m >= TILE_R && n > TILE_NP * 16 ? unaliased_stride(rs, kc) : 0;
+    if (stride > 0) {
         float *buf = KSET(a_block_buffer)((long)m * stride);
         if (buf) {
             for (int r = 0; r < m; r++) memcpy(buf + r * stride, a + r * rs, (size_t)kc * 4);

@@ -87,6 +87,33 @@ final class KernelSetTests: XCTestCase {
         }
     }
 
+    /// A row-major A whose row stride is not its depth: strides 4-12 KB apart alias in L1 and the
+    /// kernels copy the rows to a padded stride first. Depths 330 and 700 give k blocks of 165 and
+    /// 234 floats (a 12-row tile at 165 once searched for a stride forever); 1,536 / 3,072-float
+    /// strides are real models' widths. Every set, both thread counts: the scalar chain's bits.
+    func testGemmOnRowsThatAliasInL1IsTheScalarChain() throws {
+        for (m, n, k, ld) in [(13, 64, 330, 2048), (30, 48, 700, 1536), (25, 40, 165, 3072), (7, 33, 256, 1024)] {
+            let a = rng.normals(m * ld), w = rng.normals(n * k)
+            var want = [Float](repeating: 0, count: m * n)
+            for i in 0..<m {
+                for j in 0..<n {
+                    var s: Float = 0
+                    for kk in 0..<k { s = s.addingProduct(a[i * ld + kk], w[j * k + kk]) }
+                    want[i * n + j] = s
+                }
+            }
+            let label = "gemm m \(m) n \(n) k \(k) lda \(ld)"
+            try assertSameBits(label) {
+                var c = [Float](repeating: .nan, count: m * n)
+                a.withUnsafeBufferPointer { ap in w.withUnsafeBufferPointer { wp in
+                    gemm(m: m, n: n, k: k, .rows(ap.baseAddress!, ld: ld), .transposed(wp.baseAddress!, ld: k), &c, ldc: n)
+                } }
+                XCTAssertTrue(zip(c, want).allSatisfy { $0.bitPattern == $1.bitPattern }, label + ": not the scalar chain")
+                return c
+            }
+        }
+    }
+
     /// Attention forward and backward (scores, softmax, weighted sums, the dK/dV scatter) on
     /// grouped heads, head sizes on and off the vector widths, a window, several sequences.
     func testAttentionForwardAndBackwardAgreeAcrossSets() throws {
