@@ -24,6 +24,9 @@ INLINE void store8(float *p, v8 v) { memcpy(p, &v, 32); }
 INLINE v16 splat16(float x) { return (v16)(x); }
 INLINE v16 fma16(v16 a, v16 b, v16 c) { return __builtin_elementwise_fma(a, b, c); }
 INLINE v8 fma8(v8 a, v8 b, v8 c) { return __builtin_elementwise_fma(a, b, c); }
+INLINE v8 lo8(v16 v) { return __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7); }
+INLINE v8 hi8(v16 v) { return __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15); }
+INLINE v16 join16(v8 lo, v8 hi) { return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
 INLINE v16 loadn16(const float *p, int n) { float t[16] = {0}; for (int i = 0; i < n; i++) t[i] = p[i]; return load16(t); }
 INLINE void storen16(float *p, v16 v, int n) { float t[16]; store16(t, v); for (int i = 0; i < n; i++) p[i] = t[i]; }
 
@@ -62,18 +65,9 @@ INLINE void tile(const int R, const int NP, const int FORM_ROWS, const int BF16,
     // The full float tile on a row-major A, scheduled by hand (kernels_avx2.c says why). Same
     // operations in the same order as the loop below: per k step, per row, one FMA per lane.
     if (R == 6 && NP == 1 && FORM_ROWS && !BF16 && kc > 0) {
-        v8 c00 = __builtin_shufflevector(acc[0][0], acc[0][0], 0, 1, 2, 3, 4, 5, 6, 7);
-        v8 c01 = __builtin_shufflevector(acc[0][0], acc[0][0], 8, 9, 10, 11, 12, 13, 14, 15);
-        v8 c10 = __builtin_shufflevector(acc[1][0], acc[1][0], 0, 1, 2, 3, 4, 5, 6, 7);
-        v8 c11 = __builtin_shufflevector(acc[1][0], acc[1][0], 8, 9, 10, 11, 12, 13, 14, 15);
-        v8 c20 = __builtin_shufflevector(acc[2][0], acc[2][0], 0, 1, 2, 3, 4, 5, 6, 7);
-        v8 c21 = __builtin_shufflevector(acc[2][0], acc[2][0], 8, 9, 10, 11, 12, 13, 14, 15);
-        v8 c30 = __builtin_shufflevector(acc[3][0], acc[3][0], 0, 1, 2, 3, 4, 5, 6, 7);
-        v8 c31 = __builtin_shufflevector(acc[3][0], acc[3][0], 8, 9, 10, 11, 12, 13, 14, 15);
-        v8 c40 = __builtin_shufflevector(acc[4][0], acc[4][0], 0, 1, 2, 3, 4, 5, 6, 7);
-        v8 c41 = __builtin_shufflevector(acc[4][0], acc[4][0], 8, 9, 10, 11, 12, 13, 14, 15);
-        v8 c50 = __builtin_shufflevector(acc[5][0], acc[5][0], 0, 1, 2, 3, 4, 5, 6, 7);
-        v8 c51 = __builtin_shufflevector(acc[5][0], acc[5][0], 8, 9, 10, 11, 12, 13, 14, 15);
+        v8 c00 = lo8(acc[0][0]), c01 = hi8(acc[0][0]), c10 = lo8(acc[1][0]), c11 = hi8(acc[1][0]);
+        v8 c20 = lo8(acc[2][0]), c21 = hi8(acc[2][0]), c30 = lo8(acc[3][0]), c31 = hi8(acc[3][0]);
+        v8 c40 = lo8(acc[4][0]), c41 = hi8(acc[4][0]), c50 = lo8(acc[5][0]), c51 = hi8(acc[5][0]);
         // Row pointers past the block's end, indexed by a negative k count: one base + index
         // address a broadcast and one fused inc/jnz a step. The prefetch reads the next tile's
         // panel at a fixed distance from this one (the panel itself when there is none).
@@ -115,12 +109,8 @@ INLINE void tile(const int R, const int NP, const int FORM_ROWS, const int BF16,
             : [a0] "r"(a0), [a1] "r"(a1), [a2] "r"(a2), [a3] "r"(a3), [a4] "r"(a4), [a5] "r"(a5),
               [pd] "r"(pdelta)
             : "xmm13", "xmm14", "xmm15", "cc", "memory");
-        acc[0][0] = __builtin_shufflevector(c00, c01, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-        acc[1][0] = __builtin_shufflevector(c10, c11, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-        acc[2][0] = __builtin_shufflevector(c20, c21, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-        acc[3][0] = __builtin_shufflevector(c30, c31, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-        acc[4][0] = __builtin_shufflevector(c40, c41, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-        acc[5][0] = __builtin_shufflevector(c50, c51, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        acc[0][0] = join16(c00, c01); acc[1][0] = join16(c10, c11); acc[2][0] = join16(c20, c21);
+        acc[3][0] = join16(c30, c31); acc[4][0] = join16(c40, c41); acc[5][0] = join16(c50, c51);
         kc = 0;
     }
 #endif
@@ -470,8 +460,6 @@ static void KSET(axpy)(float alpha, const float *x, float *y, long n) {
 
 // Elements go to lane i % 8 of one 8-lane accumulator, added in index order; a partial last
 // block is padded with -inf (exp gives 0, which adds exactly).
-INLINE v8 lo8(v16 v) { return __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7); }
-INLINE v8 hi8(v16 v) { return __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15); }
 
 INLINE float exp_sum_impl(float *out, const float *x, long n, float shift) {
     v8 acc = 0;
