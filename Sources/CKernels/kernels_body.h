@@ -62,19 +62,23 @@ INLINE void tile(const int R, const int NP, const int FORM_ROWS, const int BF16,
     }
     const char *pfb = (const char *)pf;
 #if defined(KSET_ASM_TILE_6X16) && defined(__x86_64__)
-    // The full float tile on a row-major A, scheduled by hand (kernels_avx2.c says why). Same
-    // operations in the same order as the loop below: per k step, per row, one FMA per lane.
-    if (R == 6 && NP == 1 && FORM_ROWS && !BF16 && kc > 0) {
+    // The full float tile, scheduled by hand (kernels_avx2.c says why). Same operations in the
+    // same order as the loop below: per k step, per row, one FMA per lane.
+    if (R == 6 && NP == 1 && !BF16 && kc > 0) {
         v8 c00 = lo8(acc[0][0]), c01 = hi8(acc[0][0]), c10 = lo8(acc[1][0]), c11 = hi8(acc[1][0]);
         v8 c20 = lo8(acc[2][0]), c21 = hi8(acc[2][0]), c30 = lo8(acc[3][0]), c31 = hi8(acc[3][0]);
         v8 c40 = lo8(acc[4][0]), c41 = hi8(acc[4][0]), c50 = lo8(acc[5][0]), c51 = hi8(acc[5][0]);
-        // Row pointers past the block's end, indexed by a negative k count: one base + index
-        // address a broadcast and one fused inc/jnz a step. The prefetch reads the next tile's
-        // panel at a fixed distance from this one (the panel itself when there is none).
-        const float *a0 = a + kc, *a1 = a + rs + kc, *a2 = a + 2 * rs + kc;
-        const float *a3 = a + 3 * rs + kc, *a4 = a + 4 * rs + kc, *a5 = a + 5 * rs + kc;
+        // One pointer a row, past the block's end, and one byte index from -kc steps up to 0:
+        // a k step is 4 bytes along a row-major row, or `ks` floats down a k-major block. Each
+        // broadcast is one base + index address, and the index's add ends the loop (add/jnz
+        // fuse). The prefetch reads the next tile's panel at a fixed distance from this one
+        // (the panel itself when there is none).
+        long step = FORM_ROWS ? 4 : ks * 4, rowGap = FORM_ROWS ? rs : 1;
+        const char *a0 = (const char *)a + kc * step;
+        const char *a1 = a0 + rowGap * 4, *a2 = a0 + 2 * rowGap * 4, *a3 = a0 + 3 * rowGap * 4;
+        const char *a4 = a0 + 4 * rowGap * 4, *a5 = a0 + 5 * rowGap * 4;
         const float *bp = b;
-        long i = -kc;
+        long i = -kc * step;
         long pdelta = pfb ? (long)(pfb - (const char *)b) : 0;
         __asm__ volatile(
             ".p2align 5\n"
@@ -82,32 +86,32 @@ INLINE void tile(const int R, const int NP, const int FORM_ROWS, const int BF16,
             "vmovups (%[bp]), %%ymm13\n\t"
             "vmovups 32(%[bp]), %%ymm14\n\t"
             "prefetcht0 (%[bp],%[pd])\n\t"
-            "vbroadcastss (%[a0],%[i],4), %%ymm15\n\t"
+            "vbroadcastss (%[a0],%[i],1), %%ymm15\n\t"
             "vfmadd231ps %%ymm13, %%ymm15, %[c00]\n\t"
             "vfmadd231ps %%ymm14, %%ymm15, %[c01]\n\t"
-            "vbroadcastss (%[a1],%[i],4), %%ymm15\n\t"
+            "vbroadcastss (%[a1],%[i],1), %%ymm15\n\t"
             "vfmadd231ps %%ymm13, %%ymm15, %[c10]\n\t"
             "vfmadd231ps %%ymm14, %%ymm15, %[c11]\n\t"
-            "vbroadcastss (%[a2],%[i],4), %%ymm15\n\t"
+            "vbroadcastss (%[a2],%[i],1), %%ymm15\n\t"
             "vfmadd231ps %%ymm13, %%ymm15, %[c20]\n\t"
             "vfmadd231ps %%ymm14, %%ymm15, %[c21]\n\t"
-            "vbroadcastss (%[a3],%[i],4), %%ymm15\n\t"
+            "vbroadcastss (%[a3],%[i],1), %%ymm15\n\t"
             "vfmadd231ps %%ymm13, %%ymm15, %[c30]\n\t"
             "vfmadd231ps %%ymm14, %%ymm15, %[c31]\n\t"
-            "vbroadcastss (%[a4],%[i],4), %%ymm15\n\t"
+            "vbroadcastss (%[a4],%[i],1), %%ymm15\n\t"
             "vfmadd231ps %%ymm13, %%ymm15, %[c40]\n\t"
             "vfmadd231ps %%ymm14, %%ymm15, %[c41]\n\t"
-            "vbroadcastss (%[a5],%[i],4), %%ymm15\n\t"
+            "vbroadcastss (%[a5],%[i],1), %%ymm15\n\t"
             "vfmadd231ps %%ymm13, %%ymm15, %[c50]\n\t"
             "vfmadd231ps %%ymm14, %%ymm15, %[c51]\n\t"
             "addq $64, %[bp]\n\t"
-            "incq %[i]\n\t"
+            "addq %[step], %[i]\n\t"
             "jnz 1b\n\t"
             : [c00] "+x"(c00), [c01] "+x"(c01), [c10] "+x"(c10), [c11] "+x"(c11), [c20] "+x"(c20),
               [c21] "+x"(c21), [c30] "+x"(c30), [c31] "+x"(c31), [c40] "+x"(c40), [c41] "+x"(c41),
               [c50] "+x"(c50), [c51] "+x"(c51), [bp] "+r"(bp), [i] "+r"(i)
             : [a0] "r"(a0), [a1] "r"(a1), [a2] "r"(a2), [a3] "r"(a3), [a4] "r"(a4), [a5] "r"(a5),
-              [pd] "r"(pdelta)
+              [pd] "r"(pdelta), [step] "r"(step)
             : "xmm13", "xmm14", "xmm15", "cc", "memory");
         acc[0][0] = join16(c00, c01); acc[1][0] = join16(c10, c11); acc[2][0] = join16(c20, c21);
         acc[3][0] = join16(c30, c31); acc[4][0] = join16(c40, c41); acc[5][0] = join16(c50, c51);

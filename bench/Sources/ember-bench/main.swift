@@ -306,9 +306,12 @@ func benchBandwidth() {
 /// `--rows` x `--depth` block of a row-major A times packed panels of `--cols` columns, for each
 /// A row stride in `--lda` (floats). Strides whose rows share L1 sets (1,024, 2,048, 3,072) show
 /// what the kernels' aliasing copy is for; the others the tile's own rate. GFLOP/s, best of 7.
+/// `--transposed`: A given as Xᵀ (rows contiguous, k steps `lda` apart, as in a weight gradient),
+/// which the kernels first copy k-major.
 func benchTile() {
     let m = Int(option("--rows", "96"))!, n = Int(option("--cols", "256"))!, kc = Int(option("--depth", "256"))!
-    let strides = option("--lda", "256,896,1024,1536,2048,2064,3072,3584").split(separator: ",").map { Int($0)! }
+    let transposed = args.contains("--transposed")
+    let strides = option("--lda", transposed ? "96,1024,2048" : "256,896,1024,1536,2048,2064,3072,3584").split(separator: ",").map { Int($0)! }
     let table = ember_kernels_table(KernelSet.active == .avx512 ? Int32(EMBER_KERNELS_AVX512) : Int32(EMBER_KERNELS_AVX2))!
     var rng = SeededRandom(seed: 11)
     let b = (0..<(n * kc)).map { _ in rng.uniform() - 0.5 }
@@ -320,13 +323,14 @@ func benchTile() {
     let reps = max(1, 2_000_000_000 / (2 * m * n * kc))
     var rows: [[String: Any]] = []
     for lda in strides {
-        let a = (0..<(m * max(lda, kc))).map { _ in rng.uniform() - 0.5 }
+        let a = (0..<(transposed ? kc * max(lda, m) : m * max(lda, kc))).map { _ in rng.uniform() - 0.5 }
+        let (rs, ks) = transposed ? (1, lda) : (lda, 1)
         var times: [Double] = []
         a.withUnsafeBufferPointer { ap in c.withUnsafeMutableBufferPointer { cp in
             for _ in 0..<7 {
                 let t0 = now()
                 for _ in 0..<reps {
-                    table.pointee.gemm_block(ap.baseAddress!, lda, 1, Int32(m), panels, pstride, Int32(n), kc, cp.baseAddress!, n,
+                    table.pointee.gemm_block(ap.baseAddress!, rs, ks, Int32(m), panels, pstride, Int32(n), kc, cp.baseAddress!, n,
                                              1, 0, 1, nil)
                 }
                 times.append(now() - t0)
@@ -334,7 +338,8 @@ func benchTile() {
         } }
         rows.append(["lda": lda, "gflops": 2 * Double(m * n * kc * reps) / times.min()! / 1e9])
     }
-    emit(["kind": "tile", "kernels": KernelSet.active.rawValue, "rows": m, "cols": n, "depth": kc, "strides": rows])
+    emit(["kind": "tile", "kernels": KernelSet.active.rawValue, "a": transposed ? "transposed" : "rows", "rows": m, "cols": n,
+          "depth": kc, "strides": rows])
 }
 
 /// Large-matrix sgemm throughput: OpenBLAS and Ember's row-invariant projection kernel.
@@ -842,7 +847,7 @@ do {
     case "projections": benchProjections()
     case "engine": try benchEngine()
     default:
-        FileHandle.standardError.write("usage: ember-bench engine --shape tiny|0.5b [--steps N] [--threads N] | sgemm [--threads N] | tile [--rows M --cols N --depth K --lda L,L,...] | gemm --shape S [--reps N] [--ops mlp_in,mlp_down,attn_qkv,attn_o,head] [--thp] | tokenizer --dir D --file F | generate --shape S --batch B [--prompt P --new N] | score --shape S | projections [--rows M] | write-model --shape S --out DIR [--seed N]\n".data(using: .utf8)!)
+        FileHandle.standardError.write("usage: ember-bench engine --shape tiny|0.5b [--steps N] [--threads N] | sgemm [--threads N] | tile [--rows M --cols N --depth K --lda L,L,... --transposed] | gemm --shape S [--reps N] [--ops mlp_in,mlp_down,attn_qkv,attn_o,head] [--thp] | tokenizer --dir D --file F | generate --shape S --batch B [--prompt P --new N] | score --shape S | projections [--rows M] | write-model --shape S --out DIR [--seed N]\n".data(using: .utf8)!)
         exit(2)
     }
 } catch {
