@@ -464,7 +464,6 @@ static void KSET(axpy)(float alpha, const float *x, float *y, long n) {
 
 // Elements go to lane i % 8 of one 8-lane accumulator, added in index order; a partial last
 // block is padded with -inf (exp gives 0, which adds exactly).
-
 INLINE float exp_sum_impl(float *out, const float *x, long n, float shift) {
     v8 acc = 0;
     long i = 0;
