@@ -8,7 +8,7 @@
 // The 6 x 16 float tile in hand-scheduled assembly, on a row-major A (every forward projection
 // and input gradient) and a k-major one (every weight gradient). clang's loop spent 33
 // instructions a k step on 12 FMAs on a row-major A (address adds chained through the six rows,
-// register moves, a reload of the prefetch pointer) and 26 on a k-major one; this one spends 23.
+// register moves, a reload of the prefetch pointer) and 26 on a k-major one; this one spends 24.
 // The test of the GEMM forms holds it to the scalar chain bit for bit.
 #define KSET_ASM_TILE_6X16 1
 #include "kernels_body.h"
