@@ -92,10 +92,13 @@ def kernels(quick, rounds=3):
         out["gemm"][shape] = gm
     # One work item's tile on one thread, operands hot, over A row strides: the tile's own rate,
     # and whether strides that alias in L1 (1,024, 2,048, 3,072 floats) still lose.
-    tl = run([EMBER, "tile"])[0]
-    print(f"\ntile ({tl['kernels']}, {tl['rows']} x {tl['cols']} x {tl['depth']}, 1 thread, hot), GFLOP/s by A row stride:")
-    print("  " + "  ".join(f"{r['lda']}: {r['gflops']:.0f}" for r in tl["strides"]))
-    out["tile"] = tl
+    out["tile"] = []
+    for extra in ([], ["--transposed"]):
+        tl = run([EMBER, "tile"] + extra)[0]
+        print(f"\ntile ({tl['kernels']}, A {tl['a']}, {tl['rows']} x {tl['cols']} x {tl['depth']}, 1 thread, hot), "
+              "GFLOP/s by A stride:")
+        print("  " + "  ".join(f"{r['lda']}: {r['gflops']:.0f}" for r in tl["strides"]))
+        out["tile"].append(tl)
     with open(os.path.join(ROOT, "bench", "out", "kernels.json"), "w") as f:
         json.dump(out, f, indent=1)
 
