@@ -7,7 +7,8 @@ import Foundation
 public enum KernelSet: String, CaseIterable, Sendable {
     case avx2, avx512
 
-    var code: Int32 {
+    /// The set's number in the C dispatch (`ember_kernels_table`).
+    public var code: Int32 {
         switch self {
         case .avx2: Int32(EMBER_KERNELS_AVX2)
         case .avx512: Int32(EMBER_KERNELS_AVX512)

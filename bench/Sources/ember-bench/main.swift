@@ -312,13 +312,13 @@ func benchTile() {
     let m = Int(option("--rows", "96"))!, n = Int(option("--cols", "256"))!, kc = Int(option("--depth", "256"))!
     let transposed = args.contains("--transposed")
     let strides = option("--lda", transposed ? "96,1024,2048" : "256,896,1024,1536,2048,2064,3072,3584").split(separator: ",").map { Int($0)! }
-    let table = ember_kernels_table(KernelSet.active == .avx512 ? Int32(EMBER_KERNELS_AVX512) : Int32(EMBER_KERNELS_AVX2))!
+    let table = ember_kernels_table(KernelSet.active.code)!
     var rng = SeededRandom(seed: 11)
     let b = (0..<(n * kc)).map { _ in rng.uniform() - 0.5 }
     let pstride = 16 * kc
     let panels = UnsafeMutablePointer<Float>.allocate(capacity: (n + 15) / 16 * pstride)
     defer { panels.deallocate() }
-    b.withUnsafeBufferPointer { table.pointee.pack_panels($0.baseAddress!, Int(n), 1, kc, Int32(n), panels, pstride) }
+    b.withUnsafeBufferPointer { table.pointee.pack_panels($0.baseAddress!, n, 1, kc, Int32(n), panels, pstride) }
     var c = [Float](repeating: 0, count: m * n)
     let reps = max(1, 2_000_000_000 / (2 * m * n * kc))
     var rows: [[String: Any]] = []
