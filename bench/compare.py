@@ -188,7 +188,7 @@ def phases(quick):
 
     for shape in (["tiny"] if quick else ["tiny", "0.5b"]):
         rows = []
-        t = run([EMBER, "train", "--shape", shape])[0]
+        t = run([EMBER, "train", "--shape", shape, "--clock"])[0]
         f, b, o = t["seconds_forward_backward_optimizer"]
         F = t["forward_flops"]
         rows.append(line(shape, f"train forward ({t['tokens']} tok)", f, F))
@@ -196,7 +196,7 @@ def phases(quick):
         rows.append(line(shape, "train optimizer (AdamW)", o, None, 28 * t["parameters"]))
         # The whole step on both sides in the same accounting (3x the forward's FLOPs): what a
         # ratio against PyTorch asks of the peak.
-        p = run(TORCH + ["train", "--shape", shape, "--steps", "5" if shape == "tiny" else "2"])[0]
+        p = run(TORCH + ["train", "--shape", shape, "--steps", "5" if shape == "tiny" else "2", "--clock"])[0]
         ember_step = median(t["seconds"])
         rows.append(line(shape, "train step, Ember", ember_step, 3 * F))
         torch_step = median(p["seconds"])
@@ -204,6 +204,7 @@ def phases(quick):
         need = 3 * F / (torch_step / 1.5) / 1e9
         print(f"{shape:6} {'(1.5x PyTorch needs':28} {torch_step / 1.5:9.4f} {need:8.1f} {100 * need / peak:6.0f}%)  "
               f"Ember / PyTorch now {torch_step / ember_step:.2f}x")
+        out.setdefault("where_the_time_goes", {})[shape] = where_the_time_goes(shape, t, p, peak, torch_step)
         s = run([EMBER, "score", "--shape", shape])[0]
         rows.append(line(shape, f"scoring ({s['tokens']} tok)", median(s["seconds"]), s["flops"]))
         for batch in [1, 32]:
@@ -213,6 +214,33 @@ def phases(quick):
         out["shapes"][shape] = rows
     with open(os.path.join(ROOT, "bench", "out", "phases.json"), "w") as f:
         json.dump(out, f, indent=1)
+
+
+def where_the_time_goes(shape, t, p, peak, torch_step):
+    """A train step split into matrix products (every projection, its gradients and the LM head:
+    Ember's gemm / OpenBLAS, PyTorch's mm / addmm / bmm), attention, and the rest (norms, RoPE,
+    SwiGLU, the loss, the optimizer), both sides clocked from the same kind of step. Then the
+    bound the 1.5x goal runs into: the products alone, run at the sgemm peak measured in this run,
+    against the step time 1.5x PyTorch allows."""
+    flops = t["matmul_flops"]
+    print(f"\n{shape}: where a train step's time goes (matrix products: {flops / 1e9:.1f} GFLOP a step)")
+    print(f"{'':8} {'step s':>7} {'products s':>10} {'GFLOP/s':>8} {'% peak':>7} {'attention s':>11} {'rest s':>7}")
+    rows = {}
+    for side, r in (("Ember", t), ("PyTorch", p)):
+        step = r["clocked_step_seconds"]
+        mm, att = r["matmul_seconds"], r["attention_seconds"]
+        g = flops / mm / 1e9
+        print(f"{side:8} {step:7.3f} {mm:10.3f} {g:8.1f} {100 * g / peak:6.0f}% {att:11.3f} {step - mm - att:7.3f}")
+        rows[side] = {"step_seconds": step, "matmul_seconds": mm, "matmul_gflops": g, "attention_seconds": att,
+                      "rest_seconds": step - mm - att}
+    allowed = torch_step / 1.5
+    floor = flops / (peak * 1e9)
+    print(f"1.5x PyTorch allows a step of {allowed:.3f} s; the matrix products alone at the peak ({peak:.0f} GFLOP/s) "
+          f"take {floor:.3f} s ({100 * floor / allowed:.0f}% of it), leaving {allowed - floor:.3f} s for attention "
+          f"and the rest (Ember {t['attention_seconds'] + rows['Ember']['rest_seconds']:.3f} s, PyTorch "
+          f"{p['attention_seconds'] + rows['PyTorch']['rest_seconds']:.3f} s)")
+    rows["allowed_step_seconds"], rows["products_at_peak_seconds"] = allowed, floor
+    return rows
 
 
 def sampling(quick, repeat=1):

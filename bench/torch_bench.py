@@ -104,7 +104,7 @@ def score(shape, threads):
                       "score_tok_s": batch * seq / statistics.median(times), "seconds": times}), flush=True)
 
 
-def train(shape, mode, steps, threads, lora_rank=0):
+def train(shape, mode, steps, threads, lora_rank=0, clock=False):
     """One optimizer step per call with the PPO or Lp-Reg loss written in PyTorch (token-mean,
     advantages +-1 per sequence, on-policy old log-probs, min-p 0.02 proxy, rho 0.01, beta 1)."""
     torch.set_num_threads(threads)
@@ -131,7 +131,14 @@ def train(shape, mode, steps, threads, lora_rank=0):
     params = [q for q in model.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-6, weight_decay=0.0)
     times = []
-    for i in range(steps + 1):
+    # --clock: one more step under torch.profiler, after the timed ones; the self time of the
+    # matrix-product ops (MKL/oneDNN calls) and of the attention ops, as in `ember-bench train --clock`.
+    clocked = None
+    for i in range(steps + 1 + (1 if clock else 0)):
+        profiler = None
+        if i == steps + 1:
+            profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+            profiler.__enter__()
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         logits = model(input_ids=ids).logits[:, prompt - 1:-1]
@@ -154,12 +161,26 @@ def train(shape, mode, steps, threads, lora_rank=0):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        if i:
+        if profiler is not None:
+            wall = time.perf_counter() - t0
+            profiler.__exit__(None, None, None)
+            clocked = {"clocked_step_seconds": wall, "matmul_seconds": 0.0, "attention_seconds": 0.0}
+            for e in profiler.key_averages():
+                name = e.key
+                if name in MATMUL_OPS:
+                    clocked["matmul_seconds"] += e.self_cpu_time_total / 1e6
+                elif "scaled_dot_product" in name or "attention" in name:
+                    clocked["attention_seconds"] += e.self_cpu_time_total / 1e6
+        elif i:
             times.append(time.perf_counter() - t0)
     tokens = batch * seq
     print(json.dumps({"kind": "train", "impl": "pytorch", "shape": shape, "mode": mode, "tokens": tokens, "lora_rank": lora_rank,
                       "train_tok_s": tokens / statistics.median(times), "seconds": times,
-                      "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}), flush=True)
+                      "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, **(clocked or {})}), flush=True)
+
+
+# The ATen ops whose self time is a BLAS / oneDNN matrix product (what Ember's `gemm` does).
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm"}
 
 
 def sgemm(threads, n=2048):
@@ -186,11 +207,12 @@ if __name__ == "__main__":
     ap.add_argument("--prompt", type=int, default=16)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--lora-rank", type=int, default=0)
+    ap.add_argument("--clock", action="store_true")
     a = ap.parse_args()
     if a.what == "engine":
         engine(a.shape, a.steps, a.threads)
     elif a.what == "train":
-        train(a.shape, a.mode, a.steps, a.threads, a.lora_rank)
+        train(a.shape, a.mode, a.steps, a.threads, a.lora_rank, a.clock)
     elif a.what == "generate":
         generate(a.shape, a.batch, a.prompt, a.new, a.threads)
     elif a.what == "sgemm":

@@ -38,6 +38,14 @@ public struct AttentionShape: Sendable {
 public func attentionForward(_ out: UnsafeMutablePointer<Float>, _ lse: UnsafeMutablePointer<Float>?,
                              q: UnsafePointer<Float>, qStride: Int, rows: Int, shape: AttentionShape,
                              maxKeys: Int, span: (Int) -> KeyValueSpan) {
+    KernelClock.time(.attention) {
+        attentionForwardUntimed(out, lse, q: q, qStride: qStride, rows: rows, shape: shape, maxKeys: maxKeys, span: span)
+    }
+}
+
+private func attentionForwardUntimed(_ out: UnsafeMutablePointer<Float>, _ lse: UnsafeMutablePointer<Float>?,
+                                     q: UnsafePointer<Float>, qStride: Int, rows: Int, shape: AttentionShape,
+                                     maxKeys: Int, span: (Int) -> KeyValueSpan) {
     let NH = shape.heads, NKV = shape.kvHeads, HS = shape.headSize, group = NH / NKV
     let work = rows * NKV
     let workers = max(1, min(Compute.threads, work))
@@ -127,6 +135,16 @@ public func attentionBackwardPacked(_ dqkv: UnsafeMutablePointer<Float>, _ dOut:
                                     qkv: UnsafePointer<Float>, out: UnsafePointer<Float>,
                                     lse: UnsafePointer<Float>, rows: Int, shape: AttentionShape,
                                     sequenceStarts: [Int], window: Int) {
+    KernelClock.time(.attention) {
+        attentionBackwardUntimed(dqkv, dOut, qkv: qkv, out: out, lse: lse, rows: rows, shape: shape,
+                                 sequenceStarts: sequenceStarts, window: window)
+    }
+}
+
+private func attentionBackwardUntimed(_ dqkv: UnsafeMutablePointer<Float>, _ dOut: UnsafePointer<Float>,
+                                      qkv: UnsafePointer<Float>, out: UnsafePointer<Float>,
+                                      lse: UnsafePointer<Float>, rows: Int, shape: AttentionShape,
+                                      sequenceStarts: [Int], window: Int) {
     let NH = shape.heads, NKV = shape.kvHeads, HS = shape.headSize, group = NH / NKV
     let Q = (NH + 2 * NKV) * HS
     let kOff = NH * HS, vOff = (NH + NKV) * HS

@@ -11,6 +11,15 @@ import CKernels
 public func sgemm(transA: Bool, transB: Bool, m: Int, n: Int, k: Int, alpha: Float = 1,
                   a: UnsafePointer<Float>, lda: Int, b: UnsafePointer<Float>, ldb: Int,
                   beta: Float = 0, c: UnsafeMutablePointer<Float>, ldc: Int) {
+    KernelClock.time(.matrixProducts, flops: 2 * Double(m) * Double(n) * Double(k)) {
+        sgemmUntimed(transA: transA, transB: transB, m: m, n: n, k: k, alpha: alpha, a: a, lda: lda, b: b, ldb: ldb,
+                     beta: beta, c: c, ldc: ldc)
+    }
+}
+
+private func sgemmUntimed(transA: Bool, transB: Bool, m: Int, n: Int, k: Int, alpha: Float,
+                          a: UnsafePointer<Float>, lda: Int, b: UnsafePointer<Float>, ldb: Int,
+                          beta: Float, c: UnsafeMutablePointer<Float>, ldc: Int) {
     if m == 0 || n == 0 { return }
     if k == 0 {
         for i in 0..<m {
@@ -120,6 +129,13 @@ public enum GemmA {
 /// element's chain starting from its current value (alpha must then be 1; use `gemmAddScaled`).
 public func gemm(m: Int, n: Int, k: Int, alpha: Float = 1, _ a: GemmA, _ b: GemmB,
                  _ c: UnsafeMutablePointer<Float>, ldc: Int, accumulate: Bool = false) {
+    KernelClock.time(.matrixProducts, flops: 2 * Double(m) * Double(n) * Double(k)) {
+        gemmUntimed(m: m, n: n, k: k, alpha: alpha, a, b, c, ldc: ldc, accumulate: accumulate)
+    }
+}
+
+private func gemmUntimed(m: Int, n: Int, k: Int, alpha: Float, _ a: GemmA, _ b: GemmB,
+                         _ c: UnsafeMutablePointer<Float>, ldc: Int, accumulate: Bool) {
     precondition(!accumulate || alpha == 1, "gemm: accumulate takes alpha 1")
     if m == 0 || n == 0 { return }
     if k == 0 {

@@ -213,12 +213,27 @@ func benchTrain() throws {
     var times: [Double] = []
     var selected = 0
     var phases: [Double] = []
+    // --clock: the time in matrix products and in attention, per step (the timed steps' medians).
+    let clock = args.contains("--clock")
+    var clocked: [[Double]] = []
     for i in 0..<(steps + 1) {
+        KernelClock.enabled = clock
+        KernelClock.reset()
         let t0 = now()
         let m = try trainer.step(items: items, config: config, microBatchTokens: microTokens)
         if i > 0 { times.append(now() - t0) }
+        let r = KernelClock.read()
+        KernelClock.enabled = false
+        if i > 0, clock {
+            clocked.append([r[.matrixProducts]!.seconds, r[.matrixProducts]!.flops, r[.attention]!.seconds])
+        }
         selected = m.lpRegRegularized
         if i > 0 { phases = [m.secondsForward, m.secondsBackward, m.secondsOptimizer] }
+    }
+    var clockFields: [String: Any] = [:]
+    if clock {
+        clockFields = ["matmul_seconds": median(clocked.map { $0[0] }), "matmul_flops": clocked[0][1],
+                       "attention_seconds": median(clocked.map { $0[2] }), "clocked_step_seconds": median(times)]
     }
     let tokens = seqs.count * shape.seqLen
     emit(["kind": "train", "impl": "ember", "shape": shape.name, "mode": mode, "tokens": tokens, "lora_rank": rank,
@@ -226,7 +241,7 @@ func benchTrain() throws {
           "forward_flops": forwardFLOPs(model.architecture, tokens: tokens, seqLen: shape.seqLen, batch: shape.batch),
           "parameters": model.parameterCount,
           "train_tok_s": Double(tokens) / median(times), "seconds": times, "lp_reg_regularized": selected,
-          "peak_rss_bytes": peakRSSBytes()])
+          "peak_rss_bytes": peakRSSBytes()].merging(clockFields) { a, _ in a })
 }
 
 func benchEngine() throws {
