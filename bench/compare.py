@@ -182,7 +182,7 @@ def phases(quick):
     def line(shape, phase, seconds, flops=None, nbytes=None):
         g = flops / seconds / 1e9 if flops else None
         b = nbytes / seconds / 1e9 if nbytes else None
-        print(f"{shape:6} {phase:28} {seconds:9.4f} " + (f"{g:8.1f} {100 * g / peak:6.0f}%" if g else f"{'':8} {'':7}")
+        print(f"{shape:6} {phase:28} {seconds:9.4g} " + (f"{g:8.1f} {100 * g / peak:6.0f}%" if g else f"{'':8} {'':7}")
               + (f" {b:6.1f} {100 * b / read:4.0f}%" if b else ""))
         return {"phase": phase, "seconds": seconds, "gflops": g, "gb_s": b}
 
@@ -208,9 +208,16 @@ def phases(quick):
         s = run([EMBER, "score", "--shape", shape])[0]
         rows.append(line(shape, f"scoring ({s['tokens']} tok)", median(s["seconds"]), s["flops"]))
         for batch in [1, 32]:
-            g = run([EMBER, "generate", "--shape", shape, "--batch", str(batch), "--new", "32"])[0]
+            g = run([EMBER, "generate", "--shape", shape, "--batch", str(batch), "--new", "32", "--clock"])[0]
             rows.append(line(shape, f"decode step, batch {batch}", g["decode_step_s"], g["decode_step_flops"],
                              g["decode_weight_bytes"]))
+            # The same step split: products against the peak (and the weights they stream),
+            # attention against the bandwidth (the KV cache it reads).
+            mm, att = g["decode_step_matmul_s"], g["decode_step_attention_s"]
+            rows[-1]["split"] = {"matmul_seconds": mm, "attention_seconds": att}
+            line(shape, "  of which products", mm, g["decode_step_flops"], g["decode_weight_bytes"])
+            line(shape, "  of which attention", att, None, g["decode_step_kv_bytes"])
+            print(f"{shape:6} {'  rest':28} {g['decode_step_s'] - mm - att:9.4f}")
         out["shapes"][shape] = rows
     with open(os.path.join(ROOT, "bench", "out", "phases.json"), "w") as f:
         json.dump(out, f, indent=1)

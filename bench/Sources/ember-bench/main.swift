@@ -118,10 +118,21 @@ func benchGenerate() throws {
         for s in a.sites { for i in 0..<(rank * s.outFeatures) { a.parameters.values[s.bOffset + i] = Float(rng.next() % 1000) * 1e-6 } }
         return a
     }
-    var times: [Double] = []
+    // --clock: the time in matrix products and in attention, as for `train`, split the same way.
+    let clock = args.contains("--clock")
+    func clocked(_ body: () throws -> Void) rethrows -> [Double] {
+        KernelClock.reset()
+        KernelClock.enabled = clock
+        defer { KernelClock.enabled = false }
+        try body()
+        let r = KernelClock.read()
+        return [r[.matrixProducts]!.seconds, r[.attention]!.seconds]
+    }
+    var times: [Double] = [], clockFull: [[Double]] = [], clockFirst: [[Double]] = []
     for i in 0..<3 {
         let gen = Generator(model: model, tokenizer: nil, slots: batch, capacity: promptLen + newTokens)
         let t0 = now()
+        let c = try clocked {
         if adapters.isEmpty {
             let out = try gen.generate(prompts: prompts, params: params)
             precondition(out.results.allSatisfy { $0[0].tokens.count == newTokens })
@@ -132,7 +143,8 @@ func benchGenerate() throws {
             var done = 0
             while done < prompts.count { done += try gen.step().count }
         }
-        if i > 0 { times.append(now() - t0) }
+        }
+        if i > 0 { times.append(now() - t0); clockFull.append(c) }
     }
     // The prompts' pass and the first token alone (one new token), to split the decode steps out
     // of the timed region: decode step = (total - this) / (new - 1).
@@ -143,8 +155,8 @@ func benchGenerate() throws {
         for i in 0..<3 {
             let gen = Generator(model: model, tokenizer: nil, slots: batch, capacity: promptLen + newTokens)
             let t0 = now()
-            _ = try gen.generate(prompts: prompts, params: once)
-            if i > 0 { firstTimes.append(now() - t0) }
+            let c = try clocked { _ = try gen.generate(prompts: prompts, params: once) }
+            if i > 0 { firstTimes.append(now() - t0); clockFirst.append(c) }
         }
     }
     let a = model.architecture
@@ -159,6 +171,15 @@ func benchGenerate() throws {
     if !firstTimes.isEmpty {
         figures["prompt_and_first_s"] = median(firstTimes)
         figures["decode_step_s"] = (median(times) - median(firstTimes)) / Double(newTokens - 1)
+        if clock {
+            // Per decode step, and the bytes attention reads from the KV cache: every cached key
+            // and value row of every layer and sequence, at the steps' mean context length.
+            let steps = Double(newTokens - 1)
+            figures["decode_step_matmul_s"] = (median(clockFull.map { $0[0] }) - median(clockFirst.map { $0[0] })) / steps
+            figures["decode_step_attention_s"] = (median(clockFull.map { $0[1] }) - median(clockFirst.map { $0[1] })) / steps
+            let meanContext = Double(promptLen) + Double(newTokens) / 2
+            figures["decode_step_kv_bytes"] = meanContext * Double(2 * a.kvWidth * a.layers * batch * 4)
+        }
     }
     emit(figures)
 }
