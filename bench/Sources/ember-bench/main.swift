@@ -133,16 +133,16 @@ func benchGenerate() throws {
         let gen = Generator(model: model, tokenizer: nil, slots: batch, capacity: promptLen + newTokens)
         let t0 = now()
         let c = try clocked {
-        if adapters.isEmpty {
-            let out = try gen.generate(prompts: prompts, params: params)
-            precondition(out.results.allSatisfy { $0[0].tokens.count == newTokens })
-        } else {
-            for (p, prompt) in prompts.enumerated() {
-                _ = try gen.submit(prompts: [prompt], params: params, adapter: adapters[p % adapters.count])
+            if adapters.isEmpty {
+                let out = try gen.generate(prompts: prompts, params: params)
+                precondition(out.results.allSatisfy { $0[0].tokens.count == newTokens })
+            } else {
+                for (p, prompt) in prompts.enumerated() {
+                    _ = try gen.submit(prompts: [prompt], params: params, adapter: adapters[p % adapters.count])
+                }
+                var done = 0
+                while done < prompts.count { done += try gen.step().count }
             }
-            var done = 0
-            while done < prompts.count { done += try gen.step().count }
-        }
         }
         if i > 0 { times.append(now() - t0); clockFull.append(c) }
     }
