@@ -5,6 +5,9 @@
 #define TILE_R 6
 #define TILE_NP 1
 #define SMALL_NP 2
+// Columns of the weighted sum per pass over the values: 64 columns for two heads would need 16
+// accumulator registers, all of AVX2's, and clang spilled half of them to the stack.
+#define WEIGHTED_COLUMNS 32
 // The 6 x 16 float tile in hand-scheduled assembly, on a row-major A (every forward projection
 // and input gradient) and a k-major one (every weight gradient). clang's loop spent 33
 // instructions a k step on 12 FMAs on a row-major A (address adds chained through the six rows,

@@ -5,6 +5,7 @@
 #define TILE_R 12
 #define TILE_NP 2
 #define SMALL_NP 4
+#define WEIGHTED_COLUMNS 64
 #include "kernels_body.h"
 const ember_kernels *ember_kernels_avx512(void) { return &table_avx512; }
 #pragma clang attribute pop

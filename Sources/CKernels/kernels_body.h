@@ -396,6 +396,21 @@ INLINE void weighted_block(float *o, float *o2, const float *w, const float *w2,
         if (o2) { store16(o2, b0 * scale2); store16(o2 + 16, b1 * scale2); store16(o2 + 32, b2 * scale2); store16(o2 + 48, b3 * scale2); }
         return;
     }
+    if (width == 32) {
+        for (int j = 0; j < count; j++) {
+            const float *vj = v + j * stride;
+            v16 p = splat16(w[j]);
+            v16 x0 = load16(vj), x1 = load16(vj + 16);
+            a0 = fma16(p, x0, a0); a1 = fma16(p, x1, a1);
+            if (o2) {
+                v16 p2 = splat16(w2[j]);
+                b0 = fma16(p2, x0, b0); b1 = fma16(p2, x1, b1);
+            }
+        }
+        store16(o, a0 * scale); store16(o + 16, a1 * scale);
+        if (o2) { store16(o2, b0 * scale2); store16(o2 + 16, b1 * scale2); }
+        return;
+    }
     // Narrower blocks: 16 columns at a time, the last one partial.
     for (int c0 = 0; c0 < width; c0 += 16) {
         int n = width - c0 < 16 ? width - c0 : 16;
@@ -413,8 +428,8 @@ INLINE void weighted_block(float *o, float *o2, const float *w, const float *w2,
 
 static void KSET(weighted_sum)(float *o, float *o2, const float *w, const float *w2, const float *values,
                                long stride, int count, int hs, float scale, float scale2) {
-    for (int d = 0; d < hs; d += 64) {
-        int width = hs - d < 64 ? hs - d : 64;
+    for (int d = 0; d < hs; d += WEIGHTED_COLUMNS) {
+        int width = hs - d < WEIGHTED_COLUMNS ? hs - d : WEIGHTED_COLUMNS;
         weighted_block(o + d, o2 ? o2 + d : 0, w, w2, values + d, stride, count, width, scale, scale2);
     }
 }
