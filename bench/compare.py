@@ -217,7 +217,7 @@ def phases(quick):
             rows[-1]["split"] = {"matmul_seconds": mm, "attention_seconds": att}
             line(shape, "  of which products", mm, g["decode_step_flops"], g["decode_weight_bytes"])
             line(shape, "  of which attention", att, None, g["decode_step_kv_bytes"])
-            print(f"{shape:6} {'  rest':28} {g['decode_step_s'] - mm - att:9.4f}")
+            print(f"{shape:6} {'  rest':28} {g['decode_step_s'] - mm - att:9.4g}")
         out["shapes"][shape] = rows
     with open(os.path.join(ROOT, "bench", "out", "phases.json"), "w") as f:
         json.dump(out, f, indent=1)

@@ -28,6 +28,18 @@ func emit(_ dict: [String: Any]) {
     FileHandle.standardOutput.write(data + Data([0x0A]))
 }
 
+/// Runs `body` with the kernel clock on when `on` (`--clock`): its readings for the matrix products
+/// and attention (zeros when off).
+typealias ClockReading = (matmulSeconds: Double, matmulFLOPs: Double, attentionSeconds: Double)
+func clocked(_ on: Bool, _ body: () throws -> Void) rethrows -> ClockReading {
+    KernelClock.reset()
+    KernelClock.enabled = on
+    defer { KernelClock.enabled = false }
+    try body()
+    let r = KernelClock.read()
+    return (r[.matrixProducts]!.seconds, r[.matrixProducts]!.flops, r[.attention]!.seconds)
+}
+
 BLASCore.restartIfMisdetected()
 if let problem = KernelSet.applyEnvironment() { FileHandle.standardError.write(Data((problem + "\n").utf8)); exit(2) }
 Compute.keepFreedMemory()
@@ -120,19 +132,12 @@ func benchGenerate() throws {
     }
     // --clock: the time in matrix products and in attention, as for `train`, split the same way.
     let clock = args.contains("--clock")
-    func clocked(_ body: () throws -> Void) rethrows -> [Double] {
-        KernelClock.reset()
-        KernelClock.enabled = clock
-        defer { KernelClock.enabled = false }
-        try body()
-        let r = KernelClock.read()
-        return [r[.matrixProducts]!.seconds, r[.attention]!.seconds]
-    }
-    var times: [Double] = [], clockFull: [[Double]] = [], clockFirst: [[Double]] = []
+    var times: [Double] = [], clockFull: [ClockReading] = []
+    var clockFirst = clockFull
     for i in 0..<3 {
         let gen = Generator(model: model, tokenizer: nil, slots: batch, capacity: promptLen + newTokens)
         let t0 = now()
-        let c = try clocked {
+        let c = try clocked(clock) {
             if adapters.isEmpty {
                 let out = try gen.generate(prompts: prompts, params: params)
                 precondition(out.results.allSatisfy { $0[0].tokens.count == newTokens })
@@ -155,7 +160,7 @@ func benchGenerate() throws {
         for i in 0..<3 {
             let gen = Generator(model: model, tokenizer: nil, slots: batch, capacity: promptLen + newTokens)
             let t0 = now()
-            let c = try clocked { _ = try gen.generate(prompts: prompts, params: once) }
+            let c = try clocked(clock) { _ = try gen.generate(prompts: prompts, params: once) }
             if i > 0 { firstTimes.append(now() - t0); clockFirst.append(c) }
         }
     }
@@ -175,8 +180,9 @@ func benchGenerate() throws {
             // Per decode step, and the bytes attention reads from the KV cache: every cached key
             // and value row of every layer and sequence, at the steps' mean context length.
             let steps = Double(newTokens - 1)
-            figures["decode_step_matmul_s"] = (median(clockFull.map { $0[0] }) - median(clockFirst.map { $0[0] })) / steps
-            figures["decode_step_attention_s"] = (median(clockFull.map { $0[1] }) - median(clockFirst.map { $0[1] })) / steps
+            figures["decode_step_matmul_s"] = (median(clockFull.map(\.matmulSeconds)) - median(clockFirst.map(\.matmulSeconds))) / steps
+            figures["decode_step_attention_s"] = (median(clockFull.map(\.attentionSeconds))
+                                                  - median(clockFirst.map(\.attentionSeconds))) / steps
             let meanContext = Double(promptLen) + Double(newTokens) / 2
             figures["decode_step_kv_bytes"] = meanContext * Double(2 * a.kvWidth * a.layers * batch * 4)
         }
@@ -236,25 +242,19 @@ func benchTrain() throws {
     var phases: [Double] = []
     // --clock: the time in matrix products and in attention, per step (the timed steps' medians).
     let clock = args.contains("--clock")
-    var clocked: [[Double]] = []
+    var readings: [ClockReading] = []
     for i in 0..<(steps + 1) {
-        KernelClock.enabled = clock
-        KernelClock.reset()
         let t0 = now()
-        let m = try trainer.step(items: items, config: config, microBatchTokens: microTokens)
-        if i > 0 { times.append(now() - t0) }
-        let r = KernelClock.read()
-        KernelClock.enabled = false
-        if i > 0, clock {
-            clocked.append([r[.matrixProducts]!.seconds, r[.matrixProducts]!.flops, r[.attention]!.seconds])
-        }
+        var m = TrainMetrics()
+        let c = try clocked(clock) { m = try trainer.step(items: items, config: config, microBatchTokens: microTokens) }
+        if i > 0 { times.append(now() - t0); readings.append(c) }
         selected = m.lpRegRegularized
         if i > 0 { phases = [m.secondsForward, m.secondsBackward, m.secondsOptimizer] }
     }
     var clockFields: [String: Any] = [:]
     if clock {
-        clockFields = ["matmul_seconds": median(clocked.map { $0[0] }), "matmul_flops": clocked[0][1],
-                       "attention_seconds": median(clocked.map { $0[2] }), "clocked_step_seconds": median(times)]
+        clockFields = ["matmul_seconds": median(readings.map(\.matmulSeconds)), "matmul_flops": readings[0].matmulFLOPs,
+                       "attention_seconds": median(readings.map(\.attentionSeconds)), "clocked_step_seconds": median(times)]
     }
     let tokens = seqs.count * shape.seqLen
     emit(["kind": "train", "impl": "ember", "shape": shape.name, "mode": mode, "tokens": tokens, "lora_rank": rank,
