@@ -329,6 +329,10 @@ INLINE float dot_tail(float s, const float *q, const float *k, int d0, int hs) {
     return s;
 }
 
+#ifndef ATTN_AHEAD
+#define ATTN_AHEAD 8
+#endif
+
 // Scores of keys j..j+3 from two 16-lane accumulators (two keys each, 8 lanes a key).
 INLINE void four_scores(float *out, v16 x01, v16 x23, const float *q, const float *k0, const float *k1,
                         const float *k2, const float *k3, int hs8, int hs, float scale) {
@@ -346,6 +350,11 @@ static void KSET(score_rows)(float *scores, float *scores2, const float *q, cons
     // chain of one key.
     for (; j + 4 <= count; j += 4) {
         const float *k0 = keys + j * stride, *k1 = k0 + stride, *k2 = k1 + stride, *k3 = k2 + stride;
+        // The key rows ATTN_AHEAD rows on, one prefetch a cache line (a strided walk over the
+        // cache that the hardware prefetchers follow poorly).
+        if (j + ATTN_AHEAD + 4 <= count)
+            for (int r = 0; r < 4; r++)
+                for (int d = 0; d < hs; d += 16) __builtin_prefetch(keys + (j + ATTN_AHEAD + r) * stride + d);
         v16 a01 = 0, a23 = 0, b01 = 0, b23 = 0;
         for (int d = 0; d < hs8; d += 8) {
             v8 qv = load8(q + d);
@@ -384,6 +393,8 @@ INLINE void weighted_block(float *o, float *o2, const float *w, const float *w2,
     if (width == 64) {
         for (int j = 0; j < count; j++) {
             const float *vj = v + j * stride;
+            if (j + ATTN_AHEAD < count)
+                for (int d = 0; d < 64; d += 16) __builtin_prefetch(vj + ATTN_AHEAD * stride + d);
             v16 p = splat16(w[j]);
             v16 x0 = load16(vj), x1 = load16(vj + 16), x2 = load16(vj + 32), x3 = load16(vj + 48);
             a0 = fma16(p, x0, a0); a1 = fma16(p, x1, a1); a2 = fma16(p, x2, a2); a3 = fma16(p, x3, a3);
@@ -399,6 +410,7 @@ INLINE void weighted_block(float *o, float *o2, const float *w, const float *w2,
     if (width == 32) {
         for (int j = 0; j < count; j++) {
             const float *vj = v + j * stride;
+            if (j + ATTN_AHEAD < count) { __builtin_prefetch(vj + ATTN_AHEAD * stride); __builtin_prefetch(vj + ATTN_AHEAD * stride + 16); }
             v16 p = splat16(w[j]);
             v16 x0 = load16(vj), x1 = load16(vj + 16);
             a0 = fma16(p, x0, a0); a1 = fma16(p, x1, a1);

@@ -190,6 +190,45 @@ func benchGenerate() throws {
     emit(figures)
 }
 
+/// Decode attention alone: `--batch` sequences of `--context` cached positions in a KV cache of
+/// the shape's layout, one query row each, every layer in turn (the cache read once a step, as in
+/// a decode step). GB/s of keys and values read, median of `--repeat` steps.
+func benchAttention() throws {
+    let shape = Shape.named(option("--shape", "tiny"))
+    let batch = Int(option("--batch", "32"))!, context = Int(option("--context", "80"))!
+    let repeats = Int(option("--repeat", "200"))!
+    let model = try makeModel(shape, training: false)
+    let a = model.architecture
+    let cache = KVCache(architecture: a, slots: batch, capacity: context)
+    var rng = SeededRandom(seed: 5)
+    for l in 0..<a.layers {
+        for s in 0..<batch {
+            let k = cache.keys(layer: l, slot: s), v = cache.values(layer: l, slot: s)
+            for i in 0..<(context * a.kvWidth) { k[i] = rng.uniform() - 0.5; v[i] = rng.uniform() - 0.5 }
+        }
+    }
+    let HS = a.headDim, NH = a.heads, kvW = a.kvWidth
+    let q = UnsafeMutablePointer<Float>.allocate(capacity: batch * NH * HS), out = UnsafeMutablePointer<Float>.allocate(capacity: batch * NH * HS)
+    defer { q.deallocate(); out.deallocate() }
+    for i in 0..<(batch * NH * HS) { q[i] = rng.uniform() - 0.5 }
+    let attnShape = AttentionShape(heads: NH, kvHeads: a.kvHeads, headSize: HS, scale: 1 / Float(HS).squareRoot())
+    var times: [Double] = []
+    for _ in 0..<repeats {
+        let t0 = now()
+        for l in 0..<a.layers {
+            attentionForward(out, nil, q: q, qStride: NH * HS, rows: batch, shape: attnShape, maxKeys: context) { t in
+                KeyValueSpan(keys: cache.keys(layer: l, slot: t), values: cache.values(layer: l, slot: t), rowStride: kvW, count: context)
+            }
+        }
+        times.append(now() - t0)
+    }
+    var check: Float = 0
+    for i in 0..<(batch * NH * HS) { check += out[i] }
+    let bytes = Double(a.layers * batch * context * kvW * 2 * 4)
+    emit(["kind": "attention", "shape": shape.name, "batch": batch, "context": context, "step_s": median(times),
+          "kv_bytes": bytes, "kv_gb_s": bytes / median(times) / 1e9, "kv_gb_s_best": bytes / times.min()! / 1e9, "checksum": Double(check)])
+}
+
 /// Scoring throughput: log-probs of every token of `--batch` sequences of `--len` tokens.
 func benchScore() throws {
     let shape = Shape.named(option("--shape", "tiny"))
@@ -873,6 +912,7 @@ do {
     case "server-latency": try benchServerLatency()
     case "tokenizer": try benchTokenizer()
     case "generate": try benchGenerate()
+    case "attention": try benchAttention()
     case "score": try benchScore()
     case "train": try benchTrain()
     case "json": try benchJSON()
