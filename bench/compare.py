@@ -368,8 +368,8 @@ def json_cost():
     j = run([EMBER, "json"])[0]
     t = run([EMBER, "train", "--shape", "tiny", "--mode", "lp_reg", "--steps", "3"])[0]
     step = j["tokens"] / t["train_tok_s"]
-    print(f"\njson: {j['bytes'] / 1e6:.1f} MB train_step request (512 x 512 tokens): decode {j['decode_s']:.2f} s, "
-          f"encode {j['encode_s']:.2f} s; tiny train step for those tokens {step:.1f} s -> "
+    print(f"\njson: {j['bytes'] / 1e6:.1f} MB train_step request (512 x 512 tokens): decode {j['decode_s']:.3f} s "
+          f"({j['bytes'] / j['decode_s'] / 1e6:.0f} MB/s), encode {j['encode_s']:.2f} s; tiny train step for those tokens {step:.1f} s -> "
           f"{100 * (j['decode_s'] + j['encode_s']) / step:.1f}% of it")
     with open(os.path.join(ROOT, "bench", "out", "json.json"), "w") as f:
         json.dump({"machine": machine(), "json": j, "train": t}, f, indent=1)
