@@ -333,6 +333,13 @@ INLINE float dot_tail(float s, const float *q, const float *k, int d0, int hs) {
 #define ATTN_AHEAD 8
 #endif
 
+// Attention's walk over cached keys and values is strided (a cache row holds every KV head),
+// which the hardware prefetchers follow poorly: the row ATTN_AHEAD rows on, `width` floats of
+// it, is requested one cache line at a time.
+INLINE void prefetch_row_ahead(const float *row, long stride, int width) {
+    for (int d = 0; d < width; d += 16) __builtin_prefetch(row + ATTN_AHEAD * stride + d);
+}
+
 // Scores of keys j..j+3 from two 16-lane accumulators (two keys each, 8 lanes a key).
 INLINE void four_scores(float *out, v16 x01, v16 x23, const float *q, const float *k0, const float *k1,
                         const float *k2, const float *k3, int hs8, int hs, float scale) {
@@ -350,11 +357,8 @@ static void KSET(score_rows)(float *scores, float *scores2, const float *q, cons
     // chain of one key.
     for (; j + 4 <= count; j += 4) {
         const float *k0 = keys + j * stride, *k1 = k0 + stride, *k2 = k1 + stride, *k3 = k2 + stride;
-        // The key rows ATTN_AHEAD rows on, one prefetch a cache line (a strided walk over the
-        // cache that the hardware prefetchers follow poorly).
         if (j + ATTN_AHEAD + 4 <= count)
-            for (int r = 0; r < 4; r++)
-                for (int d = 0; d < hs; d += 16) __builtin_prefetch(keys + (j + ATTN_AHEAD + r) * stride + d);
+            for (int r = 0; r < 4; r++) prefetch_row_ahead(keys + (j + r) * stride, stride, hs);
         v16 a01 = 0, a23 = 0, b01 = 0, b23 = 0;
         for (int d = 0; d < hs8; d += 8) {
             v8 qv = load8(q + d);
@@ -393,8 +397,7 @@ INLINE void weighted_block(float *o, float *o2, const float *w, const float *w2,
     if (width == 64) {
         for (int j = 0; j < count; j++) {
             const float *vj = v + j * stride;
-            if (j + ATTN_AHEAD < count)
-                for (int d = 0; d < 64; d += 16) __builtin_prefetch(vj + ATTN_AHEAD * stride + d);
+            if (j + ATTN_AHEAD < count) prefetch_row_ahead(vj, stride, 64);
             v16 p = splat16(w[j]);
             v16 x0 = load16(vj), x1 = load16(vj + 16), x2 = load16(vj + 32), x3 = load16(vj + 48);
             a0 = fma16(p, x0, a0); a1 = fma16(p, x1, a1); a2 = fma16(p, x2, a2); a3 = fma16(p, x3, a3);
@@ -410,7 +413,7 @@ INLINE void weighted_block(float *o, float *o2, const float *w, const float *w2,
     if (width == 32) {
         for (int j = 0; j < count; j++) {
             const float *vj = v + j * stride;
-            if (j + ATTN_AHEAD < count) { __builtin_prefetch(vj + ATTN_AHEAD * stride); __builtin_prefetch(vj + ATTN_AHEAD * stride + 16); }
+            if (j + ATTN_AHEAD < count) prefetch_row_ahead(vj, stride, 32);
             v16 p = splat16(w[j]);
             v16 x0 = load16(vj), x1 = load16(vj + 16);
             a0 = fma16(p, x0, a0); a1 = fma16(p, x1, a1);

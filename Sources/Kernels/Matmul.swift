@@ -213,7 +213,7 @@ private func gemmUntimed(m: Int, n: Int, k: Int, alpha: Float, _ a: GemmA, _ b: 
                 let j0 = cb * colChunk, cols = Int32(min(colChunk, nb - j0))
                 let a0 = aBase + r0 * aRS + pc * aKS, c0 = c + r0 * ldc + jc + j0
                 let bp = panels + (j0 / panelWidth) * pstride * esize
-                // Decoding streams the weights: the next chunk's panels are pulled in meanwhile.
+                // Decoding (one row block) streams the weights: the next chunk's panels are pulled in meanwhile.
                 let next: UnsafeRawPointer? = (small || rowBlocks == 1) && cb + 1 < colChunks ? bp + colChunk / panelWidth * pstride * esize : nil
                 if half {
                     table.pointee.gemm_block_bf16(a0, aRS, aKS, rows, bp.assumingMemoryBound(to: UInt16.self), pstride, cols, kc,

@@ -197,8 +197,7 @@ func benchAttention() throws {
     let shape = Shape.named(option("--shape", "tiny"))
     let batch = Int(option("--batch", "32"))!, context = Int(option("--context", "80"))!
     let repeats = Int(option("--repeat", "200"))!
-    let model = try makeModel(shape, training: false)
-    let a = model.architecture
+    let (_, a) = try ModelRegistry.architecture(config: JSONSerialization.data(withJSONObject: shape.config))
     let cache = KVCache(architecture: a, slots: batch, capacity: context)
     var rng = SeededRandom(seed: 5)
     for l in 0..<a.layers {
