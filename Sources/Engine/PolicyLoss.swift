@@ -177,6 +177,23 @@ public struct PolicyLossPlan: Sendable {
     }
 
     /// Token i's unweighted policy loss and its derivative in lp.
+    /// Whether token i's clipped surrogate is on its clipped branch, on the low side (A < 0,
+    /// ratio < 1 − εl) or the high side (A > 0, ratio > 1 + εh): the ratio the mode clips, so
+    /// GSPO's sequence ratio rather than the token's own. Both false for modes without a clip.
+    public func clipped(_ i: Int, logprob lp: Float) -> (low: Bool, high: Bool) {
+        let clip: ClipOptions
+        switch config.mode {
+        case let .ppo(c), let .gspo(c), let .cispo(c), let .highEntropy(_, c): clip = c
+        case let .lpReg(o): clip = o.clip
+        case let .clipCov(o): clip = o.clip
+        case .klCov, .crossEntropy: return (false, false)
+        }
+        let a = tokens.advantages[i]
+        let ratio: Float
+        if case .gspo = config.mode { ratio = sequenceRatio[i] } else { ratio = expf(lp - tokens.oldLogprobs[i]) }
+        return (a < 0 && ratio < 1 - clip.epsLow, a > 0 && ratio > 1 + clip.epsHigh)
+    }
+
     public func policyTerm(_ i: Int, logprob lp: Float) -> (loss: Float, dLogprob: Float) {
         let a = tokens.advantages[i], old = tokens.oldLogprobs[i]
         var loss: Float, grad: Float

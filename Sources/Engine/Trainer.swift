@@ -545,25 +545,15 @@ public final class Trainer {
                                    config: LossConfig, tokens n: Int, first: Bool) {
         let plan = r.plan, t = plan.tokens
         m.loss += r.loss * Double(n)   // averaged over the call's tokens at the end
-        var clip: ClipOptions?
-        switch config.mode {
-        case let .ppo(c), let .gspo(c), let .cispo(c): clip = c
-        case let .lpReg(o): clip = o.clip
-        case let .clipCov(o): clip = o.clip
-        case let .highEntropy(_, c): clip = c
-        case .klCov, .crossEntropy: clip = nil
-        }
         for i in 0..<t.count {
-            let lp = r.logprobs[i], old = t.oldLogprobs[i], a = t.advantages[i]
+            let lp = r.logprobs[i], old = t.oldLogprobs[i]
             m.pgLoss += Double(plan.policyTerm(i, logprob: lp).loss)
             m.entropy += Double(r.entropies[i])
             m.ppoKL += Double(old - lp)
             if let ref = t.refLogprobs?[i] { m.refKL += Double(lp - ref) }
-            if let c = clip {
-                let ratio = expf(lp - old)
-                if a < 0 && ratio < 1 - c.epsLow { m.clipFracLow += 1 }
-                if a > 0 && ratio > 1 + c.epsHigh { m.clipFracHigh += 1 }
-            }
+            let clipped = plan.clipped(i, logprob: lp)
+            if clipped.low { m.clipFracLow += 1 }
+            if clipped.high { m.clipFracHigh += 1 }
             if first { m.logprobMaxAbsDiff = max(m.logprobMaxAbsDiff, Double(abs(lp - old))) }
         }
         m.proxyNoiseMass += r.proxyNoiseMass.reduce(0.0) { $0 + Double($1) }

@@ -83,6 +83,9 @@ final class PolicyLossTests: XCTestCase {
                                       })
             if let want = c["candidates"] as? [Int] { XCTAssertEqual(candidatesSeen, want, "case \(n) clip_cov candidates") }
             XCTAssertEqual(plan.selected, c["selected"] as! [Bool], "case \(n) selection")
+            // The clip fractions count exactly the tokens whose policy term lost its gradient to the clip.
+            if case .gspo = mode { checkClipped(plan, current, "case \(n) gspo") }
+            if case let .ppo(c) = mode, c.dualClip == nil { checkClipped(plan, current, "case \(n) ppo") }
             var loss = 0.0
             logits.withUnsafeMutableBufferPointer { p in
                 for i in 0..<tokens.count { loss += plan.apply(row: p.baseAddress! + i * V, vocab: V, token: i) }
@@ -93,5 +96,35 @@ final class PolicyLossTests: XCTestCase {
                                   "case \(n) \(c["mode"]!) \(c["aggregation"]!) dlogits")
             print("case \(n) \(c["mode"]!) \(c["aggregation"]!): loss \(loss) vs \(want), dlogits max |diff| \(cmp.maxAbsDiff), selected \(plan.selected.filter { $0 }.count)")
         }
+    }
+
+    private func checkClipped(_ plan: PolicyLossPlan, _ logprobs: [Float], _ what: String) {
+        for i in logprobs.indices {
+            let c = plan.clipped(i, logprob: logprobs[i])
+            XCTAssertFalse(c.low && c.high, what)
+            let noGradient = plan.tokens.advantages[i] != 0 && plan.policyTerm(i, logprob: logprobs[i]).dLogprob == 0
+            XCTAssertEqual(c.low || c.high, noGradient, "\(what) token \(i)")
+        }
+    }
+
+    /// GSPO clips whole sequences: tokens whose own ratios sit inside 1 ± ε are clipped when their
+    /// sequence's mean log-ratio is outside it (the clip fractions once counted token ratios).
+    func testGSPOClipsBySequenceRatio() {
+        var config = LossConfig(mode: .gspo(ClipOptions(epsLow: 0.0003, epsHigh: 0.0004)))
+        config.aggregation = .tokenMean
+        // Sequence 0: log-ratios +0.0003 and +0.0006 (each token's ratio inside 1 + 0.0004 or just
+        // over), mean +0.00045: clipped high with A > 0. Sequence 1: -0.0002 and -0.0005, mean
+        // -0.00035: clipped low with A < 0. Sequence 2: +0.001 and -0.001, mean 0: not clipped.
+        let old: [Float] = [-1, -1, -1, -1, -2, -2]
+        let delta: [Float] = [0.0003, 0.0006, -0.0002, -0.0005, 0.001, -0.001]
+        let tokens = PolicyTokens(sequence: [0, 0, 1, 1, 2, 2], targets: [1, 2, 3, 4, 5, 6],
+                                  advantages: [1, 1, -1, -1, 1, 1], oldLogprobs: old,
+                                  proxyLogprobs: [Float](repeating: 0, count: 6))
+        let current = zip(old, delta).map { $0 + $1 }
+        let plan = PolicyLossPlan(config: config, tokens: tokens, logprobs: current)
+        let got = current.indices.map { plan.clipped($0, logprob: current[$0]) }
+        XCTAssertEqual(got.map(\.high), [true, true, false, false, false, false])
+        XCTAssertEqual(got.map(\.low), [false, false, true, true, false, false])
+        checkClipped(plan, current, "gspo by hand")
     }
 }
