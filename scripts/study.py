@@ -6,16 +6,18 @@ resumable, and their report.
     python3 scripts/study.py list                             # the queue and each run's progress
     (--study 2 for the rare-spark study whose spark did not pay; 3, the default, for the one that does)
 
-`run` takes the runs in queue order, one at a time (2 cores), each `python -m ember.rl
+`run` takes the runs in queue order, one at a time, each `python -m ember.rl
 --start-server ... --resume` into runs/studyN/NAME; a run whose summary.json exists is done and
 skipped, an interrupted one continues from its last checkpoint (every 20 steps in study 2, 25
-in study 3). Killing the driver and starting it again loses at most 24 steps; checkpoints are
+in study 3). A run holds runs/studyN/NAME.lock while it runs, so a second driver (`run --only
+NAMES`) skips it. Killing the driver and starting it again loses at most 24 steps; checkpoints are
 not committed, so a run interrupted on one machine starts again from step 0 on a fresh one. `report` copies every run's
 metrics.jsonl and eval.jsonl (and summary.json) to docs/results/studyN/NAME/ and writes
 docs/results/studyN/summary.md and *.png. A run with no logs under runs/ is reported from its
 committed copy, so a report on a fresh checkout keeps what earlier machines ran.
 """
 import argparse
+import fcntl
 import json
 import os
 import shutil
@@ -152,20 +154,38 @@ def run(args):
     runs = runs_dir(args.study)
     os.makedirs(runs, exist_ok=True)
     env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "clients", "python"))
-    for s in STUDIES[args.study]["queue"]():
-        if progress(args.study, s)[0]:
+    only = set(args.only.split(",")) if args.only else None
+    queue = STUDIES[args.study]["queue"]()
+    if only and only - {s["name"] for s in queue}:
+        print(f"study{args.study}: --only names runs not in the queue: {sorted(only - {s['name'] for s in queue})}", file=sys.stderr)
+        return 2
+    for s in queue:
+        if (only and s["name"] not in only) or progress(args.study, s)[0]:
             continue
-        # A run that fails is started again from its last checkpoint, twice at most: a pause for
-        # a benchmark (SIGSTOP) that outlasts the client's socket timeout ends a run that way.
-        for attempt in range(3):
-            print(f"study{args.study}: {s['name']}" + (f" (attempt {attempt + 1})" if attempt else ""), flush=True)
-            with open(os.path.join(runs, s["name"] + ".log"), "a") as log:
-                code = subprocess.call(command(args.study, s), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-            if code == 0:
-                break
-        if code != 0:
-            print(f"study{args.study}: {s['name']} exited with {code}; see {s['name']}.log", flush=True)
-            return code
+        # A second driver (for example one given --only) skips the run another is running: each
+        # run holds an exclusive lock on runs/studyN/NAME.lock while it runs.
+        lock = open(os.path.join(runs, s["name"] + ".lock"), "w")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            continue
+        try:
+            if progress(args.study, s)[0]:
+                continue
+            # A run that fails is started again from its last checkpoint, twice at most: a pause for
+            # a benchmark (SIGSTOP) that outlasts the client's socket timeout ends a run that way.
+            for attempt in range(3):
+                print(f"study{args.study}: {s['name']}" + (f" (attempt {attempt + 1})" if attempt else ""), flush=True)
+                with open(os.path.join(runs, s["name"] + ".log"), "a") as log:
+                    code = subprocess.call(command(args.study, s), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+                if code == 0:
+                    break
+            if code != 0:
+                print(f"study{args.study}: {s['name']} exited with {code}; see {s['name']}.log", flush=True)
+                return code
+        finally:
+            lock.close()
     return 0
 
 
@@ -399,6 +419,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("action", choices=["run", "report", "list"])
     ap.add_argument("--study", type=int, choices=sorted(STUDIES), default=3)
+    ap.add_argument("--only", help="run: only these runs (comma-separated names), e.g. for a second driver")
     args = ap.parse_args()
     return {"run": run, "report": report, "list": listing}[args.action](args) or 0
 
