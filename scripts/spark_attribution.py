@@ -146,12 +146,13 @@ FIELDS = ["step", "mini_batch", "advantage", "checked", "length", "log_s", "spar
 
 def replay_clip(number, name, at, steps):
     """Steps at+1 .. at+steps of an off-policy run from its checkpoint at `at`, one mini-batch at a
-    time (the trainer splits a batch into consecutive, equal mini-batches, so one `train_step` per
-    slice makes the same updates: replayed steps sample the rewards and spark counts the run logged). Before each mini-batch's update it scores that mini-batch's
-    sequences against the step's sampling policy and records, per sequence, GSPO's ratio
-    s = exp(mean_t(lp - lp_old)), and, at each sample's first spark token, the token's own ratio.
-    After each update it measures P(spark) on the run's held-out probes (as the run's evaluation
-    does), so each mini-batch's push on the spark shows."""
+    time. The trainer splits a batch into the consecutive slices [n*k/m, n*(k+1)/m) (evenParts in
+    Sources/Engine/DataParallel.swift), so one `train_step` per slice makes the same updates:
+    replayed steps sample the rewards and spark counts the run logged. Before each mini-batch's
+    update it scores that mini-batch's sequences against the step's sampling policy and records,
+    per sequence, GSPO's ratio s = exp(mean_t(lp - lp_old)) and, at each sample's first spark
+    token, the token's own ratio. After each update it measures P(spark) on the run's held-out
+    probes (as the run's evaluation does), so each mini-batch's push on the spark shows."""
     from ember.rl import build_probes, spark_probability
     rp = Replay(number, name, at)
     client, args, loss = rp.client, rp.args, rp.loss
@@ -164,9 +165,8 @@ def replay_clip(number, name, at, steps):
         for step in range(at + 1, at + steps + 1):
             seqs, refs, rewards, adv, taken_at = rp.rollouts(step)
             old = [r["logprobs"] for r in client.logprob(seqs, temperature=args.temperature)["results"]]
-            size = len(seqs) // m
             for k in range(m):
-                lo, hi = k * size, (k + 1) * size if k < m - 1 else len(seqs)
+                lo, hi = len(seqs) * k // m, len(seqs) * (k + 1) // m
                 now = old[lo:hi] if k == 0 else \
                     [r["logprobs"] for r in client.logprob(seqs[lo:hi], temperature=args.temperature)["results"]]
                 for i in range(lo, hi):
