@@ -283,20 +283,29 @@ def report(results):
     return "\n".join(lines)
 
 
-def clip_main(args):
-    out = os.path.join(study.docs_dir(args.study), "clip.json")
-    tables = os.path.join(study.docs_dir(args.study), "clip.md")
+# Each kind of replay: its function, the JSON it keeps, its tables (from the JSON) and their header.
+KINDS = {
+    "attribution": (replay, lambda rs: report(rs), HEADER, {"indent": 1}),
+    "clip": (replay_clip, lambda rs: "\n".join(clip_table(r) for r in sorted(rs, key=lambda x: (x["run"], x["from_step"]))),
+             CLIP_HEADER, {}),
+}
+
+
+def replays(args, kind, rerun):
+    """Replays each of --runs from each --at checkpoint (when `rerun`), keeping earlier replays (one
+    of the same run and checkpoint is replaced), then writes the tables from the JSON."""
+    measure, tables_of, header, dump = KINDS[kind]
+    out = os.path.join(study.docs_dir(args.study), f"{kind}.json")
     results = json.load(open(out)) if os.path.exists(out) else []
-    if args.command == "clip":
-        for name in args.runs.split(","):
-            for at in (int(x) for x in args.at.split(",")):
-                r = replay_clip(args.study, name, at, args.steps)
-                results = [x for x in results if (x["run"], x["from_step"]) != (name, at)] + [r]
-                os.makedirs(os.path.dirname(out), exist_ok=True)
-                with open(out, "w") as f:
-                    json.dump(results, f)
-    text = "\n".join(clip_table(r) for r in sorted(results, key=lambda x: (x["run"], x["from_step"])))
-    open(tables, "w").write(CLIP_HEADER + text)
+    for name in args.runs.split(",") if rerun else []:
+        for at in (int(x) for x in args.at.split(",")):
+            r = measure(args.study, name, at, args.steps)
+            results = [x for x in results if (x["run"], x["from_step"]) != (name, at)] + [r]
+            os.makedirs(os.path.dirname(out), exist_ok=True)
+            with open(out, "w") as f:
+                json.dump(results, f, **dump)
+    text = tables_of(results)
+    open(os.path.join(study.docs_dir(args.study), f"{kind}.md"), "w").write(header + text)
     print(text)
     return 0
 
@@ -310,28 +319,8 @@ def main():
     ap.add_argument("--at", default="0,100,200,300", help="checkpoint steps to replay from")
     ap.add_argument("--steps", type=int, default=5, help="steps replayed from each checkpoint")
     args = ap.parse_args()
-    if args.command.startswith("clip"):
-        return clip_main(args)
-    out = os.path.join(study.docs_dir(args.study), "attribution.json")
-    tables = os.path.join(study.docs_dir(args.study), "attribution.md")
-    if args.command == "report":
-        text = report(json.load(open(out)))
-        open(tables, "w").write(HEADER + text)
-        print(text)
-        return 0
-    # Earlier replays stay; a replay of the same run and checkpoint replaces its entry.
-    results = json.load(open(out)) if os.path.exists(out) else []
-    for name in args.runs.split(","):
-        for at in (int(x) for x in args.at.split(",")):
-            r = replay(args.study, name, at, args.steps)
-            results = [x for x in results if (x["run"], x["from_step"]) != (name, at)] + [r]
-            os.makedirs(os.path.dirname(out), exist_ok=True)
-            with open(out, "w") as f:
-                json.dump(results, f, indent=1)
-    text = report(results)
-    open(tables, "w").write(HEADER + text)
-    print(text)
-    return 0
+    kind = "clip" if args.command.startswith("clip") else "attribution"
+    return replays(args, kind, rerun=args.command in ("run", "clip"))
 
 
 if __name__ == "__main__":
