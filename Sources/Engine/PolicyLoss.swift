@@ -176,7 +176,6 @@ public struct PolicyLossPlan: Sendable {
         return (total, g)
     }
 
-    /// Token i's unweighted policy loss and its derivative in lp.
     /// Whether token i's clipped surrogate is on its clipped branch, on the low side (A < 0,
     /// ratio < 1 − εl) or the high side (A > 0, ratio > 1 + εh): the ratio the mode clips, so
     /// GSPO's sequence ratio rather than the token's own. Both false for modes without a clip.
@@ -194,6 +193,7 @@ public struct PolicyLossPlan: Sendable {
         return (a < 0 && ratio < 1 - clip.epsLow, a > 0 && ratio > 1 + clip.epsHigh)
     }
 
+    /// Token i's unweighted policy loss and its derivative in lp.
     public func policyTerm(_ i: Int, logprob lp: Float) -> (loss: Float, dLogprob: Float) {
         let a = tokens.advantages[i], old = tokens.oldLogprobs[i]
         var loss: Float, grad: Float
